@@ -1,0 +1,116 @@
+"""From config to objects: the one place where YAML meets the math.
+
+The decoder's output width follows from the chosen likelihood
+(``likelihood.num_params(data_shape) · C`` channels) and the encoder's from the posterior
+(``posterior.num_params(latent_dim)`` features), so no config repeats them.
+
+Only classes under the allowed module prefixes are instantiated. A checkpoint carries its
+config, and rebuilding a model from it must not run whatever ``_target_`` someone wrote into
+it (``os.system``, say): such a config is refused before anything is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+
+from vaelab.vae import VAE
+
+#: module prefixes whose classes and functions a config may name in ``_target_``
+ALLOWED_TARGET_PREFIXES: tuple[str, ...] = (
+    "vaelab.",
+    "torch.optim.",
+    "torch.nn.",
+    "torch.distributions.",
+    "lightning.pytorch.callbacks.",
+    "lightning.pytorch.loggers.",
+    "lightning.pytorch.Trainer",
+    "lightning.pytorch.trainer.",
+    "lightning.pytorch.strategies.",
+    "lightning.pytorch.plugins.",
+)
+
+
+class UnsafeConfigError(ValueError):
+    """A config names a ``_target_`` outside the allowed modules."""
+
+
+def iter_targets(cfg: Any, path: str = "") -> Iterable[tuple[str, str]]:
+    """Yield ``(key path, target)`` for every ``_target_`` in a nested config."""
+    if isinstance(cfg, Mapping):
+        for key, value in cfg.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                yield path or "<root>", str(value)
+            else:
+                yield from iter_targets(value, where)
+    elif isinstance(cfg, Sequence) and not isinstance(cfg, str | bytes):
+        for i, value in enumerate(cfg):
+            yield from iter_targets(value, f"{path}[{i}]")
+
+
+def check_targets(cfg: Any, allowed: Sequence[str] = ALLOWED_TARGET_PREFIXES) -> None:
+    """Raise ``UnsafeConfigError`` if any ``_target_`` lies outside ``allowed``."""
+    bad = [(p, t) for p, t in iter_targets(cfg) if not any(t.startswith(a) for a in allowed)]
+    if bad:
+        listing = ", ".join(f"{p}: {t}" for p, t in bad)
+        raise UnsafeConfigError(
+            f"refusing to instantiate {listing}: only targets under {', '.join(allowed)} are "
+            "allowed. If this is your own plugin, add its module prefix to "
+            "vaelab.build.ALLOWED_TARGET_PREFIXES (or `allowed_targets` in the config)."
+        )
+
+
+def allowed_prefixes(config: Mapping[str, Any]) -> tuple[str, ...]:
+    extra = tuple(config.get("allowed_targets") or ())
+    return ALLOWED_TARGET_PREFIXES + extra
+
+
+def build_vae(config: Mapping[str, Any], data_shape: Sequence[int]) -> VAE:
+    """Build the VAE from the resolved config's model groups and the data shape (C, H, W)."""
+    parts = {k: config[k] for k in ("encoder", "decoder", "posterior", "likelihood", "prior")}
+    check_targets(parts, allowed_prefixes(config))
+    data_shape = tuple(int(s) for s in data_shape)
+    latent_dim = int(config["latent_dim"])
+    if latent_dim <= 0:
+        raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+
+    likelihood = instantiate(parts["likelihood"])
+    posterior = instantiate(parts["posterior"])
+    prior = instantiate(parts["prior"])
+    if prior.latent_dim != latent_dim:
+        raise ValueError(f"prior.latent_dim={prior.latent_dim} differs from latent_dim={latent_dim}")
+    encoder = instantiate(parts["encoder"], _partial_=True)(
+        data_shape=data_shape, out_features=posterior.num_params(latent_dim)
+    )
+    out_channels = likelihood.num_params(data_shape) * data_shape[0]
+    decoder = instantiate(parts["decoder"], _partial_=True)(
+        latent_dim=latent_dim, data_shape=data_shape, out_channels=out_channels
+    )
+    vae = VAE(encoder=encoder, posterior=posterior, decoder=decoder, likelihood=likelihood, prior=prior)
+    _check_shapes(vae, data_shape, out_channels)
+    return vae
+
+
+def _check_shapes(vae: VAE, data_shape: tuple[int, ...], out_channels: int) -> None:
+    """Push one example through, so a mismatch is an error now, not at step 1 of a sweep."""
+    with torch.no_grad():
+        x = torch.zeros(2, *data_shape)
+        try:
+            h = vae.encoder(x)
+        except RuntimeError as err:
+            raise ValueError(f"the encoder cannot take data of shape {data_shape}: {err}") from err
+        params = vae.decoder(torch.zeros(2, vae.latent_dim))
+    want = (2, out_channels, *data_shape[1:])
+    if tuple(params.shape) != want:
+        raise ValueError(
+            f"the decoder produces {tuple(params.shape[1:])} per example but the likelihood "
+            f"needs {want[1:]} for data of shape {data_shape}: choose a decoder for this "
+            "image size (decoder=mlp works for any size)"
+        )
+    if h.shape[-1] != vae.posterior.num_params(vae.latent_dim):
+        raise ValueError(f"the encoder gives {h.shape[-1]} features, the posterior needs "
+                         f"{vae.posterior.num_params(vae.latent_dim)}")

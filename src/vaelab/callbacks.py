@@ -1,0 +1,93 @@
+"""Lightning callbacks: pictures of what the model does, each validation epoch.
+
+* ``val/reconstructions``: a fixed set of validation inputs (top row) above the mean of
+  p(x|z) at z = the mean of q(z|x) (bottom row).
+* ``val/samples``: the mean of p(x|z) for z ~ p(z), with the same z every epoch, so the grid
+  shows the model changing rather than the noise.
+
+Each picture goes to every logger that takes images (W&B) and to a PNG file under
+``save_dir``, on the rank-zero process only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid, save_image
+
+
+def _upscale(images: torch.Tensor, min_size: int) -> torch.Tensor:
+    """Nearest-neighbour upscaling so that 8×8 digits are visible in a dashboard."""
+    factor = max(1, -(-min_size // images.shape[-1]))
+    return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+
+
+def _displayable(images: torch.Tensor) -> torch.Tensor:
+    return images.float().clamp(0.0, 1.0).cpu()
+
+
+class ImageLogger(pl.Callback):
+    def __init__(
+        self,
+        save_dir: str | None = None,
+        num_images: int = 16,
+        num_samples: int = 64,
+        every_n_epochs: int = 1,
+        min_pixels: int = 32,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_dir = Path(save_dir) if save_dir else None
+        self.num_images = int(num_images)
+        self.num_samples = int(num_samples)
+        self.every_n_epochs = max(1, int(every_n_epochs))
+        self.min_pixels = int(min_pixels)
+        self.seed = int(seed)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._log(trainer, pl_module)
+
+    @rank_zero_only
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pictures = self.pictures(trainer, pl_module)
+        for key, (grid, caption) in pictures.items():
+            if self.save_dir is not None:
+                path = self.save_dir / key.split("/")[-1] / f"epoch={trainer.current_epoch:04d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_image(grid, path)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key=key, images=[grid], caption=[caption], step=trainer.global_step)
+
+    @torch.no_grad()
+    def pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, tuple[torch.Tensor, str]]:
+        vae = pl_module.vae
+        was_training = vae.training
+        vae.eval()
+        out: dict[str, tuple[torch.Tensor, str]] = {}
+        try:
+            dm = trainer.datamodule
+            val = getattr(dm, "val_set", None)
+            if val is not None and self.num_images > 0:
+                x = dm.to_float(val.images[: self.num_images].to(pl_module.device))
+                recon = vae.reconstruct(x).mean
+                both = _upscale(_displayable(torch.cat([x, recon])), self.min_pixels)
+                grid = make_grid(both, nrow=len(x), padding=2, pad_value=0.5)
+                out["val/reconstructions"] = (grid, "top: inputs x; bottom: mean of p(x|z), z = mean of q(z|x)")
+            if self.num_samples > 0:
+                with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+                    torch.manual_seed(self.seed)
+                    samples = vae.sample(self.num_samples).mean
+                nrow = max(1, int(self.num_samples**0.5))
+                grid = make_grid(_upscale(_displayable(samples), self.min_pixels), nrow=nrow, padding=2, pad_value=0.5)
+                out["val/samples"] = (grid, "mean of p(x|z), z ~ p(z) (the same z every epoch)")
+        finally:
+            vae.train(was_training)
+        return out

@@ -1,0 +1,73 @@
+"""Loading checkpoints safely and rebuilding their models without the original command line.
+
+A checkpoint is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+containers only, so unpickling cannot run code. Its stored config is checked against the
+allowed ``_target_`` prefixes (``vaelab.build``) before anything is instantiated from it.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaelab.build import check_targets, allowed_prefixes
+
+
+class CheckpointError(RuntimeError):
+    """The file given as a checkpoint cannot be used: missing, truncated or not vaelab's."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder (then its ``checkpoints/last.ckpt``)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        found = sorted(p.rglob("*.ckpt"))
+        hint = f" It holds: {', '.join(str(f) for f in found[:5])}." if found else ""
+        raise CheckpointError(f"{p} is a folder without checkpoints/last.ckpt: give the .ckpt file itself.{hint}")
+    if not p.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {p}: a training run writes them to <run folder>/checkpoints/ "
+            "(last.ckpt and best-*.ckpt); give one of those, or the run folder"
+        )
+    return p
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a vaelab checkpoint onto the CPU, refusing anything that is not one."""
+    p = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        raise CheckpointError(
+            f"{p} cannot be read as a checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:300]}). "
+            "It may be truncated (a copy or a save that was cut off) or not a PyTorch file; "
+            "use another checkpoint of the run, e.g. last.ckpt or best-*.ckpt."
+        ) from err
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "config" not in hp or "data_info" not in hp or "state_dict" not in ckpt:
+        raise CheckpointError(f"{p} is a PyTorch file but not a vaelab checkpoint (no config or weights in it)")
+    check_targets(hp["config"], allowed_prefixes(hp["config"]))
+    return ckpt
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the ``VAEModule`` a checkpoint was saved from, with its trained weights."""
+    from vaelab.module import VAEModule
+
+    ckpt = load_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    module = VAEModule(config=hp["config"], data_info=hp["data_info"])
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model its config describes "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return module.to(map_location)

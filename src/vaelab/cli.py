@@ -1,0 +1,225 @@
+"""Entry points: ``python train.py ...`` / ``vaelab-train`` and ``python eval.py ...`` /
+``vaelab-eval``. They wire the Hydra config to objects and run Lightning; no math lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vaelab.build import allowed_prefixes, check_targets
+from vaelab.checkpoints import load_module, resolve_checkpoint
+
+log = __import__("logging").getLogger("vaelab")
+
+
+# --- pieces shared by train and eval ----------------------------------------------------------
+def resolve_binarize(cfg: DictConfig) -> None:
+    """``data.binarize=auto``: dynamic binarization for likelihoods that need binary data."""
+    if cfg.data.get("binarize") != "auto":
+        return
+    needs_binary = bool(getattr(get_class(cfg.likelihood._target_), "requires_binary", False))
+    with open_dict(cfg):
+        cfg.data.binarize = "dynamic" if needs_binary else "none"
+
+
+def build_datamodule(data_cfg: Any, config: dict[str, Any]) -> pl.LightningDataModule:
+    check_targets({"data": data_cfg}, allowed_prefixes(config))
+    return instantiate(data_cfg)
+
+
+def build_loggers(logger_cfg: Any, config: dict[str, Any]) -> list[Logger]:
+    loggers: list[Logger] = []
+    for name, lg in (logger_cfg or {}).items():
+        if lg is None:
+            continue
+        check_targets({name: lg}, allowed_prefixes(config))
+        loggers.append(instantiate(lg))
+    return loggers
+
+
+def build_callbacks(callbacks_cfg: Any, config: dict[str, Any]) -> list[pl.Callback]:
+    callbacks: list[pl.Callback] = []
+    for name, cb in (callbacks_cfg or {}).items():
+        if cb is None:
+            continue
+        check_targets({name: cb}, allowed_prefixes(config))
+        callbacks.append(instantiate(cb))
+    return callbacks
+
+
+def finish_wandb(loggers: list[Logger], failed: bool) -> None:
+    """Close the W&B run of this job, also when it failed, so a sweep's next job gets its own."""
+    if not any(isinstance(lg, WandbLogger) for lg in loggers):
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def wandb_run_dir(loggers: list[Logger]) -> str | None:
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            return str(Path(lg.experiment.dir).parent)
+    return None
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# --- training ---------------------------------------------------------------------------------
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (and test) one model; returns the summary, which holds ``best_val_elbo``."""
+    started = time.time()
+    resolve_binarize(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    output_dir = Path(cfg.paths.output_dir)
+
+    datamodule = build_datamodule(cfg.data, config)
+    from vaelab.module import VAEModule
+
+    module = VAEModule(config=config, data_info=datamodule.info)
+    loggers = build_loggers(cfg.get("logger"), config)
+    callbacks = build_callbacks(cfg.get("callbacks"), config)
+    check_targets({"trainer": cfg.trainer}, allowed_prefixes(config))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for lg in loggers:
+        lg.log_hyperparams(config)
+
+    failed = True
+    summary: dict[str, Any] = {"output_dir": str(output_dir)}
+    try:
+        if cfg.get("train", True):
+            ckpt_path = cfg.get("ckpt_path")
+            if ckpt_path not in (None, "last"):
+                ckpt_path = str(resolve_checkpoint(ckpt_path))
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        ckpt_cb = trainer.checkpoint_callback
+        best_path = getattr(ckpt_cb, "best_model_path", "") or None
+        best_score = getattr(ckpt_cb, "best_model_score", None)
+        summary.update(
+            best_val_elbo=_as_float(best_score) if best_score is not None else None,
+            best_checkpoint=best_path,
+            last_checkpoint=getattr(ckpt_cb, "last_model_path", "") or None,
+        )
+        if cfg.get("test", True):
+            results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best_path else None,
+                                   verbose=False)
+            summary["test"] = {k: _as_float(v) for k, v in (results[0] if results else {}).items()}
+        failed = False
+    finally:
+        summary["wandb_dir"] = wandb_run_dir(loggers)
+        summary["wall_time_s"] = round(time.time() - started, 1)
+        summary["failed"] = failed
+        finish_wandb(loggers, failed)
+        if trainer.is_global_zero:
+            _write_json(output_dir / "summary.json", summary)
+    _print_summary(summary, evaluation=config.get("evaluation", {}))
+    return summary
+
+
+@rank_zero_only
+def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    lines = ["", "vaelab: run finished", f"  output folder   {summary['output_dir']}"]
+    if summary.get("best_checkpoint"):
+        lines.append(f"  best checkpoint {summary['best_checkpoint']}  (val/elbo {summary['best_val_elbo']:.3f} nats)")
+    if summary.get("last_checkpoint"):
+        lines.append(f"  last checkpoint {summary['last_checkpoint']}")
+    for key, value in sorted(summary.get("test", {}).items()):
+        unit = "bits/dim" if key.endswith("bpd") else "nats/example"
+        lines.append(f"  {key:<15} {value:10.4f} {unit}")
+    if "test/nll" in summary.get("test", {}):
+        lines.append(f"                  (test/nll: importance sampling with K={evaluation.get('test_num_samples')})")
+    if summary.get("wandb_dir"):
+        lines.append(f"  W&B run (offline) {summary['wandb_dir']}   upload with: wandb sync {summary['wandb_dir']}")
+    lines.append(f"  wall time       {summary['wall_time_s']} s")
+    if summary.get("best_checkpoint"):
+        lines.append(f"  evaluate again: python eval.py ckpt_path={summary['best_checkpoint']}")
+    print("\n".join(lines), flush=True)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate a checkpoint on its data set's test split: test/elbo, test/nll, test/bpd."""
+    if cfg.get("ckpt_path") in (None, "???"):
+        raise ValueError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ckpt = resolve_checkpoint(cfg.ckpt_path)
+    module = load_module(ckpt)
+    module.evaluation.update(OmegaConf.to_container(cfg.evaluation, resolve=True))  # type: ignore[arg-type]
+    stored = module.config
+    data_cfg = dict(stored["data"])
+    data_cfg.update({k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None})
+    datamodule = build_datamodule(data_cfg, stored)
+    loggers = build_loggers(cfg.get("logger"), stored)
+    check_targets({"trainer": cfg.trainer}, allowed_prefixes(stored))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    failed = True
+    try:
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
+        failed = False
+    finally:
+        finish_wandb(loggers, failed)
+    metrics = {k: _as_float(v) for k, v in results[0].items()}
+    out = {
+        "checkpoint": str(ckpt),
+        "test_num_samples": module.evaluation["test_num_samples"],
+        "data": datamodule.info,
+        "metrics": metrics,
+    }
+    if trainer.is_global_zero:
+        _write_json(Path(cfg.paths.output_dir) / "metrics.json", out)
+        _print_eval(out, Path(cfg.paths.output_dir) / "metrics.json")
+    return metrics
+
+
+def _print_eval(out: dict[str, Any], path: Path) -> None:
+    info = out["data"]
+    lines = [
+        "",
+        f"vaelab eval: {out['checkpoint']}",
+        f"  data {info['name']} test split, binarize={info['binarize']}, dequantize={info['dequantize']}",
+    ]
+    for key, value in sorted(out["metrics"].items()):
+        unit = "bits/dim" if key.endswith("bpd") else "nats/example"
+        lines.append(f"  {key:<12} {value:10.4f} {unit}")
+    lines.append(f"  (test/nll = −log p(x) by importance sampling, K={out['test_num_samples']}; "
+                 "test/elbo is the bound it tightens)")
+    lines.append(f"  written to {path}")
+    print("\n".join(lines), flush=True)
+
+
+# --- console scripts --------------------------------------------------------------------------
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def train_main(cfg: DictConfig) -> float:
+    summary = train(cfg)
+    best = summary.get("best_val_elbo")
+    # returned to Hydra's sweepers (Optuna maximizes val/elbo)
+    return float(best) if best is not None and math.isfinite(best) else float("-inf")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def eval_main(cfg: DictConfig) -> None:
+    evaluate(cfg)

@@ -1,0 +1,346 @@
+"""LightningDataModules for image data.
+
+Every data set here is small enough to hold in memory as one uint8 tensor ``[N, C, H, W]``
+(MNIST: 47 MB; CIFAR-10: 150 MB), so batches are sliced from it in one indexing operation
+instead of decoding one PIL image at a time in DataLoader workers. The uint8 batch travels to
+the device and becomes float there (``on_after_batch_transfer``), where binarization and
+dequantization happen too.
+
+Pixel values: an image with L intensity levels k ∈ {0, …, L−1} becomes x = k / (L−1) ∈ [0, 1]
+(the torchvision convention), or with ``dequantize=true`` x = (k + u) / L with u ~ U[0, 1),
+the uniform dequantization under which a continuous density's bits/dim bounds the discrete
+data's (Theis et al. 2016).
+
+Binarization for Bernoulli likelihoods (``binarize``):
+
+* ``dynamic``: x ~ Bernoulli(k / (L−1)) afresh for every training batch (Burda et al. 2015);
+  validation and test are binarized once with a fixed seed, so their numbers are comparable
+  across epochs and runs.
+* ``static``: every split binarized once with a fixed seed.
+* ``none``: the intensities themselves.
+* ``auto``: ``dynamic`` if the likelihood needs binary data, else ``none`` (resolved by the
+  training entry point before anything is logged).
+
+Splits are deterministic: the held-out validation set is drawn from the training files with
+``split_seed``, and the test split is the data set's own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+BINARIZE_MODES = ("none", "dynamic", "static", "auto")
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data files are not where the config says, and could not be downloaded."""
+
+
+class InMemoryImages(Dataset):
+    """uint8 images ``[N, C, H, W]`` and integer labels ``[N]``, fetched a whole batch at a time.
+
+    ``__getitems__`` lets the DataLoader take a batch with one fancy-indexing operation; it
+    still works with any sampler, the DistributedSampler that DDP injects included.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if len(labels) != len(images):
+            raise ValueError("images and labels differ in length")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        return self.images[idx], self.labels[idx]
+
+
+def _batch_collate(batch: Any) -> Any:
+    """The batch is already stacked by ``__getitems__``."""
+    return batch
+
+
+def _binarize_once(images: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
+    """Bernoulli(k / (L−1)) drawn once with a fixed seed, stored back as {0, L−1}."""
+    gen = torch.Generator().manual_seed(seed)
+    probs = images.float() / (levels - 1)
+    return (torch.bernoulli(probs, generator=gen) * (levels - 1)).to(torch.uint8)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base class: subclasses implement ``load(train: bool) -> (uint8 images, labels)``."""
+
+    #: a short name, used in messages and run names
+    name: str = "images"
+    #: intensity levels per pixel in the stored data (256 for 8-bit images)
+    num_levels: int = 256
+
+    def __init__(
+        self,
+        root: str | os.PathLike = "data",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_size: int | float = 5000,
+        binarize: str = "none",
+        dequantize: bool = False,
+        download: bool = True,
+        split_seed: int = 0,
+        binarize_seed: int = 1234,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+    ):
+        super().__init__()
+        if binarize not in BINARIZE_MODES:
+            raise ValueError(f"data.binarize={binarize!r} is not an option: choose one of {BINARIZE_MODES}")
+        if binarize == "auto":
+            raise ValueError("data.binarize=auto must be resolved before the data module is built")
+        if int(batch_size) <= 0:
+            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if binarize != "none" and dequantize:
+            raise ValueError("data.dequantize=true applies to intensities; it cannot be combined with binarize")
+        self.root = Path(root).expanduser()
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.val_size = val_size
+        self.binarize = binarize
+        self.dequantize = bool(dequantize)
+        self.download = bool(download)
+        self.split_seed = int(split_seed)
+        self.binarize_seed = int(binarize_seed)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.drop_last = bool(drop_last)
+        self.train_set: InMemoryImages | None = None
+        self.val_set: InMemoryImages | None = None
+        self.test_set: InMemoryImages | None = None
+
+    # --- what subclasses provide ----------------------------------------------------------
+    def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    # --- facts about the data, for bits/dim and for checks ----------------------------------
+    @property
+    def binary(self) -> bool:
+        """Whether x takes only the values 0 and 1."""
+        return self.binarize in ("dynamic", "static") or self.num_levels == 2
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the model and the evaluation need to know about x (stored in checkpoints)."""
+        return {
+            "name": self.name,
+            "shape": list(self.data_shape),
+            "num_levels": self.num_levels,
+            "binarize": self.binarize,
+            "dequantize": self.dequantize,
+            "binary": self.binary,
+            # the width of one intensity bin in x-space: a density on x converts to a
+            # probability of the discrete value by this factor per dimension
+            "bin_width": 1.0 / self.num_levels if self.dequantize else 1.0 / (self.num_levels - 1),
+        }
+
+    # --- Lightning hooks -------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        # download on one process; loading happens in setup on every process
+        for train in (True, False):
+            self.load(train)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            images, labels = self.load(train=True)
+            n_val = self._num_val(len(images))
+            perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
+            val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+            train_images, val_images = images[train_idx], images[val_idx]
+            if self.binarize == "static":
+                train_images = _binarize_once(train_images, self.num_levels, self.binarize_seed)
+            if self.binarize in ("static", "dynamic"):
+                val_images = _binarize_once(val_images, self.num_levels, self.binarize_seed + 1)
+            self.train_set = InMemoryImages(train_images, labels[train_idx])
+            self.val_set = InMemoryImages(val_images, labels[val_idx])
+        if self.test_set is None and stage in (None, "test", "predict", "fit", "validate"):
+            images, labels = self.load(train=False)
+            if self.binarize in ("static", "dynamic"):
+                images = _binarize_once(images, self.num_levels, self.binarize_seed + 2)
+            self.test_set = InMemoryImages(images, labels)
+
+    def _num_val(self, n: int) -> int:
+        v = self.val_size
+        n_val = int(round(v * n)) if isinstance(v, float) and v < 1 else int(v)
+        if not 0 < n_val < n:
+            raise ValueError(f"data.val_size={v} leaves no training or no validation data out of {n} images")
+        return n_val
+
+    def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=self.drop_last and train,
+            collate_fn=_batch_collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        return self.to_float(images), labels
+
+    def to_float(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 levels → x in [0, 1], binarized or dequantized as configured."""
+        if self.dequantize:
+            return (images.float() + torch.rand(images.shape, device=images.device)) / self.num_levels
+        x = images.float() / (self.num_levels - 1)
+        if self.binarize == "dynamic":
+            # fresh for training batches; validation/test are stored as {0, 1} already, which
+            # Bernoulli sampling leaves unchanged
+            x = torch.bernoulli(x)
+        return x
+
+
+class Digits(ImageDataModule):
+    """The 8×8 handwritten digits that scikit-learn ships (1,797 images, 17 grey levels, from
+    the UCI "Optical Recognition of Handwritten Digits" data set): real data that needs no
+    download, so a fresh machine trains at once.
+
+    scikit-learn has no train/test split for it: a fixed ``test_size`` of the images, drawn
+    with ``split_seed``, is the test split.
+    """
+
+    name = "digits"
+    num_levels = 17
+
+    def __init__(self, test_size: int = 360, val_size: int | float = 180, **kwargs: Any):
+        super().__init__(val_size=val_size, **kwargs)
+        self.test_size = int(test_size)
+        self._all: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return (1, 8, 8)
+
+    def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._all is None:
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            images = torch.from_numpy(digits.images.astype(np.uint8)).unsqueeze(1)
+            labels = torch.from_numpy(digits.target.astype(np.int64))
+            if not 0 < self.test_size < len(images):
+                raise ValueError(f"data.test_size must be between 1 and {len(images) - 1}")
+            # a different stream from the validation split's, so the splits do not correlate
+            gen = torch.Generator().manual_seed(self.split_seed + 10_000)
+            perm = torch.randperm(len(images), generator=gen)
+            self._all = (images[perm], labels[perm])
+        images, labels = self._all
+        cut = len(images) - self.test_size
+        return (images[:cut], labels[:cut]) if train else (images[cut:], labels[cut:])
+
+
+class TorchvisionImages(ImageDataModule):
+    """A torchvision data set, read from ``root`` and downloaded there when missing."""
+
+    #: the torchvision class name
+    torchvision_class: str = ""
+    #: the folder under root that torchvision uses, and the files it needs there
+    folder: str = ""
+    files: tuple[str, ...] = ()
+
+    def _dataset(self, train: bool) -> Any:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, self.torchvision_class)
+        try:
+            return cls(str(self.root), train=train, download=self.download)
+        except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
+            where = self.root / self.folder
+            how = (
+                "the download failed" if self.download
+                else "data.download=false, so nothing was downloaded"
+            )
+            raise DataNotFoundError(
+                f"{self.name}: the files are not under {where} and {how} ({type(err).__name__}: "
+                f"{err}). Put {', '.join(self.files)} into {where} (data.root={self.root}), or "
+                f"point data.root at the folder that holds {self.folder}, or run once with "
+                "data.download=true on a machine with network access."
+            ) from err
+
+    def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = self._dataset(train)
+        images = torch.as_tensor(np.asarray(ds.data))
+        if images.ndim == 3:  # [N, H, W] grey
+            images = images.unsqueeze(1)
+        else:  # [N, H, W, C]
+            images = images.permute(0, 3, 1, 2)
+        return images.contiguous().to(torch.uint8), torch.as_tensor(np.asarray(ds.targets))
+
+
+class MNIST(TorchvisionImages):
+    """MNIST (LeCun et al. 1998): 60,000 + 10,000 grey 28×28 digits."""
+
+    name = "mnist"
+    torchvision_class = "MNIST"
+    folder = "MNIST/raw"
+    files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return (1, 28, 28)
+
+
+class FashionMNIST(MNIST):
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 + 10,000 grey 28×28 clothing images."""
+
+    name = "fashion_mnist"
+    torchvision_class = "FashionMNIST"
+    folder = "FashionMNIST/raw"
+
+
+class CIFAR10(TorchvisionImages):
+    """CIFAR-10 (Krizhevsky 2009): 50,000 + 10,000 colour 32×32 images."""
+
+    name = "cifar10"
+    torchvision_class = "CIFAR10"
+    folder = "cifar-10-batches-py"
+    files = ("cifar-10-python.tar.gz (or its unpacked cifar-10-batches-py/)",)
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return (3, 32, 32)
+
+
+def num_dims(info: dict[str, Any]) -> int:
+    return math.prod(info["shape"])

@@ -1,0 +1,25 @@
+"""Unit conversions for reported numbers.
+
+Every log-likelihood vaelab reports is in nats per example (summed over the dimensions of one
+example). bits/dim divides by D · ln 2. For a continuous likelihood on quantized data scaled into
+[0, 1], a density value converts to a probability of the discrete value by the bin width Δ
+per dimension: −log P(k) ≈ −log p(x) − D · log Δ. With uniform dequantization
+(``data.dequantize=true``) this is a bound (Theis et al. 2016) and comparable with the tables
+of the papers; without it the conversion is an approximation and the run's summary says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def bits_per_dim(nll: torch.Tensor | float, num_dims: int, discrete: bool, bin_width: float) -> torch.Tensor | float:
+    """bits/dim from a negative log-likelihood in nats per example.
+
+    ``discrete``: the likelihood gives probabilities of the data values (Bernoulli on binary
+    data), so no bin width enters. Otherwise the density is converted with ``bin_width``.
+    """
+    correction = 0.0 if discrete else -num_dims * math.log(bin_width)
+    return (nll + correction) / (num_dims * math.log(2.0))

@@ -1,0 +1,148 @@
+"""The LightningModule: composes the plain-torch VAE with an objective, an optimizer, and
+logging. The math lives in ``vaelab.vae``, ``vaelab.objectives`` and the plugin modules.
+
+The module is built from the run's resolved config (plain dicts and numbers) and the data's
+facts (``data_info``); both are saved in every checkpoint, so a checkpoint rebuilds its model
+without the original command line (``vaelab.checkpoints.load_module``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from vaelab.build import allowed_prefixes, build_vae, check_targets
+from vaelab.metrics import bits_per_dim
+from vaelab.objectives import Objective
+
+TERMS = ("elbo", "recon", "kl")
+
+DEFAULT_EVALUATION = {"val_num_samples": 10, "test_num_samples": 1000, "chunk_size": 100}
+
+
+class VAEModule(pl.LightningModule):
+    """Logs, per step and per epoch, in nats per example:
+
+    * ``train/elbo``, ``train/recon`` (E_q[log p(x|z)]), ``train/kl`` (KL(q(z|x) ‖ p(z))),
+      ``train/loss`` (what is minimized: −(recon − β·kl)) and ``train/beta``; the epoch means
+      as ``train/elbo_epoch``, ...
+    * ``val/elbo``, ``val/recon``, ``val/kl`` and ``val/iwae`` (IWAE bound with K =
+      ``evaluation.val_num_samples``).
+    * ``test/elbo``, ``test/recon``, ``test/kl``, ``test/nll`` (−log p(x) by importance sampling
+      with K = ``evaluation.test_num_samples``) and ``test/bpd``.
+
+    Epoch numbers are exact means over the examples (torchmetrics, reduced across processes).
+    """
+
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.config = config
+        self.data_info = data_info
+        self.vae = build_vae(config, data_info["shape"])
+        check_targets({"objective": config["objective"]}, allowed_prefixes(config))
+        self.objective: Objective = instantiate(config["objective"])
+        self.evaluation = {**DEFAULT_EVALUATION, **(config.get("evaluation") or {})}
+        self.num_dims = math.prod(data_info["shape"])
+        self._check_likelihood_fits_data()
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{stage}_{term}": MeanMetric()
+                for stage, terms in (
+                    ("train", TERMS),
+                    ("val", (*TERMS, "iwae")),
+                    ("test", (*TERMS, "nll")),
+                )
+                for term in terms
+            }
+        )
+        self._kl_reported = False
+
+    def _check_likelihood_fits_data(self) -> None:
+        lik = self.vae.likelihood
+        if lik.requires_binary and not self.data_info["binary"]:
+            raise ValueError(
+                f"likelihood={type(lik).__name__} needs binary data, but data={self.data_info['name']} "
+                f"has {self.data_info['num_levels']} grey levels and data.binarize="
+                f"{self.data_info['binarize']}. Use data.binarize=dynamic (or static), or "
+                "likelihood=continuous_bernoulli / likelihood=gaussian for intensities."
+            )
+        lo, hi = lik.support
+        if lo > 0.0 or hi < 1.0:
+            raise ValueError(f"likelihood {type(lik).__name__} has support {lik.support}, but data lie in [0, 1]")
+
+    # --- training -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor):
+        return self.objective(self.vae, x)
+
+    def _step(self, stage: str, x: torch.Tensor):
+        out = self.objective(self.vae, x)
+        for term in TERMS:
+            self.metrics[f"{stage}_{term}"].update(out.terms[term].detach())
+        if not self._kl_reported:
+            self._kl_reported = True
+            rank_zero_info(
+                f"KL(q(z|x) ‖ p(z)) is {'analytic (torch.distributions.kl_divergence)' if out.analytic_kl else 'a Monte Carlo estimate'}"
+                f" for q={type(self.vae.posterior).__name__}, p={type(self.vae.prior).__name__}"
+            )
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        out = self._step("train", x)
+        bs = x.shape[0]
+        for term in TERMS:
+            self.log(f"train/{term}", out.terms[term].mean(), on_step=True, on_epoch=False,
+                     prog_bar=term == "elbo", batch_size=bs)
+            self.log(f"train/{term}_epoch", self.metrics[f"train_{term}"], on_step=False, on_epoch=True)
+        self.log("train/loss", out.loss, on_step=True, on_epoch=False, batch_size=bs)
+        for name, value in out.scalars.items():
+            self.log(f"train/{name}", float(value), on_step=True, on_epoch=False, batch_size=bs)
+        return out.loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        self._step("val", x)
+        for term in TERMS:
+            self.log(f"val/{term}", self.metrics[f"val_{term}"], on_epoch=True, prog_bar=term == "elbo")
+        k = int(self.evaluation["val_num_samples"])
+        if k > 0:
+            iwae = self.vae.log_likelihood(x, k, int(self.evaluation["chunk_size"]))
+            self.metrics["val_iwae"].update(iwae)
+            self.log("val/iwae", self.metrics["val_iwae"], on_epoch=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        self._step("test", x)
+        ll = self.vae.log_likelihood(
+            x, int(self.evaluation["test_num_samples"]), int(self.evaluation["chunk_size"])
+        )
+        self.metrics["test_nll"].update(-ll)
+        for term in TERMS:
+            self.log(f"test/{term}", self.metrics[f"test_{term}"], on_epoch=True)
+        self.log("test/nll", self.metrics["test_nll"], on_epoch=True)
+
+    def on_test_epoch_end(self) -> None:
+        nll = self.metrics["test_nll"].compute()
+        bpd = bits_per_dim(nll, self.num_dims, self.vae.likelihood.discrete, self.data_info["bin_width"])
+        self.log("test/bpd", bpd)
+
+    # --- optimization ----------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optim = self.config["optim"]
+        check_targets(optim, allowed_prefixes(self.config))
+        optimizer = instantiate(optim["optimizer"], _partial_=True)(params=self.parameters())
+        if not optim.get("scheduler"):
+            return optimizer
+        scheduler = instantiate(optim["scheduler"], _partial_=True)(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": optim.get("scheduler_interval", "epoch"),
+                             "monitor": "val/elbo"},
+        }

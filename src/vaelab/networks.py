@@ -1,0 +1,183 @@
+"""Encoder and decoder networks (plain torch).
+
+Encoders map x ``[N, C, H, W]`` to a feature vector ``[N, out_features]``, which the posterior
+turns into q(z|x). Decoders map z ``[N, latent_dim]`` to distribution parameters
+``[N, out_channels, H, W]``, which the likelihood turns into p(x|z). ``out_features`` and
+``out_channels`` are filled in by ``vaelab.build`` from the posterior and the likelihood, so a
+network config never repeats them (the YAML files are ``_partial_``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "leaky_relu": nn.LeakyReLU,
+    "softplus": nn.Softplus,
+}
+
+
+def activation(name: str) -> nn.Module:
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"activation {name!r} is not known: choose one of {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+_act = activation  # for classes whose ``activation`` argument shadows the function
+
+
+def _check_shape(data_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in data_shape)
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ValueError(f"data_shape must be (C, H, W) with positive sizes, got {data_shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _widths(hidden: Sequence[int], what: str) -> list[int]:
+    widths = [int(h) for h in hidden]
+    if any(h <= 0 for h in widths):
+        raise ValueError(f"{what} must be positive layer widths, got {list(hidden)}")
+    return widths
+
+
+def _mlp(sizes: Sequence[int], act: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation(act))
+    return nn.Sequential(*layers)
+
+
+class MLPEncoder(nn.Module):
+    """x → flatten → [Linear → act] × len(hidden) → Linear(out_features)."""
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        out_features: int,
+        hidden: Sequence[int] = (512, 256),
+        activation: str = "relu",
+    ):
+        super().__init__()
+        self.data_shape = _check_shape(data_shape)
+        self.net = _mlp([math.prod(self.data_shape), *_widths(hidden, "encoder.hidden"), out_features], activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(start_dim=-3))
+
+
+class MLPDecoder(nn.Module):
+    """z → [Linear → act] × len(hidden) → Linear(out_channels·H·W) → [out_channels, H, W]."""
+
+    def __init__(
+        self,
+        latent_dim: int,
+        data_shape: Sequence[int],
+        out_channels: int,
+        hidden: Sequence[int] = (256, 512),
+        activation: str = "relu",
+    ):
+        super().__init__()
+        _, h, w = _check_shape(data_shape)
+        self.out_shape = (int(out_channels), h, w)
+        self.net = _mlp([int(latent_dim), *_widths(hidden, "decoder.hidden"), math.prod(self.out_shape)], activation)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z).unflatten(-1, self.out_shape)
+
+
+def _spatial_sizes(size: int, depth: int) -> list[int]:
+    """Sizes after each stride-2 convolution with kernel 3 and padding 1: ceil(s / 2)."""
+    sizes = [size]
+    for _ in range(depth):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+class ConvEncoder(nn.Module):
+    """x → [Conv 3×3 stride 2 → act] per entry of ``channels`` → flatten → Linear(out_features).
+
+    Works for any image size: each convolution halves H and W (rounding up).
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        out_features: int,
+        channels: Sequence[int] = (32, 64, 128),
+        activation: str = "relu",
+    ):
+        super().__init__()
+        c, h, w = _check_shape(data_shape)
+        chans = _widths(channels, "encoder.channels")
+        if not chans:
+            raise ValueError("encoder.channels needs at least one convolution")
+        layers: list[nn.Module] = []
+        for a, b in zip([c, *chans[:-1]], chans, strict=True):
+            layers += [nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1), _act(activation)]
+        self.features = nn.Sequential(*layers)
+        hs, ws = _spatial_sizes(h, len(chans))[-1], _spatial_sizes(w, len(chans))[-1]
+        self.head = nn.Linear(chans[-1] * hs * ws, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-3]
+        h = self.features(x.reshape(-1, *x.shape[-3:]))
+        return self.head(h.flatten(start_dim=1)).reshape(*lead, -1)
+
+
+class ConvDecoder(nn.Module):
+    """z → Linear → [channels[0], h, w] → [ConvTranspose 3×3 stride 2 → act] per entry of
+    ``channels`` → Conv 3×3 → [out_channels, H, W].
+
+    The transposed convolutions retrace the encoder's sizes exactly (their output padding is
+    chosen per layer), so 28×28, 32×32, 8×8 or any other size comes out without cropping.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        data_shape: Sequence[int],
+        out_channels: int,
+        channels: Sequence[int] = (128, 64, 32),
+        activation: str = "relu",
+    ):
+        super().__init__()
+        _, h, w = _check_shape(data_shape)
+        chans = _widths(channels, "decoder.channels")
+        if not chans:
+            raise ValueError("decoder.channels needs at least one transposed convolution")
+        hs, ws = _spatial_sizes(h, len(chans)), _spatial_sizes(w, len(chans))
+        self.start = (chans[0], hs[-1], ws[-1])
+        self.project = nn.Sequential(nn.Linear(int(latent_dim), math.prod(self.start)), _act(activation))
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(chans, [*chans[1:], chans[-1]], strict=True)):
+            # output = 2·in − 1 + output_padding: pick the padding that lands on the encoder's size
+            src = (hs[-1 - i], ws[-1 - i])
+            dst = (hs[-2 - i], ws[-2 - i])
+            pad = tuple(d - (2 * s - 1) for s, d in zip(src, dst, strict=True))
+            layers += [
+                nn.ConvTranspose2d(a, b, kernel_size=3, stride=2, padding=1, output_padding=pad),
+                _act(activation),
+            ]
+        layers.append(nn.Conv2d(chans[-1], int(out_channels), kernel_size=3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        h = self.project(z.reshape(-1, z.shape[-1])).unflatten(-1, self.start)
+        out = self.net(h)
+        return out.reshape(*lead, *out.shape[1:])
+

@@ -1,0 +1,6 @@
+"""Train a VAE:  python train.py likelihood=gaussian prior=standard   (see README.md)."""
+
+from vaelab.cli import train_main
+
+if __name__ == "__main__":
+    train_main()

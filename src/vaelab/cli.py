@@ -26,13 +26,16 @@ log = __import__("logging").getLogger("vaelab")
 
 
 # --- pieces shared by train and eval ----------------------------------------------------------
-def resolve_binarize(cfg: DictConfig) -> None:
-    """``data.binarize=auto``: dynamic binarization for likelihoods that need binary data."""
-    if cfg.data.get("binarize") != "auto":
-        return
-    needs_binary = bool(getattr(get_class(cfg.likelihood._target_), "requires_binary", False))
+def resolve_data_options(cfg: DictConfig) -> None:
+    """Resolve the data options that depend on the likelihood, so the logged config says what
+    ran: ``binarize=auto`` is dynamic binarization for likelihoods that need binary data, else
+    none; ``dequantize=auto`` is uniform dequantization exactly when the data stay intensities."""
     with open_dict(cfg):
-        cfg.data.binarize = "dynamic" if needs_binary else "none"
+        if cfg.data.get("binarize") == "auto":
+            needs_binary = bool(getattr(get_class(cfg.likelihood._target_), "requires_binary", False))
+            cfg.data.binarize = "dynamic" if needs_binary else "none"
+        if cfg.data.get("dequantize") == "auto":
+            cfg.data.dequantize = cfg.data.get("binarize", "none") == "none"
 
 
 def build_datamodule(data_cfg: Any, config: dict[str, Any]) -> pl.LightningDataModule:
@@ -92,7 +95,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (and test) one model; returns the summary, which holds ``best_val_elbo``."""
     started = time.time()
-    resolve_binarize(cfg)
+    resolve_data_options(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     output_dir = Path(cfg.paths.output_dir)

@@ -112,6 +112,8 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError("data.binarize=auto must be resolved before the data module is built")
         if int(batch_size) <= 0:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if dequantize not in (True, False):
+            raise ValueError(f"data.dequantize must be true or false here, got {dequantize!r}")
         if binarize != "none" and dequantize:
             raise ValueError("data.dequantize=true applies to intensities; it cannot be combined with binarize")
         self.root = Path(root).expanduser()

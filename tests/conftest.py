@@ -1,0 +1,69 @@
+"""Shared fixtures. Tests never touch the network: W&B is forced offline, data come from
+scikit-learn's bundled digits, from data made in the test, or from ../shared/data where it
+exists (tests that need it skip cleanly without it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("VAELAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Refuse connections to anything but this machine from the test process."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (
+            host.startswith("127.") or host in ("localhost", "::1") or self.family == socket.AF_UNIX
+        ):
+            raise RuntimeError(f"test tried to reach the network: {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def shared_copy(name: str, dest: Path) -> Path:
+    """A writable copy of ../shared/data/<name> under dest (torchvision writes next to it)."""
+    src = SHARED_DATA / name
+    if not src.is_dir():
+        pytest.skip(f"{src} is not here (the shared real data sets)")
+    shutil.copytree(src, dest / name)
+    return dest
+
+
+def run_cli(script: str, *overrides: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python <script> overrides...`` from the repo root as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    return proc
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc

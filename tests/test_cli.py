@@ -1,0 +1,185 @@
+"""End to end, as a researcher runs it: `python train.py ...` and `python eval.py ...` in
+subprocesses, then everything read back from disk (the offline W&B run, images, checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, check, run_cli
+from vaelab.build import UnsafeConfigError
+from vaelab.checkpoints import CheckpointError, load_checkpoint, load_module
+from vaelab.wandb_offline import find_runs, read_run
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 8
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One short run of the default experiment (digits, Bernoulli, standard prior, W&B)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    check(run_cli("train.py", "likelihood=bernoulli", "prior=standard", f"trainer.max_epochs={EPOCHS}",
+                  "evaluation.test_num_samples=200", f"hydra.run.dir={out}", cwd=REPO))
+    return out
+
+
+def test_training_raises_val_elbo_and_writes_checkpoints(trained):
+    summary = json.loads((trained / "summary.json").read_text())
+    assert not summary["failed"]
+    run = read_run(find_runs(trained)[0])
+    val = run.values("val/elbo")
+    assert len(val) == EPOCHS
+    assert max(val) > val[0] + 1.0, val  # nats per example
+    assert summary["best_val_elbo"] == pytest.approx(max(val), abs=1e-4)
+    assert Path(summary["best_checkpoint"]).is_file() and (trained / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_wandb_run_holds_the_elbo_terms_config_and_summary(trained):
+    run = read_run(find_runs(trained)[0])
+    assert run.exit_code == 0
+    for key in ("train/elbo", "train/recon", "train/kl", "train/loss", "train/beta"):
+        assert len(run.values(key)) > EPOCHS, key  # logged per step
+    for key in ("train/elbo_epoch", "train/recon_epoch", "train/kl_epoch", "val/elbo", "val/recon",
+                "val/kl", "val/iwae"):
+        assert len(run.values(key)) == EPOCHS, key
+    for elbo, recon, kl in zip(run.values("val/elbo"), run.values("val/recon"), run.values("val/kl"), strict=True):
+        assert elbo == pytest.approx(recon - kl, abs=1e-3)
+    for iwae, elbo in zip(run.values("val/iwae"), run.values("val/elbo"), strict=True):
+        assert iwae >= elbo - 0.5  # K = 10 tightens the bound (up to sampling noise)
+    for key in ("test/elbo", "test/nll", "test/bpd", "test/kl", "test/recon"):
+        assert math.isfinite(run.summary[key]), key
+    assert -run.summary["test/nll"] >= run.summary["test/elbo"] - 0.2
+    assert run.summary["test/bpd"] == pytest.approx(run.summary["test/nll"] / (64 * math.log(2)), rel=1e-4)
+    # the whole resolved config, binarization resolved
+    assert run.config["likelihood"]["_target_"] == "vaelab.likelihoods.Bernoulli"
+    assert run.config["data"]["binarize"] == "dynamic"
+    assert run.config["latent_dim"] == 16 and run.config["trainer"]["max_epochs"] == EPOCHS
+
+
+def test_pictures_in_wandb_and_as_files(trained):
+    run = read_run(find_runs(trained)[0])
+    recon = run.values("val/reconstructions")
+    samples = run.values("val/samples")
+    assert len(recon) == EPOCHS and len(samples) == EPOCHS
+    # 16 inputs over 16 reconstructions, 8x8 upscaled to 32x32, 2-pixel padding
+    expected = {"val/reconstructions": (16 * 34 + 2, 2 * 34 + 2), "val/samples": (8 * 34 + 2, 8 * 34 + 2)}
+    for key, entries in (("val/reconstructions", recon), ("val/samples", samples)):
+        media = run.files_dir / entries[-1]["filenames"][0]
+        assert media.is_file(), media
+        assert Image.open(media).size == expected[key]
+        assert (entries[-1]["width"], entries[-1]["height"]) == expected[key]
+        pngs = sorted((trained / "images" / key.split("/")[1]).glob("epoch=*.png"))
+        assert len(pngs) == EPOCHS and Image.open(pngs[-1]).size == expected[key]
+
+
+def test_eval_reproduces_the_test_numbers(trained, tmp_path):
+    summary = json.loads((trained / "summary.json").read_text())
+    proc = check(run_cli("eval.py", f"ckpt_path={summary['best_checkpoint']}", "evaluation.test_num_samples=200",
+                         f"hydra.run.dir={tmp_path}/eval", cwd=REPO))
+    assert "test/nll" in proc.stdout and "nats/example" in proc.stdout
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    test = summary["test"]
+    assert metrics["test/nll"] == pytest.approx(test["test/nll"], abs=0.15)
+    assert metrics["test/elbo"] == pytest.approx(test["test/elbo"], abs=0.5)
+    assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (64 * math.log(2)), rel=1e-4)
+    # a run folder works as well as a file (it evaluates last.ckpt)
+    check(run_cli("eval.py", f"ckpt_path={trained}", "evaluation.test_num_samples=10",
+                  f"hydra.run.dir={tmp_path}/eval2", cwd=REPO))
+
+
+def test_checkpoint_rebuilds_without_the_command_line(trained):
+    module = load_module(trained / "checkpoints" / "last.ckpt")
+    x = torch.bernoulli(torch.full((4, 1, 8, 8), 0.3))
+    assert module.vae.log_likelihood(x, 20).shape == (4,)
+    assert module.config["likelihood"]["_target_"] == "vaelab.likelihoods.Bernoulli"
+
+
+def test_checkpoint_naming_foreign_code_is_refused_and_runs_nothing(trained, tmp_path):
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    marker = tmp_path / "pwned"
+    ckpt["hyper_parameters"]["config"]["likelihood"] = {"_target_": "os.system", "command": f"touch {marker}"}
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(UnsafeConfigError, match="os.system"):
+        load_module(bad)
+    proc = run_cli("eval.py", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path}/e", cwd=REPO)
+    assert proc.returncode != 0 and "os.system" in proc.stderr
+    assert not marker.exists()
+
+
+def test_truncated_or_missing_checkpoints_get_clear_errors(trained, tmp_path):
+    data = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(cut)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nothing.ckpt")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a vaelab checkpoint"):
+        load_checkpoint(foreign)
+    proc = run_cli("eval.py", f"ckpt_path={cut}", f"hydra.run.dir={tmp_path}/e", cwd=REPO)
+    assert proc.returncode != 0 and "truncated" in proc.stderr
+
+
+def test_gaussian_with_csv_logger_and_conv_nets(tmp_path):
+    out = tmp_path / "run"
+    check(run_cli("train.py", "likelihood=gaussian", "likelihood.sigma=learned", "prior=standard",
+                  "encoder=conv", "decoder=conv", "logger=csv", "trainer.max_epochs=2",
+                  "evaluation.test_num_samples=20", f"hydra.run.dir={out}", cwd=REPO))
+    rows = (out / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    for key in ("val/elbo", "train/elbo", "test/nll", "test/bpd"):
+        assert key in header, key
+    assert not find_runs(out)  # no W&B run when W&B is not chosen
+
+
+def test_no_logger_still_trains_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    proc = check(run_cli("train.py", "likelihood=continuous_bernoulli", "logger=none", "trainer.max_epochs=1",
+                         "evaluation.test_num_samples=5", f"hydra.run.dir={out}", cwd=REPO))
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert "test/nll" in proc.stdout
+
+
+def test_bernoulli_on_grey_levels_fails_before_training(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train.py", "likelihood=bernoulli", "data.binarize=none", f"hydra.run.dir={out}", cwd=REPO)
+    assert proc.returncode != 0
+    assert "data.binarize=dynamic" in proc.stderr and "continuous_bernoulli" in proc.stderr
+    assert not (out / "checkpoints").exists()
+
+
+def test_wandb_file_reader_handles_records_across_blocks(tmp_path):
+    """A record longer than a 32 KiB block is split FIRST/MIDDLE/LAST; the reader rejoins it."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    from vaelab.wandb_offline import BLOCK_SIZE, iter_record_bytes
+
+    rec = pb.Record()
+    item = rec.history.item.add()
+    item.key, item.value_json = "big", json.dumps("x" * 80_000)
+    payload = rec.SerializeToString()
+    out = bytearray(b":W&B" + struct.pack("<HB", 0xBEE1, 0))
+    chunks, rest, first = [], payload, True
+    while rest:
+        room = BLOCK_SIZE - len(out) % BLOCK_SIZE - 7
+        piece, rest = rest[:room], rest[room:]
+        kind = (1 if not rest else 2) if first else (4 if not rest else 3)
+        out += struct.pack("<IHB", 0, len(piece), kind) + piece
+        chunks.append(kind)
+        first = False
+    path = tmp_path / "run-x.wandb"
+    path.write_bytes(bytes(out))
+    assert chunks[0] == 2 and chunks[-1] == 4 and 3 in chunks
+    (got,) = list(iter_record_bytes(path))
+    assert got == payload

@@ -1,0 +1,100 @@
+"""Data modules: deterministic splits, binarization semantics, real files, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import shared_copy
+from vaelab.datamodules import MNIST, DataNotFoundError, Digits, FashionMNIST
+
+
+def setup(dm):
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    return dm
+
+
+def test_digits_splits_are_deterministic_and_complete():
+    a, b = setup(Digits(binarize="none")), setup(Digits(binarize="none"))
+    assert (len(a.train_set), len(a.val_set), len(a.test_set)) == (1257, 180, 360)
+    assert torch.equal(a.val_set.images, b.val_set.images) and torch.equal(a.test_set.images, b.test_set.images)
+    c = setup(Digits(binarize="none", split_seed=1))
+    assert not torch.equal(a.val_set.images, c.val_set.images)
+    assert torch.equal(a.test_set.images, c.test_set.images[:0]) is False
+    # together the splits are the 1,797 images of the data set, each class present
+    labels = torch.cat([a.train_set.labels, a.val_set.labels, a.test_set.labels])
+    assert len(labels) == 1797 and torch.bincount(labels).min() > 150
+    assert a.data_shape == (1, 8, 8) and a.info["num_levels"] == 17
+
+
+def test_intensities_scale_into_unit_interval():
+    dm = setup(Digits(binarize="none"))
+    x = dm.to_float(dm.train_set.images)
+    assert x.min() == 0.0 and x.max() == 1.0
+    torch.testing.assert_close(x * 16, dm.train_set.images.float())
+
+
+def test_dynamic_binarization_is_fresh_for_training_and_fixed_for_evaluation():
+    dm = setup(Digits(binarize="dynamic"))
+    imgs = dm.train_set.images[:200]
+    x1, x2 = dm.to_float(imgs), dm.to_float(imgs)
+    assert set(x1.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(x1, x2)
+    # the mean of many draws approaches the intensities
+    mean = torch.stack([dm.to_float(imgs) for _ in range(400)]).mean(0)
+    torch.testing.assert_close(mean, imgs.float() / 16, atol=0.15, rtol=0)
+    v1 = dm.to_float(dm.val_set.images)
+    assert torch.equal(v1, dm.to_float(dm.val_set.images))
+    assert torch.equal(dm.val_set.images, setup(Digits(binarize="dynamic")).val_set.images)
+    assert set(v1.unique().tolist()) == {0.0, 1.0}
+
+
+def test_static_binarization_is_fixed_everywhere():
+    dm = setup(Digits(binarize="static"))
+    x = dm.to_float(dm.train_set.images)
+    assert set(x.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(x, dm.to_float(dm.train_set.images))
+
+
+def test_dequantization_stays_in_its_bin():
+    dm = setup(Digits(binarize="none", dequantize=True))
+    imgs = dm.train_set.images
+    x = dm.to_float(imgs)
+    assert 0 <= x.min() and x.max() < 1
+    assert torch.equal(torch.floor(x * 17).to(torch.uint8), imgs)
+    assert dm.info["bin_width"] == pytest.approx(1 / 17)
+
+
+def test_batches_come_whole_from_the_loader():
+    dm = setup(Digits(binarize="dynamic", batch_size=50))
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (50, 1, 8, 8) and x.dtype == torch.uint8 and y.shape == (50,)
+
+
+def test_bad_options_name_the_choices():
+    with pytest.raises(ValueError, match="dynamic"):
+        Digits(binarize="sometimes")
+    with pytest.raises(ValueError, match="batch_size"):
+        Digits(batch_size=0)
+
+
+def test_missing_files_without_download_say_where_to_put_them(tmp_path):
+    dm = MNIST(root=tmp_path / "nowhere", download=False)
+    with pytest.raises(DataNotFoundError) as err:
+        dm.prepare_data()
+    msg = str(err.value)
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in msg
+    assert "train-images-idx3-ubyte.gz" in msg and "data.download=true" in msg
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(("cls", "folder", "mean"), [(MNIST, "MNIST", 0.1307), (FashionMNIST, "FashionMNIST", 0.286)])
+def test_real_data_through_torchvision(tmp_path, cls, folder, mean):
+    root = shared_copy(folder, tmp_path)
+    dm = setup(cls(root=root, download=True, binarize="none", val_size=10000))
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50000, 10000, 10000)
+    assert dm.train_set.images.shape[1:] == (1, 28, 28)
+    full_mean = torch.cat([dm.train_set.images, dm.val_set.images]).float().mean() / 255
+    assert full_mean.item() == pytest.approx(mean, abs=2e-3)

@@ -1,0 +1,119 @@
+"""Each likelihood's log_prob against its closed form or an independent reference (scipy)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import integrate, stats
+
+from vaelab.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian
+
+SHAPE = (2, 3, 4)  # C, H, W
+D = math.prod(SHAPE)
+
+
+def test_gaussian_sigma_one_is_mse_with_its_constant():
+    lik = Gaussian(sigma=1.0)
+    mu = torch.randn(5, *SHAPE)
+    x = torch.randn(5, *SHAPE)
+    px = lik(mu)
+    assert px.event_shape == SHAPE and px.batch_shape == (5,)
+    expected = -0.5 * ((x - mu) ** 2).flatten(1).sum(1) - D / 2 * math.log(2 * math.pi)
+    torch.testing.assert_close(px.log_prob(x), expected)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 2.0])
+def test_gaussian_fixed_sigma_matches_scipy(sigma):
+    mu = torch.rand(4, *SHAPE)
+    x = torch.rand(4, *SHAPE)
+    got = Gaussian(sigma=sigma)(mu).log_prob(x)
+    ref = stats.norm(mu.double().numpy(), sigma).logpdf(x.double().numpy()).reshape(4, -1).sum(1)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5)
+
+
+def test_gaussian_learned_sigma_is_one_trained_parameter():
+    lik = Gaussian(sigma="learned", init_sigma=0.3, min_sigma=1e-3)
+    assert lik.num_params(SHAPE) == 1
+    torch.testing.assert_close(lik.sigma, torch.tensor(0.3))
+    mu, x = torch.rand(3, *SHAPE), torch.rand(3, *SHAPE)
+    ref = stats.norm(mu.double().numpy(), 0.3).logpdf(x.double().numpy()).reshape(3, -1).sum(1)
+    np.testing.assert_allclose(lik(mu).log_prob(x).detach().numpy(), ref, rtol=1e-5)
+    # the σ-VAE optimum: maximizing over σ gives σ² = mean squared error
+    opt = torch.optim.Adam(lik.parameters(), lr=0.05)
+    for _ in range(600):
+        opt.zero_grad()
+        (-lik(mu).log_prob(x).sum()).backward()
+        opt.step()
+    mse = ((x - mu) ** 2).mean()
+    torch.testing.assert_close(lik.sigma**2, mse, rtol=2e-2, atol=0)
+
+
+def test_gaussian_per_pixel_sigma_comes_from_the_decoder():
+    lik = Gaussian(sigma="per_pixel", min_sigma=1e-3)
+    assert lik.num_params(SHAPE) == 2
+    mu, raw = torch.randn(3, *SHAPE), torch.randn(3, *SHAPE)
+    x = torch.randn(3, *SHAPE)
+    sigma = 1e-3 + F.softplus(raw)
+    ref = stats.norm(mu.double().numpy(), sigma.double().numpy()).logpdf(x.double().numpy()).reshape(3, -1).sum(1)
+    got = lik(torch.cat([mu, raw], dim=1)).log_prob(x)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, "wide"])
+def test_gaussian_refuses_bad_sigma(bad):
+    with pytest.raises(ValueError, match="sigma"):
+        Gaussian(sigma=bad)
+
+
+def test_bernoulli_is_minus_summed_bce():
+    logits = torch.randn(6, *SHAPE) * 3
+    x = torch.bernoulli(torch.full((6, *SHAPE), 0.4))
+    px = Bernoulli()(logits)
+    assert px.event_shape == SHAPE
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+    torch.testing.assert_close(px.log_prob(x), -bce)
+    assert Bernoulli.discrete and Bernoulli.requires_binary
+
+
+def test_continuous_bernoulli_has_its_normalizing_constant():
+    logits = torch.randn(4, *SHAPE) * 2
+    x = torch.rand(4, *SHAPE)
+    lam = torch.sigmoid(logits.double())
+    # C(λ) = 2 artanh(1 − 2λ) / (1 − 2λ)  (Loaiza-Ganem & Cunningham 2019, eq. 7)
+    log_c = torch.log(2 * torch.atanh(1 - 2 * lam) / (1 - 2 * lam))
+    x = x.double()
+    expected = (log_c + x * torch.log(lam) + (1 - x) * torch.log1p(-lam)).flatten(1).sum(1)
+    got = ContinuousBernoulli()(logits).log_prob(x.float())
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("logit", [-3.0, -0.4, 0.7, 2.5])
+def test_continuous_bernoulli_integrates_to_one(logit):
+    lik = ContinuousBernoulli()
+    dist = lik(torch.full((1, 1, 1), logit))
+    total, _ = integrate.quad(lambda v: dist.log_prob(torch.tensor([[[v]]])).exp().item(), 0, 1)
+    assert total == pytest.approx(1.0, abs=1e-4)
+
+
+def test_leading_sample_dimensions_broadcast_against_the_data():
+    lik = Gaussian(sigma=0.5)
+    params = torch.randn(7, 3, *SHAPE)  # [S, B, ...]
+    x = torch.randn(3, *SHAPE)
+    lp = lik(params).log_prob(x)
+    assert lp.shape == (7, 3)
+    torch.testing.assert_close(lp[4], lik(params[4]).log_prob(x))
+
+
+def test_densities_stay_float32_under_autocast():
+    lik = Bernoulli()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dist = lik(torch.randn(2, *SHAPE, dtype=torch.bfloat16))
+        lp = dist.log_prob(torch.ones(2, *SHAPE))
+    assert lp.dtype == torch.float32
+
+
+def test_decoder_width_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="parameters per value"):
+        Gaussian(sigma="per_pixel")(torch.randn(2, 3, 4, 4))

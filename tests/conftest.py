@@ -53,9 +53,10 @@ def shared_copy(name: str, dest: Path) -> Path:
     return dest
 
 
-def run_cli(script: str, *overrides: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(script: str, *overrides: str, cwd: Path, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python <script> overrides...`` from the repo root as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(REPO / script), *overrides],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,

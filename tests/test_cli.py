@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, check, run_cli
 from PIL import Image
 
-from conftest import REPO, check, run_cli
 from vaelab.build import UnsafeConfigError
 from vaelab.checkpoints import CheckpointError, load_checkpoint, load_module
 from vaelab.wandb_offline import find_runs, read_run
@@ -183,3 +183,31 @@ def test_wandb_file_reader_handles_records_across_blocks(tmp_path):
     assert chunks[0] == 2 and chunks[-1] == 4 and 3 in chunks
     (got,) = list(iter_record_bytes(path))
     assert got == payload
+
+
+def test_a_failing_job_finishes_its_wandb_run_and_keeps_its_checkpoints(tmp_path):
+    """A user's callback (allowed through allowed_targets) raises after the first epoch."""
+    (tmp_path / "boom.py").write_text(
+        "import lightning.pytorch as pl\n"
+        "class Boom(pl.Callback):\n"
+        "    def on_train_epoch_end(self, trainer, module):\n"
+        "        if trainer.current_epoch == 1:\n"
+        "            raise RuntimeError('boom: injected failure')\n"
+    )
+    out = tmp_path / "run"
+    proc = run_cli("train.py", "allowed_targets=[boom.]", "+callbacks.boom._target_=boom.Boom",
+                   "trainer.max_epochs=5", f"hydra.run.dir={out}", cwd=REPO, env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode != 0 and "boom: injected failure" in proc.stderr
+    run = read_run(find_runs(out)[0])
+    # Lightning validates before on_train_epoch_end: epochs 0 and 1 were validated
+    assert run.exit_code == 1 and len(run.values("val/elbo")) == 2
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((out / "summary.json").read_text())["failed"] is True
+    load_module(out / "checkpoints" / "last.ckpt")  # what was written is intact
+
+
+def test_bad_evaluation_settings_fail_before_training(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train.py", "evaluation.test_num_samples=0", f"hydra.run.dir={out}", cwd=REPO)
+    assert proc.returncode != 0 and "evaluation.test_num_samples must be an integer >= 1" in proc.stderr
+    assert not (out / "checkpoints").exists() and not find_runs(out)

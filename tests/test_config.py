@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import vaelab
-from vaelab.cli import build_callbacks, build_datamodule, build_loggers, resolve_data_options
 from vaelab.build import UnsafeConfigError
+from vaelab.cli import build_callbacks, build_datamodule, build_loggers, resolve_data_options
 from vaelab.module import VAEModule
 from vaelab.networks import MLPDecoder
 

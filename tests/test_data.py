@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import shared_copy
+
 from vaelab.datamodules import MNIST, DataNotFoundError, Digits, FashionMNIST
 
 

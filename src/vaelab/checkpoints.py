@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vaelab.build import check_targets, allowed_prefixes
+from vaelab.build import allowed_prefixes, check_targets
 
 
 class CheckpointError(RuntimeError):

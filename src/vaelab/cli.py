@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.build import allowed_prefixes, check_targets
 from vaelab.checkpoints import load_module, resolve_checkpoint
+from vaelab.module import VAEModule, check_evaluation
 
 log = __import__("logging").getLogger("vaelab")
 
@@ -101,8 +102,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = build_datamodule(cfg.data, config)
-    from vaelab.module import VAEModule
-
     module = VAEModule(config=config, data_info=datamodule.info)
     loggers = build_loggers(cfg.get("logger"), config)
     callbacks = build_callbacks(cfg.get("callbacks"), config)
@@ -171,7 +170,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt = resolve_checkpoint(cfg.ckpt_path)
     module = load_module(ckpt)
-    module.evaluation.update(OmegaConf.to_container(cfg.evaluation, resolve=True))  # type: ignore[arg-type]
+    module.evaluation = check_evaluation({**module.evaluation, **OmegaConf.to_container(cfg.evaluation, resolve=True)})
     stored = module.config
     data_cfg = dict(stored["data"])
     data_cfg.update({k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None})

@@ -26,6 +26,15 @@ TERMS = ("elbo", "recon", "kl")
 DEFAULT_EVALUATION = {"val_num_samples": 10, "test_num_samples": 1000, "chunk_size": 100}
 
 
+def check_evaluation(settings: dict[str, Any]) -> dict[str, Any]:
+    """Refuse importance-sampling settings that cannot work, before any training."""
+    for key, low in (("val_num_samples", 0), ("test_num_samples", 1), ("chunk_size", 1)):
+        value = settings.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"evaluation.{key} must be an integer >= {low}, got {value!r}")
+    return settings
+
+
 class VAEModule(pl.LightningModule):
     """Logs, per step and per epoch, in nats per example:
 
@@ -48,7 +57,7 @@ class VAEModule(pl.LightningModule):
         self.vae = build_vae(config, data_info["shape"])
         check_targets({"objective": config["objective"]}, allowed_prefixes(config))
         self.objective: Objective = instantiate(config["objective"])
-        self.evaluation = {**DEFAULT_EVALUATION, **(config.get("evaluation") or {})}
+        self.evaluation = check_evaluation({**DEFAULT_EVALUATION, **(config.get("evaluation") or {})})
         self.num_dims = math.prod(data_info["shape"])
         self._check_likelihood_fits_data()
         self.metrics = torch.nn.ModuleDict(

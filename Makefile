@@ -15,7 +15,9 @@ PYTEST_ARGS ?=
 
 .PHONY: install train test eval lint clean-venv
 
-$(VENV)/.complete: pyproject.toml
+# no prerequisite: the hash in the name already changes with pyproject.toml (a fresh
+# clone's newer file time must not rebuild it)
+$(VENV)/.complete:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vaelab needs Python >= 3.11: set PYTHON=python3.11 (or newer)")'
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)

@@ -149,6 +149,8 @@ def test_no_logger_still_trains_and_checkpoints(tmp_path):
                          "evaluation.test_num_samples=5", f"hydra.run.dir={out}", cwd=REPO))
     assert (out / "checkpoints" / "last.ckpt").is_file()
     assert "test/nll" in proc.stdout
+    # output to a pipe: one readable line per epoch, no live-bar carriage returns
+    assert "epoch 1/1  train/elbo_epoch" in proc.stdout and "\r" not in proc.stdout
 
 
 def test_bernoulli_on_grey_levels_fails_before_training(tmp_path):

@@ -11,11 +11,14 @@ Each picture goes to every logger that takes images (W&B) and to a PNG file unde
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
@@ -91,3 +94,32 @@ class ImageLogger(pl.Callback):
         finally:
             vae.train(was_training)
         return out
+
+
+class ProgressBar(TQDMProgressBar):
+    """tqdm's live bar on a terminal; one line per epoch when the output is a file or a pipe
+    (CI, a cluster job's log), where a live bar would write thousands of partial lines:
+
+        epoch 3/100  train/elbo_epoch -27.61  val/elbo -27.23  val/iwae -26.90  (0.4 s)
+    """
+
+    KEYS = ("train/elbo_epoch", "val/elbo", "val/iwae")
+
+    def __init__(self, refresh_rate: int = 1, interactive: bool | None = None):
+        self.interactive = sys.stdout.isatty() if interactive is None else bool(interactive)
+        super().__init__(refresh_rate=refresh_rate if self.interactive else 0)
+        self._epoch_started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_started = time.time()
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.interactive or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        parts += [f"{k} {float(metrics[k]):.2f}" for k in self.KEYS if k in metrics]
+        parts.append(f"({time.time() - self._epoch_started:.1f} s)")
+        print("  ".join(parts), flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shared_copy
+from conftest import SHARED_DATA, shared_copy
 
 from vaelab.datamodules import MNIST, DataNotFoundError, Digits, FashionMNIST
 
@@ -98,3 +98,35 @@ def test_real_data_through_torchvision(tmp_path, cls, folder, mean):
     assert dm.train_set.images.shape[1:] == (1, 28, 28)
     full_mean = torch.cat([dm.train_set.images, dm.val_set.images]).float().mean() / 255
     assert full_mean.item() == pytest.approx(mean, abs=2e-3)
+
+
+@pytest.mark.data
+def test_statically_binarized_mnist_is_larochelles_split(tmp_path):
+    from vaelab.datamodules import BinarizedMNIST
+
+    root = tmp_path / "root"
+    (root / "BinarizedMNIST").mkdir(parents=True)
+    src = SHARED_DATA / "BinarizedMNIST"
+    if not src.is_dir():
+        pytest.skip(f"{src} is not here")
+    for split in ("valid", "test"):  # the text files, parsed as users get them
+        (root / "BinarizedMNIST" / f"binarized_mnist_{split}.amat.gz").symlink_to(src / f"binarized_mnist_{split}.amat.gz")
+    (root / "BinarizedMNIST" / "binarized_mnist_train.amat.gz").symlink_to(src / "binarized_mnist_train.amat.gz")
+    dm = setup(BinarizedMNIST(root=root, download=False))
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50000, 10000, 10000)
+    x = dm.to_float(dm.test_set.images)
+    assert set(x.unique().tolist()) == {0.0, 1.0}
+    assert x.mean().item() == pytest.approx(0.1325, abs=5e-4)  # the test split's known mean
+    assert dm.info["binary"] and (root / "BinarizedMNIST" / "binarized_mnist.npz").is_file()
+    # the cached arrays give the same data
+    again = setup(BinarizedMNIST(root=root, download=False))
+    assert torch.equal(again.train_set.images, dm.train_set.images)
+
+
+def test_binarized_mnist_missing_files_say_where(tmp_path):
+    from vaelab.datamodules import BinarizedMNIST
+
+    with pytest.raises(DataNotFoundError, match="binarized_mnist_train.amat"):
+        BinarizedMNIST(root=tmp_path, download=False).prepare_data()
+    with pytest.raises(ValueError, match="data=mnist"):
+        BinarizedMNIST(root=tmp_path, binarize="dynamic")

@@ -344,5 +344,103 @@ class CIFAR10(TorchvisionImages):
         return (3, 32, 32)
 
 
+class BinarizedMNIST(ImageDataModule):
+    """Statically binarized MNIST (Larochelle & Murray 2011): the fixed 50,000 / 10,000 /
+    10,000 train / validation / test split of binary 28×28 images that the VAE literature
+    reports on (e.g. Tomczak & Welling 2018, the VampPrior). No labels.
+
+    Reads ``binarized_mnist_{train,valid,test}.amat`` (or ``.amat.gz``, or the ``.npz`` with
+    arrays ``train``/``valid``/``test``) from ``<root>/BinarizedMNIST/``, downloading the
+    ``.amat`` files when missing and ``download=true``. The parsed text is cached next to
+    them as ``binarized_mnist.npz``, so later runs load in a second.
+    """
+
+    name = "binarized_mnist"
+    num_levels = 2
+    folder = "BinarizedMNIST"
+    url = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{}.amat"
+    splits = ("train", "valid", "test")
+
+    def __init__(self, binarize: str = "none", **kwargs: Any):
+        if binarize not in ("none", "static"):
+            raise ValueError(
+                "binarized_mnist is binarized already (statically, Larochelle's split): leave "
+                f"data.binarize=none (got {binarize!r}); for dynamic binarization use data=mnist"
+            )
+        kwargs.pop("val_size", None)
+        super().__init__(binarize="none", val_size=10_000, **kwargs)
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return (1, 28, 28)
+
+    @property
+    def binary(self) -> bool:
+        return True
+
+    def _arrays_from_disk(self) -> dict[str, np.ndarray]:
+        where = self.root / self.folder
+        npz = where / "binarized_mnist.npz"
+        if npz.is_file():
+            with np.load(npz) as f:
+                return {k: f[k] for k in self.splits}
+        arrays = {}
+        for split in self.splits:
+            path = next((p for p in (where / f"binarized_mnist_{split}.amat",
+                                     where / f"binarized_mnist_{split}.amat.gz") if p.is_file()), None)
+            if path is None:
+                path = self._download(split, where)
+            arrays[split] = np.loadtxt(path, dtype=np.uint8)
+        expected = {"train": 50_000, "valid": 10_000, "test": 10_000}
+        for split, arr in arrays.items():
+            if arr.shape != (expected[split], 784) or arr.max() > 1:
+                raise ValueError(f"{where}: binarized_mnist_{split} has shape {arr.shape}, expected "
+                                 f"({expected[split]}, 784) of 0/1 values: the file is damaged")
+        try:
+            np.savez_compressed(npz, **arrays)
+        except OSError:
+            pass  # a read-only data folder: parse again next time
+        return arrays
+
+    def _download(self, split: str, where: Path) -> Path:
+        path = where / f"binarized_mnist_{split}.amat"
+        if self.download:
+            try:
+                from torchvision.datasets.utils import download_url
+
+                download_url(self.url.format(split), str(where), filename=path.name)
+                return path
+            except Exception as err:
+                reason = f"the download failed ({type(err).__name__}: {err})"
+        else:
+            reason = "data.download=false, so nothing was downloaded"
+        raise DataNotFoundError(
+            f"binarized_mnist: {path} is missing and {reason}. Put binarized_mnist_train.amat, "
+            f"binarized_mnist_valid.amat and binarized_mnist_test.amat (or their .gz) into {where} "
+            f"(data.root={self.root}), or run once with data.download=true on a machine with network access."
+        )
+
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._arrays is None:
+            self._arrays = self._arrays_from_disk()
+        arr = self._arrays[split]
+        images = torch.from_numpy(arr.reshape(-1, 1, 28, 28).astype(np.uint8))
+        return images, torch.full((len(images),), -1, dtype=torch.long)  # no labels
+
+    def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._split("train" if train else "test")
+
+    def prepare_data(self) -> None:
+        self._split("train")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set = InMemoryImages(*self._split("train"))
+            self.val_set = InMemoryImages(*self._split("valid"))
+        if self.test_set is None:
+            self.test_set = InMemoryImages(*self._split("test"))
+
+
 def num_dims(info: dict[str, Any]) -> int:
     return math.prod(info["shape"])

@@ -213,3 +213,19 @@ def test_bad_evaluation_settings_fail_before_training(tmp_path):
     proc = run_cli("train.py", "evaluation.test_num_samples=0", f"hydra.run.dir={out}", cwd=REPO)
     assert proc.returncode != 0 and "evaluation.test_num_samples must be an integer >= 1" in proc.stderr
     assert not (out / "checkpoints").exists() and not find_runs(out)
+
+
+@pytest.mark.data
+def test_train_on_real_mnist_through_torchvision(tmp_path):
+    from conftest import shared_copy
+
+    root = shared_copy("MNIST", tmp_path / "data")
+    out = tmp_path / "run"
+    proc = check(run_cli("train.py", "data=mnist", f"data.root={root}", "encoder=conv", "decoder=conv",
+                         "trainer.max_epochs=1", "+trainer.limit_train_batches=30", "+trainer.limit_val_batches=2",
+                         "+trainer.limit_test_batches=1", "evaluation.test_num_samples=5", "logger=none",
+                         f"hydra.run.dir={out}", cwd=REPO))
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["test"]["test/nll"]) and "epoch 1/1" in proc.stdout
+    # Bernoulli on MNIST: binarize=auto resolved to dynamic; bits/dim over 784 binary pixels
+    assert summary["test"]["test/bpd"] == pytest.approx(summary["test"]["test/nll"] / (784 * math.log(2)), rel=1e-4)

@@ -300,13 +300,17 @@ class TorchvisionImages(ImageDataModule):
             ) from err
 
     def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = self._dataset(train)
-        images = torch.as_tensor(np.asarray(ds.data))
-        if images.ndim == 3:  # [N, H, W] grey
-            images = images.unsqueeze(1)
-        else:  # [N, H, W, C]
-            images = images.permute(0, 3, 1, 2)
-        return images.contiguous().to(torch.uint8), torch.as_tensor(np.asarray(ds.targets))
+        # prepare_data and setup both ask (on one process): decode the files once
+        cache = self.__dict__.setdefault("_decoded", {})
+        if train not in cache:
+            ds = self._dataset(train)
+            images = torch.as_tensor(np.asarray(ds.data))
+            if images.ndim == 3:  # [N, H, W] grey
+                images = images.unsqueeze(1)
+            else:  # [N, H, W, C]
+                images = images.permute(0, 3, 1, 2)
+            cache[train] = (images.contiguous().to(torch.uint8), torch.as_tensor(np.asarray(ds.targets)))
+        return cache[train]
 
 
 class MNIST(TorchvisionImages):

@@ -60,9 +60,9 @@ class LearnedGaussian(Prior):
 
     The empirical-Bayes version of the Gaussian prior of Kingma & Welling (2014), "Auto-Encoding
     Variational Bayes". Returned as ``Independent(Normal(μ, σ), 1)``, so the KL with a diagonal
-    Gaussian posterior stays analytic. Initialized at N(0, I). Note that with a decoder that
-    starts with a linear layer it adds no expressiveness (an affine map of z can be absorbed by
-    the encoder and decoder); it is a baseline and a sanity check for learned priors.
+    Gaussian posterior stays analytic. Initialized at N(0, I). It adds little expressiveness
+    (a decoder that starts with a linear layer absorbs an affine map of z); it is a baseline
+    and a sanity check for learned priors.
     """
 
     def __init__(self, latent_dim: int):
@@ -79,9 +79,9 @@ class MixtureOfGaussians(Prior):
 
         log p(z) = logsumexp_k [ log π_k + Σ_d log N(z_d; μ_kd, σ_kd²) ],  π = softmax(logits)
 
-    A mixture-of-Gaussians prior as in Dilokthanakul et al. (2016), "Deep Unsupervised
-    Clustering with Gaussian Mixture Variational Autoencoders", and the MoG baseline discussed
-    by Tomczak & Welling (2018), "VAE with a VampPrior". The KL with q(z|x) has no closed form,
+    The mixture-of-Gaussians prior that Tomczak & Welling (2018), "VAE with a VampPrior",
+    discuss as the simplest approximation of the aggregated posterior; cf. Dilokthanakul et al.
+    (2016), "Deep Unsupervised Clustering with Gaussian Mixture Variational Autoencoders". The KL with q(z|x) has no closed form,
     so the ELBO uses the Monte Carlo estimate on the reparameterized samples.
 
     Init: equal weights, unit scales, and means drawn from N(0, ``init_spread``² I) so that the
@@ -122,7 +122,9 @@ class VampPrior(Prior):
 
     The pseudo-inputs are u_k = hardtanh(w_k) ∈ [0, 1] (the paper's code), w_k initialized from
     N(``init_mean``, ``init_std``²) (the paper's MNIST setting is 0.05 and 0.01); ``squash``
-    ``sigmoid`` (u = sigmoid(w), gradients never vanish) or ``none`` are the alternatives.
+    ``sigmoid`` (u = sigmoid(w); hardtanh passes no gradient to a w_k once it leaves [0, 1]) or
+    ``none`` are the alternatives. Evaluating p(z) encodes all K pseudo-inputs (once per
+    ``prior_distribution()`` call), and log p(z) costs K component densities per z.
 
     The encoder is needed, so the prior is bound to its VAE after the VAE is built
     (``vaelab.build.build_vae`` calls ``prior.bind(vae, data_shape)``). The prior keeps the

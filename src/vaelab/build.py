@@ -91,6 +91,11 @@ def build_vae(config: Mapping[str, Any], data_shape: Sequence[int]) -> VAE:
         latent_dim=latent_dim, data_shape=data_shape, out_channels=out_channels
     )
     vae = VAE(encoder=encoder, posterior=posterior, decoder=decoder, likelihood=likelihood, prior=prior)
+    # priors that depend on the rest of the model (the VampPrior encodes pseudo-inputs of the
+    # data's shape with the encoder) are bound to it now; for the others this is a no-op
+    bind = getattr(prior, "bind", None)
+    if callable(bind):
+        bind(vae, data_shape)
     _check_shapes(vae, data_shape, out_channels)
     return vae
 
@@ -111,6 +116,11 @@ def _check_shapes(vae: VAE, data_shape: tuple[int, ...], out_channels: int) -> N
             f"needs {want[1:]} for data of shape {data_shape}: choose a decoder for this "
             "image size (decoder=mlp works for any size)"
         )
+    with torch.no_grad():
+        event_shape = tuple(vae.prior_distribution().event_shape)
+    if event_shape != (vae.latent_dim,):
+        raise ValueError(f"the prior {type(vae.prior).__name__} gives event shape {event_shape}, "
+                         f"not (latent_dim,) = ({vae.latent_dim},)")
     if h.shape[-1] != vae.posterior.num_params(vae.latent_dim):
         raise ValueError(f"the encoder gives {h.shape[-1]} features, the posterior needs "
                          f"{vae.posterior.num_params(vae.latent_dim)}")

@@ -36,6 +36,9 @@ from torch.distributions import (
     Independent,
     Normal,
 )
+from torch.distributions import (
+    Laplace as _Laplace,
+)
 
 DataShape = tuple[int, int, int]
 
@@ -105,7 +108,80 @@ class ContinuousBernoulli(Likelihood):
         return Independent(_ContinuousBernoulli(logits=logits, validate_args=False), 3)
 
 
-class Gaussian(Likelihood):
+class _LocationScale(Likelihood):
+    """Shared scale handling of the location–scale likelihoods (Gaussian, Laplace).
+
+    The scale option (``sigma`` for Gaussian, ``scale`` for Laplace; ``_scale_name``) is
+
+    * a positive number: a fixed scale;
+    * ``"learned"``: one scale shared by all pixels, learned by gradient descent;
+    * ``"per_pixel"``: the decoder predicts a raw scale for every pixel (2 parameters per value).
+
+    Learned scales are ``min + softplus(raw)``: kept above the minimum with a soft lower bound, so
+    the density cannot collapse onto a single pixel value. The learned parameter is called
+    ``raw_<name>`` (``raw_sigma`` for Gaussian, as in checkpoints written before this class).
+    """
+
+    #: the name of the scale option in the config and in messages
+    _scale_name: str = "scale"
+
+    def __init__(self, scale: float | str, min_scale: float, init_scale: float):
+        super().__init__()
+        name = self._scale_name
+        self.min_scale = float(min_scale)
+        if isinstance(scale, str):
+            if scale not in ("learned", "per_pixel"):
+                raise ValueError(
+                    f"likelihood.{name}={scale!r} is not an option: give a positive number "
+                    f"(fixed {name}), 'learned' (one learned {name}) or 'per_pixel' ({name} from the "
+                    "decoder)"
+                )
+            self.mode = scale
+            self.fixed_scale = None
+        else:
+            scale = float(scale)
+            if not scale > 0:
+                raise ValueError(f"likelihood.{name} must be > 0, got {scale}")
+            self.mode = "fixed"
+            self.fixed_scale = scale
+        if self.min_scale <= 0:
+            raise ValueError(f"likelihood.min_{name} must be > 0, got {min_scale}")
+        if self.mode == "learned":
+            if not init_scale > self.min_scale:
+                raise ValueError(f"likelihood.init_{name} must be larger than likelihood.min_{name}")
+            # inverse of the softplus bound below, so that the scale starts at init_scale
+            raw = math.log(math.expm1(init_scale - self.min_scale))
+            self.register_parameter(f"raw_{name}", nn.Parameter(torch.tensor(raw)))
+
+    def num_params(self, data_shape: DataShape) -> int:
+        return 2 if self.mode == "per_pixel" else 1
+
+    def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.min_scale + nn.functional.softplus(raw)
+
+    def _raw_scale(self) -> torch.Tensor:
+        return getattr(self, f"raw_{self._scale_name}").float()
+
+    def _shared_scale(self) -> torch.Tensor | None:
+        """The shared scale (fixed or learned); None when the decoder predicts it per pixel."""
+        if self.mode == "fixed":
+            return torch.tensor(self.fixed_scale)
+        if self.mode == "learned":
+            return self._bounded(self._raw_scale()).detach()
+        return None
+
+    def _loc_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Location and scale, both ``[*batch, C, H, W]`` in float32."""
+        if self.mode == "per_pixel":
+            loc, raw = self._split(params, 2)
+            return loc, self._bounded(raw)
+        (loc,) = self._split(params, 1)
+        if self.mode == "learned":
+            return loc, self._bounded(self._raw_scale()).expand_as(loc)
+        return loc, torch.full_like(loc, self.fixed_scale)
+
+
+class Gaussian(_LocationScale):
     """p(x|z) = Π_d N(x_d; μ_d, σ_d²), μ = decoder output.
 
     ``sigma`` chooses the scale:
@@ -121,55 +197,57 @@ class Gaussian(Likelihood):
     cannot collapse onto a single pixel value.
     """
 
+    _scale_name = "sigma"
+
     def __init__(self, sigma: float | str = 1.0, min_sigma: float = 1e-3, init_sigma: float = 0.1):
-        super().__init__()
-        self.min_sigma = float(min_sigma)
-        if isinstance(sigma, str):
-            if sigma not in ("learned", "per_pixel"):
-                raise ValueError(
-                    f"likelihood.sigma={sigma!r} is not an option: give a positive number "
-                    "(fixed σ), 'learned' (one learned σ) or 'per_pixel' (σ from the decoder)"
-                )
-            self.mode = sigma
-            self.fixed_sigma = None
-        else:
-            sigma = float(sigma)
-            if not sigma > 0:
-                raise ValueError(f"likelihood.sigma must be > 0, got {sigma}")
-            self.mode = "fixed"
-            self.fixed_sigma = sigma
-        if self.min_sigma <= 0:
-            raise ValueError(f"likelihood.min_sigma must be > 0, got {min_sigma}")
-        if self.mode == "learned":
-            if not init_sigma > self.min_sigma:
-                raise ValueError("likelihood.init_sigma must be larger than likelihood.min_sigma")
-            # inverse of the softplus bound below, so that sigma starts at init_sigma
-            raw = math.log(math.expm1(init_sigma - self.min_sigma))
-            self.raw_sigma = nn.Parameter(torch.tensor(raw))
+        super().__init__(sigma, min_sigma, init_sigma)
 
-    def num_params(self, data_shape: DataShape) -> int:
-        return 2 if self.mode == "per_pixel" else 1
+    @property
+    def fixed_sigma(self) -> float | None:
+        return self.fixed_scale
 
-    def _bounded(self, raw: torch.Tensor) -> torch.Tensor:
-        return self.min_sigma + nn.functional.softplus(raw)
+    @property
+    def min_sigma(self) -> float:
+        return self.min_scale
 
     @property
     def sigma(self) -> torch.Tensor | None:
         """The shared σ (fixed or learned); None when the decoder predicts it per pixel."""
-        if self.mode == "fixed":
-            return torch.tensor(self.fixed_sigma)
-        if self.mode == "learned":
-            return self._bounded(self.raw_sigma.float()).detach()
-        return None
+        return self._shared_scale()
 
     def forward(self, params: torch.Tensor) -> Distribution:
-        if self.mode == "per_pixel":
-            loc, raw = self._split(params, 2)
-            scale = self._bounded(raw)
-        else:
-            (loc,) = self._split(params, 1)
-            if self.mode == "learned":
-                scale = self._bounded(self.raw_sigma.float()).expand_as(loc)
-            else:
-                scale = torch.full_like(loc, self.fixed_sigma)
+        loc, scale = self._loc_scale(params)
         return Independent(Normal(loc, scale, validate_args=False), 3)
+
+
+class Laplace(_LocationScale):
+    """p(x|z) = Π_d Laplace(x_d; μ_d, b_d) = Π_d exp(−|x_d − μ_d| / b_d) / (2 b_d),
+    μ = decoder output.
+
+    The "L1 loss" counterpart of the Gaussian: with a fixed b, −log p(x|z) = ‖x − μ‖₁ / b +
+    D log 2b. Laplace observation models for images go back to the robust/L1 reconstruction
+    losses of image VAEs; see e.g. Rybkin et al. 2021 ("Simple and Effective VAE Training with
+    Calibrated Decoders"), which compares calibrated Gaussian and Laplace decoders.
+
+    ``scale`` chooses b, as ``sigma`` does for the Gaussian:
+
+    * a positive number: fixed b;
+    * ``"learned"``: one b shared by all pixels, learned (its optimum is b = mean |x − μ|);
+    * ``"per_pixel"``: the decoder predicts b for every pixel (2 parameters per value).
+
+    Learned scales are kept above ``min_scale`` with a soft lower bound.
+    """
+
+    _scale_name = "scale"
+
+    def __init__(self, scale: float | str = 0.1, min_scale: float = 1e-3, init_scale: float = 0.1):
+        super().__init__(scale, min_scale, init_scale)
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """The shared b (fixed or learned); None when the decoder predicts it per pixel."""
+        return self._shared_scale()
+
+    def forward(self, params: torch.Tensor) -> Distribution:
+        loc, scale = self._loc_scale(params)
+        return Independent(_Laplace(loc, scale, validate_args=False), 3)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import stats
+from scipy import special, stats
 
-from vaelab.likelihoods import Laplace
+from vaelab.likelihoods import Categorical, DiscretizedLogisticMixture, Laplace
 
 SHAPE = (2, 3, 4)  # C, H, W
 D = math.prod(SHAPE)
@@ -56,3 +56,194 @@ def test_laplace_per_pixel_scale_comes_from_the_decoder():
 def test_laplace_refuses_bad_scale(bad):
     with pytest.raises(ValueError, match="likelihood.scale"):
         Laplace(scale=bad)
+
+
+# --- categorical -------------------------------------------------------------------------------
+def test_categorical_log_prob_is_the_log_softmax_of_the_level():
+    L = 256
+    lik = Categorical(num_classes=L)
+    assert lik.num_params(SHAPE) == L and lik.discrete and lik.requires_levels
+    logits = torch.randn(3, L, *SHAPE) * 2  # [B, L, C, H, W] → decoder layout [B, L*C, H, W]
+    params = logits.flatten(1, 2)
+    k = torch.randint(0, L, (3, *SHAPE))
+    x = k.float() / (L - 1)
+    ref = torch.log_softmax(logits, dim=1).gather(1, k.unsqueeze(1)).squeeze(1).flatten(1).sum(1)
+    torch.testing.assert_close(lik(params).log_prob(x), ref)
+
+
+def test_categorical_probabilities_of_all_levels_sum_to_one_and_mean_matches():
+    L = 256
+    logits = torch.randn(1, L, 1, 1, 1) * 3
+    px = Categorical(num_classes=L)(logits.flatten(1, 2))
+    x = torch.arange(L).float().view(L, 1, 1, 1) / (L - 1)
+    lp = px.log_prob(x)  # every level of one value, broadcast against batch 1
+    assert lp.shape == (L,)
+    assert torch.logsumexp(lp, 0).exp().item() == pytest.approx(1.0, abs=1e-5)
+    probs = torch.softmax(logits.flatten().double(), 0)
+    expected_mean = (probs * torch.arange(L, dtype=torch.float64)).sum() / (L - 1)
+    assert px.mean.item() == pytest.approx(expected_mean.item(), abs=1e-5)
+
+
+def test_categorical_samples_follow_the_softmax():
+    torch.manual_seed(0)
+    L = 17
+    logits = torch.randn(L) * 1.5
+    px = Categorical(num_classes=L)(logits.view(1, L, 1, 1))
+    n = 40_000
+    xs = px.sample((n,))
+    assert xs.shape == (n, 1, 1, 1, 1)
+    k = xs * (L - 1)
+    assert torch.allclose(k, k.round(), atol=1e-4) and xs.min() >= 0 and xs.max() <= 1
+    _assert_histogram_matches(k.round().long().flatten(), torch.softmax(logits.double(), 0))
+
+
+def test_categorical_takes_the_data_levels_when_left_null():
+    lik = Categorical(num_classes=None)
+    with pytest.raises(RuntimeError, match="not known"):
+        lik.num_params(SHAPE)
+    lik.set_num_levels(17)
+    assert lik.num_classes == 17 and lik.num_params(SHAPE) == 17
+    lik.set_num_levels(256)  # a number given in the config wins; the module check refuses a mismatch
+    assert lik.num_classes == 17
+    with pytest.raises(ValueError, match="num_classes"):
+        Categorical(num_classes=1)
+
+
+# --- discretized mixture of logistics ----------------------------------------------------------
+def _dlm_params(batch, k, shape=SHAPE, spread=1.0):
+    """Decoder output [*batch, 3K*C, H, W] and its parts [*batch, C, H, W, K]."""
+    logits = torch.randn(*batch, k, *shape) * 2
+    means = (torch.rand(*batch, k, *shape) * 2.4 - 1.2) * spread
+    log_scales = torch.rand(*batch, k, *shape) * 6 - 6  # includes scales far below a bin
+    params = torch.cat([logits, means, log_scales], dim=len(batch)).flatten(len(batch), len(batch) + 1)
+    parts = [t.movedim(len(batch), -1) for t in (logits, means, log_scales)]
+    return params, parts
+
+
+def _dlm_reference(parts, k_levels, L=256, min_log_scale=-7.0):
+    """Brute force in float64 with scipy: CDF differences, edges to ±∞, logsumexp over components."""
+    logits, means, log_scales = (t.double().numpy() for t in parts)
+    log_scales = np.maximum(log_scales, min_log_scale)
+    x = 2.0 * k_levels.double().numpy()[..., None] / (L - 1) - 1.0
+    d = 1.0 / (L - 1)
+    cdf = stats.logistic(loc=means, scale=np.exp(log_scales)).cdf
+    upper = np.where(k_levels.numpy()[..., None] == L - 1, 1.0, cdf(x + d))
+    lower = np.where(k_levels.numpy()[..., None] == 0, 0.0, cdf(x - d))
+    log_w = logits - special.logsumexp(logits, axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return special.logsumexp(log_w + np.log(upper - lower), axis=-1)
+
+
+def test_dlm_log_prob_matches_a_brute_force_reference():
+    torch.manual_seed(1)
+    K = 5
+    lik = DiscretizedLogisticMixture(num_mixtures=K)
+    assert lik.num_params(SHAPE) == 3 * K and lik.discrete and lik.requires_levels
+    params, parts = _dlm_params((4,), K)
+    k = torch.randint(0, 256, (4, *SHAPE))
+    k[0, 0, 0, :2] = torch.tensor([0, 255])  # the edge levels
+    ref = _dlm_reference(parts, k).reshape(4, -1)
+    px = lik(params)
+    per_value = px.log_prob_levels(k).double().numpy().reshape(4, -1)
+    np.testing.assert_allclose(per_value, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(px.log_prob(k.float() / 255).numpy(), ref.sum(1), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("spread", [1.0, 3.0])
+def test_dlm_probabilities_of_all_levels_sum_to_one(spread):
+    torch.manual_seed(2)
+    L, K = 256, 10
+    params, _ = _dlm_params((1,), K, shape=(1, 6, 1), spread=spread)
+    px = DiscretizedLogisticMixture(num_mixtures=K)(params)
+    x = torch.arange(L).float().view(L, 1, 1, 1, 1).expand(L, 1, 1, 6, 1) / (L - 1)
+    lp = px.log_prob_levels(torch.arange(L).view(L, 1, 1, 1, 1).expand(L, 1, 1, 6, 1))  # [L, 1, 1, 6, 1]
+    total = torch.logsumexp(lp.double(), 0).exp()
+    torch.testing.assert_close(total, torch.ones_like(total), atol=1e-4, rtol=0)
+    assert torch.isfinite(px.log_prob(x)).all()
+
+
+def test_dlm_samples_follow_the_bin_probabilities_and_mean_is_exact():
+    torch.manual_seed(3)
+    L, K = 256, 3
+    params, _ = _dlm_params((1,), K, shape=(1, 1, 1))
+    px = DiscretizedLogisticMixture(num_mixtures=K)(params)
+    probs = px.log_prob_levels(torch.arange(L).view(L, 1, 1, 1, 1)).double().exp().flatten()
+    n = 40_000
+    xs = px.sample((n,))
+    assert xs.shape == (n, 1, 1, 1, 1) and xs.min() >= 0 and xs.max() <= 1
+    k = xs * (L - 1)
+    assert torch.allclose(k, k.round(), atol=1e-3)
+    _assert_histogram_matches(k.round().long().flatten(), probs)
+    mean = px.mean
+    assert mean.shape == (1, 1, 1, 1) and torch.isfinite(mean).all() and 0 <= mean.item() <= 1
+    exact = (probs * torch.arange(L, dtype=torch.float64)).sum() / (L - 1)
+    assert mean.item() == pytest.approx(exact.item(), abs=1e-4)
+
+
+def test_dlm_is_stable_for_extreme_parameters():
+    # means far outside [-1, 1], log-scales far below the clamp, very unequal logits
+    K = 3
+    logits = torch.tensor([-30.0, 0.0, 30.0])
+    means = torch.tensor([-50.0, 0.3, 50.0])
+    log_scales = torch.tensor([-20.0, -20.0, 5.0])
+    params = torch.cat([logits, means, log_scales]).view(1, 3 * K, 1, 1).requires_grad_()
+    px = DiscretizedLogisticMixture(num_mixtures=K)(params)
+    x = torch.tensor([0.0, 0.3, 0.65, 1.0]).view(4, 1, 1, 1)
+    lp = px.log_prob(x)
+    assert torch.isfinite(lp).all()
+    lp.sum().backward()
+    assert torch.isfinite(params.grad).all()
+    parts = [t.view(1, 1, 1, K) for t in (logits, means, log_scales)]
+    ref = _dlm_reference(parts, (x * 255).round().long().view(4, 1, 1, 1)).ravel()
+    np.testing.assert_allclose(lp.detach().numpy(), ref, rtol=1e-4)
+
+
+def _assert_histogram_matches(samples, probs, min_expected=5.0):
+    """Pearson χ² over the bins with enough expected counts (the rest pooled), at p > 1e-4."""
+    n = len(samples)
+    counts = torch.bincount(samples, minlength=len(probs)).double()
+    expected = probs.double() * n
+    big = expected >= min_expected
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    chi2 = (((obs - exp) ** 2) / exp)[keep].sum().item()
+    dof = int(keep.sum()) - 1
+    assert stats.chi2.sf(chi2, dof) > 1e-4, (chi2, dof)
+
+
+# --- all three: shapes with leading [S, B] dims, float32 under autocast -------------------------
+LIKELIHOODS = {
+    "laplace": (lambda: Laplace(scale="per_pixel"), lambda: torch.rand(3, *SHAPE)),
+    "categorical": (lambda: Categorical(num_classes=17), lambda: torch.randint(0, 17, (3, *SHAPE)) / 16),
+    "dlm": (lambda: DiscretizedLogisticMixture(num_mixtures=4), lambda: torch.randint(0, 256, (3, *SHAPE)) / 255),
+}
+
+
+@pytest.mark.parametrize("name", list(LIKELIHOODS))
+def test_leading_sample_dimensions_broadcast_against_the_data(name):
+    make, data = LIKELIHOODS[name]
+    lik = make()
+    P = lik.num_params(SHAPE)
+    params = torch.randn(7, 3, P * SHAPE[0], *SHAPE[1:])  # [S, B, P*C, H, W]
+    x = data()
+    px = lik(params)
+    assert px.batch_shape == (7, 3) and px.event_shape == SHAPE
+    lp = px.log_prob(x)
+    assert lp.shape == (7, 3) and torch.isfinite(lp).all()
+    torch.testing.assert_close(lp[4], lik(params[4]).log_prob(x))
+    assert px.mean.shape == (7, 3, *SHAPE)
+    assert px.sample().shape == (7, 3, *SHAPE) and px.sample((2,)).shape == (2, 7, 3, *SHAPE)
+
+
+@pytest.mark.parametrize("name", list(LIKELIHOODS))
+def test_densities_stay_float32_under_autocast(name):
+    make, data = LIKELIHOODS[name]
+    lik = make()
+    params = torch.randn(3, lik.num_params(SHAPE) * SHAPE[0], *SHAPE[1:])
+    x = data()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        px = lik(params.bfloat16())
+        lp = px.log_prob(x)
+    assert lp.dtype == torch.float32
+    torch.testing.assert_close(lp, lik(params.bfloat16().float()).log_prob(x))

@@ -110,11 +110,12 @@ def test_categorical_takes_the_data_levels_when_left_null():
 
 
 # --- discretized mixture of logistics ----------------------------------------------------------
-def _dlm_params(batch, k, shape=SHAPE, spread=1.0):
+def _dlm_params(batch, k, shape=SHAPE, spread=1.0, log_scale_range=(-6.0, 0.0)):
     """Decoder output [*batch, 3K*C, H, W] and its parts [*batch, C, H, W, K]."""
     logits = torch.randn(*batch, k, *shape) * 2
     means = (torch.rand(*batch, k, *shape) * 2.4 - 1.2) * spread
-    log_scales = torch.rand(*batch, k, *shape) * 6 - 6  # includes scales far below a bin
+    lo, hi = log_scale_range  # the default includes scales far below a bin
+    log_scales = torch.rand(*batch, k, *shape) * (hi - lo) + lo
     params = torch.cat([logits, means, log_scales], dim=len(batch)).flatten(len(batch), len(batch) + 1)
     parts = [t.movedim(len(batch), -1) for t in (logits, means, log_scales)]
     return params, parts
@@ -134,12 +135,13 @@ def _dlm_reference(parts, k_levels, L=256, min_log_scale=-7.0):
         return special.logsumexp(log_w + np.log(upper - lower), axis=-1)
 
 
-def test_dlm_log_prob_matches_a_brute_force_reference():
+@pytest.mark.parametrize("log_scale_range", [(-6.0, 0.0), (3.0, 8.0)], ids=["narrow", "wide"])
+def test_dlm_log_prob_matches_a_brute_force_reference(log_scale_range):
     torch.manual_seed(1)
     K = 5
     lik = DiscretizedLogisticMixture(num_mixtures=K)
     assert lik.num_params(SHAPE) == 3 * K and lik.discrete and lik.requires_levels
-    params, parts = _dlm_params((4,), K)
+    params, parts = _dlm_params((4,), K, log_scale_range=log_scale_range)
     k = torch.randint(0, 256, (4, *SHAPE))
     k[0, 0, 0, :2] = torch.tensor([0, 255])  # the edge levels
     ref = _dlm_reference(parts, k).reshape(4, -1)
@@ -178,6 +180,15 @@ def test_dlm_samples_follow_the_bin_probabilities_and_mean_is_exact():
     assert mean.shape == (1, 1, 1, 1) and torch.isfinite(mean).all() and 0 <= mean.item() <= 1
     exact = (probs * torch.arange(L, dtype=torch.float64)).sum() / (L - 1)
     assert mean.item() == pytest.approx(exact.item(), abs=1e-4)
+
+
+def test_dlm_log_scales_are_clamped_as_in_pixelcnnpp():
+    params, _ = _dlm_params((2,), 3, log_scale_range=(-12.0, -9.0))
+    clamped = params.clone()
+    clamped[:, 6 * SHAPE[0] :] = -7.0
+    x = torch.randint(0, 256, (2, *SHAPE)) / 255
+    lik = DiscretizedLogisticMixture(num_mixtures=3)
+    torch.testing.assert_close(lik(params).log_prob(x), lik(clamped).log_prob(x))
 
 
 def test_dlm_is_stable_for_extreme_parameters():
@@ -247,3 +258,49 @@ def test_densities_stay_float32_under_autocast(name):
         lp = px.log_prob(x)
     assert lp.dtype == torch.float32
     torch.testing.assert_close(lp, lik(params.bfloat16().float()).log_prob(x))
+
+
+# --- fitting the data: VAEModule's check and the config ---------------------------------------
+def _module(tmp_path, *overrides):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from vaelab.cli import build_datamodule, resolve_data_options
+    from vaelab.module import VAEModule
+
+    with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.data_dir={tmp_path}/data", f"paths.output_dir={tmp_path}/out",
+                                          *overrides])
+    resolve_data_options(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    dm = build_datamodule(cfg.data, config)
+    return cfg, dm, lambda: VAEModule(config=config, data_info=dm.info)
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "discretized_logistic_mixture"])
+@pytest.mark.parametrize(
+    ("data", "wrong"),
+    [("data.binarize=dynamic", "data.binarize=dynamic"), ("data.dequantize=true", "data.dequantize=True")],
+)
+def test_level_likelihoods_refuse_binarized_or_dequantized_data_naming_the_fix(tmp_path, likelihood, data, wrong):
+    _, _, build = _module(tmp_path, f"likelihood={likelihood}", data)
+    with pytest.raises(ValueError, match="data.binarize=none data.dequantize=false") as err:
+        build()
+    assert wrong in str(err.value)
+
+
+def test_a_level_count_that_differs_from_the_data_is_refused(tmp_path):
+    _, _, build = _module(tmp_path, "likelihood=categorical", "likelihood.num_classes=256")  # digits: 17
+    with pytest.raises(ValueError, match="over 256 intensity levels.*has 17 levels"):
+        build()
+
+
+@pytest.mark.parametrize(("likelihood", "per_value"), [("categorical", 17), ("discretized_logistic_mixture", 30)])
+def test_level_likelihoods_take_the_data_levels_and_stay_undequantized(tmp_path, likelihood, per_value):
+    cfg, dm, build = _module(tmp_path, f"likelihood={likelihood}", "data.dequantize=auto", "decoder=conv")
+    assert cfg.data.binarize == "none" and cfg.data.dequantize is False
+    module = build()
+    assert module.vae.likelihood.num_levels == dm.num_levels == 17
+    assert module.vae.decoder(torch.zeros(1, cfg.latent_dim)).shape == (1, per_value, 8, 8)
+    x = torch.randint(0, 17, (4, 1, 8, 8)) / 16
+    assert torch.isfinite(module.vae.log_likelihood(x, 3, 3)).all()

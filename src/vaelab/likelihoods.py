@@ -11,7 +11,8 @@ Contract (see DESIGN.md): a likelihood is an ``nn.Module`` with
   dimensions: the unit the tables of the VAE papers use.
 
 ``discrete`` says whether ``log_prob`` is a log-probability of a discrete value (Bernoulli on
-binary pixels) or a log-density of a continuous value. bits/dim needs to know: a density on
+binary pixels; Categorical and DiscretizedLogisticMixture on the integer intensity levels, which
+``requires_levels``) or a log-density of a continuous value. bits/dim needs to know: a density on
 [0, 1] becomes a probability of an 8-bit value only after accounting for the bin width (see
 ``vaelab.metrics.bits_per_dim``).
 
@@ -26,7 +27,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import constraints
 from torch.distributions import (
     Bernoulli as _Bernoulli,
 )
@@ -40,6 +40,7 @@ from torch.distributions import (
     Distribution,
     Independent,
     Normal,
+    constraints,
 )
 from torch.distributions import (
     Laplace as _Laplace,
@@ -352,7 +353,7 @@ class LevelCategorical(_LevelDistribution):
     def mode(self) -> torch.Tensor:
         return self._to_unit(self.logits.argmax(-1))
 
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         with torch.no_grad():
             return self._to_unit(self.base.sample(torch.Size(sample_shape)))
 
@@ -458,7 +459,7 @@ class LogisticMixtureLevels(_LevelDistribution):
             total = total + (weights * survival).sum((-2, -1))
         return total / last
 
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Draw a component, a logistic value from it, and round to the nearest level (the edge
         levels take everything beyond them): an exact draw from the discretized mixture."""
         with torch.no_grad():

@@ -69,8 +69,11 @@ def allowed_prefixes(config: Mapping[str, Any]) -> tuple[str, ...]:
     return ALLOWED_TARGET_PREFIXES + extra
 
 
-def build_vae(config: Mapping[str, Any], data_shape: Sequence[int]) -> VAE:
-    """Build the VAE from the resolved config's model groups and the data shape (C, H, W)."""
+def build_vae(config: Mapping[str, Any], data_shape: Sequence[int], num_levels: int | None = None) -> VAE:
+    """Build the VAE from the resolved config's model groups and the data shape (C, H, W).
+
+    ``num_levels``: the data's intensity levels, for likelihoods over them whose config leaves
+    their count null (``likelihood=categorical``, ``discretized_logistic_mixture``)."""
     parts = {k: config[k] for k in ("encoder", "decoder", "posterior", "likelihood", "prior")}
     check_targets(parts, allowed_prefixes(config))
     data_shape = tuple(int(s) for s in data_shape)
@@ -79,6 +82,7 @@ def build_vae(config: Mapping[str, Any], data_shape: Sequence[int]) -> VAE:
         raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
 
     likelihood = instantiate(parts["likelihood"])
+    likelihood.set_num_levels(num_levels)
     posterior = instantiate(parts["posterior"])
     prior = instantiate(parts["prior"])
     if prior.latent_dim != latent_dim:

@@ -30,13 +30,16 @@ log = __import__("logging").getLogger("vaelab")
 def resolve_data_options(cfg: DictConfig) -> None:
     """Resolve the data options that depend on the likelihood, so the logged config says what
     ran: ``binarize=auto`` is dynamic binarization for likelihoods that need binary data, else
-    none; ``dequantize=auto`` is uniform dequantization exactly when the data stay intensities."""
+    none; ``dequantize=auto`` is uniform dequantization exactly when the data stay intensities
+    and the likelihood is a density (not one over the integer levels, ``requires_levels``)."""
     with open_dict(cfg):
         if cfg.data.get("binarize") == "auto":
             needs_binary = bool(getattr(get_class(cfg.likelihood._target_), "requires_binary", False))
             cfg.data.binarize = "dynamic" if needs_binary else "none"
         if cfg.data.get("dequantize") == "auto":
-            cfg.data.dequantize = cfg.data.get("binarize", "none") == "none"
+            # a likelihood over the integer levels needs them as they are, not dequantized
+            needs_levels = bool(getattr(get_class(cfg.likelihood._target_), "requires_levels", False))
+            cfg.data.dequantize = cfg.data.get("binarize", "none") == "none" and not needs_levels
 
 
 def build_datamodule(data_cfg: Any, config: dict[str, Any]) -> pl.LightningDataModule:

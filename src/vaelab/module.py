@@ -54,7 +54,7 @@ class VAEModule(pl.LightningModule):
         self.save_hyperparameters(logger=False)
         self.config = config
         self.data_info = data_info
-        self.vae = build_vae(config, data_info["shape"])
+        self.vae = build_vae(config, data_info["shape"], data_info.get("num_levels"))
         check_targets({"objective": config["objective"]}, allowed_prefixes(config))
         self.objective: Objective = instantiate(config["objective"])
         self.evaluation = check_evaluation({**DEFAULT_EVALUATION, **(config.get("evaluation") or {})})
@@ -81,6 +81,19 @@ class VAEModule(pl.LightningModule):
                 f"has {self.data_info['num_levels']} grey levels and data.binarize="
                 f"{self.data_info['binarize']}. Use data.binarize=dynamic (or static), or "
                 "likelihood=continuous_bernoulli / likelihood=gaussian for intensities."
+            )
+        if lik.requires_levels and (
+            lik.num_levels != self.data_info["num_levels"]
+            or self.data_info["binarize"] != "none"
+            or self.data_info["dequantize"]
+        ):
+            raise ValueError(
+                f"likelihood={type(lik).__name__} is a distribution over {lik.num_levels} intensity "
+                f"levels x = k/{lik.num_levels - 1}, but data={self.data_info['name']} has "
+                f"{self.data_info['num_levels']} levels, data.binarize={self.data_info['binarize']} and "
+                f"data.dequantize={self.data_info['dequantize']}. It needs the stored intensities: use "
+                "data.binarize=none data.dequantize=false, and leave the likelihood's number of levels "
+                "(num_classes / num_bins) null to take the data's."
             )
         lo, hi = lik.support
         if lo > 0.0 or hi < 1.0:

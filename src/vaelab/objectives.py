@@ -139,7 +139,8 @@ class ELBO(Objective):
     ) -> ObjectiveOutput:
         beta = self.effective_beta(step, epoch)
         q = vae.encode(x)
-        z, log_q = rsample_and_log_prob(q, (self.num_samples,))  # [S, B, Z], [S, B] or None
+        with float32(x.device):  # a flow's networks run here, as sampling: keep its log-det in fp32
+            z, log_q = rsample_and_log_prob(q, (self.num_samples,))  # [S, B, Z], [S, B] or None
         px = vae.decode(z)  # batch shape [S, B]
         with float32(x.device):
             p = vae.prior_distribution()
@@ -199,7 +200,8 @@ class IWAE(Objective):
         beta = self.effective_beta(step, epoch)
         k = self.num_samples
         q = vae.encode(x)
-        z, log_q = rsample_and_log_prob(q, (k,))  # [K, B, Z]
+        with float32(x.device):  # as in ELBO: a flow's log-det in fp32
+            z, log_q = rsample_and_log_prob(q, (k,))  # [K, B, Z]
         px = vae.decode(z)  # batch shape [K, B]
         with float32(x.device):
             z = z.float()

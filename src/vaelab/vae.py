@@ -129,7 +129,8 @@ class VAE(nn.Module):
         return self._log_weights(q, x, num_samples)
 
     def _log_weights(self, q: Distribution, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        z, log_q = rsample_and_log_prob(q, (num_samples,))
+        with float32(x.device):  # a flow's networks run while sampling: keep them in fp32
+            z, log_q = rsample_and_log_prob(q, (num_samples,))
         px = self.decode(z)
         with float32(x.device):
             z = z.float()

@@ -39,8 +39,10 @@ class VAEModule(pl.LightningModule):
     """Logs, per step and per epoch, in nats per example:
 
     * ``train/elbo``, ``train/recon`` (E_q[log p(x|z)]), ``train/kl`` (KL(q(z|x) ‖ p(z))),
-      ``train/loss`` (what is minimized: −(recon − β·kl)) and ``train/beta``; the epoch means
-      as ``train/elbo_epoch``, ...
+      ``train/loss`` (what is minimized: −(recon − β·kl), or the objective's own loss) and
+      ``train/beta`` (the effective β of the step, after KL warm-up); the epoch means as
+      ``train/elbo_epoch``, ...; any further per-example term of the objective (``train/iwae``
+      for objective=iwae) the same way.
     * ``val/elbo``, ``val/recon``, ``val/kl`` and ``val/iwae`` (IWAE bound with K =
       ``evaluation.val_num_samples``).
     * ``test/elbo``, ``test/recon``, ``test/kl``, ``test/nll`` (−log p(x) by importance sampling
@@ -104,7 +106,10 @@ class VAEModule(pl.LightningModule):
         return self.objective(self.vae, x)
 
     def _step(self, stage: str, x: torch.Tensor):
-        out = self.objective(self.vae, x)
+        # warm-up needs the training clock; validation/test get the full β (their logged terms
+        # are the true bounds whatever β is: β only enters the loss)
+        when = {"step": self.global_step, "epoch": self.current_epoch} if stage == "train" else {}
+        out = self.objective(self.vae, x, **when)
         for term in TERMS:
             self.metrics[f"{stage}_{term}"].update(out.terms[term].detach())
         if not self._kl_reported:
@@ -123,6 +128,10 @@ class VAEModule(pl.LightningModule):
             self.log(f"train/{term}", out.terms[term].mean(), on_step=True, on_epoch=False,
                      prog_bar=term == "elbo", batch_size=bs)
             self.log(f"train/{term}_epoch", self.metrics[f"train_{term}"], on_step=False, on_epoch=True)
+        for term in sorted(out.terms.keys() - set(TERMS)):  # an objective's own bounds, e.g. train/iwae
+            value = out.terms[term].detach().mean()
+            self.log(f"train/{term}", value, on_step=True, on_epoch=False, batch_size=bs)
+            self.log(f"train/{term}_epoch", value, on_step=False, on_epoch=True, batch_size=bs)
         self.log("train/loss", out.loss, on_step=True, on_epoch=False, batch_size=bs)
         for name, value in out.scalars.items():
             self.log(f"train/{name}", float(value), on_step=True, on_epoch=False, batch_size=bs)

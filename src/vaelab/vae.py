@@ -29,15 +29,34 @@ def float32(device: torch.device) -> Iterator[None]:
         yield
 
 
+def rsample_and_log_prob(
+    q: Distribution, sample_shape: torch.Size | tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reparameterized samples z ~ q and, where q computes it in the same pass, log q(z).
+
+    Flows such as IAF (``vaelab.posteriors.IAF``) provide ``rsample_and_log_prob``: their log q
+    of their own samples comes from the sampling pass, exactly and without inverting the flow.
+    Other distributions return ``(q.rsample(shape), None)``; the caller evaluates
+    ``q.log_prob(z)`` if it needs it (as before, so the diagonal Gaussian is unchanged).
+    """
+    if hasattr(q, "rsample_and_log_prob"):
+        return q.rsample_and_log_prob(torch.Size(sample_shape))
+    return q.rsample(torch.Size(sample_shape)), None
+
+
 def kl_or_monte_carlo(
-    q: Distribution, p: Distribution, z: torch.Tensor | None = None
+    q: Distribution,
+    p: Distribution,
+    z: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """KL(q ‖ p) per example, and whether it was analytic.
 
     Analytic (``torch.distributions.kl_divergence``) exactly when torch registers the pair of
     distribution types; otherwise the Monte Carlo estimate mean_s[log q(z_s) − log p(z_s)]
     over the samples ``z`` ``[S, *batch, Z]`` that the reconstruction term used, which keeps
-    the ELBO estimate unbiased.
+    the ELBO estimate unbiased. ``log_q`` ``[S, *batch]``, if given, is log q(z_s) as computed
+    when sampling (``rsample_and_log_prob``); else ``q.log_prob(z)`` is evaluated.
     """
     try:
         return kl_divergence(q, p), True
@@ -47,7 +66,9 @@ def kl_or_monte_carlo(
                 f"KL({type(q).__name__} ‖ {type(p).__name__}) has no closed form in "
                 "torch.distributions; pass samples z for a Monte Carlo estimate"
             ) from None
-        return (q.log_prob(z) - p.log_prob(z)).mean(0), False
+        if log_q is None:
+            log_q = q.log_prob(z)
+        return (log_q - p.log_prob(z)).mean(0), False
 
 
 class VAE(nn.Module):
@@ -108,11 +129,14 @@ class VAE(nn.Module):
         return self._log_weights(q, x, num_samples)
 
     def _log_weights(self, q: Distribution, x: torch.Tensor, num_samples: int) -> torch.Tensor:
-        z = q.rsample((num_samples,))
+        with float32(x.device):  # a flow's networks run while sampling: keep them in fp32
+            z, log_q = rsample_and_log_prob(q, (num_samples,))
         px = self.decode(z)
         with float32(x.device):
             z = z.float()
-            return px.log_prob(x) + self.prior_distribution().log_prob(z) - q.log_prob(z)
+            if log_q is None:
+                log_q = q.log_prob(z)
+            return px.log_prob(x) + self.prior_distribution().log_prob(z) - log_q.float()
 
     @torch.no_grad()
     def log_likelihood(

@@ -11,6 +11,8 @@ Each picture goes to every logger that takes images (W&B) and to a PNG file unde
 
 from __future__ import annotations
 
+import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -123,3 +125,56 @@ class ProgressBar(TQDMProgressBar):
         parts += [f"{k} {float(metrics[k]):.2f}" for k in self.KEYS if k in metrics]
         parts.append(f"({time.time() - self._epoch_started:.1f} s)")
         print("  ".join(parts), flush=True)
+
+
+class ThroughputMonitor(pl.Callback):
+    """Training throughput: images per second over each epoch's training batches (validation
+    excluded), logged as ``perf/train_images_per_sec``, and the peak resident memory. With
+    ``save_path`` the per-epoch figures are also written as JSON when training ends (the
+    benchmarks in ``benchmarks/`` read them)."""
+
+    def __init__(self, save_path: str | None = None):
+        super().__init__()
+        self.save_path = Path(save_path) if save_path else None
+        self.epochs: list[dict[str, float]] = []
+        self._start = 0.0
+        self._images = 0
+
+    def _sync(self, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sync(pl_module)
+        self._start, self._images = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += int(batch[0].shape[0])
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # validation runs before on_train_epoch_end: stop the clock here
+        if not trainer.sanity_checking and trainer.training:
+            self._record(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, pl_module)  # epochs without validation
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._images == 0:
+            return
+        self._sync(pl_module)
+        seconds = time.perf_counter() - self._start
+        rate = self._images * trainer.world_size / seconds
+        self.epochs.append({"epoch": trainer.current_epoch, "images": self._images * trainer.world_size,
+                            "seconds": seconds, "images_per_sec": rate})
+        pl_module.log("perf/train_images_per_sec", rate, rank_zero_only=True)
+        self._images = 0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_path is not None and trainer.is_global_zero:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+            out = {"epochs": self.epochs, "peak_rss_mib": peak}
+            if pl_module.device.type == "cuda":
+                out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            self.save_path.parent.mkdir(parents=True, exist_ok=True)
+            self.save_path.write_text(json.dumps(out, indent=2))

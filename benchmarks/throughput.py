@@ -1,0 +1,286 @@
+"""Training throughput: vaelab (through train.py, as users run it) against a plain PyTorch loop
+(the floor for framework overhead) and pythae's trainer, on the same models and data.
+
+    python benchmarks/throughput.py                    # both models, CPU
+    python benchmarks/throughput.py --model mlp --epochs 3 --device cuda
+
+Models:
+  mlp   784-512-512-32 VAE, Bernoulli likelihood, statically binarized MNIST, batch 128
+  conv  conv VAE (channels 32-64-128) on 32×32 images (MNIST zero-padded to 32×32), Gaussian
+        likelihood with fixed σ, batch 128
+
+Each contender runs in its own process with the same thread count. Images/s are measured over
+the training batches of each epoch after the first (warm-up) epoch; validation and testing are
+excluded. Peak memory is the process's peak resident set size (and peak CUDA memory on a GPU).
+pythae is installed in its own package folder (``--pythae-dir``, made by
+benchmarks/setup_pythae.sh), layered on this environment's torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+PYTHAE_DIR = Path.home() / ".cache" / "vaelab" / "bench-pythae-0.1.2"
+BATCH = 128
+LATENT = 32
+
+
+# --- data, the same tensors for every contender ------------------------------------------
+def load_data(model: str, data_root: Path) -> "torch.Tensor":  # noqa: F821
+    """float32 tensor [N, 1, H, W] in [0, 1]: binary 28×28 (mlp) or padded 32×32 (conv)."""
+    import torch
+
+    from vaelab.datamodules import MNIST, BinarizedMNIST
+
+    if model == "mlp":
+        dm = BinarizedMNIST(root=data_root, download=False)
+    else:
+        dm = MNIST(root=data_root, download=False, binarize="none", pad=2)
+    dm.setup("fit")
+    return dm.to_float(dm.train_set.images).contiguous(), torch.tensor(dm.data_shape)
+
+
+def vaelab_overrides(model: str) -> list[str]:
+    common = [f"latent_dim={LATENT}", f"data.batch_size={BATCH}", "optim.optimizer.lr=1e-3"]
+    if model == "mlp":
+        return common + ["data=binarized_mnist", "encoder=mlp", "decoder=mlp", "encoder.hidden=[512,512]",
+                         "decoder.hidden=[512,512]", "likelihood=bernoulli"]
+    return common + ["data=mnist", "+data.pad=2", "data.binarize=none", "encoder=conv", "decoder=conv",
+                     "encoder.channels=[32,64,128]", "decoder.channels=[128,64,32]",
+                     "likelihood=gaussian", "likelihood.sigma=1.0"]
+
+
+# --- the plain loop: the floor --------------------------------------------------------------
+def run_plain(model: str, epochs: int, device: str, data_root: Path) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from vaelab.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+
+    x_all, shape = load_data(model, data_root)
+    shape = tuple(shape.tolist())
+    x_all = x_all.to(device)
+    if model == "mlp":
+        enc, dec = MLPEncoder(shape, 2 * LATENT, hidden=[512, 512]), MLPDecoder(LATENT, shape, shape[0], hidden=[512, 512])
+    else:
+        enc = ConvEncoder(shape, 2 * LATENT, channels=[32, 64, 128])
+        dec = ConvDecoder(LATENT, shape, shape[0], channels=[128, 64, 32])
+    enc, dec = enc.to(device), dec.to(device)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
+    half_log_2pi = 0.5 * torch.log(torch.tensor(2 * torch.pi)).item()
+    rates = []
+    n = len(x_all)
+    for epoch in range(epochs):
+        perm = torch.randperm(n, device=device)
+        sync(device)
+        start = time.perf_counter()
+        for i in range(0, n, BATCH):
+            x = x_all[perm[i : i + BATCH]]
+            mu, raw = enc(x).chunk(2, dim=-1)
+            sigma = F.softplus(raw) + 1e-4
+            z = mu + sigma * torch.randn_like(mu)
+            out = dec(z)
+            if model == "mlp":
+                recon = -F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
+            else:
+                recon = (-0.5 * (x - out) ** 2 - half_log_2pi).flatten(1).sum(1)
+            kl = 0.5 * (sigma**2 + mu**2 - 1 - 2 * torch.log(sigma)).sum(1)
+            loss = -(recon - kl).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(device)
+        rates.append(n / (time.perf_counter() - start))
+    return finish(rates, device)
+
+
+# --- vaelab through train.py --------------------------------------------------------------------
+def run_vaelab(model: str, epochs: int, device: str, data_root: Path, out: Path) -> dict:
+    accel = "gpu" if device.startswith("cuda") else "cpu"
+    cmd = [sys.executable, str(REPO / "train.py"), *vaelab_overrides(model), f"data.root={data_root}",
+           f"trainer.max_epochs={epochs}", f"trainer.accelerator={accel}", "test=false",
+           f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"vaelab run failed:\n{proc.stderr[-3000:]}")
+    figures = json.loads((out / "throughput.json").read_text())
+    result = {"images_per_sec": [e["images_per_sec"] for e in figures["epochs"]], "peak_rss_mib": figures["peak_rss_mib"]}
+    if "peak_cuda_mib" in figures:
+        result["peak_cuda_mib"] = figures["peak_cuda_mib"]
+    return result
+
+
+# --- pythae's trainer ---------------------------------------------------------------------------
+def run_pythae(model: str, epochs: int, device: str, data_root: Path, out: Path) -> dict:
+    import torch
+    from pythae.models import VAE, VAEConfig
+    from pythae.models.base.base_utils import ModelOutput
+    from pythae.models.nn import BaseDecoder, BaseEncoder
+    from pythae.trainers import BaseTrainer, BaseTrainerConfig
+    from pythae.trainers.training_callbacks import TrainingCallback
+
+    from vaelab.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+
+    x_all, shape = load_data(model, data_root)
+    shape = tuple(shape.tolist())
+
+    class Encoder(BaseEncoder):  # the same network; pythae wants log-variances
+        def __init__(self):
+            super().__init__()
+            self.net = (MLPEncoder(shape, 2 * LATENT, hidden=[512, 512]) if model == "mlp"
+                        else ConvEncoder(shape, 2 * LATENT, channels=[32, 64, 128]))
+
+        def forward(self, x):
+            mu, raw = self.net(x).chunk(2, dim=-1)
+            sigma = torch.nn.functional.softplus(raw) + 1e-4
+            return ModelOutput(embedding=mu, log_covariance=2 * torch.log(sigma))
+
+    class Decoder(BaseDecoder):
+        def __init__(self):
+            super().__init__()
+            self.net = (MLPDecoder(LATENT, shape, shape[0], hidden=[512, 512]) if model == "mlp"
+                        else ConvDecoder(LATENT, shape, shape[0], channels=[128, 64, 32]))
+
+        def forward(self, z):
+            out = self.net(z)
+            return ModelOutput(reconstruction=torch.sigmoid(out) if model == "mlp" else out)
+
+    class Timer(TrainingCallback):
+        def __init__(self):
+            self.rates, self.start, self.last = [], 0.0, 0.0
+
+        def on_train_step_begin(self, training_config, **kwargs):
+            sync(device)
+            self.start = time.perf_counter()
+
+        def on_train_step_end(self, training_config, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_epoch_end(self, training_config, **kwargs):
+            self.rates.append(len(x_all) / (self.last - self.start))
+
+    cfg = VAEConfig(input_dim=shape, latent_dim=LATENT, reconstruction_loss="bce" if model == "mlp" else "mse")
+    vae = VAE(cfg, encoder=Encoder(), decoder=Decoder())
+    tcfg = BaseTrainerConfig(output_dir=str(out), num_epochs=epochs, per_device_train_batch_size=BATCH,
+                             learning_rate=1e-3, steps_saving=None, no_cuda=not device.startswith("cuda"))
+    timer = Timer()
+    BaseTrainer(vae, train_dataset=x_all, training_config=tcfg, callbacks=[timer]).train()
+    return finish(timer.rates, device)
+
+
+# --- plumbing -------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def finish(rates: list[float], device: str) -> dict:
+    import torch
+
+    out = {"images_per_sec": rates, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.startswith("cuda"):
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    out = Path(args.out)
+    runner = {"plain": run_plain, "vaelab": run_vaelab, "pythae": run_pythae}[args.contender]
+    extra = {} if args.contender == "plain" else {"out": out / "run"}
+    result = runner(args.model, args.epochs, args.device, Path(args.data_root), **extra)
+    (out / "result.json").write_text(json.dumps(result))
+
+
+def prepare_root(tmp: Path) -> Path:
+    """A writable data root with MNIST and BinarizedMNIST from ../shared/data."""
+    root = tmp / "data"
+    for name in ("MNIST", "BinarizedMNIST"):
+        src = SHARED / name
+        if not src.is_dir():
+            sys.exit(f"{src} is missing: the benchmark reads the real data sets from ../shared/data")
+        shutil.copytree(src, root / name)
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["mlp", "conv", "both"], default="both")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per contender (the first is warm-up)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--contenders", default="vaelab,plain,pythae")
+    parser.add_argument("--pythae-dir", default=str(PYTHAE_DIR))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--data-root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    models = ["mlp", "conv"] if args.model == "both" else [args.model]
+    contenders = args.contenders.split(",")
+    results: dict[tuple[str, str], dict] = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root = prepare_root(tmp)
+        for model in models:
+            for contender in contenders:
+                out = tmp / f"{model}-{contender}"
+                out.mkdir()
+                env = dict(os.environ)
+                if contender == "pythae":
+                    env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.pythae_dir, env.get("PYTHONPATH")]))
+                cmd = [sys.executable, __file__, "--child", "--contender", contender, "--model", model,
+                       "--epochs", str(args.epochs), "--device", args.device, "--out", str(out),
+                       "--data-root", str(root)]
+                print(f"running {model} / {contender} ...", file=sys.stderr, flush=True)
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    continue
+                results[(model, contender)] = json.loads((out / "result.json").read_text())
+
+    import torch
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    print(f"epochs per contender: {args.epochs} (first is warm-up; images/s is the mean of the rest)\n")
+    header = "| model | contender | images/s | epoch s | peak RSS MiB | peak GPU MiB |"
+    print(header + "\n|---|---|---:|---:|---:|---:|")
+    summary: dict[tuple[str, str], float] = {}
+    for (model, contender), r in results.items():
+        rates = r["images_per_sec"][1:] or r["images_per_sec"]
+        rate = sum(rates) / len(rates)
+        summary[(model, contender)] = rate
+        n = 50000 if model == "mlp" else 50000  # both train on 50,000 images
+        gpu = f"{r['peak_cuda_mib']:.0f}" if "peak_cuda_mib" in r else "-"
+        print(f"| {model} | {contender} | {rate:,.0f} | {n / rate:.1f} | {r['peak_rss_mib']:.0f} | {gpu} |")
+    print()
+    for model in models:
+        v = summary.get((model, "vaelab"))
+        for other in ("plain", "pythae"):
+            o = summary.get((model, other))
+            if v and o:
+                print(f"{model}: vaelab / {other} = {v / o:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -69,8 +69,8 @@ def test_pictures_in_wandb_and_as_files(trained):
     recon = run.values("val/reconstructions")
     samples = run.values("val/samples")
     assert len(recon) == EPOCHS and len(samples) == EPOCHS
-    # 16 inputs over 16 reconstructions, 8x8 upscaled to 32x32, 2-pixel padding
-    expected = {"val/reconstructions": (16 * 34 + 2, 2 * 34 + 2), "val/samples": (8 * 34 + 2, 8 * 34 + 2)}
+    # 16 inputs over 16 reconstructions (means) over 16 samples, 8x8 upscaled to 32x32, 2-pixel padding
+    expected = {"val/reconstructions": (16 * 34 + 2, 3 * 34 + 2), "val/samples": (8 * 34 + 2, 8 * 34 + 2)}
     for key, entries in (("val/reconstructions", recon), ("val/samples", samples)):
         media = run.files_dir / entries[-1]["filenames"][0]
         assert media.is_file(), media

@@ -91,14 +91,14 @@ def run_facts(module: Any, data_info: dict[str, Any]) -> dict[str, Any]:
 @rank_zero_only
 def update_wandb_summary(loggers: list[Logger], facts: dict[str, Any]) -> None:
     """Put K, the chunk size, the data's binarization/dequantization and the per-dimension
-    diagnostics into the W&B run's summary (``evaluation/*``, ``data/*``, ``test/*``)."""
+    diagnostics into the W&B run's summary (``evaluation/*``, ``data/*``, ``diagnostics/*``)."""
     flat: dict[str, Any] = {}
     for group in ("evaluation", "data"):
         flat.update({f"{group}/{k}": v for k, v in facts.get(group, {}).items()})
     diag = facts.get("diagnostics") or {}
-    for key in ("kl_per_dim", "variance_of_means"):
+    for key in ("kl_per_dim", "variance_of_means", "active_units", "total_kl"):
         if diag.get(key) is not None:
-            flat[f"test/{key}"] = diag[key]
+            flat[f"diagnostics/{key}"] = diag[key]
     for lg in _wandb_loggers(loggers):
         lg.experiment.summary.update(flat)
 

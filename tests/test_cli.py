@@ -90,7 +90,7 @@ def test_eval_reproduces_the_test_numbers(trained, tmp_path):
     assert metrics["test/nll"] == pytest.approx(test["test/nll"], abs=0.15)
     assert metrics["test/elbo"] == pytest.approx(test["test/elbo"], abs=0.5)
     assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (64 * math.log(2)), rel=1e-4)
-    # a run folder works as well as a file (it evaluates last.ckpt)
+    # a run folder works as well as a file (it evaluates the checkpoint its summary was tested on)
     check(run_cli("eval.py", f"ckpt_path={trained}", "evaluation.test_num_samples=10",
                   f"hydra.run.dir={tmp_path}/eval2", cwd=REPO))
 

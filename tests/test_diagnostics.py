@@ -16,7 +16,14 @@ from vaelab.diagnostics import (
     update_posterior_stats,
 )
 from vaelab.likelihoods import Gaussian
-from vaelab.pictures import interpolations, kl_bars, latent_scatter, project_2d, rate_distortion, traversals
+from vaelab.pictures import (
+    interpolations,
+    kl_bars,
+    latent_scatter,
+    project_2d,
+    rate_distortion,
+    traversals,
+)
 from vaelab.priors import StandardNormal
 
 Z = 6

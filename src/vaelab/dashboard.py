@@ -32,8 +32,8 @@ def wandb_logger_config(cfg: DictConfig) -> tuple[dict[str, Any], bool]:
       logger is built without it and ``log_checkpoint_artifact`` logs the checkpoints when
       training ends (the returned flag). Online, WandbLogger does it itself.
     """
-    loggers = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True) or {}
-    loggers = copy.deepcopy(loggers)
+    logger_cfg = cfg.get("logger")
+    loggers = copy.deepcopy(OmegaConf.to_container(logger_cfg, resolve=True) or {}) if logger_cfg else {}
     log_model = False
     run_name, group = _multirun_name_and_group()
     for lg in loggers.values():

@@ -69,8 +69,8 @@ def test_pictures_in_wandb_and_as_files(trained):
     recon = run.values("val/reconstructions")
     samples = run.values("val/samples")
     assert len(recon) == EPOCHS and len(samples) == EPOCHS
-    # 16 inputs over 16 reconstructions, 8x8 upscaled to 32x32, 2-pixel padding
-    expected = {"val/reconstructions": (16 * 34 + 2, 2 * 34 + 2), "val/samples": (8 * 34 + 2, 8 * 34 + 2)}
+    # 16 inputs over 16 reconstructions (means) over 16 samples, 8x8 upscaled to 32x32, 2-pixel padding
+    expected = {"val/reconstructions": (16 * 34 + 2, 3 * 34 + 2), "val/samples": (8 * 34 + 2, 8 * 34 + 2)}
     for key, entries in (("val/reconstructions", recon), ("val/samples", samples)):
         media = run.files_dir / entries[-1]["filenames"][0]
         assert media.is_file(), media
@@ -90,7 +90,7 @@ def test_eval_reproduces_the_test_numbers(trained, tmp_path):
     assert metrics["test/nll"] == pytest.approx(test["test/nll"], abs=0.15)
     assert metrics["test/elbo"] == pytest.approx(test["test/elbo"], abs=0.5)
     assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (64 * math.log(2)), rel=1e-4)
-    # a run folder works as well as a file (it evaluates last.ckpt)
+    # a run folder works as well as a file (it evaluates the checkpoint its summary was tested on)
     check(run_cli("eval.py", f"ckpt_path={trained}", "evaluation.test_num_samples=10",
                   f"hydra.run.dir={tmp_path}/eval2", cwd=REPO))
 

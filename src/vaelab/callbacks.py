@@ -1,9 +1,17 @@
-"""Lightning callbacks: pictures of what the model does, each validation epoch.
+"""Lightning callbacks: pictures of what the model does.
 
-* ``val/reconstructions``: a fixed set of validation inputs (top row) above the mean of
-  p(x|z) at z = the mean of q(z|x) (bottom row).
+Each validation epoch:
+
+* ``val/reconstructions``: a fixed set of validation inputs (top row), the mean of p(x|z) at
+  z = the mean of q(z|x) (middle row), and a sample x ~ p(x|z) (bottom row).
 * ``val/samples``: the mean of p(x|z) for z ~ p(z), with the same z every epoch, so the grid
   shows the model changing rather than the noise.
+
+At the end of training, ``val/rate_distortion``: (val/kl, −val/recon) per epoch. After testing
+(on the test split, with the diagnostics of ``VAEModule.test_diagnostics``):
+``test/reconstructions``, ``test/traversals`` (the most active latent dimensions),
+``test/interpolations``, ``test/latent_space`` (means of q(z|x) coloured by class, PCA when
+Z > 2) and ``test/kl_per_dim`` (also as a W&B table and ``kl_per_dim.csv``).
 
 Each picture goes to every logger that takes images (W&B) and to a PNG file under
 ``save_dir``, on the rank-zero process only.
@@ -11,29 +19,27 @@ Each picture goes to every logger that takes images (W&B) and to a PNG file unde
 
 from __future__ import annotations
 
+import csv
 import json
 import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
+from vaelab import pictures as pics
+from vaelab.diagnostics import most_active_dims, posterior_mean
 
-def _upscale(images: torch.Tensor, min_size: int) -> torch.Tensor:
-    """Nearest-neighbour upscaling so that 8×8 digits are visible in a dashboard."""
-    factor = max(1, -(-min_size // images.shape[-1]))
-    return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
-
-
-def _displayable(images: torch.Tensor) -> torch.Tensor:
-    return images.float().clamp(0.0, 1.0).cpu()
+# kept for code that imported them from here
+_upscale = pics.upscale
+_displayable = pics.displayable
 
 
 class ImageLogger(pl.Callback):
@@ -45,6 +51,12 @@ class ImageLogger(pl.Callback):
         every_n_epochs: int = 1,
         min_pixels: int = 32,
         seed: int = 0,
+        test_pictures: bool = True,
+        num_traversal_dims: int = 8,
+        traversal_steps: int = 9,
+        num_interpolations: int = 4,
+        interpolation_steps: int = 8,
+        max_latent_points: int = 5000,
     ):
         super().__init__()
         self.save_dir = Path(save_dir) if save_dir else None
@@ -53,6 +65,20 @@ class ImageLogger(pl.Callback):
         self.every_n_epochs = max(1, int(every_n_epochs))
         self.min_pixels = int(min_pixels)
         self.seed = int(seed)
+        self.test_pictures = bool(test_pictures)
+        self.num_traversal_dims = int(num_traversal_dims)
+        self.traversal_steps = int(traversal_steps)
+        self.num_interpolations = int(num_interpolations)
+        self.interpolation_steps = int(interpolation_steps)
+        self.max_latent_points = int(max_latent_points)
+        # (epoch, val/kl, val/recon) of every validated epoch: the rate–distortion path
+        self.rate_distortion: list[tuple[int, float, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rate_distortion": [list(r) for r in self.rate_distortion]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rate_distortion = [(int(e), float(k), float(r)) for e, k, r in state_dict.get("rate_distortion", [])]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -63,13 +89,114 @@ class ImageLogger(pl.Callback):
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pictures = self.pictures(trainer, pl_module)
         for key, (grid, caption) in pictures.items():
-            if self.save_dir is not None:
-                path = self.save_dir / key.split("/")[-1] / f"epoch={trainer.current_epoch:04d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_image(grid, path)
+            self._emit(trainer, key, grid, caption, Path(key.split("/")[-1]) / f"epoch={trainer.current_epoch:04d}.png")
+
+    def _emit(self, trainer: pl.Trainer, key: str, image: torch.Tensor, caption: str, relpath: Path) -> None:
+        """One picture to a PNG file under ``save_dir`` and to every W&B logger (rank zero)."""
+        if self.save_dir is not None:
+            path = self.save_dir / relpath
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(image, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=key, images=[image], caption=[caption], step=trainer.global_step)
+
+    # --- rate–distortion: one point per validated epoch, drawn when training ends ---------------
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if trainer.sanity_checking or "val/kl" not in metrics or "val/recon" not in metrics:
+            return
+        point = (int(trainer.current_epoch), float(metrics["val/kl"]), float(metrics["val/recon"]))
+        self.rate_distortion = [p for p in self.rate_distortion if p[0] != point[0]] + [point]
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.rate_distortion:
+            epochs, kl, recon = zip(*sorted(self.rate_distortion), strict=True)
+            image = pics.rate_distortion(list(epochs), list(kl), [-r for r in recon])
+            self._emit(trainer, "val/rate_distortion", image,
+                       "x: rate val/kl; y: distortion −val/recon; one point per epoch", Path("rate_distortion.png"))
+            self._write_csv("rate_distortion.csv", ["epoch", "val/kl", "val/recon"], sorted(self.rate_distortion))
+
+    def _write_csv(self, name: str, header: list[str], rows: list[Any]) -> None:
+        if self.save_dir is None:
+            return
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.save_dir / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    # --- after testing: pictures of the test split --------------------------------------------
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.test_pictures or not trainer.is_global_zero:
+            return
+        for key, (image, caption) in self.test_pictures_of(trainer, pl_module).items():
+            self._emit(trainer, key, image, caption, Path(f"{key.split('/')[-1]}.png"))
+        diag = getattr(pl_module, "test_diagnostics", None) or {}
+        if diag.get("kl_per_dim") is not None:
+            rows = [[u, kl, var, int(a)] for u, (kl, var, a) in
+                    enumerate(zip(diag["kl_per_dim"], diag["variance_of_means"], diag["active"], strict=True))]
+            header = ["dim", "kl", "variance_of_mean", "active"]
+            self._write_csv("kl_per_dim.csv", header, rows)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_image(key=key, images=[grid], caption=[caption], step=trainer.global_step)
+                    logger.log_table(key="test/kl_per_dim_table", columns=header, data=rows, step=trainer.global_step)
+
+    @torch.no_grad()
+    def test_pictures_of(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, tuple[torch.Tensor, str]]:
+        vae = pl_module.vae
+        dm = trainer.datamodule
+        test = getattr(dm, "test_set", None)
+        if test is None or len(test) == 0:
+            return {}
+        was_training = vae.training
+        vae.eval()
+        out: dict[str, tuple[torch.Tensor, str]] = {}
+        try:
+            with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+                torch.manual_seed(self.seed)
+                n = min(len(test), self.max_latent_points)
+                labels = test.labels[:n]
+                bs = getattr(dm, "eval_batch_size", 256)
+                xs = [dm.to_float(test.images[i:i + bs].to(pl_module.device)) for i in range(0, n, bs)]
+                means = torch.cat([posterior_mean(vae.encode(x)) for x in xs]).float()
+                x = xs[0]
+                if self.num_images > 0:
+                    shown = x[: self.num_images]
+                    px = vae.reconstruct(shown)
+                    out["test/reconstructions"] = (
+                        pics.grid(torch.cat([shown, px.mean, px.sample()]), nrow=len(shown), min_pixels=self.min_pixels),
+                        "top: test inputs x; middle: mean of p(x|z); bottom: a sample x ~ p(x|z); z = mean of q(z|x)")
+                diag = getattr(pl_module, "test_diagnostics", None) or {}
+                if not diag.get("variance_of_means"):
+                    diag = {"mean_of_means": means.mean(0).tolist(), "variance_of_means": means.var(0).tolist()}
+                k = min(self.num_traversal_dims, vae.latent_dim)
+                if k > 0 and self.traversal_steps > 0:
+                    dims = most_active_dims(diag, k)
+                    centre = torch.tensor(diag["mean_of_means"], device=means.device)
+                    spread = torch.tensor(diag["variance_of_means"], device=means.device).sqrt().clamp_min(1e-3)
+                    images = pics.traversals(vae, means[0], dims, centre, spread, steps=self.traversal_steps)
+                    out["test/traversals"] = (
+                        pics.grid(images, nrow=self.traversal_steps, min_pixels=self.min_pixels),
+                        f"rows: latent dims {dims} (most active first), z_u from mean −3 sd to +3 sd over the "
+                        "test set; other dims at the first test image's mean; mean of p(x|z)")
+                pairs = min(self.num_interpolations, len(test) // 2)
+                if pairs > 0 and self.interpolation_steps > 0:
+                    xa = torch.cat(xs)[: 2 * pairs : 2]
+                    xb = torch.cat(xs)[1 : 2 * pairs : 2]
+                    images = pics.interpolations(vae, xa, xb, steps=self.interpolation_steps)
+                    out["test/interpolations"] = (
+                        pics.grid(images, nrow=self.interpolation_steps + 2, min_pixels=self.min_pixels),
+                        "each row: x_a, mean of p(x|z) on the line between the means of q(z|x_a) and q(z|x_b), x_b")
+                if means.shape[0] >= 2:
+                    out["test/latent_space"] = (pics.latent_scatter(means, labels),
+                                                "means of q(z|x) of the test set, coloured by class")
+                if diag.get("kl_per_dim") is not None:
+                    out["test/kl_per_dim"] = (pics.kl_bars(diag["kl_per_dim"], diag["active"]),
+                                              "KL(q(z_u|x) ‖ p(z_u)) per latent dimension u, test mean")
+        finally:
+            vae.train(was_training)
+        return out
 
     @torch.no_grad()
     def pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, tuple[torch.Tensor, str]]:
@@ -82,17 +209,19 @@ class ImageLogger(pl.Callback):
             val = getattr(dm, "val_set", None)
             if val is not None and self.num_images > 0:
                 x = dm.to_float(val.images[: self.num_images].to(pl_module.device))
-                recon = vae.reconstruct(x).mean
-                both = _upscale(_displayable(torch.cat([x, recon])), self.min_pixels)
-                grid = make_grid(both, nrow=len(x), padding=2, pad_value=0.5)
-                out["val/reconstructions"] = (grid, "top: inputs x; bottom: mean of p(x|z), z = mean of q(z|x)")
+                with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+                    torch.manual_seed(self.seed + 1)
+                    px = vae.reconstruct(x)
+                    rows = torch.cat([x, px.mean, px.sample()])
+                out["val/reconstructions"] = (
+                    pics.grid(rows, nrow=len(x), min_pixels=self.min_pixels),
+                    "top: inputs x; middle: mean of p(x|z); bottom: a sample x ~ p(x|z); z = mean of q(z|x)")
             if self.num_samples > 0:
                 with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
                     torch.manual_seed(self.seed)
                     samples = vae.sample(self.num_samples).mean
                 nrow = max(1, int(self.num_samples**0.5))
-                grid = make_grid(_upscale(_displayable(samples), self.min_pixels), nrow=nrow, padding=2, pad_value=0.5)
-                out["val/samples"] = (grid, "mean of p(x|z), z ~ p(z) (the same z every epoch)")
+                out["val/samples"] = (pics.grid(samples, nrow=nrow, min_pixels=self.min_pixels), "mean of p(x|z), z ~ p(z) (the same z every epoch)")
         finally:
             vae.train(was_training)
         return out

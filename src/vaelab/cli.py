@@ -19,7 +19,9 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vaelab import dashboard
 from vaelab.build import allowed_prefixes, check_targets
+from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module, resolve_checkpoint
 from vaelab.module import VAEModule, check_evaluation
 
@@ -106,12 +108,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = build_datamodule(cfg.data, config)
     module = VAEModule(config=config, data_info=datamodule.info)
-    loggers = build_loggers(cfg.get("logger"), config)
+    logger_cfg, log_model_by_hand = dashboard.wandb_logger_config(cfg)
+    loggers = build_loggers(logger_cfg, config)
     callbacks = build_callbacks(cfg.get("callbacks"), config)
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(config))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for lg in loggers:
         lg.log_hyperparams(config)
+    dashboard.define_metrics(loggers)
 
     failed = True
     summary: dict[str, Any] = {"output_dir": str(output_dir)}
@@ -133,6 +137,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best_path else None,
                                    verbose=False)
             summary["test"] = {k: _as_float(v) for k, v in (results[0] if results else {}).items()}
+            summary["tested_checkpoint"] = best_path or summary["last_checkpoint"]
+            summary.update(dashboard.run_facts(module, datamodule.info))
+            dashboard.update_wandb_summary(loggers, summary)
+        if log_model_by_hand:
+            dashboard.log_checkpoint_artifact(loggers, best_path, summary["last_checkpoint"])
         failed = False
     finally:
         summary["wandb_dir"] = wandb_run_dir(loggers)
@@ -145,6 +154,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _unit(key: str) -> str:
+    return "bits/dim" if key.endswith("bpd") else "latent dims" if key.endswith("active_units") else "nats/example"
+
+
 @rank_zero_only
 def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     lines = ["", "vaelab: run finished", f"  output folder   {summary['output_dir']}"]
@@ -153,7 +166,7 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     if summary.get("last_checkpoint"):
         lines.append(f"  last checkpoint {summary['last_checkpoint']}")
     for key, value in sorted(summary.get("test", {}).items()):
-        unit = "bits/dim" if key.endswith("bpd") else "nats/example"
+        unit = _unit(key)
         lines.append(f"  {key:<15} {value:10.4f} {unit}")
     if "test/nll" in summary.get("test", {}):
         lines.append(f"                  (test/nll: importance sampling with K={evaluation.get('test_num_samples')})")
@@ -171,7 +184,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("ckpt_path") in (None, "???"):
         raise ValueError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    ckpt = resolve_checkpoint(cfg.ckpt_path)
+    ckpt = dashboard.resolve_run_checkpoint(cfg.ckpt_path)
     module = load_module(ckpt)
     module.evaluation = check_evaluation({**module.evaluation, **OmegaConf.to_container(cfg.evaluation, resolve=True)})
     stored = module.config
@@ -180,10 +193,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(data_cfg, stored)
     loggers = build_loggers(cfg.get("logger"), stored)
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(stored))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    pictures = ImageLogger(save_dir=str(Path(cfg.paths.output_dir) / "images"), num_samples=0)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[pictures])
+    dashboard.define_metrics(loggers)
     failed = True
     try:
         results = trainer.test(module, datamodule=datamodule, verbose=False)
+        facts = dashboard.run_facts(module, datamodule.info)
+        dashboard.update_wandb_summary(loggers, facts)
         failed = False
     finally:
         finish_wandb(loggers, failed)
@@ -193,6 +210,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "test_num_samples": module.evaluation["test_num_samples"],
         "data": datamodule.info,
         "metrics": metrics,
+        "evaluation": facts["evaluation"],
+        "diagnostics": facts["diagnostics"],
     }
     if trainer.is_global_zero:
         _write_json(Path(cfg.paths.output_dir) / "metrics.json", out)
@@ -208,7 +227,7 @@ def _print_eval(out: dict[str, Any], path: Path) -> None:
         f"  data {info['name']} test split, binarize={info['binarize']}, dequantize={info['dequantize']}",
     ]
     for key, value in sorted(out["metrics"].items()):
-        unit = "bits/dim" if key.endswith("bpd") else "nats/example"
+        unit = _unit(key)
         lines.append(f"  {key:<12} {value:10.4f} {unit}")
     lines.append(f"  (test/nll = −log p(x) by importance sampling, K={out['test_num_samples']}; "
                  "test/elbo is the bound it tightens)")

@@ -14,10 +14,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from vaelab.build import allowed_prefixes, build_vae, check_targets
+from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
 from vaelab.metrics import bits_per_dim
 from vaelab.objectives import Objective
 
@@ -46,7 +47,8 @@ class VAEModule(pl.LightningModule):
     * ``val/elbo``, ``val/recon``, ``val/kl`` and ``val/iwae`` (IWAE bound with K =
       ``evaluation.val_num_samples``).
     * ``test/elbo``, ``test/recon``, ``test/kl``, ``test/nll`` (−log p(x) by importance sampling
-      with K = ``evaluation.test_num_samples``) and ``test/bpd``.
+      with K = ``evaluation.test_num_samples``) and ``test/bpd``; ``test/gap`` (log p̂(x) − ELBO,
+      the mean over test examples) and ``test/active_units`` (``vaelab.diagnostics``).
 
     Epoch numbers are exact means over the examples (torchmetrics, reduced across processes).
     """
@@ -74,6 +76,10 @@ class VAEModule(pl.LightningModule):
             }
         )
         self._kl_reported = False
+        # test/gap, and the posterior diagnostics of the test split (vaelab.diagnostics)
+        self.metrics["test_gap"] = MeanMetric()
+        self.posterior_stats = PosteriorStats(self.vae.latent_dim)
+        self.test_diagnostics: dict[str, Any] = {}
 
     def _check_likelihood_fits_data(self) -> None:
         lik = self.vae.likelihood
@@ -150,19 +156,37 @@ class VAEModule(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch
-        self._step("test", x)
+        out = self._step("test", x)
         ll = self.vae.log_likelihood(
             x, int(self.evaluation["test_num_samples"]), int(self.evaluation["chunk_size"])
         )
         self.metrics["test_nll"].update(-ll)
+        self.metrics["test_gap"].update(ll - out.terms["elbo"].detach())  # log p̂(x) − ELBO(x)
+        update_posterior_stats(self.posterior_stats, self.vae, x)
         for term in TERMS:
             self.log(f"test/{term}", self.metrics[f"test_{term}"], on_epoch=True)
         self.log("test/nll", self.metrics["test_nll"], on_epoch=True)
+        self.log("test/gap", self.metrics["test_gap"], on_epoch=True)
 
     def on_test_epoch_end(self) -> None:
         nll = self.metrics["test_nll"].compute()
         bpd = bits_per_dim(nll, self.num_dims, self.vae.likelihood.discrete, self.data_info["bin_width"])
         self.log("test/bpd", bpd)
+        self._log_posterior_diagnostics()
+
+    def _log_posterior_diagnostics(self) -> None:
+        """Active units and the KL per dimension over the whole test split (summed across
+        processes); kept in ``test_diagnostics`` for the pictures and the summary files."""
+        diag = self.posterior_stats.compute()
+        self.posterior_stats.reset()
+        diag["total_kl"] = float(self.metrics["test_kl"].compute())
+        self.test_diagnostics = diag
+        self.log("test/active_units", float(diag["active_units"]))
+        rank_zero_info(f"active units: {diag['active_units']} of {self.vae.latent_dim} "
+                       f"(Cov_x(E_q[z_u]) > {diag['active_threshold']}), KL {diag['total_kl']:.3f} nats")
+        message = collapse_message(diag["active_units"], self.vae.latent_dim, diag["total_kl"])
+        if message:
+            rank_zero_warn(message)
 
     # --- optimization ----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

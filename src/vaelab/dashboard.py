@@ -1,0 +1,143 @@
+"""What goes into the W&B run and the summary files beside the logged curves: run naming, metric
+definitions, the evaluation settings and posterior diagnostics in the summary, and the
+checkpoint as an artifact. Every W&B call here runs on the rank-zero process only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.checkpoints import resolve_checkpoint
+
+log = __import__("logging").getLogger("vaelab")
+
+
+def _is_wandb(lg_cfg: Any) -> bool:
+    return isinstance(lg_cfg, dict) and str(lg_cfg.get("_target_", "")).endswith("WandbLogger")
+
+
+def wandb_logger_config(cfg: DictConfig) -> tuple[dict[str, Any], bool]:
+    """The logger configs to instantiate, and whether the checkpoint is to be logged by hand.
+
+    * In a multirun, a W&B logger without ``group`` gets the sweep folder as its group (so the
+      jobs of one sweep are grouped in W&B), and one without ``name`` the job's overrides.
+    * Lightning's WandbLogger refuses ``log_model`` together with ``offline=True``; then the
+      logger is built without it and ``log_checkpoint_artifact`` logs the checkpoints when
+      training ends (the returned flag). Online, WandbLogger does it itself.
+    """
+    logger_cfg = cfg.get("logger")
+    loggers = copy.deepcopy(OmegaConf.to_container(logger_cfg, resolve=True) or {}) if logger_cfg else {}
+    log_model = False
+    run_name, group = _multirun_name_and_group()
+    for lg in loggers.values():
+        if not _is_wandb(lg):
+            continue
+        if lg.get("group") is None and group:
+            lg["group"] = group
+        if lg.get("name") is None and run_name:
+            lg["name"] = run_name
+        if lg.get("offline") and lg.get("log_model"):
+            log_model = True
+            lg["log_model"] = False
+    return loggers, log_model
+
+
+def _multirun_name_and_group() -> tuple[str | None, str | None]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None, None
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None, None
+        group = str(hc.sweep.dir)[-128:]
+        name = hc.job.override_dirname or f"job{hc.job.num}"
+        return f"{hc.job.num}:{name}"[:128], group
+    except Exception:  # noqa: BLE001 - naming is a convenience, never a reason to fail
+        return None, None
+
+
+def _wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:
+    return [lg for lg in loggers if isinstance(lg, WandbLogger)]
+
+
+@rank_zero_only
+def define_metrics(loggers: list[Logger]) -> None:
+    """The summary of ``val/elbo`` is its best (max) value, not the last epoch's; the test
+    numbers (``test/nll``, ...) are logged once, so their summary is that final value."""
+    for lg in _wandb_loggers(loggers):
+        lg.experiment.define_metric("val/elbo", summary="max")
+
+
+def run_facts(module: Any, data_info: dict[str, Any]) -> dict[str, Any]:
+    """How the test numbers were obtained: K, chunk size, binarization, and the diagnostics."""
+    ev = module.evaluation
+    return {
+        "evaluation": {k: ev.get(k) for k in ("test_num_samples", "val_num_samples", "chunk_size")},
+        "data": {k: data_info.get(k) for k in ("name", "binarize", "dequantize", "num_levels", "bin_width")},
+        "diagnostics": dict(getattr(module, "test_diagnostics", {}) or {}),
+    }
+
+
+@rank_zero_only
+def update_wandb_summary(loggers: list[Logger], facts: dict[str, Any]) -> None:
+    """Put K, the chunk size, the data's binarization/dequantization and the per-dimension
+    diagnostics into the W&B run's summary (``evaluation/*``, ``data/*``, ``diagnostics/*``)."""
+    flat: dict[str, Any] = {}
+    for group in ("evaluation", "data"):
+        flat.update({f"{group}/{k}": v for k, v in facts.get(group, {}).items()})
+    diag = facts.get("diagnostics") or {}
+    for key in ("kl_per_dim", "variance_of_means", "active_units", "total_kl"):
+        if diag.get(key) is not None:
+            flat[f"diagnostics/{key}"] = diag[key]
+    for lg in _wandb_loggers(loggers):
+        lg.experiment.summary.update(flat)
+
+
+@rank_zero_only
+def log_checkpoint_artifact(loggers: list[Logger], best: str | None, last: str | None) -> None:
+    """The checkpoints as a W&B artifact of type ``model`` (aliases ``best`` and ``latest``)."""
+    import wandb
+
+    for lg in _wandb_loggers(loggers):
+        run = lg.experiment
+        files = {}
+        for path, alias in ((best, "best"), (last, "latest")):
+            if path and Path(path).is_file():
+                files.setdefault(str(Path(path).resolve()), []).append(alias)
+        for path, aliases in files.items():
+            artifact = wandb.Artifact(name=f"model-{run.id}", type="model",
+                                      metadata={"original_filename": Path(path).name})
+            artifact.add_file(path, name="model.ckpt")
+            run.log_artifact(artifact, aliases=aliases)
+            log.info("logged %s to W&B as artifact model-%s (%s)", path, run.id, ", ".join(aliases))
+
+
+def resolve_run_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as it is; a run folder: the checkpoint its test numbers came from
+    (``tested_checkpoint`` / ``best_checkpoint`` in its summary.json, looked up in its
+    ``checkpoints/`` folder if the run was moved), else ``checkpoints/last.ckpt``."""
+    p = Path(path).expanduser()
+    summary_file = p / "summary.json"
+    if p.is_dir() and summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text())
+        except (OSError, ValueError):
+            summary = {}
+        for key in ("tested_checkpoint", "best_checkpoint"):
+            name = summary.get(key)
+            if not name:
+                continue
+            for candidate in (Path(name), p / "checkpoints" / Path(name).name):
+                if candidate.is_file():
+                    return candidate
+    return resolve_checkpoint(p)

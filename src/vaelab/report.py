@@ -1,0 +1,115 @@
+"""One table for a multirun: ``python report.py <multirun folder>`` (or ``vaelab-report``).
+
+Every run under the folder (a folder holding ``summary.json``) becomes one row: its overrides
+(one column per overridden key, from ``<run>/.hydra/overrides.yaml``), best ``val/elbo``,
+``test/nll``, ``test/bpd``, active units and wall time. The table is printed as markdown and
+written to ``report.md`` and ``report.csv`` in the folder: what the W&B runs table shows online,
+for offline users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+NUMBERS = (
+    ("best val/elbo", lambda s: s.get("best_val_elbo")),
+    ("test/nll", lambda s: (s.get("test") or {}).get("test/nll")),
+    ("test/bpd", lambda s: (s.get("test") or {}).get("test/bpd")),
+    ("active units", lambda s: (s.get("diagnostics") or {}).get("active_units")),
+    ("wall time (s)", lambda s: s.get("wall_time_s")),
+)
+
+
+def read_overrides(run: Path) -> dict[str, str]:
+    """``key=value`` pairs of the run's task overrides (Hydra's ``.hydra/overrides.yaml``)."""
+    path = run / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    out: dict[str, str] = {}
+    for item in yaml.safe_load(path.read_text()) or []:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _sort_key(run: Path, root: Path) -> tuple:
+    rel = run.relative_to(root).parts
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in rel)
+
+
+def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The columns and rows of the table, one row per run under ``folder``."""
+    root = Path(folder)
+    runs = sorted((p.parent for p in root.rglob("summary.json")), key=lambda r: _sort_key(r, root))
+    overrides = {run: read_overrides(run) for run in runs}
+    keys: list[str] = []
+    for ov in overrides.values():
+        keys += [k for k in ov if k not in keys]
+    # keys every run sets alike (the sweep's constants) stay: they say how the numbers were got
+    rows = []
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        row: dict[str, Any] = {"run": str(run.relative_to(root)) or "."}
+        row.update({k: overrides[run].get(k, "") for k in keys})
+        row.update({name: get(summary) for name, get in NUMBERS})
+        row["status"] = "failed" if summary.get("failed") else "ok"
+        rows.append(row)
+    columns = ["run", *keys, *(name for name, _ in NUMBERS), "status"]
+    return columns, rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c)).replace("|", "\\|") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """Write ``report.md`` and ``report.csv`` into ``folder``; returns the markdown and rows."""
+    root = Path(folder)
+    columns, rows = collect(root)
+    if not rows:
+        raise FileNotFoundError(f"no runs under {root}: a run folder holds summary.json (written by train.py)")
+    markdown = to_markdown(columns, rows)
+    (root / "report.md").write_text(markdown)
+    with open(root / "report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:  # full precision in the CSV
+            writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
+    return markdown, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vaelab-report", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a multirun folder (e.g. outputs/train/multirun/<date>/<time>) or a run folder")
+    args = parser.parse_args(argv)
+    try:
+        markdown, _ = write_report(args.folder)
+    except FileNotFoundError as err:
+        print(f"vaelab report: {err}", file=sys.stderr)
+        return 1
+    print(markdown, end="")
+    print(f"\nwritten to {Path(args.folder) / 'report.md'} and {Path(args.folder) / 'report.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

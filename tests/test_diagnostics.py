@@ -1,0 +1,169 @@
+"""Posterior diagnostics on constructed models whose answers are known: active units (Burda et
+al.'s covariance criterion), the KL per latent dimension in closed form, the collapse warning,
+exact sums across processes; and the pictures' shapes and geometry."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Independent, Normal
+
+from vaelab.diagnostics import (
+    PosteriorStats,
+    collapse_message,
+    most_active_dims,
+    update_posterior_stats,
+)
+from vaelab.likelihoods import Gaussian
+from vaelab.pictures import (
+    interpolations,
+    kl_bars,
+    latent_scatter,
+    project_2d,
+    rate_distortion,
+    traversals,
+)
+from vaelab.priors import StandardNormal
+
+Z = 6
+SHAPE = (1, 2, 2)
+# q(z|x) = N(μ(x), diag σ²): dims 0..2 follow x; dim 3 moves with x but below the threshold
+# (variance 0.005 < 0.01); dims 4, 5 are constant. σ is fixed per dimension.
+SIGMA = torch.tensor([0.3, 0.5, 0.8, 1.0, 1.0, 0.2])
+CONST = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.5])
+
+
+class ConstructedVAE(nn.Module):
+    """Only what the diagnostics use: encode, prior_distribution, decode, latent_dim."""
+
+    latent_dim = Z
+
+    def __init__(self):
+        super().__init__()
+        self.prior = StandardNormal(Z)
+        self.likelihood = Gaussian(sigma=0.1)
+        self.decoder = nn.Linear(Z, math.prod(SHAPE))
+
+    def means(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        mu = CONST.expand(len(x), Z).clone()
+        mu[:, 0:3] = flat[:, 0:3] * torch.tensor([1.0, 2.0, 0.5])
+        mu[:, 3] = 0.07071 * flat[:, 3]  # Var = 0.07071² · Var(x_3) = 0.005 for Var(x_3) = 1
+        return mu
+
+    def encode(self, x: torch.Tensor):
+        mu = self.means(x)
+        return Independent(Normal(mu, SIGMA.expand_as(mu)), 1)
+
+    def prior_distribution(self):
+        return self.prior()
+
+    def decode(self, z: torch.Tensor):
+        return self.likelihood(self.decoder(z).reshape(*z.shape[:-1], *SHAPE))
+
+
+def standardized(n: int) -> torch.Tensor:
+    """x whose pixels have mean 0 and (population) variance 1 exactly."""
+    x = torch.randn(n, math.prod(SHAPE), dtype=torch.float64)
+    x = (x - x.mean(0)) / x.std(0, unbiased=False)
+    return x.float().reshape(n, *SHAPE)
+
+
+def closed_form_kl(mu: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, 1)) = ½ (σ² + μ² − 1 − log σ²) per dimension, averaged over x."""
+    return (0.5 * (SIGMA**2 + mu.double() ** 2 - 1 - torch.log(SIGMA**2))).mean(0)
+
+
+def test_exactly_three_active_units_and_per_dimension_kl_in_closed_form():
+    vae = ConstructedVAE()
+    x = standardized(400)
+    stats = PosteriorStats(Z)
+    for batch in x.split(64):  # batches of unequal size: the sums must not care
+        update_posterior_stats(stats, vae, batch)
+    diag = stats.compute()
+    assert diag["num_examples"] == 400
+    assert diag["active_units"] == 3
+    assert diag["active"] == [True, True, True, False, False, False]
+    mu = vae.means(x)
+    expected_var = mu.double().var(0, unbiased=False)
+    torch.testing.assert_close(torch.tensor(diag["variance_of_means"], dtype=torch.float64), expected_var,
+                               atol=1e-5, rtol=1e-5)
+    assert diag["variance_of_means"][0] == pytest.approx(1.0, abs=1e-5)
+    assert diag["variance_of_means"][1] == pytest.approx(4.0, abs=1e-4)
+    assert diag["variance_of_means"][2] == pytest.approx(0.25, abs=1e-5)
+    assert diag["variance_of_means"][3] == pytest.approx(0.005, abs=1e-4)  # moves, but inactive
+    assert diag["variance_of_means"][4] == pytest.approx(0.0, abs=1e-9)
+    torch.testing.assert_close(torch.tensor(diag["kl_per_dim"], dtype=torch.float64), closed_form_kl(mu),
+                               atol=1e-5, rtol=1e-5)
+    # dim 5: a constant mean 1.5 and σ = 0.2 cost KL = ½(0.04 + 2.25 − 1 − log 0.04) nats for every x
+    assert diag["kl_per_dim"][5] == pytest.approx(0.5 * (0.04 + 2.25 - 1 - math.log(0.04)), abs=1e-5)
+    assert most_active_dims(diag, 3) == [1, 0, 2]
+
+
+def test_sums_merge_exactly_across_processes():
+    """What DDP does to the states (a sum over processes) gives the single-process answer."""
+    vae = ConstructedVAE()
+    x = standardized(300)
+    whole, left, right = PosteriorStats(Z), PosteriorStats(Z), PosteriorStats(Z)
+    update_posterior_stats(whole, vae, x)
+    update_posterior_stats(left, vae, x[:170])
+    update_posterior_stats(right, vae, x[170:])
+    left.merge_state(right)
+    a, b = whole.compute(), left.compute()
+    assert a["num_examples"] == b["num_examples"] == 300 and a["active_units"] == b["active_units"] == 3
+    for key in ("variance_of_means", "kl_per_dim", "mean_of_means"):
+        torch.testing.assert_close(torch.tensor(a[key]), torch.tensor(b[key]), atol=1e-9, rtol=1e-9)
+    # one half alone is another answer: the sum over processes is what makes it exact
+    update_posterior_stats(alone := PosteriorStats(Z), vae, x[170:])
+    assert alone.compute()["num_examples"] == 130
+
+
+def test_per_dimension_kl_is_none_where_the_kl_does_not_split():
+    from vaelab.priors import MixtureOfGaussians
+
+    vae = ConstructedVAE()
+    vae.prior = MixtureOfGaussians(Z, num_components=3)
+    stats = PosteriorStats(Z)
+    update_posterior_stats(stats, vae, standardized(50))
+    diag = stats.compute()
+    assert diag["kl_per_dim"] is None and diag["active_units"] == 3
+
+
+def test_collapse_warning():
+    assert "posterior collapse" in collapse_message(0, 16, 3.0)
+    assert "posterior collapse" in collapse_message(2, 16, 0.01)
+    assert collapse_message(3, 16, 5.0) is None
+
+
+def test_pictures_have_the_expected_sizes_and_geometry():
+    vae = ConstructedVAE()
+    x = standardized(10)
+    mu = vae.means(x)
+    images = traversals(vae, mu[0], [1, 0], torch.zeros(Z), torch.ones(Z), steps=5)
+    assert images.shape == (2 * 5, *SHAPE)
+    # the middle column is z0 with dim u at its centre (0): the decoded mean at that z
+    z = mu[0].clone()
+    z[1] = 0.0
+    torch.testing.assert_close(images[2], vae.decode(z).mean)
+    rows = interpolations(vae, x[:3], x[3:6], steps=4)
+    assert rows.shape == (3 * 6, *SHAPE)
+    torch.testing.assert_close(rows[0], x[0])  # x_a, then decode(μ_a) ... decode(μ_b), then x_b
+    torch.testing.assert_close(rows[1], vae.decode(mu[0]).mean)
+    torch.testing.assert_close(rows[4], vae.decode(mu[3]).mean)
+    torch.testing.assert_close(rows[5], x[3])
+    for image in (latent_scatter(mu, torch.arange(10) % 3), latent_scatter(mu, torch.full((10,), -1)),
+                  kl_bars([0.1] * Z, [True] * 3 + [False] * 3), rate_distortion([0, 1, 2], [1, 2, 3], [9, 8, 7])):
+        assert image.shape == (3, 480, 640) and 0 <= image.min() and image.max() <= 1
+
+
+def test_latent_projection_is_the_means_in_2d_and_pca_otherwise():
+    means = torch.randn(50, 2)
+    points, xl, yl = project_2d(means)
+    torch.testing.assert_close(torch.from_numpy(points).float(), means)
+    assert (xl, yl) == ("z_0", "z_1")
+    # 5-D data living on a 2-D plane: PCA keeps all of its variance
+    plane = torch.randn(50, 2) @ torch.randn(2, 5)
+    points, xl, _ = project_2d(plane)
+    assert points.shape == (50, 2) and "PC 1" in xl
+    assert points.var(0, ddof=1).sum() == pytest.approx(plane.double().var(0).sum().item(), rel=1e-6)

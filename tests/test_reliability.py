@@ -58,8 +58,10 @@ def test_every_value_out_of_range_is_listed_with_its_key(tmp_path):
             "objective.num_samples=0", "objective.beta=-1", "data.batch_size=0", "optim.optimizer.lr=0",
             "nan_policy=ignore"])
     problems = "\n".join(value_problems(cfg))
-    for key in ("latent_dim=0", "likelihood.sigma=0", "objective.num_samples=0", "objective.beta=-1",
-                "data.batch_size=0", "optim.optimizer.lr=0", "nan_policy='ignore'"):
+    for key in ("latent_dim must be a positive integer, got 0", "likelihood.sigma must be a σ > 0",
+                "objective.num_samples must be an integer K >= 1, got 0", "objective.beta must be a KL weight >= 0, got -1",
+                "data.batch_size must be a positive integer, got 0", "optim.optimizer.lr must be a learning rate > 0, got 0",
+                "nan_policy must be one of stop, skip, got 'ignore'"):
         assert key in problems, (key, problems)
     assert "e.g. optim.optimizer.lr=1e-3" in problems
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
@@ -74,7 +76,8 @@ def test_bad_values_fail_at_once_before_anything_is_written(tmp_path):
                    "data.batch_size=0", f"hydra.run.dir={out}", cwd=REPO, env=user_env(tmp_path))
     assert proc.returncode != 0
     assert "the config has 4 problems; nothing has run yet" in proc.stderr
-    for key in ("latent_dim=-2", "objective.beta=-0.5", "optim.optimizer.lr=0", "data.batch_size=0"):
+    for key in ("latent_dim must be a positive integer, got -2", "objective.beta must be a KL weight >= 0, got -0.5",
+                "optim.optimizer.lr must be a learning rate > 0, got 0", "data.batch_size must be a positive integer, got 0"):
         assert key in proc.stderr, key
     assert not (out / "checkpoints").exists() and not find_runs(out)
     assert (out / "earlier.txt").read_text() == "kept"

@@ -22,8 +22,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vaelab.build import allowed_prefixes, check_targets
 from vaelab.checkpoints import load_module, resolve_checkpoint
 from vaelab.module import VAEModule, check_evaluation
-from vaelab.validation import (check_free_space, output_folders, redact_secrets, validate_eval_config,
-                               validate_train_config)
+from vaelab.validation import (
+    check_free_space,
+    output_folders,
+    redact_secrets,
+    validate_eval_config,
+    validate_train_config,
+)
 
 log = __import__("logging").getLogger("vaelab")
 

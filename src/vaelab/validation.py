@@ -81,8 +81,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("posterior.min_scale", _non_negative, ">= 0", "posterior.min_scale=1e-4"),
     ("trainer.max_epochs", lambda v: v is None or v == -1 or _int_at_least(1)(v), "an integer >= 1 (or -1)",
      "trainer.max_epochs=100"),
-    ("evaluation.val_num_samples", _int_at_least(0), "an integer K >= 0 (0: off)", "evaluation.val_num_samples=10"),
-    ("evaluation.test_num_samples", _int_at_least(1), "an integer K >= 1", "evaluation.test_num_samples=1000"),
+    ("evaluation.val_num_samples", _int_at_least(0), "an integer >= 0 (0: off)", "evaluation.val_num_samples=10"),
+    ("evaluation.test_num_samples", _int_at_least(1), "an integer >= 1", "evaluation.test_num_samples=1000"),
     ("evaluation.chunk_size", _int_at_least(1), "an integer >= 1", "evaluation.chunk_size=100"),
     ("nan_policy", lambda v: v in NAN_POLICIES, f"one of {', '.join(NAN_POLICIES)}", "nan_policy=stop"),
     ("max_skipped_steps", lambda v: v is None or _int_at_least(0)(v), "null or an integer >= 0",
@@ -93,7 +93,7 @@ _MISSING = object()
 
 
 def value_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
-    """One line per value out of range: ``key=value: must be ...; e.g. fix``."""
+    """One line per value out of range: ``key must be ..., got value (e.g. fix)``."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
     problems = []
@@ -102,7 +102,7 @@ def value_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
         if value is _MISSING:
             continue
         if not ok(value):
-            problems.append(f"{key}={value!r}: must be {what} (e.g. {fix})")
+            problems.append(f"{key} must be {what}, got {value!r} (e.g. {fix})")
     return problems
 
 

@@ -24,6 +24,13 @@ from vaelab.build import allowed_prefixes, check_targets
 from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module, resolve_checkpoint
 from vaelab.module import VAEModule, check_evaluation
+from vaelab.validation import (
+    check_free_space,
+    output_folders,
+    redact_secrets,
+    validate_eval_config,
+    validate_train_config,
+)
 
 log = __import__("logging").getLogger("vaelab")
 
@@ -101,9 +108,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train (and test) one model; returns the summary, which holds ``best_val_elbo``."""
     started = time.time()
+    validate_train_config(cfg)  # every bad value, ckpt_path and unwritable folder, before anything runs
     resolve_data_options(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    config, redacted = redact_secrets(config)  # no secret env value reaches W&B or a checkpoint
+    if redacted:
+        log.warning("vaelab: redacted the value of a secret environment variable from %s", ", ".join(redacted))
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = build_datamodule(cfg.data, config)
@@ -112,7 +123,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(logger_cfg, config)
     callbacks = build_callbacks(cfg.get("callbacks"), config)
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(config))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    check_free_space(module, [f for k, f in output_folders(cfg).items() if k.endswith(".dirpath")])
+    check_targets({"checkpoint_io": cfg.get("checkpoint_io")}, allowed_prefixes(config))
+    checkpoint_io = instantiate(cfg.checkpoint_io) if cfg.get("checkpoint_io") else None  # atomic saves
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                      plugins=[checkpoint_io] if checkpoint_io is not None else None)
     for lg in loggers:
         lg.log_hyperparams(config)
     dashboard.define_metrics(loggers)
@@ -124,7 +139,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             ckpt_path = cfg.get("ckpt_path")
             if ckpt_path not in (None, "last"):
                 ckpt_path = str(resolve_checkpoint(ckpt_path))
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or None
         best_score = getattr(ckpt_cb, "best_model_score", None)
@@ -183,6 +198,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate a checkpoint on its data set's test split: test/elbo, test/nll, test/bpd."""
     if cfg.get("ckpt_path") in (None, "???"):
         raise ValueError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
+    validate_eval_config(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt = dashboard.resolve_run_checkpoint(cfg.ckpt_path)
     module = load_module(ckpt)

@@ -44,6 +44,50 @@ class DataNotFoundError(FileNotFoundError):
     """The data files are not where the config says, and could not be downloaded."""
 
 
+class DataCorruptError(OSError):
+    """A data file is there but damaged or truncated (its checksum or size is wrong)."""
+
+
+def _idx_problem(path: Path) -> str | None:
+    """An uncompressed MNIST idx file whose size disagrees with its own header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 8:
+        return f"{size} bytes, shorter than its header"
+    nd, kind = head[3], head[2]
+    if kind != 8 or not 1 <= nd <= 3 or len(head) < 4 + 4 * nd:
+        return "not an idx file of 8-bit values"
+    dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
+    want = 4 + 4 * nd + math.prod(dims)
+    return None if size == want else f"{size} bytes where its header promises {want}"
+
+
+def damaged_files(tv_class: Any, root: Path, folder: str) -> list[tuple[Path, str]]:
+    """The files of a torchvision data set under ``root`` that are there but damaged: a
+    download whose MD5 is not the published one, or an idx file cut short. Run only after a
+    failure, so its cost (reading the files once) does not matter."""
+    from torchvision.datasets.utils import check_integrity
+
+    expected: list[tuple[Path, str | None]] = []
+    for name, md5 in getattr(tv_class, "resources", ()):
+        gz = root / folder / name
+        expected += [(gz, md5), (gz.with_suffix(""), None)]
+    if hasattr(tv_class, "tgz_md5"):
+        expected.append((root / tv_class.filename, tv_class.tgz_md5))
+        for name, md5 in (*tv_class.train_list, *tv_class.test_list):
+            expected.append((root / tv_class.base_folder / name, md5))
+    bad = []
+    for path, md5 in expected:
+        if not path.is_file():
+            continue
+        if md5 is not None and not check_integrity(str(path), md5):
+            bad.append((path, "its MD5 is not the published one: truncated or damaged"))
+        elif md5 is None and (why := _idx_problem(path)):
+            bad.append((path, why))
+    return bad
+
+
 class InMemoryImages(Dataset):
     """uint8 images ``[N, C, H, W]`` and integer labels ``[N]``, fetched a whole batch at a time.
 
@@ -288,8 +332,17 @@ class TorchvisionImages(ImageDataModule):
             return cls(str(self.root), train=train, download=self.download)
         except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
             where = self.root / self.folder
+            bad = damaged_files(cls, self.root, self.folder)
+            if bad:
+                listing = "; ".join(f"{p} ({why})" for p, why in bad)
+                raise DataCorruptError(
+                    f"{self.name}: damaged data file(s): {listing}. Delete {'it' if len(bad) == 1 else 'them'} "
+                    f"(rm {' '.join(str(p) for p, _ in bad)}) and run again: with data.download=true "
+                    "and network access it is fetched afresh (an intact .gz next to it is unpacked "
+                    "again without network), or copy a good file there."
+                ) from err
             how = (
-                "the download failed" if self.download
+                "the download failed (no network access?)" if self.download
                 else "data.download=false, so nothing was downloaded"
             )
             raise DataNotFoundError(

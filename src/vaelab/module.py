@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 
 from vaelab.build import allowed_prefixes, build_vae, check_targets
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
+from vaelab.guards import NaNGuard
 from vaelab.metrics import bits_per_dim
 from vaelab.objectives import Objective
 
@@ -80,6 +81,7 @@ class VAEModule(pl.LightningModule):
         self.metrics["test_gap"] = MeanMetric()
         self.posterior_stats = PosteriorStats(self.vae.latent_dim)
         self.test_diagnostics: dict[str, Any] = {}
+        self.nan_guard = NaNGuard.from_config(config)  # nan_policy: stop | skip (vaelab.guards)
 
     def _check_likelihood_fits_data(self) -> None:
         lik = self.vae.likelihood
@@ -116,6 +118,8 @@ class VAEModule(pl.LightningModule):
         # are the true bounds whatever β is: β only enters the loss)
         when = {"step": self.global_step, "epoch": self.current_epoch} if stage == "train" else {}
         out = self.objective(self.vae, x, **when)
+        if stage == "train" and self.nan_guard.bad_step(self, x, out):
+            return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)
         for term in TERMS:
             self.metrics[f"{stage}_{term}"].update(out.terms[term].detach())
         if not self._kl_reported:
@@ -126,9 +130,11 @@ class VAEModule(pl.LightningModule):
             )
         return out
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, _ = batch
         out = self._step("train", x)
+        if out is None:
+            return None  # a skipped non-finite step (vaelab.guards)
         bs = x.shape[0]
         for term in TERMS:
             self.log(f"train/{term}", out.terms[term].mean(), on_step=True, on_epoch=False,

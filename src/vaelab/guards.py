@@ -1,0 +1,93 @@
+"""The NaN/Inf guard of a training step.
+
+``nan_policy`` (top-level config key):
+
+* ``stop`` (default): the first step whose loss or ELBO terms are NaN or Inf stops the run
+  before the optimizer applies it, with ``NonFiniteLossError`` naming the step, the term
+  (``recon``, ``kl``, ... or the data batch itself) and the last good checkpoint. Nothing of
+  the bad step is written: checkpoints on disk stay the last good ones.
+* ``skip``: the step is skipped (``training_step`` returns ``None``: no backward, no optimizer
+  step) and counted in ``train/skipped_steps``; after ``max_skipped_steps`` skips (null: no
+  limit) the run stops as with ``stop``, so a diverged run does not spin all night.
+
+Cost: one scalar device→host read per step (``bool(torch.isfinite(...).all())``) of a value
+already computed. On CPU it is free; on a GPU the step already syncs at least as often
+(torchmetrics' ``MeanMetric.update`` checks its input for NaN on the host every step), and only
+a per-step decision can keep a NaN update out of the weights (and ``skip`` needs the decision
+before backward anyway). The diagnosis (which term, whether the data are finite) runs only
+after a failure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step produced a NaN or Inf loss (``nan_policy=stop``)."""
+
+
+def _describe(name: str, value: torch.Tensor) -> str | None:
+    value = value.detach()
+    if bool(torch.isfinite(value).all()):
+        return None
+    kinds = [k for k, bad in (("NaN", torch.isnan(value).any()), ("Inf", torch.isinf(value).any())) if bool(bad)]
+    return f"{name} is {'/'.join(kinds)}" + (f" for {int((~torch.isfinite(value)).sum())} of {value.numel()} examples"
+                                              if value.numel() > 1 else "")
+
+
+class NaNGuard:
+    """Per-step check of a training step's loss and terms; see the module docstring."""
+
+    def __init__(self, policy: str = "stop", max_skipped_steps: int | None = 100):
+        if policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy={policy!r} is not an option: choose one of {NAN_POLICIES}")
+        if max_skipped_steps is not None and (not isinstance(max_skipped_steps, int) or max_skipped_steps < 0):
+            raise ValueError(f"max_skipped_steps must be null or an integer >= 0, got {max_skipped_steps!r}")
+        self.policy = policy
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped = 0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> NaNGuard:
+        return cls(config.get("nan_policy", "stop") or "stop", config.get("max_skipped_steps", 100))
+
+    def bad_step(self, module: Any, x: torch.Tensor, out: Any) -> bool:
+        """True if this step must be skipped; raises ``NonFiniteLossError`` if it must stop."""
+        values = [out.loss.detach().reshape(-1), *(t.detach().reshape(-1) for t in out.terms.values())]
+        if bool(torch.isfinite(torch.cat([v.float() for v in values])).all()):
+            if self.policy == "skip":  # a curve from 0, not only points at the skips
+                module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False,
+                           batch_size=x.shape[0])
+            return False
+        problems = [p for p in (_describe(f"train/{k}", v) for k, v in out.terms.items()) if p]
+        if not problems:
+            problems = [_describe("train/loss", out.loss) or "train/loss is not finite"]
+        data = _describe("the data batch x", x)
+        if data:
+            problems.insert(0, data + " (your data set or its transform produces non-finite values)")
+        where = f"step {module.global_step} (epoch {module.current_epoch})"
+        if self.policy == "skip":
+            self.skipped += 1
+            module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False, batch_size=x.shape[0])
+            if self.max_skipped_steps is None or self.skipped <= self.max_skipped_steps:
+                module.print(f"vaelab: skipped {where}: {'; '.join(problems)} "
+                             f"({self.skipped} skipped so far, nan_policy=skip)")
+                return True
+        trainer = getattr(module, "_trainer", None)
+        ckpt_cb = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+        last = getattr(ckpt_cb, "last_model_path", "") or getattr(ckpt_cb, "best_model_path", "") or ""
+        kept = (f"The last good checkpoint is {last}; nothing from this step on was saved."
+                if last else "No checkpoint had been written yet.")
+        why = (f"{self.skipped} steps skipped, more than max_skipped_steps={self.max_skipped_steps}"
+               if self.policy == "skip" else "nan_policy=stop")
+        raise NonFiniteLossError(
+            f"non-finite training loss at {where}: {'; '.join(problems)}. Stopped ({why}). {kept} "
+            "Fixes: a lower optim.optimizer.lr, trainer.gradient_clip_val=1.0, a larger "
+            "likelihood.min_sigma / min_scale or posterior.min_scale, objective.warmup>0; or "
+            "nan_policy=skip to skip such steps and count them (train/skipped_steps)."
+        )

@@ -1,0 +1,246 @@
+"""One validation pass over a run's config, before anything is built or written.
+
+``validate_train_config`` (called first thing by ``vaelab.cli.train``) collects *every* value
+out of range, the checkpoint given to resume from, and the folders the run will write to, and
+raises one ``ConfigError`` listing each problem with its config key and the fix. The plugins'
+own checks (``Gaussian(sigma=...)``, ``ELBO(beta=...)``, ...) stay as the second line of
+defence for code that builds them without a config.
+
+Also here: ``check_free_space`` (a disk that cannot hold the checkpoints fails before
+training) and ``redact_secrets`` (no value of a secret environment variable reaches the logged
+config, the W&B run or a checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.guards import NAN_POLICIES
+
+
+class ConfigError(ValueError):
+    """The config cannot run; the message lists every problem with its key and fix."""
+
+
+class OutputNotWritableError(ConfigError):
+    """A folder the run writes to cannot be written (or the disk is too small)."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and v >= low
+
+
+def _positive(v: Any) -> bool:
+    return _is_num(v) and v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return _is_num(v) and v >= 0
+
+
+def _scale(v: Any) -> bool:
+    return v in ("learned", "per_pixel") or _positive(v)
+
+
+#: (config key, test, what it must be, an example of a fix); checked where the key exists
+RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
+    ("latent_dim", _int_at_least(1), "a positive integer", "latent_dim=16"),
+    ("data.batch_size", _int_at_least(1), "a positive integer", "data.batch_size=64"),
+    ("data.eval_batch_size", lambda v: v is None or _int_at_least(1)(v), "null or a positive integer",
+     "data.eval_batch_size=500"),
+    ("optim.optimizer.lr", _positive, "a learning rate > 0", "optim.optimizer.lr=1e-3"),
+    ("optim.optimizer.weight_decay", _non_negative, ">= 0", "optim.optimizer.weight_decay=0"),
+    ("objective.num_samples", _int_at_least(1), "an integer K >= 1", "objective.num_samples=1"),
+    ("objective.beta", _non_negative, "a KL weight >= 0", "objective.beta=1.0"),
+    ("objective.warmup", _int_at_least(0), "an integer >= 0", "objective.warmup=0"),
+    ("objective.free_bits", _non_negative, ">= 0 nats", "objective.free_bits=0"),
+    ("likelihood.sigma", _scale, "a σ > 0, learned or per_pixel", "likelihood.sigma=0.1"),
+    ("likelihood.min_sigma", _positive, "> 0", "likelihood.min_sigma=1e-3"),
+    ("likelihood.init_sigma", _positive, "> 0", "likelihood.init_sigma=0.1"),
+    ("likelihood.scale", _scale, "a scale b > 0, learned or per_pixel", "likelihood.scale=0.1"),
+    ("likelihood.min_scale", _positive, "> 0", "likelihood.min_scale=1e-3"),
+    ("likelihood.init_scale", _positive, "> 0", "likelihood.init_scale=0.1"),
+    ("likelihood.num_mixtures", _int_at_least(1), "an integer >= 1", "likelihood.num_mixtures=10"),
+    ("prior.num_components", _int_at_least(1), "an integer >= 1", "prior.num_components=10"),
+    ("posterior.min_scale", _non_negative, ">= 0", "posterior.min_scale=1e-4"),
+    ("trainer.max_epochs", lambda v: v is None or v == -1 or _int_at_least(1)(v), "an integer >= 1 (or -1)",
+     "trainer.max_epochs=100"),
+    ("evaluation.val_num_samples", _int_at_least(0), "an integer >= 0 (0: off)", "evaluation.val_num_samples=10"),
+    ("evaluation.test_num_samples", _int_at_least(1), "an integer >= 1", "evaluation.test_num_samples=1000"),
+    ("evaluation.chunk_size", _int_at_least(1), "an integer >= 1", "evaluation.chunk_size=100"),
+    ("nan_policy", lambda v: v in NAN_POLICIES, f"one of {', '.join(NAN_POLICIES)}", "nan_policy=stop"),
+    ("max_skipped_steps", lambda v: v is None or _int_at_least(0)(v), "null or an integer >= 0",
+     "max_skipped_steps=100"),
+)
+
+_MISSING = object()
+
+
+def value_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
+    """One line per value out of range: ``key must be ..., got value (e.g. fix)``."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(dict(cfg))
+    problems = []
+    for key, ok, what, fix in RULES:
+        value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+        if value is _MISSING:
+            continue
+        if not ok(value):
+            problems.append(f"{key} must be {what}, got {value!r} (e.g. {fix})")
+    return problems
+
+
+def output_folders(cfg: DictConfig) -> dict[str, str]:
+    """The folders a training run writes to, by config key."""
+    found: dict[str, str] = {}
+    if OmegaConf.select(cfg, "paths.output_dir") is not None:
+        found["paths.output_dir"] = str(cfg.paths.output_dir)
+    for group, keys in (("callbacks", ("dirpath", "save_dir")), ("logger", ("save_dir",))):
+        for name, sub in (cfg.get(group) or {}).items():
+            for k in keys:
+                if isinstance(sub, Mapping) and sub.get(k):
+                    found[f"{group}.{name}.{k}"] = str(sub[k])
+    return found
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot be written (None if it can), without creating it: the deepest
+    existing ancestor must be a folder in which a file can be created."""
+    p = Path(folder).expanduser().absolute()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            return "no part of the path exists"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".vaelab-write-test-"):
+            pass
+    except OSError as err:
+        return f"cannot create a file in {probe} ({err.strerror or err})"
+    return None
+
+
+def folder_problems(folders: Mapping[str, str]) -> list[str]:
+    problems = []
+    for key, folder in folders.items():
+        why = folder_problem(folder)
+        if why:
+            problems.append(f"{key}={folder}: not writable: {why}; choose a writable folder "
+                            f"(e.g. {key}=/a/writable/path, or hydra.run.dir=...)")
+    return problems
+
+
+def checkpoint_problem(ckpt_path: Any) -> str | None:
+    """A ``ckpt_path`` to resume from must be a readable vaelab checkpoint naming only allowed
+    targets: checked with ``torch.load(weights_only=True)`` before anything is built."""
+    if ckpt_path in (None, "last"):
+        return None  # "last": the run's own last checkpoint (resume semantics: vaelab.cli)
+    from vaelab.build import UnsafeConfigError
+    from vaelab.checkpoints import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(ckpt_path)
+    except (CheckpointError, UnsafeConfigError) as err:
+        return f"ckpt_path={ckpt_path}: {err}"
+    return None
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    """Every problem of a training config at once, before anything runs (``ConfigError``)."""
+    problems = value_problems(cfg)
+    ckpt = checkpoint_problem(cfg.get("ckpt_path"))
+    if ckpt:
+        problems.append(ckpt)
+    problems += folder_problems(output_folders(cfg))
+    raise_problems(problems)
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation"]))
+    problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
+    raise_problems(problems)
+
+
+def raise_problems(problems: list[str]) -> None:
+    if not problems:
+        return
+    cls = OutputNotWritableError if all(": not writable:" in p for p in problems) else ConfigError
+    n = len(problems)
+    raise cls(f"the config has {n} problem{'s' * (n != 1)}; nothing has run yet:\n  "
+              + "\n  ".join(problems))
+
+
+# --- disk space -------------------------------------------------------------------------------
+def checkpoint_bytes(module: Any) -> int:
+    """About the size of one checkpoint: the weights and two Adam moments per weight."""
+    weights = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return 3 * weights + (1 << 16)
+
+
+def check_free_space(module: Any, folders: Iterable[str], copies: int = 3) -> None:
+    """Refuse to start when a checkpoint folder cannot hold ``copies`` checkpoints (last, best,
+    and the temporary file of an atomic save)."""
+    need = copies * checkpoint_bytes(module)
+    for folder in folders:
+        probe = Path(folder).expanduser().absolute()
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise OutputNotWritableError(
+                f"{folder} has {free / 2**20:.1f} MiB free, but the checkpoints of this model need "
+                f"about {need / 2**20:.1f} MiB ({copies} copies of {need / copies / 2**20:.1f} MiB): free "
+                "space there, or write the run elsewhere (hydra.run.dir=..., or "
+                "callbacks.model_checkpoint.dirpath=...); nothing has run yet"
+            )
+
+
+# --- secrets ----------------------------------------------------------------------------------
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``{value: name}`` of environment variables that look like secrets (W&B API key, tokens)."""
+    env = os.environ if environ is None else environ
+    # paths (SSH_AUTH_SOCK, XAUTHORITY) and short flags are not secrets, and would match far too much
+    return {v: k for k, v in env.items()
+            if SECRET_NAME.search(k) and len(v) >= 8 and not v.startswith(("/", "~", "."))}
+
+
+def redact_secrets(config: Any, secrets: Mapping[str, str] | None = None) -> tuple[Any, list[str]]:
+    """A copy of a plain config with every string holding a secret's value replaced by
+    ``<redacted $NAME>``; also the keys that were redacted."""
+    secrets = secret_values() if secrets is None else secrets
+    hits: list[str] = []
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, Mapping):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+        if isinstance(node, list | tuple):
+            return type(node)(walk(v, f"{path}[{i}]") for i, v in enumerate(node))
+        if isinstance(node, str):
+            for value, name in secrets.items():
+                if value in node:
+                    hits.append(path)
+                    node = node.replace(value, f"<redacted ${name}>")
+        return node
+
+    return walk(config, ""), hits

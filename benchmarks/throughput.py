@@ -38,7 +38,7 @@ LATENT = 32
 
 
 # --- data, the same tensors for every contender ------------------------------------------
-def load_data(model: str, data_root: Path) -> "torch.Tensor":  # noqa: F821
+def load_data(model: str, data_root: Path):
     """float32 tensor [N, 1, H, W] in [0, 1]: binary 28×28 (mlp) or padded 32×32 (conv)."""
     import torch
 
@@ -82,7 +82,7 @@ def run_plain(model: str, epochs: int, device: str, data_root: Path) -> dict:
     half_log_2pi = 0.5 * torch.log(torch.tensor(2 * torch.pi)).item()
     rates = []
     n = len(x_all)
-    for epoch in range(epochs):
+    for _ in range(epochs):
         perm = torch.randperm(n, device=device)
         sync(device)
         start = time.perf_counter()

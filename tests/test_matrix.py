@@ -80,7 +80,7 @@ def test_iwae_bound_on_a_trained_model(tmp_path):
     opt = torch.optim.Adam(module.parameters(), lr=2e-3)
     train = dm.train_set.images
     first = None
-    for step in range(300):
+    for _ in range(300):
         idx = torch.randint(len(train), (64,))
         loss = module.objective(module.vae, dm.to_float(train[idx])).loss
         first = loss.item() if first is None else first

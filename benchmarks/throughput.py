@@ -57,7 +57,7 @@ def vaelab_overrides(model: str) -> list[str]:
     if model == "mlp":
         return common + ["data=binarized_mnist", "encoder=mlp", "decoder=mlp", "encoder.hidden=[512,512]",
                          "decoder.hidden=[512,512]", "likelihood=bernoulli"]
-    return common + ["data=mnist", "+data.pad=2", "data.binarize=none", "encoder=conv", "decoder=conv",
+    return common + ["data=mnist", "data.pad=2", "data.binarize=none", "encoder=conv", "decoder=conv",
                      "encoder.channels=[32,64,128]", "decoder.channels=[128,64,32]",
                      "likelihood=gaussian", "likelihood.sigma=1.0"]
 

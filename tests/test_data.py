@@ -130,3 +130,13 @@ def test_binarized_mnist_missing_files_say_where(tmp_path):
         BinarizedMNIST(root=tmp_path, download=False).prepare_data()
     with pytest.raises(ValueError, match="data=mnist"):
         BinarizedMNIST(root=tmp_path, binarize="dynamic")
+
+
+def test_padding_grows_the_images_and_keeps_them():
+    plain, padded = setup(Digits(binarize="none")), setup(Digits(binarize="none", pad=3))
+    assert padded.data_shape == (1, 14, 14) and padded.info["shape"] == [1, 14, 14]
+    inner = padded.test_set.images[:, :, 3:-3, 3:-3]
+    assert torch.equal(inner, plain.test_set.images)
+    assert padded.test_set.images.sum() == plain.test_set.images.sum()  # the border is zeros
+    with pytest.raises(ValueError, match="data.pad"):
+        Digits(pad=-1)

@@ -148,6 +148,7 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = False,
+        pad: int = 0,
     ):
         super().__init__()
         if binarize not in BINARIZE_MODES:
@@ -172,6 +173,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.drop_last = bool(drop_last)
+        if int(pad) < 0:
+            raise ValueError(f"data.pad must be >= 0 pixels, got {pad}")
+        self.pad = int(pad)
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
         self.test_set: InMemoryImages | None = None
@@ -180,9 +184,18 @@ class ImageDataModule(pl.LightningDataModule):
     def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    #: (C, H, W) of the stored images
+    image_shape: tuple[int, int, int] = (0, 0, 0)
+
     @property
     def data_shape(self) -> tuple[int, int, int]:
-        raise NotImplementedError
+        """(C, H, W) of x as the model sees it: the stored images, zero-padded by ``pad``."""
+        c, h, w = self.image_shape
+        return (c, h + 2 * self.pad, w + 2 * self.pad)
+
+    def padded(self, images: torch.Tensor) -> torch.Tensor:
+        """Zero-pad every side by ``pad`` pixels (e.g. MNIST to 32×32 for 32×32 architectures)."""
+        return torch.nn.functional.pad(images, (self.pad,) * 4) if self.pad else images
 
     # --- facts about the data, for bits/dim and for checks ----------------------------------
     @property
@@ -222,13 +235,13 @@ class ImageDataModule(pl.LightningDataModule):
                 train_images = _binarize_once(train_images, self.num_levels, self.binarize_seed)
             if self.binarize in ("static", "dynamic"):
                 val_images = _binarize_once(val_images, self.num_levels, self.binarize_seed + 1)
-            self.train_set = InMemoryImages(train_images, labels[train_idx])
-            self.val_set = InMemoryImages(val_images, labels[val_idx])
+            self.train_set = InMemoryImages(self.padded(train_images), labels[train_idx])
+            self.val_set = InMemoryImages(self.padded(val_images), labels[val_idx])
         if self.test_set is None and stage in (None, "test", "predict", "fit", "validate"):
             images, labels = self.load(train=False)
             if self.binarize in ("static", "dynamic"):
                 images = _binarize_once(images, self.num_levels, self.binarize_seed + 2)
-            self.test_set = InMemoryImages(images, labels)
+            self.test_set = InMemoryImages(self.padded(images), labels)
 
     def _num_val(self, n: int) -> int:
         v = self.val_size
@@ -293,9 +306,7 @@ class Digits(ImageDataModule):
         self.test_size = int(test_size)
         self._all: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @property
-    def data_shape(self) -> tuple[int, int, int]:
-        return (1, 8, 8)
+    image_shape = (1, 8, 8)
 
     def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self._all is None:
@@ -375,9 +386,7 @@ class MNIST(TorchvisionImages):
     files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
-    @property
-    def data_shape(self) -> tuple[int, int, int]:
-        return (1, 28, 28)
+    image_shape = (1, 28, 28)
 
 
 class FashionMNIST(MNIST):
@@ -396,9 +405,7 @@ class CIFAR10(TorchvisionImages):
     folder = "cifar-10-batches-py"
     files = ("cifar-10-python.tar.gz (or its unpacked cifar-10-batches-py/)",)
 
-    @property
-    def data_shape(self) -> tuple[int, int, int]:
-        return (3, 32, 32)
+    image_shape = (3, 32, 32)
 
 
 class BinarizedMNIST(ImageDataModule):
@@ -428,9 +435,7 @@ class BinarizedMNIST(ImageDataModule):
         super().__init__(binarize="none", val_size=10_000, **kwargs)
         self._arrays: dict[str, np.ndarray] | None = None
 
-    @property
-    def data_shape(self) -> tuple[int, int, int]:
-        return (1, 28, 28)
+    image_shape = (1, 28, 28)
 
     @property
     def binary(self) -> bool:
@@ -482,7 +487,7 @@ class BinarizedMNIST(ImageDataModule):
         if self._arrays is None:
             self._arrays = self._arrays_from_disk()
         arr = self._arrays[split]
-        images = torch.from_numpy(arr.reshape(-1, 1, 28, 28).astype(np.uint8))
+        images = self.padded(torch.from_numpy(arr.reshape(-1, 1, 28, 28).astype(np.uint8)))
         return images, torch.full((len(images),), -1, dtype=torch.long)  # no labels
 
     def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

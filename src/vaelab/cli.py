@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab.build import allowed_prefixes, check_targets
 from vaelab.checkpoints import load_module, resolve_checkpoint
+from vaelab.distributed import RankSeed, job_scope
 from vaelab.module import VAEModule, check_evaluation
+from vaelab.runs import ensure_wandb_id, in_multirun, resolve_resume
 
 log = __import__("logging").getLogger("vaelab")
 
@@ -97,9 +99,20 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # --- training ---------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train (and test) one model; returns the summary, which holds ``best_val_elbo``."""
+    """Train (and test) one model; returns the summary, which holds ``best_val_elbo``.
+
+    ``ckpt_path`` continues a run (``vaelab.runs.resolve_resume``: its folder, config and W&B
+    run). The process is left as found (``job_scope``), so the next job of a sweep can start
+    its own DDP process group."""
+    with job_scope():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
+    cfg, resume_ckpt = resolve_resume(cfg)
     resolve_data_options(cfg)
+    ensure_wandb_id(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     output_dir = Path(cfg.paths.output_dir)
@@ -108,19 +121,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = VAEModule(config=config, data_info=datamodule.info)
     loggers = build_loggers(cfg.get("logger"), config)
     callbacks = build_callbacks(cfg.get("callbacks"), config)
+    callbacks.append(RankSeed(int(cfg.seed)))  # under DDP, different noise on every rank
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(config))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for lg in loggers:
         lg.log_hyperparams(config)
 
     failed = True
-    summary: dict[str, Any] = {"output_dir": str(output_dir)}
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resume_ckpt) if resume_ckpt else None,
+                               "world_size": trainer.world_size}
     try:
         if cfg.get("train", True):
-            ckpt_path = cfg.get("ckpt_path")
-            if ckpt_path not in (None, "last"):
-                ckpt_path = str(resolve_checkpoint(ckpt_path))
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or None
         best_score = getattr(ckpt_cb, "best_model_score", None)
@@ -153,7 +165,7 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     if summary.get("last_checkpoint"):
         lines.append(f"  last checkpoint {summary['last_checkpoint']}")
     for key, value in sorted(summary.get("test", {}).items()):
-        unit = "bits/dim" if key.endswith("bpd") else "nats/example"
+        unit = "bits/dim" if key.endswith("bpd") else "examples" if key.endswith("num_examples") else "nats/example"
         lines.append(f"  {key:<15} {value:10.4f} {unit}")
     if "test/nll" in summary.get("test", {}):
         lines.append(f"                  (test/nll: importance sampling with K={evaluation.get('test_num_samples')})")
@@ -219,7 +231,15 @@ def _print_eval(out: dict[str, Any], path: Path) -> None:
 # --- console scripts --------------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train_main(cfg: DictConfig) -> float:
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Exception:
+        if not in_multirun():
+            raise  # a single run exits non-zero with the error
+        # one job of a sweep: its W&B run is finished with exit code 1 and its summary.json says
+        # failed; the sweep goes on, and Optuna records a trial as bad as can be
+        log.exception("vaelab: this sweep job failed; the sweep continues with the next job")
+        return float("-inf")
     best = summary.get("best_val_elbo")
     # returned to Hydra's sweepers (Optuna maximizes val/elbo)
     return float(best) if best is not None and math.isfinite(best) else float("-inf")

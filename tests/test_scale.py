@@ -74,12 +74,9 @@ def test_ddp_sim_logs_once_and_matches_one_process(tmp_path):
     (run_file,) = find_runs(ddp)
     run = read_run(run_file)
     assert run.exit_code == 0
-    steps = [int(s) for s in run.values("trainer/global_step") if s is not None]
-    losses = run.values("train/loss")
-    assert len(losses) == 40  # 1257 images / 2 ranks / 32 = 20 steps per epoch, logged every step
+    # 1257 images / 2 ranks / 32 = 20 steps per epoch, each logged once (rank zero only)
+    assert [int(r["trainer/global_step"]) for r in run.history if "train/loss" in r] == list(range(40))
     assert len(run.values("val/elbo")) == 2
-    assert steps == sorted(steps)
-    assert sorted({s for s, row in zip(steps, run.history, strict=False) if "train/loss" in row}) == list(range(40))
     assert list(ddp.glob("*.log")) == [next(ddp.glob("*.log"))]  # rank zero's Hydra log only
     summary = json.loads((ddp / "summary.json").read_text())
     assert summary["world_size"] == 2 and not summary["failed"]
@@ -266,23 +263,28 @@ def test_a_run_killed_mid_epoch_resumes_in_the_same_wandb_run(tmp_path):
     checkpoint's step with none repeated or skipped, and training ends at the right epoch."""
     run_dir = tmp_path / "run"
     epochs = 4
+    # 50 ms a step, so that the kill lands where it is aimed whatever the machine's load
+    (tmp_path / "slow.py").write_text(
+        "import time\nimport lightning.pytorch as pl\n"
+        "class Slow(pl.Callback):\n"
+        "    def on_train_batch_end(self, *args):\n        time.sleep(0.05)\n"
+    )
     args = [sys.executable, str(REPO / "train.py"), f"trainer.max_epochs={epochs}", "trainer.log_every_n_steps=1",
-            "callbacks.step_checkpoint.every_n_train_steps=7", *FAST, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, **_env(), "PYTHONUNBUFFERED": "1"}
+            "callbacks.step_checkpoint.every_n_train_steps=7", "allowed_targets=[slow.]",
+            "+callbacks.slow._target_=slow.Slow", *FAST, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, **_env(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
         target = None
         while time.time() < deadline and proc.poll() is None:
-            found = [p for p in (run_dir / "checkpoints").glob("latest-step*.ckpt")
-                     if int(p.stem.removeprefix("latest-step")) % 20 not in (0,)]
-            steps = [int(p.stem.removeprefix("latest-step")) for p in found]
-            if steps and max(steps) >= 21:  # in epoch 2, mid-epoch
+            steps = [int(p.stem.removeprefix("latest-step")) for p in (run_dir / "checkpoints").glob("latest-step*.ckpt")]
+            if steps and max(steps) >= 21:  # in epoch 2, mid-epoch (steps 21, 28 or 35)
                 target = max(steps)
                 break
             time.sleep(0.05)
         assert proc.poll() is None and target is not None, "the run finished or stalled before a step checkpoint"
-        time.sleep(0.3)  # let it run a little past the checkpoint: those steps are lost and redone
+        time.sleep(0.15)  # a few steps past the checkpoint: those are lost and done again
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -292,24 +294,33 @@ def test_a_run_killed_mid_epoch_resumes_in_the_same_wandb_run(tmp_path):
 
     (first_file,) = find_runs(run_dir)
     first = read_run(first_file)
-    check(run_cli("train.py", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path}/resume", cwd=tmp_path, env=_env()))
+    check(run_cli("train.py", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path}/resume", cwd=tmp_path,
+                  env=_env(tmp_path)))
 
     files = find_runs(run_dir)
     assert len(files) == 2
     second = read_run(next(f for f in files if f != first_file))
-    assert second.run_id == first.run_id and second.exit_code == 0
+    # W&B's offline writer fills 32 KiB blocks before they reach the disk: a SIGKILL can take the
+    # last rows of the killed part (here, a short run, all of them: the file may be its header
+    # only). The run id is also in the folder name, offline-run-<time>-<id>.
+    first_id = first.run_id or first_file.parent.name.rsplit("-", 1)[1]
+    assert second.run_id == first_id and second.exit_code == 0
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    resumed_step = int(torch.load(summary["resumed_from"], weights_only=True, mmap=True)["global_step"])
-    assert resumed_step % 20 != 0  # a mid-epoch checkpoint (7, 14, 21, ... not the epoch ends)
+    assert Path(summary["resumed_from"]).name.startswith("latest-step")
 
     def train_steps(run):
         return [int(r["trainer/global_step"]) for r in run.history if "train/loss" in r]
 
-    before, after = train_steps(first), train_steps(second)
     # train/loss of step s is logged with trainer/global_step = s (0-based, before the update)
-    assert before[: resumed_step] == list(range(resumed_step))
+    before, after = train_steps(first), train_steps(second)
+    assert before == list(range(len(before)))  # what reached the disk before the kill
+    resumed_step = after[0]
+    # from the newest step checkpoint (every 7 steps, mid-epoch: epochs have 20), none older
+    assert resumed_step >= target and resumed_step % 7 == 0 and resumed_step % 20 != 0
     assert after == list(range(resumed_step, epochs * 20))  # no repeats, nothing lost
-    assert second.values("epoch")[-1] == epochs - 1
-    assert len(first.values("val/elbo")) + len(second.values("val/elbo")) >= epochs
+    # the resumed part finishes the interrupted epoch and the rest: one validation each
+    assert max(r["epoch"] for r in second.history if "train/loss" in r) == epochs - 1
+    assert len(second.values("val/elbo")) == epochs - resumed_step // 20
+    assert [p.name for p in (run_dir / "checkpoints").glob("latest-step*.ckpt")] == [f"latest-step{epochs * 20}.ckpt"]
     assert summary["best_checkpoint"] and not summary["failed"]

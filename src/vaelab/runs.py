@@ -23,6 +23,8 @@ import string
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
@@ -78,6 +80,32 @@ def ensure_wandb_id(cfg: DictConfig) -> None:
 
 
 # --- resume -----------------------------------------------------------------------------------
+class LatestCheckpoint(ModelCheckpoint):
+    """The latest training state in one file, ``latest-step<N>.ckpt``, replaced every
+    ``every_n_train_steps`` steps and at the end of every epoch, so that a run killed at any
+    moment (SIGKILL mid-epoch included) loses at most that many steps.
+
+    Lightning's ``last.ckpt`` cannot serve: since Lightning 2.6 it is written only when a
+    top-k (best) checkpoint is, so it can be epochs behind the training."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 500, filename: str = "latest-step{step}"):
+        super().__init__(dirpath=dirpath, filename=filename, auto_insert_metric_name=False, monitor=None,
+                         save_top_k=1, save_last=False, every_n_train_steps=int(every_n_train_steps))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # after this epoch's validation
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # one file: also the one a resumed run started from (its stored state names an older one)
+        if trainer.is_global_zero and self.dirpath and self.filename:
+            prefix = self.filename.split("{")[0]
+            for old in Path(self.dirpath).glob(f"{prefix}*.ckpt"):
+                if old.resolve() != Path(filepath).resolve():
+                    old.unlink(missing_ok=True)
+
+
 def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
     """The config to run and the checkpoint to resume from (None: start from scratch)."""
     ckpt_path = cfg.get("ckpt_path")

@@ -24,7 +24,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -154,8 +153,3 @@ def eval_sampler(dataset: Dataset) -> Sampler | None:
         return None
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
 
-
-def describe(trainer: pl.Trainer) -> dict[str, Any]:
-    """How the job ran, for its summary."""
-    return {"world_size": trainer.world_size, "num_nodes": trainer.num_nodes,
-            "precision": str(trainer.precision)}

@@ -23,6 +23,7 @@ from vaelab import dashboard
 from vaelab.build import allowed_prefixes, check_targets
 from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module, resolve_checkpoint
+from vaelab.distributed import RankSeed, job_scope
 from vaelab.module import VAEModule, check_evaluation
 from vaelab.validation import (
     check_free_space,
@@ -31,6 +32,7 @@ from vaelab.validation import (
     validate_eval_config,
     validate_train_config,
 )
+from vaelab.runs import ensure_wandb_id, in_multirun, resolve_resume
 
 log = __import__("logging").getLogger("vaelab")
 
@@ -106,10 +108,21 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # --- training ---------------------------------------------------------------------------------
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train (and test) one model; returns the summary, which holds ``best_val_elbo``."""
+    """Train (and test) one model; returns the summary, which holds ``best_val_elbo``.
+
+    ``ckpt_path`` continues a run (``vaelab.runs.resolve_resume``: its folder, config and W&B
+    run). The process is left as found (``job_scope``), so the next job of a sweep can start
+    its own DDP process group."""
+    with job_scope():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     validate_train_config(cfg)  # every bad value, ckpt_path and unwritable folder, before anything runs
+    cfg, resume_ckpt = resolve_resume(cfg)
     resolve_data_options(cfg)
+    ensure_wandb_id(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     config, redacted = redact_secrets(config)  # no secret env value reaches W&B or a checkpoint
@@ -122,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger_cfg, log_model_by_hand = dashboard.wandb_logger_config(cfg)
     loggers = build_loggers(logger_cfg, config)
     callbacks = build_callbacks(cfg.get("callbacks"), config)
+    callbacks.append(RankSeed(int(cfg.seed)))  # under DDP, different noise on every rank
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(config))
     check_free_space(module, [f for k, f in output_folders(cfg).items() if k.endswith(".dirpath")])
     check_targets({"checkpoint_io": cfg.get("checkpoint_io")}, allowed_prefixes(config))
@@ -133,13 +147,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dashboard.define_metrics(loggers)
 
     failed = True
-    summary: dict[str, Any] = {"output_dir": str(output_dir)}
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resume_ckpt) if resume_ckpt else None,
+                               "world_size": trainer.world_size}
     try:
         if cfg.get("train", True):
-            ckpt_path = cfg.get("ckpt_path")
-            if ckpt_path not in (None, "last"):
-                ckpt_path = str(resolve_checkpoint(ckpt_path))
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None,
+                        weights_only=True)
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or None
         best_score = getattr(ckpt_cb, "best_model_score", None)
@@ -170,7 +183,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _unit(key: str) -> str:
-    return "bits/dim" if key.endswith("bpd") else "latent dims" if key.endswith("active_units") else "nats/example"
+    if key.endswith("bpd"):
+        return "bits/dim"
+    if key.endswith("active_units"):
+        return "latent dims"
+    return "examples" if key.endswith("num_examples") else "nats/example"
 
 
 @rank_zero_only
@@ -254,7 +271,15 @@ def _print_eval(out: dict[str, Any], path: Path) -> None:
 # --- console scripts --------------------------------------------------------------------------
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train_main(cfg: DictConfig) -> float:
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Exception:
+        if not in_multirun():
+            raise  # a single run exits non-zero with the error
+        # one job of a sweep: its W&B run is finished with exit code 1 and its summary.json says
+        # failed; the sweep goes on, and Optuna records a trial as bad as can be
+        log.exception("vaelab: this sweep job failed; the sweep continues with the next job")
+        return float("-inf")
     best = summary.get("best_val_elbo")
     # returned to Hydra's sweepers (Optuna maximizes val/elbo)
     return float(best) if best is not None and math.isfinite(best) else float("-inf")

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from vaelab.distributed import eval_sampler
+
 BINARIZE_MODES = ("none", "dynamic", "static", "auto")
 
 
@@ -257,6 +259,9 @@ class ImageDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
+            # under DDP, validation and test shards without padded duplicates, so that val/elbo
+            # and test/nll are exact means over the split (training: Lightning's sampler)
+            sampler=None if train else eval_sampler(dataset),
             drop_last=self.drop_last and train,
             collate_fn=_batch_collate,
             num_workers=self.num_workers,

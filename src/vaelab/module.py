@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from vaelab.build import allowed_prefixes, build_vae, check_targets
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
@@ -76,6 +76,9 @@ class VAEModule(pl.LightningModule):
                 for term in terms
             }
         )
+        # how many test examples the test numbers average over: the whole split, each once,
+        # also under DDP (summed across processes)
+        self.metrics["test_count"] = SumMetric()
         self._kl_reported = False
         # test/gap, and the posterior diagnostics of the test split (vaelab.diagnostics)
         self.metrics["test_gap"] = MeanMetric()
@@ -143,7 +146,7 @@ class VAEModule(pl.LightningModule):
         for term in sorted(out.terms.keys() - set(TERMS)):  # an objective's own bounds, e.g. train/iwae
             value = out.terms[term].detach().mean()
             self.log(f"train/{term}", value, on_step=True, on_epoch=False, batch_size=bs)
-            self.log(f"train/{term}_epoch", value, on_step=False, on_epoch=True, batch_size=bs)
+            self.log(f"train/{term}_epoch", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log("train/loss", out.loss, on_step=True, on_epoch=False, batch_size=bs)
         for name, value in out.scalars.items():
             self.log(f"train/{name}", float(value), on_step=True, on_epoch=False, batch_size=bs)
@@ -169,6 +172,8 @@ class VAEModule(pl.LightningModule):
         self.metrics["test_nll"].update(-ll)
         self.metrics["test_gap"].update(ll - out.terms["elbo"].detach())  # log p̂(x) − ELBO(x)
         update_posterior_stats(self.posterior_stats, self.vae, x)
+        self.metrics["test_count"].update(torch.tensor(float(x.shape[0]), device=x.device))
+        self.log("test/num_examples", self.metrics["test_count"], on_epoch=True)
         for term in TERMS:
             self.log(f"test/{term}", self.metrics[f"test_{term}"], on_epoch=True)
         self.log("test/nll", self.metrics["test_nll"], on_epoch=True)
@@ -177,7 +182,7 @@ class VAEModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         nll = self.metrics["test_nll"].compute()
         bpd = bits_per_dim(nll, self.num_dims, self.vae.likelihood.discrete, self.data_info["bin_width"])
-        self.log("test/bpd", bpd)
+        self.log("test/bpd", bpd, sync_dist=True)  # the same on every rank; silences Lightning's DDP warning
         self._log_posterior_diagnostics()
 
     def _log_posterior_diagnostics(self) -> None:

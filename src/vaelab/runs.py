@@ -1,0 +1,201 @@
+"""Runs and sweeps: which folder and which W&B run a job writes to, and resuming a run.
+
+Resume (``ckpt_path``):
+
+* ``ckpt_path=<run folder>`` (or a checkpoint in ``<run folder>/checkpoints/``) continues that
+  run: in its folder, with its stored config (the one its checkpoint carries; overrides given on
+  this command line, e.g. ``trainer.max_epochs=200``, apply on top), in the same W&B run (the id
+  is part of the stored config), from the training state of the checkpoint (mid-epoch too).
+* ``ckpt_path=last`` continues the run of the current output folder from its
+  ``checkpoints/last.ckpt``, e.g. ``hydra.run.dir=<run folder> ckpt_path=last``. Without a
+  checkpoint there yet it starts from scratch, so one command serves a job's first start and
+  every restart after a preemption (SLURM requeue).
+
+Sweeps: every job of a Hydra multirun is its own W&B run in the group named after the sweep
+(``logger.wandb.group``, by default the sweep folder; ``${vaelab.sweep_group:}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import string
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
+
+log = logging.getLogger("vaelab")
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+def in_multirun() -> bool:
+    """Whether this process runs one job of a Hydra multirun (a sweep)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover
+        return False
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_group() -> str | None:
+    """The sweep's name for the W&B group of its jobs: the sweep folder (relative to where the
+    sweep was started when below it), e.g. ``outputs/train/multirun/2026-11-21/08-15-06``;
+    None outside a sweep."""
+    if not in_multirun():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    sweep_dir = Path(str(hc.sweep.dir))
+    try:
+        sweep_dir = sweep_dir.resolve().relative_to(Path(hc.runtime.cwd).resolve())
+    except ValueError:
+        pass
+    return str(sweep_dir)[-128:]  # W&B's limit on a group name
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("vaelab.sweep_group", sweep_group, replace=True)
+
+
+register_resolvers()
+
+
+# --- W&B run identity ---------------------------------------------------------------------------
+def ensure_wandb_id(cfg: DictConfig) -> None:
+    """Fix the W&B run id before anything is logged, so that it is stored with the config in
+    every checkpoint and a resumed run continues the same W&B run."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb") if cfg.get("logger") else None
+    if not wandb_cfg or wandb_cfg.get("id"):
+        return
+    alphabet = string.ascii_lowercase + string.digits  # W&B's own id alphabet and length
+    with open_dict(cfg):
+        cfg.logger.wandb.id = "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+# --- resume -----------------------------------------------------------------------------------
+class LatestCheckpoint(ModelCheckpoint):
+    """The latest training state in one file, ``latest-step<N>.ckpt``, replaced every
+    ``every_n_train_steps`` steps and at the end of every epoch, so that a run killed at any
+    moment (SIGKILL mid-epoch included) loses at most that many steps.
+
+    Lightning's ``last.ckpt`` cannot serve: since Lightning 2.6 it is written only when a
+    top-k (best) checkpoint is, so it can be epochs behind the training."""
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 500, filename: str = "latest-step{step}"):
+        super().__init__(dirpath=dirpath, filename=filename, auto_insert_metric_name=False, monitor=None,
+                         save_top_k=1, save_last=False, every_n_train_steps=int(every_n_train_steps))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # after this epoch's validation
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # one file: also the one a resumed run started from (its stored state names an older one)
+        if trainer.is_global_zero and self.dirpath and self.filename:
+            prefix = self.filename.split("{")[0]
+            for old in Path(self.dirpath).glob(f"{prefix}*.ckpt"):
+                if old.resolve() != Path(filepath).resolve():
+                    old.unlink(missing_ok=True)
+
+
+def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
+    """The config to run and the checkpoint to resume from (None: start from scratch)."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path in (None, ""):
+        return cfg, None
+    output_dir = Path(str(cfg.paths.output_dir))
+    if str(ckpt_path) == "last":
+        ckpt = newest_checkpoint(output_dir)
+        if ckpt is None:
+            log.warning(
+                "ckpt_path=last: %s has no checkpoints/last.ckpt yet, so training starts from scratch "
+                "here. To continue an earlier run, name its folder: ckpt_path=<run folder>, or "
+                "hydra.run.dir=<run folder> ckpt_path=last.", output_dir,
+            )
+            return cfg, None
+    elif Path(str(ckpt_path)).expanduser().is_dir():
+        ckpt = newest_checkpoint(Path(str(ckpt_path)).expanduser()) or resolve_checkpoint(ckpt_path)
+    else:
+        ckpt = resolve_checkpoint(ckpt_path)
+    ckpt = ckpt.resolve()
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else output_dir.resolve()
+    stored = load_checkpoint(ckpt)["hyper_parameters"]["config"]
+    resumed = continue_config(stored, cfg, run_dir, ckpt)
+    if run_dir != output_dir.resolve():
+        log.info("vaelab: continuing the run in %s (this command's Hydra files are in %s)", run_dir, output_dir)
+    return resumed, ckpt
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's latest training state: of ``checkpoints/last.ckpt`` (end of a validation
+    epoch) and ``checkpoints/latest-step*.ckpt`` (every N steps), the one furthest on."""
+    import torch
+
+    found = []
+    for path in sorted((run_dir / "checkpoints").glob("*.ckpt")):
+        if path.name.startswith(("last", "latest-step")):
+            try:  # memory-mapped: reads two numbers, not the weights
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                found.append(((int(ckpt.get("global_step", -1)), path.stat().st_mtime), path))
+            except Exception as err:  # a damaged file: the other candidate may do
+                log.warning("vaelab: skipping %s, which cannot be read (%s)", path, type(err).__name__)
+    return max(found)[1] if found else None
+
+
+def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt: Path) -> DictConfig:
+    """The stored (resolved) config of the run, moved to ``run_dir`` if the folder moved, with
+    this command line's overrides on top."""
+    old_dir = (stored.get("paths") or {}).get("output_dir")
+    config = _rebase(stored, str(old_dir), str(run_dir)) if old_dir else dict(stored)
+    new = OmegaConf.create(config)
+    for key, delete in _command_line_keys():
+        if key in ("ckpt_path",) or key.startswith("hydra"):
+            continue
+        if delete:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(new, parent) if parent else new
+            if isinstance(node, DictConfig) and leaf in node:
+                del node[leaf]
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None and OmegaConf.select(new, key, default=None) is None:
+            continue  # e.g. experiment=...: a group that is no key of the config
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        OmegaConf.update(new, key, value, merge=False, force_add=True)
+    with open_dict(new):
+        new.paths.output_dir = str(run_dir)
+        new.ckpt_path = str(ckpt)
+    return new
+
+
+def _command_line_keys() -> list[tuple[str, bool]]:
+    """The keys this command line overrides (``a.b=1``, ``+a.b=1``, ``~a.b``, ``group=option``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError:  # pragma: no cover
+        return []
+    if not HydraConfig.initialized():
+        return []
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [(o.key_or_group.replace("/", "."), o.is_delete()) for o in overrides]
+
+
+def _rebase(value: Any, old: str, new: str) -> Any:
+    """Every string under the run's old folder, moved to the new one."""
+    if isinstance(value, dict):
+        return {k: _rebase(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebase(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+        return new + value[len(old.rstrip("/")):] if value != old else new
+    return value

@@ -125,6 +125,7 @@ def run_vaelab(model: str, epochs: int, device: str, data_root: Path, out: Path)
 # --- pythae's trainer ---------------------------------------------------------------------------
 def run_pythae(model: str, epochs: int, device: str, data_root: Path, out: Path) -> dict:
     import torch
+    from pythae.data.datasets import BaseDataset
     from pythae.models import VAE, VAEConfig
     from pythae.models.base.base_utils import ModelOutput
     from pythae.models.nn import BaseDecoder, BaseEncoder
@@ -176,7 +177,8 @@ def run_pythae(model: str, epochs: int, device: str, data_root: Path, out: Path)
     tcfg = BaseTrainerConfig(output_dir=str(out), num_epochs=epochs, per_device_train_batch_size=BATCH,
                              learning_rate=1e-3, steps_saving=None, no_cuda=not device.startswith("cuda"))
     timer = Timer()
-    BaseTrainer(vae, train_dataset=x_all, training_config=tcfg, callbacks=[timer]).train()
+    dataset = BaseDataset(x_all, torch.zeros(len(x_all)))  # what pythae's pipeline makes of a tensor
+    BaseTrainer(vae, train_dataset=dataset, training_config=tcfg, callbacks=[timer]).train()
     return finish(timer.rates, device)
 
 

@@ -229,3 +229,20 @@ def test_train_on_real_mnist_through_torchvision(tmp_path):
     assert math.isfinite(summary["test"]["test/nll"]) and "epoch 1/1" in proc.stdout
     # Bernoulli on MNIST: binarize=auto resolved to dynamic; bits/dim over 784 binary pixels
     assert summary["test"]["test/bpd"] == pytest.approx(summary["test"]["test/nll"] / (784 * math.log(2)), rel=1e-4)
+
+
+def test_epoch_means_are_exact_and_reset_every_epoch(tmp_path):
+    """train/elbo_epoch is the mean over the epoch's examples: the batch-size-weighted mean of
+    that epoch's step values (digits: 19 batches of 64 and one of 41 per epoch)."""
+    out = tmp_path / "run"
+    check(run_cli("train.py", "trainer.max_epochs=3", "trainer.log_every_n_steps=1", "test=false",
+                  "evaluation.val_num_samples=0", f"hydra.run.dir={out}", cwd=REPO))
+    run = read_run(find_runs(out)[0])
+    steps = run.values("train/elbo")
+    epochs = run.values("train/elbo_epoch")
+    assert len(steps) == 60 and len(epochs) == 3
+    weights = torch.tensor([64.0] * 19 + [41.0])
+    for e in range(3):
+        chunk = torch.tensor(steps[20 * e : 20 * (e + 1)], dtype=torch.float64)
+        expected = float((chunk * weights).sum() / weights.sum())
+        assert epochs[e] == pytest.approx(expected, abs=1e-4), (e, epochs[e], expected)

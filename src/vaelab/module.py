@@ -65,11 +65,13 @@ class VAEModule(pl.LightningModule):
         self.evaluation = check_evaluation({**DEFAULT_EVALUATION, **(config.get("evaluation") or {})})
         self.num_dims = math.prod(data_info["shape"])
         self._check_likelihood_fits_data()
+        #: the per-example terms logged in training: elbo, recon, kl and the objective's own
+        self.train_terms = (*TERMS, *getattr(self.objective, "extra_terms", ()))
         self.metrics = torch.nn.ModuleDict(
             {
                 f"{stage}_{term}": MeanMetric()
                 for stage, terms in (
-                    ("train", TERMS),
+                    ("train", self.train_terms),
                     ("val", (*TERMS, "iwae")),
                     ("test", (*TERMS, "nll")),
                 )
@@ -123,7 +125,7 @@ class VAEModule(pl.LightningModule):
         out = self.objective(self.vae, x, **when)
         if stage == "train" and self.nan_guard.bad_step(self, x, out):
             return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)
-        for term in TERMS:
+        for term in TERMS if stage != "train" else self.train_terms:
             self.metrics[f"{stage}_{term}"].update(out.terms[term].detach())
         if not self._kl_reported:
             self._kl_reported = True
@@ -138,19 +140,29 @@ class VAEModule(pl.LightningModule):
         out = self._step("train", x)
         if out is None:
             return None  # a skipped non-finite step (vaelab.guards)
-        bs = x.shape[0]
-        for term in TERMS:
-            self.log(f"train/{term}", out.terms[term].mean(), on_step=True, on_epoch=False,
-                     prog_bar=term == "elbo", batch_size=bs)
-            self.log(f"train/{term}_epoch", self.metrics[f"train_{term}"], on_step=False, on_epoch=True)
-        for term in sorted(out.terms.keys() - set(TERMS)):  # an objective's own bounds, e.g. train/iwae
-            value = out.terms[term].detach().mean()
-            self.log(f"train/{term}", value, on_step=True, on_epoch=False, batch_size=bs)
-            self.log(f"train/{term}_epoch", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        self.log("train/loss", out.loss, on_step=True, on_epoch=False, batch_size=bs)
-        for name, value in out.scalars.items():
-            self.log(f"train/{name}", float(value), on_step=True, on_epoch=False, batch_size=bs)
+        if batch_idx == 0:
+            # the epoch means are torchmetrics objects that accumulate every example (see
+            # _step); registering them once an epoch is enough: Lightning computes (reduced
+            # across processes) and resets them at the epoch's end
+            for term in self.train_terms:
+                self.log(f"train/{term}_epoch", self.metrics[f"train_{term}"], on_step=False, on_epoch=True)
+        if self._logging_step():
+            bs = x.shape[0]
+            self.log("train/elbo", out.terms["elbo"].detach().mean(), prog_bar=True, on_step=True,
+                     on_epoch=False, batch_size=bs)
+            values = {f"train/{term}": out.terms[term].detach().mean() for term in self.train_terms[1:]}
+            values["train/loss"] = out.loss.detach()
+            values.update({f"train/{name}": float(value) for name, value in out.scalars.items()})
+            self.log_dict(values, on_step=True, on_epoch=False, batch_size=bs)
         return out.loss
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning passes this step's values to the loggers (every
+        ``trainer.log_every_n_steps``). ``self.log`` costs about a millisecond a call, more than
+        a small model's whole step on a GPU, and values logged on other steps are dropped
+        anyway, so step values are logged on these steps only."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch

@@ -160,6 +160,9 @@ class ELBO(Objective):
 
 
 class IWAE(Objective):
+    #: per-example terms beyond elbo/recon/kl that this objective returns (logged as train/<term>)
+    extra_terms = ("iwae",)
+
     """The importance-weighted bound IWAE_K (Burda, Grosse & Salakhutdinov 2016, "Importance
     Weighted Autoencoders", ICLR; arXiv 2015):
 

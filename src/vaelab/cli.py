@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -22,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vaelab import dashboard
 from vaelab.build import allowed_prefixes, check_targets
 from vaelab.callbacks import ImageLogger
-from vaelab.checkpoints import load_module, resolve_checkpoint
+from vaelab.checkpoints import load_module
 from vaelab.distributed import RankSeed, job_scope
 from vaelab.module import VAEModule, check_evaluation
+from vaelab.runs import ensure_wandb_id, in_multirun, resolve_resume
 from vaelab.validation import (
     check_free_space,
     output_folders,
@@ -32,9 +34,8 @@ from vaelab.validation import (
     validate_eval_config,
     validate_train_config,
 )
-from vaelab.runs import ensure_wandb_id, in_multirun, resolve_resume
 
-log = __import__("logging").getLogger("vaelab")
+log = logging.getLogger("vaelab")
 
 
 # --- pieces shared by train and eval ----------------------------------------------------------
@@ -58,24 +59,24 @@ def build_datamodule(data_cfg: Any, config: dict[str, Any]) -> pl.LightningDataM
     return instantiate(data_cfg)
 
 
-def build_loggers(logger_cfg: Any, config: dict[str, Any]) -> list[Logger]:
-    loggers: list[Logger] = []
-    for name, lg in (logger_cfg or {}).items():
-        if lg is None:
+def build_each(group_cfg: Any, config: dict[str, Any]) -> list[Any]:
+    """Instantiate every entry of a name → config mapping (the logger and callbacks groups),
+    skipping entries set to null, each checked against the allowed targets first."""
+    built: list[Any] = []
+    for name, entry in (group_cfg or {}).items():
+        if entry is None:
             continue
-        check_targets({name: lg}, allowed_prefixes(config))
-        loggers.append(instantiate(lg))
-    return loggers
+        check_targets({name: entry}, allowed_prefixes(config))
+        built.append(instantiate(entry))
+    return built
+
+
+def build_loggers(logger_cfg: Any, config: dict[str, Any]) -> list[Logger]:
+    return build_each(logger_cfg, config)
 
 
 def build_callbacks(callbacks_cfg: Any, config: dict[str, Any]) -> list[pl.Callback]:
-    callbacks: list[pl.Callback] = []
-    for name, cb in (callbacks_cfg or {}).items():
-        if cb is None:
-            continue
-        check_targets({name: cb}, allowed_prefixes(config))
-        callbacks.append(instantiate(cb))
-    return callbacks
+    return build_each(callbacks_cfg, config)
 
 
 def finish_wandb(loggers: list[Logger], failed: bool) -> None:

@@ -64,12 +64,15 @@ class Objective(nn.Module):
 
     def __init__(
         self,
+        num_samples: int = 1,
         beta: float = 1.0,
         warmup: int = 0,
         warmup_unit: str = "steps",
         free_bits: float = 0.0,
     ):
         super().__init__()
+        if int(num_samples) < 1:
+            raise ValueError(f"objective.num_samples must be >= 1, got {num_samples}")
         if not float(beta) >= 0:
             raise ValueError(f"objective.beta must be >= 0, got {beta}")
         if isinstance(warmup, bool) or int(warmup) != warmup or int(warmup) < 0:
@@ -78,6 +81,7 @@ class Objective(nn.Module):
             raise ValueError(f"objective.warmup_unit must be 'steps' or 'epochs', got {warmup_unit!r}")
         if not float(free_bits) >= 0:
             raise ValueError(f"objective.free_bits must be >= 0, got {free_bits}")
+        self.num_samples = int(num_samples)
         self.beta = float(beta)
         self.warmup = int(warmup)
         self.warmup_unit = warmup_unit
@@ -120,19 +124,6 @@ class ELBO(Objective):
     registers the pair (q, p), else Monte Carlo on the same samples (with log q from
     ``rsample_and_log_prob`` where q provides it, e.g. IAF).
     """
-
-    def __init__(
-        self,
-        num_samples: int = 1,
-        beta: float = 1.0,
-        warmup: int = 0,
-        warmup_unit: str = "steps",
-        free_bits: float = 0.0,
-    ):
-        super().__init__(beta=beta, warmup=warmup, warmup_unit=warmup_unit, free_bits=free_bits)
-        if int(num_samples) < 1:
-            raise ValueError(f"objective.num_samples must be >= 1, got {num_samples}")
-        self.num_samples = int(num_samples)
 
     def forward(
         self, vae: VAE, x: torch.Tensor, step: int | None = None, epoch: int | None = None
@@ -184,18 +175,8 @@ class IWAE(Objective):
     exactly mean_k log w_k). ``iwae ≥ elbo`` in expectation.
     """
 
-    def __init__(
-        self,
-        num_samples: int = 5,
-        beta: float = 1.0,
-        warmup: int = 0,
-        warmup_unit: str = "steps",
-        free_bits: float = 0.0,
-    ):
-        super().__init__(beta=beta, warmup=warmup, warmup_unit=warmup_unit, free_bits=free_bits)
-        if int(num_samples) < 1:
-            raise ValueError(f"objective.num_samples must be >= 1, got {num_samples}")
-        self.num_samples = int(num_samples)
+    def __init__(self, num_samples: int = 5, **settings: float | int | str):
+        super().__init__(num_samples=num_samples, **settings)  # K = 5 unless given
 
     def forward(
         self, vae: VAE, x: torch.Tensor, step: int | None = None, epoch: int | None = None

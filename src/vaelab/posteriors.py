@@ -21,7 +21,17 @@ except ImportError:  # pragma: no cover
 
 
 class Posterior(nn.Module):
-    """Base class of the approximate posteriors q(z|x)."""
+    """Base class of the approximate posteriors q(z|x). Scales are ``softplus(raw) +
+    min_scale``: smooth, positive, bounded away from zero."""
+
+    def __init__(self, min_scale: float = 1e-4):
+        super().__init__()
+        if not min_scale >= 0:
+            raise ValueError(f"posterior.min_scale must be >= 0, got {min_scale}")
+        self.min_scale = float(min_scale)
+
+    def positive(self, raw: torch.Tensor) -> torch.Tensor:
+        return nn.functional.softplus(raw) + self.min_scale
 
     def num_params(self, latent_dim: int) -> int:
         raise NotImplementedError
@@ -37,18 +47,12 @@ class DiagonalGaussian(Posterior):
     a log-variance head can hit early in training.
     """
 
-    def __init__(self, min_scale: float = 1e-4):
-        super().__init__()
-        if not min_scale >= 0:
-            raise ValueError(f"posterior.min_scale must be >= 0, got {min_scale}")
-        self.min_scale = float(min_scale)
-
     def num_params(self, latent_dim: int) -> int:
         return 2 * int(latent_dim)
 
     def forward(self, params: torch.Tensor) -> Distribution:
         loc, raw = params.float().chunk(2, dim=-1)
-        scale = nn.functional.softplus(raw) + self.min_scale
+        scale = self.positive(raw)
         return Independent(Normal(loc, scale, validate_args=False), 1)
 
 
@@ -67,12 +71,6 @@ class FullGaussian(Posterior):
     KL(q ‖ p) is analytic for a Gaussian prior: torch has MultivariateNormal ‖ MultivariateNormal,
     and this module registers MultivariateNormal ‖ Independent(Normal) (``_kl_mvn_diag_normal``).
     """
-
-    def __init__(self, min_scale: float = 1e-4):
-        super().__init__()
-        if not min_scale >= 0:
-            raise ValueError(f"posterior.min_scale must be >= 0, got {min_scale}")
-        self.min_scale = float(min_scale)
 
     def num_params(self, latent_dim: int) -> int:
         z = int(latent_dim)
@@ -94,7 +92,7 @@ class FullGaussian(Posterior):
         rows, cols = torch.tril_indices(z, z, offset=-1, device=params.device)
         tril = params.new_zeros(*params.shape[:-1], z, z)
         tril[..., rows, cols] = off
-        diag = nn.functional.softplus(raw_diag) + self.min_scale
+        diag = self.positive(raw_diag)
         return loc, tril + torch.diag_embed(diag)
 
     def forward(self, params: torch.Tensor) -> Distribution:
@@ -176,7 +174,7 @@ class IAF(Posterior):
         hidden_features: Sequence[int] = (64, 64),
         min_scale: float = 1e-4,
     ):
-        super().__init__()
+        super().__init__(min_scale)
         zuko = _zuko()
         self.latent_dim = int(latent_dim)
         if self.latent_dim < 1:
@@ -185,11 +183,8 @@ class IAF(Posterior):
             raise ValueError(f"posterior.num_transforms must be >= 1, got {num_transforms}")
         if int(context_features) < 0:
             raise ValueError(f"posterior.context_features must be >= 0, got {context_features}")
-        if not min_scale >= 0:
-            raise ValueError(f"posterior.min_scale must be >= 0, got {min_scale}")
         self.num_transforms = int(num_transforms)
         self.context_features = int(context_features)
-        self.min_scale = float(min_scale)
         orders = (torch.arange(self.latent_dim), torch.arange(self.latent_dim).flip(0))
         self.flow = zuko.lazy.LazyComposedTransform(
             *(
@@ -211,7 +206,7 @@ class IAF(Posterior):
     def forward(self, params: torch.Tensor) -> Distribution:
         z = self.latent_dim
         loc, raw, context = params.float().split([z, z, self.context_features], dim=-1)
-        scale = nn.functional.softplus(raw) + self.min_scale
+        scale = self.positive(raw)
         base = Independent(Normal(loc, scale, validate_args=False), 1)
         # zuko's NormalizingFlow(f, base) samples with f⁻¹ and evaluates densities with f;
         # f = (autoregressive transforms)⁻¹ makes sampling the parallel direction (IAF).

@@ -345,7 +345,7 @@ def test_short_training_run(tmp_path, one_thread, posterior, objective):
     record = Record()
     trainer = pl.Trainer(max_steps=20, logger=False, enable_checkpointing=False, callbacks=[record],
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                         default_root_dir=tmp_path)
+                         default_root_dir=tmp_path, log_every_n_steps=1)  # train/beta on every step
     trainer.fit(module, train_dataloaders=loader)
     assert len(record.losses) == 20 and all(math.isfinite(v) for v in record.losses)
     assert sum(record.losses[-3:]) < sum(record.losses[:3]), record.losses

@@ -51,6 +51,9 @@ def test_vampprior_on_static_binarized_mnist(tmp_path):
     assert module.vae.latent_dim == 40 and module.objective.warmup == 100 and module.objective.warmup_unit == "epochs"
     assert module.objective.effective_beta(step=0, epoch=0) == 0.0
     assert module.objective.effective_beta(step=0, epoch=50) == pytest.approx(0.5)
+    # the paper's baseline, the same setup with the standard prior, composes too
+    _, baseline = build(tmp_path, "vampprior_mnist", "prior=standard")
+    assert type(baseline.vae.prior).__name__ == "StandardNormal" and baseline.vae.latent_dim == 40
 
 
 def test_sigma_vae_on_cifar10(tmp_path):

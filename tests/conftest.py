@@ -68,3 +68,15 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def poisoned_checkpoint(ckpt: Path, dest: Path, group: str = "likelihood") -> tuple[Path, Path]:
+    """A copy of a real checkpoint whose stored config names ``os.system`` for ``group``,
+    commanded to create a marker file: the marker's absence proves that nothing ran.
+    Returns (bad checkpoint, marker)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    marker = dest / "pwned"
+    state["hyper_parameters"]["config"][group] = {"_target_": "os.system", "command": f"touch {marker}"}
+    bad = dest / "bad.ckpt"
+    torch.save(state, bad)
+    return bad, marker

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, check, run_cli
+from conftest import REPO, check, poisoned_checkpoint, run_cli
 from PIL import Image
 
 from vaelab.build import UnsafeConfigError
@@ -103,11 +103,7 @@ def test_checkpoint_rebuilds_without_the_command_line(trained):
 
 
 def test_checkpoint_naming_foreign_code_is_refused_and_runs_nothing(trained, tmp_path):
-    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    marker = tmp_path / "pwned"
-    ckpt["hyper_parameters"]["config"]["likelihood"] = {"_target_": "os.system", "command": f"touch {marker}"}
-    bad = tmp_path / "bad.ckpt"
-    torch.save(ckpt, bad)
+    bad, marker = poisoned_checkpoint(trained / "checkpoints" / "last.ckpt", tmp_path, "likelihood")
     with pytest.raises(UnsafeConfigError, match="os.system"):
         load_module(bad)
     proc = run_cli("eval.py", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path}/e", cwd=REPO)

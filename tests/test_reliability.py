@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, check, run_cli
+from conftest import REPO, SHARED_DATA, check, poisoned_checkpoint, run_cli
 from hydra import compose, initialize_config_module
 
 from vaelab.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, NonFiniteStateError
@@ -396,11 +396,7 @@ def test_full_disk_before_and_during_training(tmp_path, tiny_disk):
 
 # --- security ---------------------------------------------------------------------------------
 def test_resume_from_a_foreign_or_broken_checkpoint_is_refused_before_anything_runs(good_run, tmp_path):
-    ckpt = torch.load(good_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    marker = tmp_path / "pwned"
-    ckpt["hyper_parameters"]["config"]["prior"] = {"_target_": "os.system", "command": f"touch {marker}"}
-    bad = tmp_path / "bad.ckpt"
-    torch.save(ckpt, bad)
+    bad, marker = poisoned_checkpoint(good_run / "checkpoints" / "last.ckpt", tmp_path, "prior")
     cut = tmp_path / "cut.ckpt"
     data = (good_run / "checkpoints" / "last.ckpt").read_bytes()
     cut.write_bytes(data[: len(data) // 3])

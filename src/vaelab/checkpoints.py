@@ -43,7 +43,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a vaelab checkpoint onto the CPU, refusing anything that is not one."""
     p = resolve_checkpoint(path)
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        # memory-mapped: validating or reading the config does not read every weight into memory
+        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
         raise CheckpointError(
             f"{p} cannot be read as a checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:300]}). "

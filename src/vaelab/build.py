@@ -69,6 +69,48 @@ def allowed_prefixes(config: Mapping[str, Any]) -> tuple[str, ...]:
     return ALLOWED_TARGET_PREFIXES + extra
 
 
+FUSED_CHOICES = ("auto", True, False)
+
+
+def fused_kernels_cover(params: Sequence[torch.Tensor]) -> bool:
+    """Whether torch has fused optimizer kernels for every parameter (floating point, on a
+    device with fused kernels: CPU, CUDA, ... as this torch build says)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a torch that moved the helper: take the safe path
+        return False
+    return bool(params) and all(p.device.type in devices and torch.is_floating_point(p) for p in params)
+
+
+def build_optimizer(optimizer_cfg: Mapping[str, Any], params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer of ``optim.optimizer`` over ``params``.
+
+    ``fused``: ``auto`` (the default in optim/adam.yaml and optim/adamw.yaml) takes torch's
+    fused kernel, one kernel for all parameters instead of a loop of small operations per
+    tensor, wherever the optimizer has one (``fused`` in its signature) and torch has one for
+    the parameters' device; ``true`` insists on it, ``false`` uses torch's default. Fused Adam
+    computes the same update: on this project's CPU benchmark it takes 0.5 ms a step instead of
+    3.4 ms for the 1.4M parameters of the MLP VAE (benchmarks/throughput.py).
+    """
+    cfg = dict(optimizer_cfg)
+    params = [p for p in params if p.requires_grad]
+    fused = cfg.pop("fused", None)
+    if fused not in (*FUSED_CHOICES, None):
+        raise ValueError(f"optim.optimizer.fused must be auto, true or false, got {fused!r}")
+    if fused == "auto":
+        import inspect
+
+        from hydra.utils import get_class
+
+        takes_fused = "fused" in inspect.signature(get_class(cfg["_target_"])).parameters
+        fused = True if takes_fused and fused_kernels_cover(params) else None
+    if fused is not None:
+        cfg["fused"] = fused
+    return instantiate(cfg, _partial_=True)(params=params)
+
+
 def build_vae(config: Mapping[str, Any], data_shape: Sequence[int], num_levels: int | None = None) -> VAE:
     """Build the VAE from the resolved config's model groups and the data shape (C, H, W).
 

@@ -66,6 +66,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
      "data.eval_batch_size=500"),
     ("optim.optimizer.lr", _positive, "a learning rate > 0", "optim.optimizer.lr=1e-3"),
     ("optim.optimizer.weight_decay", _non_negative, ">= 0", "optim.optimizer.weight_decay=0"),
+    ("optim.optimizer.fused", lambda v: v in ("auto", True, False), "auto, true or false",
+     "optim.optimizer.fused=auto"),
     ("objective.num_samples", _int_at_least(1), "an integer K >= 1", "objective.num_samples=1"),
     ("objective.beta", _non_negative, "a KL weight >= 0", "objective.beta=1.0"),
     ("objective.warmup", _int_at_least(0), "an integer >= 0", "objective.warmup=0"),

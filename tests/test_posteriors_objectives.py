@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from scipy.stats import multivariate_normal
 from torch.distributions import Independent, Laplace, MultivariateNormal, Normal, kl_divergence
@@ -312,7 +313,7 @@ class Record(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(float(outputs["loss"]))
-        self.betas.append(float(trainer.callback_metrics["train/beta"]))
+        self.betas.append(float(trainer.logged_metrics["train/beta"]))
 
 
 @pytest.fixture
@@ -343,7 +344,7 @@ def test_short_training_run(tmp_path, one_thread, posterior, objective):
     x = torch.bernoulli(probs.expand(20 * 32, 1, 8, 8), generator=gen)
     loader = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=32)
     record = Record()
-    trainer = pl.Trainer(max_steps=20, logger=False, enable_checkpointing=False, callbacks=[record],
+    trainer = pl.Trainer(max_steps=20, logger=CSVLogger(tmp_path), enable_checkpointing=False, callbacks=[record],
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                          default_root_dir=tmp_path, log_every_n_steps=1)  # train/beta on every step
     trainer.fit(module, train_dataloaders=loader)

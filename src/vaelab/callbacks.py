@@ -236,10 +236,19 @@ class ProgressBar(TQDMProgressBar):
 
     KEYS = ("train/elbo_epoch", "val/elbo", "val/iwae")
 
-    def __init__(self, refresh_rate: int = 1, interactive: bool | None = None):
+    def __init__(self, refresh_rate: int = 10, interactive: bool | None = None):
+        # every 10 steps: the bar's numbers change on logging steps only (log_every_n_steps),
+        # and each refresh asks Lightning for all its progress-bar metrics
         self.interactive = sys.stdout.isatty() if interactive is None else bool(interactive)
         super().__init__(refresh_rate=refresh_rate if self.interactive else 0)
         self._epoch_started = 0.0
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        elbo = getattr(pl_module, "last_step_values", {}).get("train/elbo")  # logged past self.log
+        if elbo is not None:
+            items["train/elbo"] = f"{elbo:.3f}"
+        return items
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.time()

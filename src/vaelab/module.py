@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 
-from vaelab.build import allowed_prefixes, build_vae, check_targets
+from vaelab.build import allowed_prefixes, build_optimizer, build_vae, check_targets
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
 from vaelab.guards import NaNGuard
 from vaelab.metrics import bits_per_dim
@@ -67,9 +67,12 @@ class VAEModule(pl.LightningModule):
         self._check_likelihood_fits_data()
         #: the per-example terms logged in training: elbo, recon, kl and the objective's own
         self.train_terms = (*TERMS, *getattr(self.objective, "extra_terms", ()))
+        # nan_strategy="disable": no per-update NaN scan (a device->host sync every step on a
+        # GPU). The NaN guard keeps non-finite training steps out (stop or skip); a NaN in
+        # validation or test shows as NaN in the epoch mean instead of being silently dropped.
         self.metrics = torch.nn.ModuleDict(
             {
-                f"{stage}_{term}": MeanMetric()
+                f"{stage}_{term}": MeanMetric(nan_strategy="disable")
                 for stage, terms in (
                     ("train", self.train_terms),
                     ("val", (*TERMS, "iwae")),
@@ -80,13 +83,15 @@ class VAEModule(pl.LightningModule):
         )
         # how many test examples the test numbers average over: the whole split, each once,
         # also under DDP (summed across processes)
-        self.metrics["test_count"] = SumMetric()
+        self.metrics["test_count"] = SumMetric(nan_strategy="disable")
         self._kl_reported = False
         # test/gap, and the posterior diagnostics of the test split (vaelab.diagnostics)
-        self.metrics["test_gap"] = MeanMetric()
+        self.metrics["test_gap"] = MeanMetric(nan_strategy="disable")
         self.posterior_stats = PosteriorStats(self.vae.latent_dim)
         self.test_diagnostics: dict[str, Any] = {}
         self.nan_guard = NaNGuard.from_config(config)  # nan_policy: stop | skip (vaelab.guards)
+        #: the step values last sent to the loggers (floats), for the progress bar
+        self.last_step_values: dict[str, float] = {}
 
     def _check_likelihood_fits_data(self) -> None:
         lik = self.vae.likelihood
@@ -147,22 +152,35 @@ class VAEModule(pl.LightningModule):
             for term in self.train_terms:
                 self.log(f"train/{term}_epoch", self.metrics[f"train_{term}"], on_step=False, on_epoch=True)
         if self._logging_step():
-            bs = x.shape[0]
-            self.log("train/elbo", out.terms["elbo"].detach().mean(), prog_bar=True, on_step=True,
-                     on_epoch=False, batch_size=bs)
-            values = {f"train/{term}": out.terms[term].detach().mean() for term in self.train_terms[1:]}
-            values["train/loss"] = out.loss.detach()
-            values.update({f"train/{name}": float(value) for name, value in out.scalars.items()})
-            self.log_dict(values, on_step=True, on_epoch=False, batch_size=bs)
+            self._log_step_values(out)
         return out.loss
 
     def _logging_step(self) -> bool:
         """Whether Lightning passes this step's values to the loggers (every
-        ``trainer.log_every_n_steps``). ``self.log`` costs about a millisecond a call, more than
-        a small model's whole step on a GPU, and values logged on other steps are dropped
-        anyway, so step values are logged on these steps only."""
+        ``trainer.log_every_n_steps``): values logged on other steps are dropped anyway."""
         connector = getattr(self._trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
+
+    def _log_step_values(self, out: Any) -> None:
+        """This step's ``train/*`` values, sent to the loggers the way Lightning's logger
+        connector sends what ``self.log(on_step=True)`` collected: the same step counter, with
+        ``epoch`` added, on the same steps, from rank zero's values.
+
+        Not through ``self.log``: it costs about 0.5 ms a call on this project's CPU
+        benchmark, 3.7 ms for these seven values, a third of the MLP VAE's whole step (and
+        more than all of it on a GPU). Here the values leave the device in one transfer."""
+        names = [f"train/{term}" for term in self.train_terms] + ["train/loss"]
+        tensors = [out.terms[term].detach().float().mean() for term in self.train_terms] + [out.loss.detach().float()]
+        values = dict(zip(names, torch.stack(tensors).tolist(), strict=True))
+        values.update({f"train/{name}": float(value) for name, value in out.scalars.items()})
+        if self.nan_guard.policy == "skip":
+            values["train/skipped_steps"] = float(self.nan_guard.skipped)
+        self.last_step_values = values
+        connector = getattr(self._trainer, "_logger_connector", None)
+        if connector is not None and hasattr(connector, "log_metrics"):
+            connector.log_metrics(dict(values))
+        else:  # a Lightning without that method: the ordinary (slower) way
+            self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch
@@ -215,7 +233,7 @@ class VAEModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optim = self.config["optim"]
         check_targets(optim, allowed_prefixes(self.config))
-        optimizer = instantiate(optim["optimizer"], _partial_=True)(params=self.parameters())
+        optimizer = build_optimizer(optim["optimizer"], self.parameters())  # fused where torch has it
         if not optim.get("scheduler"):
             return optimizer
         scheduler = instantiate(optim["scheduler"], _partial_=True)(optimizer=optimizer)

@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import save_image
 
@@ -290,8 +291,10 @@ class ThroughputMonitor(pl.Callback):
         self._images += int(batch[0].shape[0])
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # validation runs before on_train_epoch_end: stop the clock here
-        if not trainer.sanity_checking and trainer.training:
+        # validation inside fit runs before on_train_epoch_end: stop the clock here. (Not
+        # `trainer.training`: that is False once the validation loop has begun, which made
+        # every epoch's figure include its validation.)
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
             self._record(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -60,6 +60,11 @@ class VAEModule(pl.LightningModule):
         self.config = config
         self.data_info = data_info
         self.vae = build_vae(config, data_info["shape"], data_info.get("num_levels"))
+        if (config.get("model") or {}).get("compile", False):
+            # in place (nn.Module.compile), not torch.compile(module): the parameters keep their
+            # names, so a checkpoint loads into a compiled or an eager model alike
+            self.vae.encoder.compile()
+            self.vae.decoder.compile()
         check_targets({"objective": config["objective"]}, allowed_prefixes(config))
         self.objective: Objective = instantiate(config["objective"])
         self.evaluation = check_evaluation({**DEFAULT_EVALUATION, **(config.get("evaluation") or {})})

@@ -61,6 +61,7 @@ def _scale(v: Any) -> bool:
 #: (config key, test, what it must be, an example of a fix); checked where the key exists
 RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("latent_dim", _int_at_least(1), "a positive integer", "latent_dim=16"),
+    ("model.compile", lambda v: isinstance(v, bool), "true or false", "model.compile=true"),
     ("data.batch_size", _int_at_least(1), "a positive integer", "data.batch_size=64"),
     ("data.eval_batch_size", lambda v: v is None or _int_at_least(1)(v), "null or a positive integer",
      "data.eval_batch_size=500"),

@@ -9,11 +9,22 @@ Models:
   conv  conv VAE (channels 32-64-128) on 32×32 images (MNIST zero-padded to 32×32), Gaussian
         likelihood with fixed σ, batch 128
 
-Each contender runs in its own process with the same thread count. Images/s are measured over
-the training batches of each epoch after the first (warm-up) epoch; validation and testing are
-excluded. Peak memory is the process's peak resident set size (and peak CUDA memory on a GPU).
-pythae is installed in its own package folder (``--pythae-dir``, made by
-benchmarks/setup_pythae.sh), layered on this environment's torch.
+Contenders:
+  vaelab          train.py as users run it: W&B (offline) logging, checkpoints, pictures
+  plain           a hand-written loop with the same kernels as vaelab's defaults (fused Adam,
+                  channels-last convolutions): the floor for framework overhead
+  plain-defaults  the same loop with torch's defaults (Adam's per-tensor loop, NCHW
+                  convolutions): what a loop written without tuning gets
+  pythae          pythae's BaseTrainer (its own Adam) on the same network modules
+
+Each contender runs in its own process with the same thread count, ``--repeats`` times, the
+order reversed on every other round so that a slow spell of a shared machine hits all of them.
+Images/s of one run are the mean over the training batches of each epoch after the first
+(warm-up) epoch; validation and testing are excluded. The table gives the median over the
+repeats and the range; the ratios are of the medians. Peak memory is the process's peak
+resident set size (and peak CUDA memory on a GPU). pythae is installed in its own package
+folder (``--pythae-dir``, made by benchmarks/setup_pythae.sh), layered on this environment's
+torch.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ SHARED = REPO.parent / "shared" / "data"
 PYTHAE_DIR = Path.home() / ".cache" / "vaelab" / "bench-pythae-0.1.2"
 BATCH = 128
 LATENT = 32
+TRAIN_IMAGES = 50_000  # both models train on 50,000 images an epoch
 
 
 # --- data, the same tensors for every contender ------------------------------------------
@@ -63,7 +75,10 @@ def vaelab_overrides(model: str) -> list[str]:
 
 
 # --- the plain loop: the floor --------------------------------------------------------------
-def run_plain(model: str, epochs: int, device: str, data_root: Path) -> dict:
+def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool = True) -> dict:
+    """The floor: the data as one tensor on the device, batches sliced from a permutation, the
+    ELBO written out by hand. ``tuned``: vaelab's default kernels (fused Adam, channels-last
+    convolutions); otherwise torch's defaults."""
     import torch
     import torch.nn.functional as F
 
@@ -75,10 +90,10 @@ def run_plain(model: str, epochs: int, device: str, data_root: Path) -> dict:
     if model == "mlp":
         enc, dec = MLPEncoder(shape, 2 * LATENT, hidden=[512, 512]), MLPDecoder(LATENT, shape, shape[0], hidden=[512, 512])
     else:
-        enc = ConvEncoder(shape, 2 * LATENT, channels=[32, 64, 128])
-        dec = ConvDecoder(LATENT, shape, shape[0], channels=[128, 64, 32])
+        enc = ConvEncoder(shape, 2 * LATENT, channels=[32, 64, 128], channels_last=tuned)
+        dec = ConvDecoder(LATENT, shape, shape[0], channels=[128, 64, 32], channels_last=tuned)
     enc, dec = enc.to(device), dec.to(device)
-    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3, **({"fused": True} if tuned else {}))
     half_log_2pi = 0.5 * torch.log(torch.tensor(2 * torch.pi)).item()
     rates = []
     n = len(x_all)
@@ -87,7 +102,7 @@ def run_plain(model: str, epochs: int, device: str, data_root: Path) -> dict:
         sync(device)
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            x = x_all[perm[i : i + BATCH]]
+            x = x_all.index_select(0, perm[i : i + BATCH])
             mu, raw = enc(x).chunk(2, dim=-1)
             sigma = F.softplus(raw) + 1e-4
             z = mu + sigma * torch.randn_like(mu)
@@ -204,8 +219,9 @@ def child(args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     out = Path(args.out)
-    runner = {"plain": run_plain, "vaelab": run_vaelab, "pythae": run_pythae}[args.contender]
-    extra = {} if args.contender == "plain" else {"out": out / "run"}
+    runner = {"plain": run_plain, "plain-defaults": lambda *a, **k: run_plain(*a, tuned=False, **k),
+              "vaelab": run_vaelab, "pythae": run_pythae}[args.contender]
+    extra = {} if args.contender.startswith("plain") else {"out": out / "run"}
     result = runner(args.model, args.epochs, args.device, Path(args.data_root), **extra)
     (out / "result.json").write_text(json.dumps(result))
 
@@ -221,12 +237,19 @@ def prepare_root(tmp: Path) -> Path:
     return root
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["mlp", "conv", "both"], default="both")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per contender (the first is warm-up)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per contender, interleaved")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--contenders", default="vaelab,plain,pythae")
+    parser.add_argument("--contenders", default="vaelab,plain,plain-defaults,pythae")
     parser.add_argument("--pythae-dir", default=str(PYTHAE_DIR))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -239,48 +262,57 @@ def main() -> None:
 
     models = ["mlp", "conv"] if args.model == "both" else [args.model]
     contenders = args.contenders.split(",")
-    results: dict[tuple[str, str], dict] = {}
+    runs: dict[tuple[str, str], list[dict]] = {}
+    load_before = os.getloadavg()
+    started = time.time()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         root = prepare_root(tmp)
         for model in models:
-            for contender in contenders:
-                out = tmp / f"{model}-{contender}"
-                out.mkdir()
-                env = dict(os.environ)
-                if contender == "pythae":
-                    env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.pythae_dir, env.get("PYTHONPATH")]))
-                cmd = [sys.executable, __file__, "--child", "--contender", contender, "--model", model,
-                       "--epochs", str(args.epochs), "--device", args.device, "--out", str(out),
-                       "--data-root", str(root)]
-                print(f"running {model} / {contender} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(proc.stderr[-3000:], file=sys.stderr)
-                    continue
-                results[(model, contender)] = json.loads((out / "result.json").read_text())
+            for rep in range(args.repeats):
+                for contender in contenders if rep % 2 == 0 else contenders[::-1]:
+                    out = tmp / f"{model}-{contender}-{rep}"
+                    out.mkdir()
+                    env = dict(os.environ)
+                    if contender == "pythae":
+                        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.pythae_dir, env.get("PYTHONPATH")]))
+                    cmd = [sys.executable, __file__, "--child", "--contender", contender, "--model", model,
+                           "--epochs", str(args.epochs), "--device", args.device, "--out", str(out),
+                           "--data-root", str(root)]
+                    print(f"[{time.time() - started:6.0f} s] {model} / {contender} (round {rep + 1} of "
+                          f"{args.repeats}) ...", file=sys.stderr, flush=True)
+                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        print(proc.stderr[-3000:], file=sys.stderr)
+                        continue
+                    runs.setdefault((model, contender), []).append(json.loads((out / "result.json").read_text()))
 
     import torch
 
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    print(f"epochs per contender: {args.epochs} (first is warm-up; images/s is the mean of the rest)\n")
-    header = "| model | contender | images/s | epoch s | peak RSS MiB | peak GPU MiB |"
-    print(header + "\n|---|---|---:|---:|---:|---:|")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; load average "
+          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(f"{args.repeats} interleaved runs per contender, {args.epochs} epochs each (the first is warm-up)\n")
+    print("| model | contender | images/s (median) | range | epoch s | peak RSS MiB | peak GPU MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     summary: dict[tuple[str, str], float] = {}
-    for (model, contender), r in results.items():
-        rates = r["images_per_sec"][1:] or r["images_per_sec"]
-        rate = sum(rates) / len(rates)
+    for (model, contender), results in runs.items():
+        rates = []
+        for r in results:
+            per_epoch = r["images_per_sec"][1:] or r["images_per_sec"]
+            rates.append(sum(per_epoch) / len(per_epoch))
+        rate = median(rates)
         summary[(model, contender)] = rate
-        n = 50000 if model == "mlp" else 50000  # both train on 50,000 images
-        gpu = f"{r['peak_cuda_mib']:.0f}" if "peak_cuda_mib" in r else "-"
-        print(f"| {model} | {contender} | {rate:,.0f} | {n / rate:.1f} | {r['peak_rss_mib']:.0f} | {gpu} |")
+        rss = max(r["peak_rss_mib"] for r in results)
+        gpu = f"{max(r['peak_cuda_mib'] for r in results):.0f}" if "peak_cuda_mib" in results[0] else "-"
+        print(f"| {model} | {contender} | {rate:,.0f} | {min(rates):,.0f}–{max(rates):,.0f} | "
+              f"{TRAIN_IMAGES / rate:.1f} | {rss:.0f} | {gpu} |")
     print()
     for model in models:
         v = summary.get((model, "vaelab"))
-        for other in ("plain", "pythae"):
+        for other in contenders:
             o = summary.get((model, other))
-            if v and o:
+            if other != "vaelab" and v and o:
                 print(f"{model}: vaelab / {other} = {v / o:.3f}")
 
 

@@ -93,3 +93,69 @@ def test_in_memory_images_are_row_major_and_batches_equal_plain_indexing():
     batch, labels = data.__getitems__(idx)
     torch.testing.assert_close(batch, images[torch.tensor(idx)], rtol=0, atol=0)
     assert labels.tolist() == idx
+
+
+def test_model_compile_keeps_checkpoint_keys_and_computes_the_same_bound(tmp_path):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from vaelab.cli import build_datamodule, resolve_data_options
+    from vaelab.module import VAEModule
+
+    def module(*overrides: str) -> VAEModule:
+        with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+            cfg = compose("train", overrides=[f"paths.data_dir={tmp_path}/data", f"paths.output_dir={tmp_path}/out",
+                                              "logger=none", "latent_dim=4", "encoder.hidden=[32]",
+                                              "decoder.hidden=[32]", *overrides])
+        resolve_data_options(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        torch.manual_seed(0)
+        return VAEModule(config=config, data_info=build_datamodule(cfg.data, config).info)
+
+    eager, compiled = module(), module("model.compile=true")
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # no _orig_mod. prefixes
+    compiled.load_state_dict(eager.state_dict())  # strict: a checkpoint fits either way
+    x = torch.bernoulli(torch.full((16, 1, 8, 8), 0.3))
+    torch.manual_seed(1)
+    a = eager(x)
+    torch.manual_seed(1)
+    b = compiled(x)
+    torch.testing.assert_close(b.terms["elbo"], a.terms["elbo"], rtol=1e-4, atol=1e-4)
+    b.loss.backward()
+    assert all(p.grad is not None for p in compiled.vae.encoder.parameters())
+
+
+def test_throughput_monitor_times_the_training_batches_and_not_the_validation(tmp_path):
+    import json
+    import time
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vaelab.callbacks import ThroughputMonitor
+
+    class Slow(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.01)
+            return (self.w * batch[0].sum()).sum()
+
+        def validation_step(self, batch, batch_idx):
+            time.sleep(0.1)  # validation is 4x the training time of an epoch
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DataLoader(TensorDataset(torch.zeros(40, 1)), batch_size=4)  # 10 batches
+    monitor = ThroughputMonitor(save_path=str(tmp_path / "throughput.json"))
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", callbacks=[monitor], num_sanity_val_steps=0)
+    trainer.fit(Slow(), data, data)
+    epochs = json.loads((tmp_path / "throughput.json").read_text())["epochs"]
+    assert [e["images"] for e in epochs] == [40, 40]
+    for e in epochs:
+        assert 0.1 <= e["seconds"] < 0.5, e  # 10 steps of 10 ms, not the 1 s of validation
+        assert e["images_per_sec"] == pytest.approx(40 / e["seconds"])

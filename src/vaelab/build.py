@@ -95,7 +95,7 @@ def build_optimizer(optimizer_cfg: Mapping[str, Any], params: Iterable[torch.nn.
     3.4 ms for the 1.4M parameters of the MLP VAE (benchmarks/throughput.py).
     """
     cfg = dict(optimizer_cfg)
-    params = [p for p in params if p.requires_grad]
+    params = list(params)
     fused = cfg.pop("fused", None)
     if fused not in (*FUSED_CHOICES, None):
         raise ValueError(f"optim.optimizer.fused must be auto, true or false, got {fused!r}")

@@ -16,7 +16,7 @@ binarized MNIST (Larochelle & Murray's fixed 50,000 / 10,000 / 10,000 split) fro
   q(z_k|x));
 * test ELBO (vaelab: ``test/elbo``; pythae: minus its loss, the analytic-KL ELBO, averaged
   over the test set here);
-* the training wall time (epochs and validation, not the test evaluation).
+Speed is benchmarks/throughput.py's business; this script compares numbers only.
 
 All numbers are nats per example. pythae is installed in its own package folder (made by
 benchmarks/setup_pythae.sh), layered on this environment's torch.
@@ -48,10 +48,7 @@ def run_vaelab(args: argparse.Namespace, root: Path, out: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"vaelab run failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    train_s = sum(e["seconds"] for e in json.loads((out / "throughput.json").read_text())["epochs"])
-    return {"test_nll": summary["test"]["test/nll"], "test_elbo": summary["test"]["test/elbo"],
-            "best_val_elbo": summary["best_val_elbo"], "train_wall_s": summary["wall_time_s"],
-            "train_batches_s": train_s}
+    return {"test_nll": summary["test"]["test/nll"], "test_elbo": summary["test"]["test/elbo"]}
 
 
 def run_pythae(args: argparse.Namespace, root: Path, out: Path) -> dict:
@@ -98,16 +95,14 @@ def run_pythae(args: argparse.Namespace, root: Path, out: Path) -> dict:
                                seed=args.seed, no_cuda=not args.device.startswith("cuda"))
     trainer = BaseTrainer(model, train_dataset=BaseDataset(train, torch.zeros(len(train))),
                           eval_dataset=BaseDataset(valid, torch.zeros(len(valid))), training_config=config)
-    started = time.perf_counter()
     trainer.train()
-    train_s = time.perf_counter() - started
     best = trainer._best_model.to(device).eval()
     with torch.no_grad():
         x = test.to(device)
         elbo = -torch.cat([best({"data": x[i : i + 500]}).loss.reshape(1) * len(x[i : i + 500])
                            for i in range(0, len(x), 500)]).sum().item() / len(x)
         nll = -best.get_nll(x, n_samples=args.num_samples, batch_size=min(args.num_samples, 1000))
-    return {"test_nll": float(nll), "test_elbo": elbo, "train_wall_s": train_s}
+    return {"test_nll": float(nll), "test_elbo": elbo}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -159,10 +154,10 @@ def main() -> None:
     print(f"\nstatically binarized MNIST, 784-512-512-32 MLP VAE, {args.epochs} epochs, batch {BATCH}, "
           f"Adam 1e-3, seed {args.seed}; test NLL by importance sampling with K={args.num_samples}; "
           "nats per example (lower NLL, higher ELBO is better)\n")
-    print("| library | test NLL | test ELBO | training wall s |")
-    print("|---|---:|---:|---:|")
+    print("| library | test NLL | test ELBO |")
+    print("|---|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['test_nll']:.2f} | {r['test_elbo']:.2f} | {r['train_wall_s']:.0f} |")
+        print(f"| {name} | {r['test_nll']:.2f} | {r['test_elbo']:.2f} |")
     if {"vaelab", "pythae"} <= results.keys():
         d = results["vaelab"]["test_nll"] - results["pythae"]["test_nll"]
         print(f"\nvaelab − pythae test NLL: {d:+.2f} nats ({'better' if d < 0 else 'worse'} for vaelab)")

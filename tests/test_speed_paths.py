@@ -14,7 +14,7 @@ import torch
 
 from vaelab.build import build_optimizer, fused_kernels_cover
 from vaelab.datamodules import InMemoryImages
-from vaelab.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from vaelab.networks import ConvDecoder, ConvEncoder, MLPEncoder
 
 ADAM = {"_target_": "torch.optim.Adam", "lr": 1e-2, "weight_decay": 0.0}
 

@@ -56,6 +56,11 @@ def test_fused_auto_falls_back_where_the_optimizer_has_no_fused_kernel():
     assert not fused_kernels_cover([torch.zeros(3, dtype=torch.long)])
 
 
+def test_an_explicit_foreach_keeps_its_kernel_under_fused_auto():
+    opt = build_optimizer({**ADAM, "fused": "auto", "foreach": True}, _model().parameters())
+    assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
+
+
 def test_a_bad_fused_value_is_refused_with_the_options():
     with pytest.raises(ValueError, match="auto, true or false"):
         build_optimizer({**ADAM, "fused": "yes"}, _model().parameters())

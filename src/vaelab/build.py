@@ -105,7 +105,8 @@ def build_optimizer(optimizer_cfg: Mapping[str, Any], params: Iterable[torch.nn.
         from hydra.utils import get_class
 
         takes_fused = "fused" in inspect.signature(get_class(cfg["_target_"])).parameters
-        fused = True if takes_fused and fused_kernels_cover(params) else None
+        # an explicit foreach=true is the user's choice of kernel (torch refuses both at once)
+        fused = True if takes_fused and not cfg.get("foreach") and fused_kernels_cover(params) else None
     if fused is not None:
         cfg["fused"] = fused
     return instantiate(cfg, _partial_=True)(params=params)

@@ -14,8 +14,8 @@ Cost: one scalar device→host read per step (``bool(torch.isfinite(...).all())`
 already computed, about 30 µs on a CPU. It is the training step's only per-step sync (the
 epoch means skip torchmetrics' per-update NaN scan, and step values are read on logging
 steps only), and only a per-step decision can keep a NaN update out of the weights (``skip``
-needs the decision before backward anyway). The diagnosis (which term, whether the data are finite) runs only
-after a failure.
+needs the decision before backward anyway). The diagnosis (which term, whether the data are
+finite) runs only after a failure.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import BATCH, LATENT, PYTHAE_DIR, REPO, prepare_root  # noqa: E402
+from throughput import BATCH, LATENT, REPO, add_child_arguments, prepare_root, run_child  # noqa: E402
 
 
 def run_vaelab(args: argparse.Namespace, root: Path, out: Path) -> dict:
@@ -119,11 +119,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--contenders", default="vaelab,pythae")
-    parser.add_argument("--pythae-dir", default=str(PYTHAE_DIR))
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--contender", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--data-root", help=argparse.SUPPRESS)
+    add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -137,17 +133,12 @@ def main() -> None:
         for contender in args.contenders.split(","):
             out = tmp / contender
             out.mkdir()
-            env = dict(os.environ)
-            if contender == "pythae":
-                env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.pythae_dir, env.get("PYTHONPATH")]))
             print(f"[{time.time() - started:6.0f} s] {contender}: {args.epochs} epochs, then the test NLL "
                   f"with K={args.num_samples} ...", file=sys.stderr, flush=True)
             cmd = [sys.executable, __file__, "--child", "--contender", contender, "--out", str(out),
                    "--data-root", str(root), "--epochs", str(args.epochs), "--num-samples", str(args.num_samples),
                    "--seed", str(args.seed), "--device", args.device]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
+            if run_child(cmd, contender, args.pythae_dir).returncode != 0:
                 continue
             results[contender] = json.loads((out / "result.json").read_text())
 

@@ -237,6 +237,27 @@ def prepare_root(tmp: Path) -> Path:
     return root
 
 
+def add_child_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark script shares: pythae's folder, and the hidden ones by which
+    the script runs each contender in a child process of its own."""
+    parser.add_argument("--pythae-dir", default=str(PYTHAE_DIR))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--data-root", help=argparse.SUPPRESS)
+
+
+def run_child(cmd: list[str], contender: str, pythae_dir: str) -> subprocess.CompletedProcess:
+    """One contender in its own process; pythae's folder on the path for pythae only."""
+    env = dict(os.environ)
+    if contender == "pythae":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythae_dir, env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+    return proc
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -250,11 +271,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per contender, interleaved")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--contenders", default="vaelab,plain,plain-defaults,pythae")
-    parser.add_argument("--pythae-dir", default=str(PYTHAE_DIR))
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--contender", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--data-root", help=argparse.SUPPRESS)
+    add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -273,17 +290,12 @@ def main() -> None:
                 for contender in contenders if rep % 2 == 0 else contenders[::-1]:
                     out = tmp / f"{model}-{contender}-{rep}"
                     out.mkdir()
-                    env = dict(os.environ)
-                    if contender == "pythae":
-                        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.pythae_dir, env.get("PYTHONPATH")]))
                     cmd = [sys.executable, __file__, "--child", "--contender", contender, "--model", model,
                            "--epochs", str(args.epochs), "--device", args.device, "--out", str(out),
                            "--data-root", str(root)]
                     print(f"[{time.time() - started:6.0f} s] {model} / {contender} (round {rep + 1} of "
                           f"{args.repeats}) ...", file=sys.stderr, flush=True)
-                    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                    if proc.returncode != 0:
-                        print(proc.stderr[-3000:], file=sys.stderr)
+                    if run_child(cmd, contender, args.pythae_dir).returncode != 0:
                         continue
                     runs.setdefault((model, contender), []).append(json.loads((out / "result.json").read_text()))
 

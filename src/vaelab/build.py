@@ -11,11 +11,12 @@ it (``os.system``, say): such a config is refused before anything is built.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
 from vaelab.vae import VAE
 
@@ -100,10 +101,6 @@ def build_optimizer(optimizer_cfg: Mapping[str, Any], params: Iterable[torch.nn.
     if fused not in (*FUSED_CHOICES, None):
         raise ValueError(f"optim.optimizer.fused must be auto, true or false, got {fused!r}")
     if fused == "auto":
-        import inspect
-
-        from hydra.utils import get_class
-
         takes_fused = "fused" in inspect.signature(get_class(cfg["_target_"])).parameters
         # an explicit foreach=true is the user's choice of kernel (torch refuses both at once)
         fused = True if takes_fused and not cfg.get("foreach") and fused_kernels_cover(params) else None

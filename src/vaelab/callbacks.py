@@ -19,11 +19,13 @@ Each picture goes to every logger that takes images (W&B) and to a PNG file unde
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +40,14 @@ from torchvision.utils import save_image
 from vaelab import pictures as pics
 from vaelab.diagnostics import most_active_dims, posterior_mean
 
-# kept for code that imported them from here
-_upscale = pics.upscale
-_displayable = pics.displayable
+
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Draw with a fixed seed (the same pictures every epoch) and leave the training's random
+    streams, the device's included, as they were."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class ImageLogger(pl.Callback):
@@ -154,8 +161,7 @@ class ImageLogger(pl.Callback):
         vae.eval()
         out: dict[str, tuple[torch.Tensor, str]] = {}
         try:
-            with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-                torch.manual_seed(self.seed)
+            with _seeded(pl_module.device, self.seed):
                 n = min(len(test), self.max_latent_points)
                 labels = test.labels[:n]
                 bs = getattr(dm, "eval_batch_size", 256)
@@ -210,16 +216,14 @@ class ImageLogger(pl.Callback):
             val = getattr(dm, "val_set", None)
             if val is not None and self.num_images > 0:
                 x = dm.to_float(val.images[: self.num_images].to(pl_module.device))
-                with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-                    torch.manual_seed(self.seed + 1)
+                with _seeded(pl_module.device, self.seed + 1):
                     px = vae.reconstruct(x)
                     rows = torch.cat([x, px.mean, px.sample()])
                 out["val/reconstructions"] = (
                     pics.grid(rows, nrow=len(x), min_pixels=self.min_pixels),
                     "top: inputs x; middle: mean of p(x|z); bottom: a sample x ~ p(x|z); z = mean of q(z|x)")
             if self.num_samples > 0:
-                with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-                    torch.manual_seed(self.seed)
+                with _seeded(pl_module.device, self.seed):
                     samples = vae.sample(self.num_samples).mean
                 nrow = max(1, int(self.num_samples**0.5))
                 out["val/samples"] = (pics.grid(samples, nrow=nrow, min_pixels=self.min_pixels), "mean of p(x|z), z ~ p(z) (the same z every epoch)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab.checkpoints import resolve_checkpoint
 
-log = __import__("logging").getLogger("vaelab")
+log = logging.getLogger("vaelab")
 
 
 def _is_wandb(lg_cfg: Any) -> bool:

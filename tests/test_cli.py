@@ -149,6 +149,18 @@ def test_no_logger_still_trains_and_checkpoints(tmp_path):
     assert "epoch 1/1  train/elbo_epoch" in proc.stdout and "\r" not in proc.stdout
 
 
+def test_without_the_callbacks_group_the_run_still_ends_cleanly(tmp_path):
+    """`~callbacks` leaves Lightning's default checkpoint callback, which monitors nothing: the
+    run trains, tests the latest checkpoint and says so (it used to crash formatting a score)."""
+    out = tmp_path / "run"
+    proc = check(run_cli("train.py", "~callbacks", "logger=none", "trainer.max_epochs=1",
+                         "evaluation.test_num_samples=5", f"hydra.run.dir={out}", cwd=REPO))
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["failed"] and summary["best_val_elbo"] is None
+    assert Path(summary["best_checkpoint"]).is_file() and "test/nll" in summary["test"]
+    assert "no checkpoint callback monitors val/elbo" in proc.stdout
+
+
 def test_bernoulli_on_grey_levels_fails_before_training(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train.py", "likelihood=bernoulli", "data.binarize=none", f"hydra.run.dir={out}", cwd=REPO)

@@ -195,7 +195,11 @@ def _unit(key: str) -> str:
 def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     lines = ["", "vaelab: run finished", f"  output folder   {summary['output_dir']}"]
     if summary.get("best_checkpoint"):
-        lines.append(f"  best checkpoint {summary['best_checkpoint']}  (val/elbo {summary['best_val_elbo']:.3f} nats)")
+        score = summary.get("best_val_elbo")
+        # without a checkpoint callback that monitors val/elbo (callbacks overridden or removed),
+        # Lightning's default one keeps the latest checkpoint and has no score
+        why = f"val/elbo {score:.3f} nats" if score is not None else "the latest: no checkpoint callback monitors val/elbo"
+        lines.append(f"  best checkpoint {summary['best_checkpoint']}  ({why})")
     if summary.get("last_checkpoint"):
         lines.append(f"  last checkpoint {summary['last_checkpoint']}")
     for key, value in sorted(summary.get("test", {}).items()):

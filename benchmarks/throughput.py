@@ -56,6 +56,10 @@ def load_data(model: str, data_root: Path):
 
     from vaelab.datamodules import MNIST, BinarizedMNIST
 
+    # importing vaelab imported Lightning, which sets PYTORCH_NVML_BASED_CUDA_CHECK=1 and with
+    # it a failed NVML probe in every Adam step on a CPU machine (vaelab.build.
+    # skip_failing_nvml_probe); the plain loop and pythae never import Lightning: torch's default
+    os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
     if model == "mlp":
         dm = BinarizedMNIST(root=data_root, download=False)
     else:

@@ -8,6 +8,8 @@ a researcher could see in the numbers.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,95 @@ def test_throughput_monitor_times_the_training_batches_and_not_the_validation(tm
     for e in epochs:
         assert 0.1 <= e["seconds"] < 0.5, e  # 10 steps of 10 ms, not the 1 s of validation
         assert e["images_per_sec"] == pytest.approx(40 / e["seconds"])
+
+
+def test_sum_mean_is_the_exact_mean_over_all_examples_and_resets():
+    from torchmetrics import MeanMetric
+
+    from vaelab.metrics import SumMean
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, generator=gen) * 50 - 100 for n in (128, 128, 37)]  # a short last batch
+    ours, reference = SumMean(), MeanMetric()
+    for b in batches:
+        ours.update(b.sum(), b.numel())
+        reference.update(b)
+    torch.testing.assert_close(ours.compute(), torch.cat(batches).mean())
+    torch.testing.assert_close(ours.compute(), reference.compute())
+    ours.reset()
+    ours.update(torch.tensor(6.0), 3)
+    assert ours.compute().item() == pytest.approx(2.0)
+    # under DDP the states are summed across processes: the mean over all their examples
+    rank0, rank1 = SumMean(), SumMean()
+    rank0.update(torch.tensor(6.0), 3)
+    rank1.update(torch.tensor(10.0), 1)
+    rank0.merge_state(rank1)
+    assert rank0.compute().item() == pytest.approx(16.0 / 4)
+
+
+def test_nan_guard_reads_the_term_sums_and_still_names_the_bad_term():
+    from types import SimpleNamespace
+
+    from vaelab.guards import NaNGuard, NonFiniteLossError
+
+    terms = {"elbo": torch.tensor([1.0, float("nan")]), "recon": torch.tensor([0.5, 0.5]), "kl": torch.tensor([1.0, 1.0])}
+    out = SimpleNamespace(loss=torch.tensor(2.0), terms=terms)
+    module = SimpleNamespace(global_step=7, current_epoch=0, _trainer=None)
+    sums = torch.stack(list(terms.values())).sum(-1)
+    with pytest.raises(NonFiniteLossError, match=r"train/elbo is NaN for 1 of 2 examples"):
+        NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), out, sums)
+    good = {k: torch.ones(2) for k in terms}
+    ok = SimpleNamespace(loss=torch.tensor(2.0), terms=good)
+    assert not NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), ok, torch.stack(list(good.values())).sum(-1))
+    # an infinite loss with finite terms (a β-weighted or free-bits loss) is caught too
+    inf_loss = SimpleNamespace(loss=torch.tensor(float("inf")), terms=good)
+    with pytest.raises(NonFiniteLossError, match="train/loss"):
+        NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), inf_loss, torch.stack(list(good.values())).sum(-1))
+
+
+def test_nvml_probe_is_skipped_only_where_nvml_cannot_load(monkeypatch):
+    import ctypes
+
+    from vaelab.build import skip_failing_nvml_probe
+
+    if not torch.backends.cuda.is_built():
+        pytest.skip("a torch without CUDA never probes NVML")
+    before = torch.cuda.is_available()
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: object())  # NVML present: leave torch's choice
+    assert not skip_failing_nvml_probe()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    assert skip_failing_nvml_probe()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"
+    assert torch.cuda.is_available() == before  # the same answer, without the failed load
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK")
+    assert not skip_failing_nvml_probe()  # not set: nothing to do
+
+
+@pytest.mark.parametrize("sample_shape", [(), (3,)])
+def test_bernoulli_image_log_prob_is_torchs_to_the_bit_with_the_same_gradients(sample_shape):
+    """The Bernoulli likelihood negates after summing over the pixels (two full-size passes
+    fewer per step); values and gradients are exactly torch's Independent(Bernoulli)."""
+    from torch.distributions import Bernoulli, Independent
+
+    from vaelab.likelihoods import Bernoulli as BernoulliLikelihood
+
+    gen = torch.Generator().manual_seed(0)
+    params = torch.randn(*sample_shape, 4, 1, 6, 5, generator=gen, requires_grad=True)
+    x = torch.bernoulli(torch.full((4, 1, 6, 5), 0.3), generator=gen)
+    px = BernoulliLikelihood()(params)
+    reference = Independent(Bernoulli(logits=params, validate_args=False), 3)
+    assert isinstance(px, Independent) and px.batch_shape == reference.batch_shape
+    assert px.event_shape == reference.event_shape == (1, 6, 5)
+    ours, theirs = px.log_prob(x), reference.log_prob(x)
+    assert ours.shape == (*sample_shape, 4) and torch.equal(ours, theirs)
+    (g_ours,) = torch.autograd.grad(ours.sum(), params)
+    (g_theirs,) = torch.autograd.grad(theirs.sum(), params)
+    assert torch.equal(g_ours, g_theirs)
+    torch.testing.assert_close(px.mean, reference.mean)
+    assert px.sample().shape == reference.sample().shape

@@ -56,10 +56,17 @@ class NaNGuard:
     def from_config(cls, config: dict[str, Any]) -> NaNGuard:
         return cls(config.get("nan_policy", "stop") or "stop", config.get("max_skipped_steps", 100))
 
-    def bad_step(self, module: Any, x: torch.Tensor, out: Any) -> bool:
-        """True if this step must be skipped; raises ``NonFiniteLossError`` if it must stop."""
-        values = [out.loss.detach().reshape(-1), *(t.detach().reshape(-1) for t in out.terms.values())]
-        if bool(torch.isfinite(torch.cat([v.float() for v in values])).all()):
+    def bad_step(self, module: Any, x: torch.Tensor, out: Any, term_sums: torch.Tensor | None = None) -> bool:
+        """True if this step must be skipped; raises ``NonFiniteLossError`` if it must stop.
+
+        ``term_sums``: the batch sums of the terms, where the caller has them (a sum is finite
+        exactly when every value in it is, short of float overflow); else the terms are read."""
+        values = [out.loss.detach().reshape(-1).float()]
+        if term_sums is not None:
+            values.append(term_sums.detach().reshape(-1).float())
+        else:
+            values += [t.detach().reshape(-1).float() for t in out.terms.values()]
+        if bool(torch.isfinite(torch.cat(values)).all()):
             return False  # (VAEModule logs train/skipped_steps with the other step values)
         problems = [p for p in (_describe(f"train/{k}", v) for k, v in out.terms.items()) if p]
         if not problems:

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric, SumMetric
 from vaelab.build import allowed_prefixes, build_optimizer, build_vae, check_targets
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
 from vaelab.guards import NaNGuard
-from vaelab.metrics import bits_per_dim
+from vaelab.metrics import SumMean, bits_per_dim
 from vaelab.objectives import Objective
 
 TERMS = ("elbo", "recon", "kl")
@@ -72,20 +72,19 @@ class VAEModule(pl.LightningModule):
         self._check_likelihood_fits_data()
         #: the per-example terms logged in training: elbo, recon, kl and the objective's own
         self.train_terms = (*TERMS, *getattr(self.objective, "extra_terms", ()))
-        # nan_strategy="disable": no per-update NaN scan (a device->host sync every step on a
-        # GPU). The NaN guard keeps non-finite training steps out (stop or skip); a NaN in
-        # validation or test shows as NaN in the epoch mean instead of being silently dropped.
+        # the terms of every step: SumMean, fed with the batch sums that _step computes once
+        # for all terms. No NaN scan per update (a device->host sync every step on a GPU): the
+        # NaN guard keeps non-finite training steps out (stop or skip); a NaN in validation or
+        # test shows as NaN in the epoch mean instead of being silently dropped.
         self.metrics = torch.nn.ModuleDict(
             {
-                f"{stage}_{term}": MeanMetric(nan_strategy="disable")
-                for stage, terms in (
-                    ("train", self.train_terms),
-                    ("val", (*TERMS, "iwae")),
-                    ("test", (*TERMS, "nll")),
-                )
+                f"{stage}_{term}": SumMean()
+                for stage, terms in (("train", self.train_terms), ("val", TERMS), ("test", TERMS))
                 for term in terms
             }
         )
+        for name in ("val_iwae", "test_nll"):  # per-example vectors, once a validation/test batch
+            self.metrics[name] = MeanMetric(nan_strategy="disable")
         # how many test examples the test numbers average over: the whole split, each once,
         # also under DDP (summed across processes)
         self.metrics["test_count"] = SumMetric(nan_strategy="disable")
@@ -133,10 +132,16 @@ class VAEModule(pl.LightningModule):
         # are the true bounds whatever β is: β only enters the loss)
         when = {"step": self.global_step, "epoch": self.current_epoch} if stage == "train" else {}
         out = self.objective(self.vae, x, **when)
-        if stage == "train" and self.nan_guard.bad_step(self, x, out):
+        terms = self.train_terms if stage == "train" else TERMS
+        # the batch sums of all logged terms in one reduction ([T]): the epoch means and the
+        # NaN guard both read them (per-example terms [B], the objectives' contract)
+        values = torch.stack([out.terms[term].detach().float() for term in terms])
+        sums = values.sum(-1)
+        if stage == "train" and self.nan_guard.bad_step(self, x, out, sums):
             return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)
-        for term in TERMS if stage != "train" else self.train_terms:
-            self.metrics[f"{stage}_{term}"].update(out.terms[term].detach())
+        count = values.shape[-1]
+        for term, total in zip(terms, sums.unbind(), strict=True):
+            self.metrics[f"{stage}_{term}"].update(total, count)
         if not self._kl_reported:
             self._kl_reported = True
             rank_zero_info(

@@ -26,6 +26,7 @@ from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RankSeed, job_scope
 from vaelab.module import VAEModule, check_evaluation
+from vaelab.profiling import default_profiler
 from vaelab.runs import ensure_wandb_id, in_multirun, resolve_resume
 from vaelab.validation import (
     check_free_space,
@@ -142,7 +143,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     check_targets({"checkpoint_io": cfg.get("checkpoint_io")}, allowed_prefixes(config))
     checkpoint_io = instantiate(cfg.checkpoint_io) if cfg.get("checkpoint_io") else None  # atomic saves
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                      plugins=[checkpoint_io] if checkpoint_io is not None else None)
+                                      plugins=[checkpoint_io] if checkpoint_io is not None else None,
+                                      **default_profiler(cfg.trainer))
     for lg in loggers:
         lg.log_hyperparams(config)
     dashboard.define_metrics(loggers)
@@ -232,7 +234,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     loggers = build_loggers(cfg.get("logger"), stored)
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(stored))
     pictures = ImageLogger(save_dir=str(Path(cfg.paths.output_dir) / "images"), num_samples=0)
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[pictures])
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[pictures],
+                                      **default_profiler(cfg.trainer))
     dashboard.define_metrics(loggers)
     failed = True
     try:

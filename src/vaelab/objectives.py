@@ -135,11 +135,16 @@ class ELBO(Objective):
         px = vae.decode(z)  # batch shape [S, B]
         with float32(x.device):
             p = vae.prior_distribution()
-            recon = px.log_prob(x).mean(0)  # E_q[log p(x|z)]  [B]
+            log_px = px.log_prob(x)  # [S, B]
+            # E_q[log p(x|z)]  [B]: the mean over the S samples (with S = 1 that sample itself,
+            # a view: the same numbers without a reduction and its backward)
+            recon = log_px[0] if self.num_samples == 1 else log_px.mean(0)
             kl, analytic = kl_or_monte_carlo(q, p, z.float(), log_q)
             elbo = recon - kl
             if self.free_bits == 0:
-                loss = -(recon - beta * kl).mean()
+                # −(recon − β·kl); for β = 1 written kl − recon, which is the same floating-point
+                # number (negation and multiplying by 1 are exact) in two operations fewer
+                loss = (kl - recon).mean() if beta == 1.0 else -(recon - beta * kl).mean()
             else:
                 loss = -recon.mean() + beta * self.kl_in_loss(q, p, kl)
         return ObjectiveOutput(

@@ -184,6 +184,10 @@ def test_sum_mean_is_the_exact_mean_over_all_examples_and_resets():
     ours.reset()
     ours.update(torch.tensor(6.0), 3)
     assert ours.compute().item() == pytest.approx(2.0)
+    ours.update(torch.tensor(0.0), 1)  # an update after compute() is not hidden by its cache
+    assert ours.compute().item() == pytest.approx(1.5)
+    ours.reset()  # the in-place sums never touched the defaults a reset restores
+    assert ours.total.item() == 0.0 and ours.count.item() == 0.0 and ours._update_count == 0
     # under DDP the states are summed across processes: the mean over all their examples
     rank0, rank1 = SumMean(), SumMean()
     rank0.update(torch.tensor(6.0), 3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -21,17 +20,16 @@ from vaelab.likelihoods import Likelihood
 from vaelab.posteriors import Posterior
 from vaelab.priors import Prior
 
+_NO_SWITCH = contextlib.nullcontext()
 
-@contextlib.contextmanager
-def float32(device: torch.device) -> Iterator[None]:
+
+def float32(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """Run density arithmetic in float32 even inside an autocast (mixed precision) region.
-    Outside one (full precision) there is nothing to switch off, and the step saves the cost of
-    entering and leaving an autocast region four times."""
+    Outside one (full precision) there is nothing to switch off: a shared null context, which
+    saves the training step entering and leaving eight autocast regions (or generators)."""
     if not torch.is_autocast_enabled(device.type):
-        yield
-        return
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
+        return _NO_SWITCH
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def rsample_and_log_prob(

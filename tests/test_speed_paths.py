@@ -292,8 +292,9 @@ def test_the_hook_name_fast_path_keeps_lightnings_bookkeeping(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
     seen: dict[str, str | None] = {}
+    template = _tiny_module()
 
-    class Recording(_tiny_module().__class__):
+    class Recording(type(template)):
         def training_step(self, batch, batch_idx):
             seen["training_step"] = self._current_fx_name
             return super().training_step(batch, batch_idx)
@@ -301,7 +302,7 @@ def test_the_hook_name_fast_path_keeps_lightnings_bookkeeping(tmp_path):
         def on_train_batch_end(self, outputs, batch, batch_idx):
             seen["on_train_batch_end"] = self._current_fx_name
 
-    module = Recording(_tiny_module().config, _tiny_module().data_info)
+    module = Recording(template.config, template.data_info)
     images = torch.bernoulli(torch.full((32, 1, 8, 8), 0.3))
     loader = DataLoader(TensorDataset(images, torch.zeros(32)), batch_size=16)
     pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -306,7 +306,7 @@ def test_the_hook_name_fast_path_keeps_lightnings_bookkeeping(tmp_path):
     images = torch.bernoulli(torch.full((32, 1, 8, 8), 0.3))
     loader = DataLoader(TensorDataset(images, torch.zeros(32)), batch_size=16)
     pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, accelerator="cpu").fit(module, loader)
+               enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path).fit(module, loader)
     assert seen == {"training_step": "training_step", "on_train_batch_end": "on_train_batch_end"}
     assert module._current_fx_name is None  # restored after the last hook
     assert "_current_fx_name" not in {**module._parameters, **module._buffers, **module._modules}

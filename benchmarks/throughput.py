@@ -63,7 +63,9 @@ def load_data(model: str, data_root: Path):
     if model == "mlp":
         dm = BinarizedMNIST(root=data_root, download=False)
     else:
-        dm = MNIST(root=data_root, download=False, binarize="none", pad=2)
+        # download=True: torchvision unpacks the .gz files it finds (checking their md5) and fetches
+        # nothing; with download=False it needs them unpacked already (as a vaelab run leaves them)
+        dm = MNIST(root=data_root, download=True, binarize="none", pad=2)
     dm.setup("fit")
     return dm.to_float(dm.train_set.images).contiguous(), torch.tensor(dm.data_shape)
 

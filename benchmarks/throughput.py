@@ -81,18 +81,13 @@ def vaelab_overrides(model: str) -> list[str]:
 
 
 # --- the plain loop: the floor --------------------------------------------------------------
-def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool = True) -> dict:
-    """The floor: the data as one tensor on the device, batches sliced from a permutation, the
-    ELBO written out by hand. ``tuned``: vaelab's default kernels (fused Adam, channels-last
-    convolutions); otherwise torch's defaults."""
+def plain_model(model: str, shape: tuple[int, ...], device: str, tuned: bool = True):
+    """The plain loop's encoder, decoder and optimizer. ``tuned``: vaelab's default kernels
+    (fused Adam, channels-last convolutions); otherwise torch's defaults."""
     import torch
-    import torch.nn.functional as F
 
     from vaelab.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
-    x_all, shape = load_data(model, data_root)
-    shape = tuple(shape.tolist())
-    x_all = x_all.to(device)
     if model == "mlp":
         enc, dec = MLPEncoder(shape, 2 * LATENT, hidden=[512, 512]), MLPDecoder(LATENT, shape, shape[0], hidden=[512, 512])
     else:
@@ -100,7 +95,40 @@ def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool
         dec = ConvDecoder(LATENT, shape, shape[0], channels=[128, 64, 32], channels_last=tuned)
     enc, dec = enc.to(device), dec.to(device)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3, **({"fused": True} if tuned else {}))
-    half_log_2pi = 0.5 * torch.log(torch.tensor(2 * torch.pi)).item()
+    return enc, dec, opt
+
+
+def plain_step(model: str, enc, dec, opt, x) -> None:
+    """One training step with the ELBO written out by hand (Bernoulli for the MLP, Gaussian
+    with σ = 1 for the conv model, standard normal prior)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    mu, raw = enc(x).chunk(2, dim=-1)
+    sigma = F.softplus(raw) + 1e-4
+    z = mu + sigma * torch.randn_like(mu)
+    out = dec(z)
+    if model == "mlp":
+        recon = -F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
+    else:
+        recon = (-0.5 * (x - out) ** 2 - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
+    kl = 0.5 * (sigma**2 + mu**2 - 1 - 2 * torch.log(sigma)).sum(1)
+    loss = -(recon - kl).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool = True) -> dict:
+    """The floor: the data as one tensor on the device, batches sliced from a permutation, the
+    ELBO written out by hand (``plain_step``)."""
+    import torch
+
+    x_all, shape = load_data(model, data_root)
+    x_all = x_all.to(device)
+    enc, dec, opt = plain_model(model, tuple(shape.tolist()), device, tuned)
     rates = []
     n = len(x_all)
     for _ in range(epochs):
@@ -108,20 +136,7 @@ def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool
         sync(device)
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            x = x_all.index_select(0, perm[i : i + BATCH])
-            mu, raw = enc(x).chunk(2, dim=-1)
-            sigma = F.softplus(raw) + 1e-4
-            z = mu + sigma * torch.randn_like(mu)
-            out = dec(z)
-            if model == "mlp":
-                recon = -F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
-            else:
-                recon = (-0.5 * (x - out) ** 2 - half_log_2pi).flatten(1).sum(1)
-            kl = 0.5 * (sigma**2 + mu**2 - 1 - 2 * torch.log(sigma)).sum(1)
-            loss = -(recon - kl).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            plain_step(model, enc, dec, opt, x_all.index_select(0, perm[i : i + BATCH]))
         sync(device)
         rates.append(n / (time.perf_counter() - start))
     return finish(rates, device)

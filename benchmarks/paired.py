@@ -1,0 +1,136 @@
+"""vaelab against the plain loop, paired inside one training run: the steadiest ratio on a
+shared machine.
+
+    python benchmarks/paired.py                     # the MLP model, 2 runs
+    python benchmarks/paired.py --model conv --runs 1 --block 10
+
+throughput.py runs each contender in its own process, minutes apart; on this project's shared
+2-core machine the speed of the host drifts by more than the differences it measures (the same
+command gave vaelab/plain from 0.76 to 0.84). Here one ``train.py`` run, as users run it
+(W&B offline, checkpoints, pictures), carries a callback that after every ``--block`` vaelab
+training steps runs ``--block`` steps of throughput.py's plain loop (same model, same data, same
+kernels: ``throughput.plain_step``) in the same process. Both see the same host, threads and
+memory state within seconds of each other. The ratio is the plain loop's median ms a block-step
+over vaelab's; blocks that a validation or a checkpoint save falls into count for vaelab as
+they do for users (the median keeps a rare slow block from deciding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from throughput import (
+    BATCH,
+    REPO,
+    load_data,
+    plain_model,
+    plain_step,
+    prepare_root,
+    vaelab_overrides,
+)
+
+
+class PlainBlocks(pl.Callback):
+    """After every ``block`` vaelab training steps, ``block`` steps of the plain loop; the
+    per-step times of both, written to ``save_path`` when training ends."""
+
+    def __init__(self, model: str, data_root: str, save_path: str, block: int = 40):
+        self.model, self.data_root, self.save_path, self.block = model, Path(data_root), Path(save_path), int(block)
+        self.vaelab: list[float] = []
+        self.plain: list[float] = []
+        self._start: float | None = None
+        self._steps = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        x_all, shape = load_data(self.model, self.data_root)
+        self.x = x_all.to(pl_module.device)
+        self.nets = plain_model(self.model, tuple(shape.tolist()), str(pl_module.device))
+        self.perm, self.pos = torch.randperm(len(self.x), device=self.x.device), 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._start, self._steps = time.perf_counter(), 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = None  # a block never spans the validation (excluded as in throughput.py)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._steps += 1
+        if self._start is None or self._steps < self.block:
+            return
+        self._sync()
+        self.vaelab.append((time.perf_counter() - self._start) / self.block)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            for _ in range(self.block):
+                if self.pos + BATCH > len(self.x):
+                    self.perm, self.pos = torch.randperm(len(self.x), device=self.x.device), 0
+                plain_step(self.model, *self.nets, self.x.index_select(0, self.perm[self.pos : self.pos + BATCH]))
+                self.pos += BATCH
+        self._sync()
+        self.plain.append((time.perf_counter() - start) / self.block)
+        self._start, self._steps = time.perf_counter(), 0
+
+    def _sync(self) -> None:
+        if self.x.is_cuda:
+            torch.cuda.synchronize()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.save_path.write_text(json.dumps({"vaelab_s": self.vaelab, "plain_s": self.plain}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["mlp", "conv"], default="mlp")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--block", type=int, default=40, help="steps of each contender in turn")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root = prepare_root(tmp)
+        for run in range(args.runs):
+            out = tmp / f"run{run}"
+            save = tmp / f"blocks{run}.json"
+            accel = "gpu" if args.device.startswith("cuda") else "cpu"
+            cmd = [sys.executable, str(REPO / "train.py"), *vaelab_overrides(args.model), f"data.root={root}",
+                   f"trainer.max_epochs={args.epochs}", f"trainer.accelerator={accel}", "test=false",
+                   f"hydra.run.dir={out}", "+callbacks.paired._target_=paired.PlainBlocks",
+                   f"+callbacks.paired.model={args.model}", f"+callbacks.paired.data_root={root}",
+                   f"+callbacks.paired.save_path={save}", f"+callbacks.paired.block={args.block}",
+                   "allowed_targets=[paired.]"]
+            env = {**os.environ, "WANDB_MODE": "offline",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+            print(f"run {run + 1} of {args.runs} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                sys.exit(f"vaelab run failed:\n{proc.stderr[-3000:]}")
+            blocks = json.loads(save.read_text())
+            v, p = statistics.median(blocks["vaelab_s"]), statistics.median(blocks["plain_s"])
+            rows.append((len(blocks["vaelab_s"]), v, p))
+
+    print(f"\n{args.model}, batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads, device "
+          f"{args.device}; blocks of {args.block} steps, each contender in turn\n")
+    print("| run | blocks | vaelab ms/step | plain ms/step | vaelab / plain |")
+    print("|---|---:|---:|---:|---:|")
+    for i, (n, v, p) in enumerate(rows, 1):
+        print(f"| {i} | {n} | {1e3 * v:.3f} | {1e3 * p:.3f} | {p / v:.3f} |")
+    print(f"\n{args.model}: vaelab / plain = {statistics.median(p / v for _, v, p in rows):.3f} (median over runs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,8 @@ import math
 import torch
 from torchmetrics import Metric
 
+from vaelab.attributes import PlainAttributes
+
 
 def bits_per_dim(nll: torch.Tensor | float, num_dims: int, discrete: bool, bin_width: float) -> torch.Tensor | float:
     """bits/dim from a negative log-likelihood in nats per example.
@@ -26,7 +28,7 @@ def bits_per_dim(nll: torch.Tensor | float, num_dims: int, discrete: bool, bin_w
     return (nll + correction) / (num_dims * math.log(2.0))
 
 
-class SumMean(Metric):
+class SumMean(PlainAttributes, Metric):
     """The exact mean of a per-example quantity over all the examples seen (and over all
     processes under DDP): the running sum and count, reduced by summing.
 
@@ -43,16 +45,8 @@ class SumMean(Metric):
         self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
-    #: set by torchmetrics' update wrapper on every update: never a parameter, buffer or module
-    _PLAIN_ATTRIBUTES = frozenset({"_computed", "_update_count"})
-
-    def __setattr__(self, name: str, value: object) -> None:
-        # three updates a training step, two of these each: stored where nn.Module.__setattr__
-        # would store them, without its Parameter/Buffer/Module isinstance checks (~0.9 µs each)
-        if name in self._PLAIN_ATTRIBUTES:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    #: set by torchmetrics' update wrapper on every update (three updates a training step)
+    PLAIN_ATTRIBUTES = frozenset({"_computed", "_update_count"})
 
     def update(self, total: torch.Tensor, count: int) -> None:
         # in place: the same sums, without re-assigning the state attributes

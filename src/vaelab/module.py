@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, SumMetric
 
+from vaelab.attributes import PlainAttributes
 from vaelab.build import allowed_prefixes, build_optimizer, build_vae, check_targets
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
 from vaelab.guards import NaNGuard
@@ -37,7 +38,7 @@ def check_evaluation(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-class VAEModule(pl.LightningModule):
+class VAEModule(PlainAttributes, pl.LightningModule):
     """Logs, per step and per epoch, in nats per example:
 
     * ``train/elbo``, ``train/recon`` (E_q[log p(x|z)]), ``train/kl`` (KL(q(z|x) ‖ p(z))),
@@ -53,6 +54,9 @@ class VAEModule(pl.LightningModule):
 
     Epoch numbers are exact means over the examples (torchmetrics, reduced across processes).
     """
+
+    #: set by Lightning before and after every hook it calls, some forty times a training step
+    PLAIN_ATTRIBUTES = frozenset({"_current_fx_name"})
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any]):
         super().__init__()
@@ -96,17 +100,6 @@ class VAEModule(pl.LightningModule):
         self.nan_guard = NaNGuard.from_config(config)  # nan_policy: stop | skip (vaelab.guards)
         #: the step values last sent to the loggers (floats), for the progress bar
         self.last_step_values: dict[str, float] = {}
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning sets ``_current_fx_name`` before and after every hook it calls, some forty
-        # times a training step. nn.Module.__setattr__ first tests the value against Parameter,
-        # Buffer and Module (metaclass isinstance checks, ~0.9 µs); a hook name or None is none
-        # of those and the name is no parameter's, buffer's or submodule's, so nn.Module would
-        # store it in the instance dict, which is what this does directly (~0.1 µs).
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def _check_likelihood_fits_data(self) -> None:
         lik = self.vae.likelihood

@@ -37,7 +37,13 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import BATCH, prepare_root  # the same data folder as the throughput benchmark
+from throughput import (  # the same loop and data
+    BATCH,
+    plain_loss,
+    plain_model,
+    plain_step,
+    prepare_root,
+)
 
 HIDDEN = [8]
 LATENT = 2
@@ -58,21 +64,9 @@ def _config(root: Path, out: Path, *extra: str):
     return cfg
 
 
-def _plain_step(enc, dec, x):
-    import torch.nn.functional as F
-
-    mu, raw = enc(x).chunk(2, dim=-1)
-    sigma = F.softplus(raw) + 1e-4
-    z = mu + sigma * torch.randn_like(mu)
-    recon = -F.binary_cross_entropy_with_logits(dec(z), x, reduction="none").flatten(1).sum(1)
-    kl = 0.5 * (sigma**2 + mu**2 - 1 - 2 * torch.log(sigma)).sum(1)
-    return -(recon - kl).mean()
-
-
 def _networks(shape):
-    from vaelab.networks import MLPDecoder, MLPEncoder
-
-    return MLPEncoder(shape, 2 * LATENT, hidden=HIDDEN), MLPDecoder(LATENT, shape, shape[0], hidden=HIDDEN)
+    """throughput.py's plain encoder, decoder and fused Adam, shrunk to 784-8-2."""
+    return plain_model("mlp", shape, "cpu", hidden=HIDDEN, latent=LATENT)
 
 
 def _datamodule(cfg):
@@ -88,17 +82,13 @@ def run_plain(root: Path, out: Path, epochs: int) -> list[float]:
     dm, _ = _datamodule(_config(root, out))
     dm.setup("fit")
     x_all = dm.to_float(dm.train_set.images).contiguous()
-    enc, dec = _networks(tuple(x_all.shape[1:]))
-    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3, fused=True)
+    enc, dec, opt = _networks(tuple(x_all.shape[1:]))
     times, n = [], len(x_all)
     for _ in range(epochs):
         perm = torch.randperm(n)
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            loss = _plain_step(enc, dec, x_all.index_select(0, perm[i : i + BATCH]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            plain_step("mlp", enc, dec, opt, x_all.index_select(0, perm[i : i + BATCH]))
         times.append((time.perf_counter() - start) / -(-n // BATCH))
     return times
 
@@ -125,13 +115,13 @@ def run_lightning(root: Path, out: Path, epochs: int) -> list[float]:
     class Plain(pl.LightningModule):
         def __init__(self):
             super().__init__()
-            self.enc, self.dec = _networks(dm.data_shape)
+            self.enc, self.dec, self.opt = _networks(dm.data_shape)
 
         def training_step(self, batch, batch_idx):
-            return _plain_step(self.enc, self.dec, batch[0])
+            return plain_loss("mlp", self.enc, self.dec, batch[0])
 
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+            return self.opt
 
     return _bare_fit(Plain(), dm, epochs)
 

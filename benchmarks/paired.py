@@ -36,7 +36,7 @@ from throughput import (
     plain_model,
     plain_step,
     prepare_root,
-    vaelab_overrides,
+    vaelab_command,
 )
 
 
@@ -106,10 +106,8 @@ def main() -> None:
         for run in range(args.runs):
             out = tmp / f"run{run}"
             save = tmp / f"blocks{run}.json"
-            accel = "gpu" if args.device.startswith("cuda") else "cpu"
-            cmd = [sys.executable, str(REPO / "train.py"), *vaelab_overrides(args.model), f"data.root={root}",
-                   f"trainer.max_epochs={args.epochs}", f"trainer.accelerator={accel}", "test=false",
-                   f"hydra.run.dir={out}", "+callbacks.paired._target_=paired.PlainBlocks",
+            cmd = [*vaelab_command(args.model, args.epochs, args.device, root, out),
+                   "+callbacks.paired._target_=paired.PlainBlocks",
                    f"+callbacks.paired.model={args.model}", f"+callbacks.paired.data_root={root}",
                    f"+callbacks.paired.save_path={save}", f"+callbacks.paired.block={args.block}",
                    "allowed_targets=[paired.]"]

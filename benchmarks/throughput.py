@@ -81,26 +81,29 @@ def vaelab_overrides(model: str) -> list[str]:
 
 
 # --- the plain loop: the floor --------------------------------------------------------------
-def plain_model(model: str, shape: tuple[int, ...], device: str, tuned: bool = True):
+def plain_model(model: str, shape: tuple[int, ...], device: str, tuned: bool = True,
+                hidden: list[int] | None = None, latent: int = LATENT):
     """The plain loop's encoder, decoder and optimizer. ``tuned``: vaelab's default kernels
-    (fused Adam, channels-last convolutions); otherwise torch's defaults."""
+    (fused Adam, channels-last convolutions); otherwise torch's defaults. ``hidden`` and
+    ``latent`` size the MLP (benchmarks/overhead.py shrinks it)."""
     import torch
 
     from vaelab.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
     if model == "mlp":
-        enc, dec = MLPEncoder(shape, 2 * LATENT, hidden=[512, 512]), MLPDecoder(LATENT, shape, shape[0], hidden=[512, 512])
+        hidden = hidden or [512, 512]
+        enc, dec = MLPEncoder(shape, 2 * latent, hidden=hidden), MLPDecoder(latent, shape, shape[0], hidden=hidden)
     else:
-        enc = ConvEncoder(shape, 2 * LATENT, channels=[32, 64, 128], channels_last=tuned)
-        dec = ConvDecoder(LATENT, shape, shape[0], channels=[128, 64, 32], channels_last=tuned)
+        enc = ConvEncoder(shape, 2 * latent, channels=[32, 64, 128], channels_last=tuned)
+        dec = ConvDecoder(latent, shape, shape[0], channels=[128, 64, 32], channels_last=tuned)
     enc, dec = enc.to(device), dec.to(device)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3, **({"fused": True} if tuned else {}))
     return enc, dec, opt
 
 
-def plain_step(model: str, enc, dec, opt, x) -> None:
-    """One training step with the ELBO written out by hand (Bernoulli for the MLP, Gaussian
-    with σ = 1 for the conv model, standard normal prior)."""
+def plain_loss(model: str, enc, dec, x):
+    """−ELBO with the ELBO written out by hand (Bernoulli for the MLP, Gaussian with σ = 1 for
+    the conv model, standard normal prior), averaged over the batch."""
     import math
 
     import torch
@@ -115,7 +118,12 @@ def plain_step(model: str, enc, dec, opt, x) -> None:
     else:
         recon = (-0.5 * (x - out) ** 2 - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
     kl = 0.5 * (sigma**2 + mu**2 - 1 - 2 * torch.log(sigma)).sum(1)
-    loss = -(recon - kl).mean()
+    return -(recon - kl).mean()
+
+
+def plain_step(model: str, enc, dec, opt, x) -> None:
+    """One training step of the plain loop on the batch ``x``."""
+    loss = plain_loss(model, enc, dec, x)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -143,11 +151,15 @@ def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool
 
 
 # --- vaelab through train.py --------------------------------------------------------------------
-def run_vaelab(model: str, epochs: int, device: str, data_root: Path, out: Path) -> dict:
+def vaelab_command(model: str, epochs: int, device: str, data_root: Path, out: Path) -> list[str]:
+    """``python train.py ...`` for the benchmark's model, as users run it (no test split)."""
     accel = "gpu" if device.startswith("cuda") else "cpu"
-    cmd = [sys.executable, str(REPO / "train.py"), *vaelab_overrides(model), f"data.root={data_root}",
-           f"trainer.max_epochs={epochs}", f"trainer.accelerator={accel}", "test=false",
-           f"hydra.run.dir={out}"]
+    return [sys.executable, str(REPO / "train.py"), *vaelab_overrides(model), f"data.root={data_root}",
+            f"trainer.max_epochs={epochs}", f"trainer.accelerator={accel}", "test=false", f"hydra.run.dir={out}"]
+
+
+def run_vaelab(model: str, epochs: int, device: str, data_root: Path, out: Path) -> dict:
+    cmd = vaelab_command(model, epochs, device, data_root, out)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
     if proc.returncode != 0:
         raise RuntimeError(f"vaelab run failed:\n{proc.stderr[-3000:]}")

@@ -140,3 +140,103 @@ def test_padding_grows_the_images_and_keeps_them():
     assert padded.test_set.images.sum() == plain.test_set.images.sum()  # the border is zeros
     with pytest.raises(ValueError, match="data.pad"):
         Digits(pad=-1)
+
+
+# --- batches as index tensors, data on the training device ----------------------------------------
+def test_tensor_batches_are_the_batches_of_a_batch_sampler():
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from vaelab.datamodules import TensorBatchSampler
+
+    for drop_last in (False, True):
+        ours = TensorBatchSampler(RandomSampler(range(103), generator=torch.Generator().manual_seed(5)), 10, drop_last)
+        theirs = BatchSampler(RandomSampler(range(103), generator=torch.Generator().manual_seed(5)), 10, drop_last)
+        got, want = [b.tolist() for b in ours], list(theirs)
+        assert got == want and len(ours) == len(theirs) == len(got)
+        assert len(got[-1]) == (10 if drop_last else 3)
+
+
+def test_the_training_loader_gives_the_batches_it_gave_with_index_lists():
+    """The same seed, the same images in the same order as a plain DataLoader(shuffle=True)."""
+    from torch.utils.data import DataLoader
+
+    from vaelab.datamodules import _batch_collate
+
+    dm = setup(Digits(binarize="none", batch_size=50))
+    torch.manual_seed(3)
+    ours = [x for x, _ in dm.train_dataloader()]
+    torch.manual_seed(3)
+    theirs = [x for x, _ in DataLoader(dm.train_set, batch_size=50, shuffle=True, collate_fn=_batch_collate)]
+    assert len(ours) == len(theirs) == 26
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_lightning_rebuilds_the_batch_sampler_around_its_distributed_sampler():
+    """What Lightning does to the training loader under DDP: each rank gets its own shard,
+    still as index tensors, and together the shards cover the training set."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    from vaelab.datamodules import InMemoryImages, TensorBatchSampler
+
+    dm = setup(Digits(binarize="none", batch_size=32))
+    n = len(dm.train_set)  # 1257
+    dm.train_set = InMemoryImages(dm.train_set.images, torch.arange(n))  # labels name the images
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = dm.train_dataloader()
+    shards = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        sharded = _update_dataloader(loader, sampler)
+        assert type(sharded.batch_sampler) is TensorBatchSampler and len(sharded) == 20
+        shards.append(torch.cat([y for _, y in sharded]).tolist())
+        assert shards[-1] == list(sampler)  # the sampler's order, batch after batch
+    assert len(shards[0]) == len(shards[1]) == 629  # 1257 / 2, one image repeated as padding
+    assert set(shards[0]) | set(shards[1]) == set(range(n)) and len(set(shards[0]) & set(shards[1])) == 1
+
+
+class _Trainer:
+    """What ``data_device`` reads of a trainer: its strategy's root device."""
+
+    def __init__(self, device):
+        self.strategy = type("Strategy", (), {"root_device": torch.device(device)})()
+
+
+def test_data_moves_to_the_training_device_when_asked():
+    """The meta device stands in for a GPU here: setup places every split there, and the
+    training loader's index tensors are made there too."""
+    dm = Digits(binarize="dynamic", batch_size=50)
+    dm.trainer = _Trainer("meta")
+    setup(dm)
+    assert {s.device.type for s in (dm.train_set, dm.val_set, dm.test_set)} == {"meta"}
+    assert dm.train_dataloader().batch_sampler.device.type == "meta"
+    assert not dm.train_dataloader().pin_memory
+    # on the CPU, or when switched off, the data stay on the host
+    for device, on_device in (("cpu", "auto"), ("meta", False)):
+        dm = Digits(binarize="none", on_device=on_device)
+        dm.trainer = _Trainer(device)
+        assert setup(dm).train_set.device.type == "cpu"
+    # data loader workers cannot read GPU tensors: auto keeps the data on the host for them
+    dm = Digits(binarize="none", num_workers=1)
+    dm.trainer = _Trainer("meta")
+    assert dm.data_device.type == "cpu"
+
+
+def test_auto_keeps_data_too_large_for_the_free_gpu_memory_on_the_host(monkeypatch):
+    from vaelab import datamodules
+
+    dm = setup(Digits(binarize="none"))  # 1,797 images of 64 bytes, labels 8 bytes each
+    dm.trainer = _Trainer("cuda:0")
+    size = sum(s.images.nbytes + s.labels.nbytes for s in (dm.train_set, dm.val_set, dm.test_set))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(size / datamodules.ON_DEVICE_SHARE), 0))
+    assert dm.data_device == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(size / datamodules.ON_DEVICE_SHARE) - 1, 0))
+    assert dm.data_device == torch.device("cpu")
+
+
+def test_on_device_options_are_checked_and_name_the_fix():
+    with pytest.raises(ValueError, match="auto, true or false"):
+        Digits(on_device="gpu")
+    with pytest.raises(ValueError, match="num_workers=0"):
+        Digits(on_device=True, num_workers=2)

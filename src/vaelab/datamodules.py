@@ -2,9 +2,11 @@
 
 Every data set here is small enough to hold in memory as one uint8 tensor ``[N, C, H, W]``
 (MNIST: 47 MB; CIFAR-10: 150 MB), so batches are sliced from it in one indexing operation
-instead of decoding one PIL image at a time in DataLoader workers. The uint8 batch travels to
-the device and becomes float there (``on_after_batch_transfer``), where binarization and
-dequantization happen too.
+instead of decoding one PIL image at a time in DataLoader workers. When training on a GPU the
+tensors live on the GPU (``on_device``): an epoch's shuffled order goes to the device once,
+and each batch is one gather there, with no copy from the host and no wait for the device in
+the step. Otherwise the uint8 batch travels to the device. Either way it becomes float on the
+device (``on_after_batch_transfer``), where binarization and dequantization happen too.
 
 Pixel values: an image with L intensity levels k ∈ {0, …, L−1} becomes x = k / (L−1) ∈ [0, 1]
 (the torchvision convention), or with ``dequantize=true`` x = (k + u) / L with u ~ U[0, 1),
@@ -35,11 +37,16 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from vaelab.distributed import eval_sampler
 
 BINARIZE_MODES = ("none", "dynamic", "static", "auto")
+ON_DEVICE_MODES = ("auto", True, False)
+
+#: ``on_device=auto`` holds the data on the device when it takes at most this share of the
+#: device memory that is free
+ON_DEVICE_SHARE = 0.25
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -113,10 +120,51 @@ class InMemoryImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[i], self.labels[i]
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> InMemoryImages:
+        """The same images and labels on ``device`` (this data set itself if they are there)."""
+        if self.images.device == torch.device(device):
+            return self
+        return InMemoryImages(self.images.to(device), self.labels.to(device))
+
+    def __getitems__(self, indices: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(indices, torch.Tensor):  # TensorBatchSampler: on this data's device already
+            idx = indices
+        else:
+            idx = torch.as_tensor(indices, dtype=torch.long)
+            if idx.device != self.images.device:
+                # a pinned copy goes without waiting for the device (a pageable one syncs)
+                idx = idx.pin_memory().to(self.images.device, non_blocking=True)
         # index_select gathers whole rows; advanced indexing (images[idx]) is several times slower
         return self.images.index_select(0, idx), self.labels.index_select(0, idx)
+
+
+class TensorBatchSampler(BatchSampler):
+    """Lists the same batches as ``BatchSampler(sampler, batch_size, drop_last)``, each as one
+    index tensor on ``device``: the epoch's order goes to the device in one copy, and every
+    batch is a slice of it. No Python list of indices per step, and no host-to-device copy
+    (which would wait for the device) inside an epoch.
+
+    A ``BatchSampler`` with its ``(sampler, batch_size, drop_last)`` signature, so that
+    Lightning can rebuild it around the ``DistributedSampler`` it injects under DDP.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool,
+                 device: torch.device | str = "cpu"):
+        super().__init__(sampler, batch_size, drop_last)
+        self.device = torch.device(device)
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        if self.device.type == "cuda":
+            order = order.pin_memory()
+        order = order.to(self.device, non_blocking=True)
+        n = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, n, self.batch_size):
+            yield order[start:start + self.batch_size]
 
 
 def _batch_collate(batch: Any) -> Any:
@@ -154,6 +202,7 @@ class ImageDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         drop_last: bool = False,
         pad: int = 0,
+        on_device: bool | str = "auto",
     ):
         super().__init__()
         if binarize not in BINARIZE_MODES:
@@ -181,6 +230,14 @@ class ImageDataModule(pl.LightningDataModule):
         if int(pad) < 0:
             raise ValueError(f"data.pad must be >= 0 pixels, got {pad}")
         self.pad = int(pad)
+        if on_device not in ON_DEVICE_MODES:
+            raise ValueError(f"data.on_device={on_device!r} is not an option: choose auto, true or false")
+        if on_device is True and self.num_workers > 0:
+            raise ValueError(
+                "data.on_device=true holds the data on the GPU, which DataLoader worker processes "
+                f"cannot index: set data.num_workers=0 (got {self.num_workers}), or data.on_device=false"
+            )
+        self.on_device = on_device
         self.train_set: InMemoryImages | None = None
         self.val_set: InMemoryImages | None = None
         self.test_set: InMemoryImages | None = None
@@ -247,6 +304,35 @@ class ImageDataModule(pl.LightningDataModule):
             if self.binarize in ("static", "dynamic"):
                 images = _binarize_once(images, self.num_levels, self.binarize_seed + 2)
             self.test_set = InMemoryImages(self.padded(images), labels)
+        self._place()
+
+    # --- where the tensors live ----------------------------------------------------------------
+    @property
+    def data_device(self) -> torch.device:
+        """Where the data sets are held: the training device (``on_device``), or the CPU."""
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if device.type == "cpu" or self.on_device is False:
+            return torch.device("cpu")
+        if self.on_device is True:
+            return device
+        # auto: the GPU when the data fit easily, and no worker processes would need them
+        if self.num_workers > 0:
+            return torch.device("cpu")
+        size = sum(s.images.nbytes + s.labels.nbytes for s in self._sets() if s.device.type == "cpu")
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if size > ON_DEVICE_SHARE * free:
+                return torch.device("cpu")
+        return device
+
+    def _sets(self) -> list[InMemoryImages]:
+        return [s for s in (self.train_set, self.val_set, self.test_set) if s is not None]
+
+    def _place(self) -> None:
+        device = self.data_device
+        self.train_set, self.val_set, self.test_set = (
+            s.to(device) if s is not None else None for s in (self.train_set, self.val_set, self.test_set))
 
     def _num_val(self, n: int) -> int:
         v = self.val_size
@@ -258,18 +344,24 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        on_host = dataset.device.type == "cpu"
+        workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0) if on_host else {}
+        if train:
+            # an epoch's order as one index tensor; under DDP Lightning rebuilds the batch
+            # sampler around its DistributedSampler
+            batches = TensorBatchSampler(RandomSampler(dataset), self.batch_size, self.drop_last,
+                                         device=dataset.device)
+            return DataLoader(dataset, batch_sampler=batches, collate_fn=_batch_collate,
+                              pin_memory=self.pin_memory and on_host, **workers)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            batch_size=self.eval_batch_size,
             # under DDP, validation and test shards without padded duplicates, so that val/elbo
-            # and test/nll are exact means over the split (training: Lightning's sampler)
-            sampler=None if train else eval_sampler(dataset),
-            drop_last=self.drop_last and train,
+            # and test/nll are exact means over the split (Lightning leaves a DistributedSampler)
+            sampler=eval_sampler(dataset),
             collate_fn=_batch_collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory and on_host,
+            **workers,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -512,6 +604,7 @@ class BinarizedMNIST(ImageDataModule):
             self.val_set = InMemoryImages(*self._split("valid"))
         if self.test_set is None:
             self.test_set = InMemoryImages(*self._split("test"))
+        self._place()
 
 
 def num_dims(info: dict[str, Any]) -> int:

@@ -17,6 +17,18 @@ Contenders:
                   convolutions): what a loop written without tuning gets
   pythae          pythae's BaseTrainer (its own Adam) on the same network modules
 
+Not in the default list:
+  plain-sync       the plain loop, reading on the host whether each step's loss is finite (as
+                   vaelab's NaN guard does): what one host-device sync a step costs
+GPU only (``--device cuda``):
+  plain-graph      the plain step captured once as a CUDA graph and replayed: no Python between
+                   kernels, the device's own limit for this model at batch 128. Its run also
+                   counts the step's FLOPs per image and measures the device's float32
+                   matrix-product rate, so the table gives every contender's arithmetic rate
+                   and its fraction of that peak
+  vaelab-compile   train.py with model.compile=true
+  vaelab-hostdata  train.py with data.on_device=false (batches copied from host memory)
+
 Each contender runs in its own process with the same thread count, ``--repeats`` times, the
 order reversed on every other round so that a slow spell of a shared machine hits all of them.
 Images/s of one run are the mean over the training batches of each epoch after the first
@@ -121,15 +133,21 @@ def plain_loss(model: str, enc, dec, x):
     return -(recon - kl).mean()
 
 
-def plain_step(model: str, enc, dec, opt, x) -> None:
-    """One training step of the plain loop on the batch ``x``."""
+def plain_step(model: str, enc, dec, opt, x, check: bool = False) -> None:
+    """One training step of the plain loop on the batch ``x``; ``check``: read on the host
+    whether the loss is finite before the backward pass (a host-device sync a step)."""
     loss = plain_loss(model, enc, dec, x)
+    if check:
+        import torch
+
+        if not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError("non-finite loss")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
 
-def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool = True) -> dict:
+def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool = True, check: bool = False) -> dict:
     """The floor: the data as one tensor on the device, batches sliced from a permutation, the
     ELBO written out by hand (``plain_step``)."""
     import torch
@@ -144,22 +162,90 @@ def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool
         sync(device)
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            plain_step(model, enc, dec, opt, x_all.index_select(0, perm[i : i + BATCH]))
+            plain_step(model, enc, dec, opt, x_all.index_select(0, perm[i : i + BATCH]), check)
         sync(device)
         rates.append(n / (time.perf_counter() - start))
     return finish(rates, device)
 
 
+def run_plain_graph(model: str, epochs: int, device: str, data_root: Path) -> dict:
+    """The device's own limit for this model at this batch size: the plain step (forward,
+    backward, fused Adam) captured once as a CUDA graph and replayed, so no Python runs between
+    its kernels. Also counts the step's floating-point operations per image (matrix products
+    and convolutions, forward and backward) and measures the device's float32 matrix-product
+    rate, against which the table reports each contender's arithmetic rate."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not device.startswith("cuda"):
+        raise SystemExit("plain-graph replays a CUDA graph: it needs --device cuda")
+    x_all, shape = load_data(model, data_root)
+    x_all = x_all.to(device)
+    enc, dec, _ = plain_model(model, tuple(shape.tolist()), device)
+    params = [*enc.parameters(), *dec.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True, capturable=True)
+    static_x = x_all[:BATCH].clone()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        plain_loss(model, enc, dec, static_x).backward()
+    flops_per_image = counter.get_total_flops() / BATCH
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph, as torch's docs capture a step
+        for _ in range(3):
+            plain_step(model, enc, dec, opt, static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss = plain_loss(model, enc, dec, static_x)
+        loss.backward()
+        opt.step()
+    rates, n = [], len(x_all) - len(x_all) % BATCH
+    for _ in range(epochs):
+        perm = torch.randperm(len(x_all), device=device)
+        sync(device)
+        start = time.perf_counter()
+        for i in range(0, n, BATCH):
+            torch.index_select(x_all, 0, perm[i : i + BATCH], out=static_x)
+            graph.replay()
+        sync(device)
+        rates.append(n / (time.perf_counter() - start))
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"the captured step's loss is {loss.item()}")
+    a, b = torch.randn(8192, 8192, device=device), torch.randn(8192, 8192, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    matmul_tflops = 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+    return {**finish(rates, device), "flops_per_image": flops_per_image, "matmul_tflops": matmul_tflops,
+            "matmul_precision": torch.get_float32_matmul_precision()}
+
+
 # --- vaelab through train.py --------------------------------------------------------------------
-def vaelab_command(model: str, epochs: int, device: str, data_root: Path, out: Path) -> list[str]:
+#: vaelab contenders: train.py with these overrides on top of the benchmark's
+VAELAB_VARIANTS = {
+    "vaelab": [],
+    "vaelab-compile": ["model.compile=true"],          # torch.compile'd encoder and decoder
+    "vaelab-hostdata": ["data.on_device=false"],       # batches copied from host memory each step
+}
+
+def vaelab_command(model: str, epochs: int, device: str, data_root: Path, out: Path,
+                   variant: str = "vaelab") -> list[str]:
     """``python train.py ...`` for the benchmark's model, as users run it (no test split)."""
     accel = "gpu" if device.startswith("cuda") else "cpu"
-    return [sys.executable, str(REPO / "train.py"), *vaelab_overrides(model), f"data.root={data_root}",
-            f"trainer.max_epochs={epochs}", f"trainer.accelerator={accel}", "test=false", f"hydra.run.dir={out}"]
+    extra = os.environ.get("VAELAB_BENCH_OVERRIDES", "").split()  # --vaelab-overrides
+    return [sys.executable, str(REPO / "train.py"), *vaelab_overrides(model), *VAELAB_VARIANTS[variant], *extra,
+            f"data.root={data_root}", f"trainer.max_epochs={epochs}", f"trainer.accelerator={accel}",
+            "test=false", f"hydra.run.dir={out}"]
 
 
-def run_vaelab(model: str, epochs: int, device: str, data_root: Path, out: Path) -> dict:
-    cmd = vaelab_command(model, epochs, device, data_root, out)
+def run_vaelab(model: str, epochs: int, device: str, data_root: Path, out: Path, variant: str = "vaelab") -> dict:
+    cmd = vaelab_command(model, epochs, device, data_root, out, variant)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
     if proc.returncode != 0:
         raise RuntimeError(f"vaelab run failed:\n{proc.stderr[-3000:]}")
@@ -253,19 +339,21 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     out = Path(args.out)
     runner = {"plain": run_plain, "plain-defaults": lambda *a, **k: run_plain(*a, tuned=False, **k),
-              "vaelab": run_vaelab, "pythae": run_pythae}[args.contender]
+              "plain-sync": lambda *a, **k: run_plain(*a, check=True, **k),
+              "plain-graph": run_plain_graph, "pythae": run_pythae,
+              **{v: lambda *a, v=v, **k: run_vaelab(*a, variant=v, **k) for v in VAELAB_VARIANTS}}[args.contender]
     extra = {} if args.contender.startswith("plain") else {"out": out / "run"}
     result = runner(args.model, args.epochs, args.device, Path(args.data_root), **extra)
     (out / "result.json").write_text(json.dumps(result))
 
 
-def prepare_root(tmp: Path) -> Path:
-    """A writable data root with MNIST and BinarizedMNIST from ../shared/data."""
+def prepare_root(tmp: Path, shared: Path = SHARED) -> Path:
+    """A writable data root with MNIST and BinarizedMNIST from ../shared/data (or ``shared``)."""
     root = tmp / "data"
     for name in ("MNIST", "BinarizedMNIST"):
-        src = SHARED / name
+        src = shared / name
         if not src.is_dir():
-            sys.exit(f"{src} is missing: the benchmark reads the real data sets from ../shared/data")
+            sys.exit(f"{src} is missing: the benchmark reads the real data sets from {shared} (--shared)")
         shutil.copytree(src, root / name)
     return root
 
@@ -304,12 +392,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per contender, interleaved")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--contenders", default="vaelab,plain,plain-defaults,pythae")
+    parser.add_argument("--shared", default=str(SHARED), help="the folder that holds MNIST/ and BinarizedMNIST/")
+    parser.add_argument("--vaelab-overrides", default="", help="more train.py overrides for every vaelab run, "
+                        "space-separated (e.g. 'logger=none')")
     add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
 
+    if args.vaelab_overrides:
+        os.environ["VAELAB_BENCH_OVERRIDES"] = args.vaelab_overrides
     models = ["mlp", "conv"] if args.model == "both" else [args.model]
     contenders = args.contenders.split(",")
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -317,7 +410,7 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        root = prepare_root(tmp)
+        root = prepare_root(tmp, Path(args.shared))
         for model in models:
             for rep in range(args.repeats):
                 for contender in contenders if rep % 2 == 0 else contenders[::-1]:
@@ -330,7 +423,11 @@ def main() -> None:
                           f"{args.repeats}) ...", file=sys.stderr, flush=True)
                     if run_child(cmd, contender, args.pythae_dir).returncode != 0:
                         continue
-                    runs.setdefault((model, contender), []).append(json.loads((out / "result.json").read_text()))
+                    result = json.loads((out / "result.json").read_text())
+                    runs.setdefault((model, contender), []).append(result)
+                    # at once, so that a run cut short still leaves its figures behind
+                    print(f"    {model} / {contender}: images/s by epoch "
+                          f"{', '.join(f'{r:,.0f}' for r in result['images_per_sec'])}", file=sys.stderr, flush=True)
 
     import torch
 
@@ -359,6 +456,29 @@ def main() -> None:
             o = summary.get((model, other))
             if other != "vaelab" and v and o:
                 print(f"{model}: vaelab / {other} = {v / o:.3f}")
+    print_device_limits(models, contenders, runs, summary)
+
+
+def print_device_limits(models, contenders, runs, summary) -> None:
+    """Each contender's images/s against the device's limit (the plain step as a CUDA graph)
+    and its arithmetic rate against the measured float32 matrix-product peak."""
+    for model in models:
+        graph_runs = runs.get((model, "plain-graph"))
+        if not graph_runs:
+            continue
+        flops = graph_runs[0]["flops_per_image"]
+        peak = median([r["matmul_tflops"] for r in graph_runs])
+        limit = summary[(model, "plain-graph")]
+        print(f"\n{model}: {flops / 1e6:.1f} MFLOP per image per step (matrix products and convolutions, "
+              f"forward and backward); float32 matrix-product peak measured {peak:.1f} TFLOP/s "
+              f"(precision {graph_runs[0]['matmul_precision']!r})")
+        print("| contender | images/s | of the device limit (plain-graph) | TFLOP/s | of the float32 peak |")
+        print("|---|---:|---:|---:|---:|")
+        for contender in contenders:
+            rate = summary.get((model, contender))
+            if rate:
+                tflops = rate * flops / 1e12
+                print(f"| {contender} | {rate:,.0f} | {rate / limit:.3f} | {tflops:.2f} | {tflops / peak:.4f} |")
 
 
 if __name__ == "__main__":

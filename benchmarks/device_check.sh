@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 7 (speed) in one call of a lent GPU machine:
+#
+#   bash benchmarks/device_check.sh                 # on the GPU machine, from the repository root
+#   DEVICE=cpu PY=python bash benchmarks/device_check.sh   # a dry run of the same steps on a CPU
+#
+# That machine has torch, Lightning and torchmetrics but no network: hydra-core, omegaconf,
+# wandb and pythae (and what they need that it lacks) travel as wheels in .whl/, the data as
+# .benchdata/{MNIST/raw,BinarizedMNIST} (copies of ../shared/data; both folders git-ignored).
+# Every train.py or benchmark process costs ~20-40 s of start-up there (imports, CUDA context,
+# W&B), far more than an epoch: on 2026-11-27 one round of four contenders took ~100 s per
+# model. Each finished run prints its figures at once, so a call cut short keeps them.
+# PHASES picks the steps: smoke (the default run in bf16-mixed on the GPU), table (the issue's
+# table, both models), variants (model.compile=true, data.on_device=false), profile (cProfile
+# of a short MLP run, to $OUT/vaelab-mlp.prof).
+set -u
+OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
+DEVICE=${DEVICE:-cuda}; EPOCHS=${EPOCHS:-2}; REPEATS=${REPEATS:-1}; PHASES=${PHASES:-"smoke table variants profile"}
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline
+PY=${PY:-python3}
+if [ -d .whl ] && [ "$DEVICE" = cuda ]; then
+  # a clean folder: a package left from an earlier install there can shadow the standard library
+  rm -rf /tmp/site; $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD/src:/tmp/site
+fi
+SITE=${PYTHAE_DIR:-/tmp/site}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
+$PY -c "import torch, lightning, hydra, wandb, torchmetrics; print('torch', torch.__version__, 'lightning', lightning.__version__, 'wandb', wandb.__version__, 'cuda', torch.cuda.is_available())"
+ACCEL=$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)
+GRAPH=$([ "$DEVICE" = cuda ] && echo ",plain-graph" || echo "")
+bench() { $PY benchmarks/throughput.py --device "$DEVICE" --epochs "$EPOCHS" --shared .benchdata --pythae-dir "$SITE" "$@"; }
+
+for PHASE in $PHASES; do case $PHASE in
+smoke)
+  timeout 150 $PY train.py trainer.max_epochs=3 trainer.precision=bf16-mixed trainer.accelerator=$ACCEL \
+    hydra.run.dir=/tmp/smoke > "$OUT/smoke.log" 2>&1 && tail -14 "$OUT/smoke.log" || { echo "SMOKE FAILED"; tail -30 "$OUT/smoke.log"; exit 1; } ;;
+table)
+  for MODEL in mlp conv; do
+    bench --model $MODEL --repeats "$REPEATS" --contenders "vaelab,plain,pythae$GRAPH" 2>&1 | tee "$OUT/throughput-$MODEL.txt"
+  done ;;
+variants)
+  bench --model mlp --repeats 1 --contenders "vaelab-hostdata,vaelab-compile,plain-sync" 2>&1 | tee "$OUT/throughput-variants.txt" ;;
+profile)
+  ROOT=/tmp/profroot; mkdir -p $ROOT; cp -r .benchdata/BinarizedMNIST $ROOT/
+  timeout 150 $PY -m cProfile -o "$OUT/vaelab-mlp.prof" train.py data=binarized_mnist data.root=$ROOT \
+    encoder=mlp decoder=mlp "encoder.hidden=[512,512]" "decoder.hidden=[512,512]" likelihood=bernoulli \
+    latent_dim=32 data.batch_size=128 trainer.accelerator=$ACCEL trainer.max_epochs=2 test=false hydra.run.dir=/tmp/prof \
+    > "$OUT/profile-run.log" 2>&1; echo "profile run rc=$?" ;;
+esac; done

@@ -61,3 +61,44 @@ def test_kl_without_closed_form_falls_back_to_monte_carlo():
     # a Monte Carlo KL is still close to the truth computed with fresh samples
     fresh = q.sample((100_000,))
     torch.testing.assert_close(kl, (q.log_prob(fresh) - mix.log_prob(fresh)).mean(0), atol=0.03, rtol=0)
+
+
+def test_standard_normal_shortcuts_agree_with_torchs_general_normal():
+    """The prior's own log-density and KL (no arithmetic with its zeros and ones) against
+    torch's Independent(Normal(0, 1)) rules: the same values and gradients, batched."""
+    from torch.distributions import kl_divergence
+
+    ours = StandardNormal(6)()
+    general = Independent(Normal(torch.zeros(6), torch.ones(6)), 1)
+    z = torch.randn(3, 4, 6, dtype=torch.float64).float()
+    torch.testing.assert_close(ours.log_prob(z), general.log_prob(z))
+    params = torch.randn(4, 12, requires_grad=True)
+    q = DiagonalGaussian()(params)
+    kl = kl_divergence(q, ours)
+    (grad,) = torch.autograd.grad(kl.sum(), params, retain_graph=True)
+    kl_general = kl_divergence(q, general)
+    (grad_general,) = torch.autograd.grad(kl_general.sum(), params)
+    torch.testing.assert_close(kl, kl_general)
+    torch.testing.assert_close(grad, grad_general)
+    # any other Independent q goes to torch's rule for the pair of base distributions:
+    # KL(Laplace(0, 1) ‖ N(0, 1)) = E[log q − log p] = −log 2 − 1 + ½ log 2π + ½ E[z²], E z² = 2
+    laplace = Independent(torch.distributions.Laplace(torch.zeros(3, 6), torch.ones(3, 6)), 1)
+    kl_laplace, analytic = kl_or_monte_carlo(laplace, ours)
+    exact = 6 * (-math.log(2) - 1 + 0.5 * math.log(2 * math.pi) + 1)
+    assert analytic
+    torch.testing.assert_close(kl_laplace, torch.full((3,), exact))
+    # and a pair torch has no rule for is still a Monte Carlo estimate
+    student = Independent(torch.distributions.StudentT(5.0, torch.zeros(6), torch.ones(6)), 1)
+    z = student.sample((10,))
+    _, analytic = kl_or_monte_carlo(student, ours, z)
+    assert not analytic
+
+
+def test_the_standard_prior_is_made_once_and_again_after_a_move():
+    prior = StandardNormal(3)
+    p = prior()
+    assert prior() is p  # the same buffers: the same distribution
+    prior.double()  # new buffers (as .to(device) makes): a new distribution on them
+    q = prior()
+    assert q is not p and q.base_dist.loc.dtype == torch.float32  # densities stay float32
+    assert prior() is q

@@ -7,12 +7,21 @@ the model between devices, are saved in checkpoints, and, for learned priors, ar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
+from torch.distributions import (
+    Categorical,
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    Normal,
+    register_kl,
+)
+from torch.distributions.kl import _kl_independent_independent
 
 
 class Prior(nn.Module):
@@ -37,20 +46,55 @@ class Prior(nn.Module):
         raise NotImplementedError
 
 
+class StandardNormalDistribution(Independent):
+    """``Independent(Normal(0, 1), 1)`` that knows its parameters are 0 and 1, so that its
+    log-density and its KL from a diagonal Gaussian skip the arithmetic with them:
+
+        log p(z) = −½ ‖z‖² − (Z/2) log 2π
+        KL(N(μ, diag σ²) ‖ N(0, I)) = Σ_d [½ (μ_d² + σ_d²) − log σ_d] − Z/2
+
+    (Kingma & Welling 2014, appendix B). Everything else is ``Independent(Normal)``'s.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        z = self.event_shape[-1]
+        return -0.5 * value.square().sum(-1) - 0.5 * z * math.log(2 * math.pi)
+
+
+@register_kl(Independent, StandardNormalDistribution)
+def _kl_diagonal_standard_normal(q: Independent, p: StandardNormalDistribution) -> torch.Tensor:
+    """KL(N(μ, diag σ²) ‖ N(0, I)) in closed form (see ``StandardNormalDistribution``);
+    any other ``Independent`` q goes to torch's rule for two ``Independent``s."""
+    if not (type(q.base_dist) is Normal and q.reinterpreted_batch_ndims == 1 and q.event_shape == p.event_shape):
+        return _kl_independent_independent(q, p)
+    loc, scale = q.base_dist.loc, q.base_dist.scale
+    return (0.5 * (loc.square() + scale.square()) - scale.log()).sum(-1) - 0.5 * q.event_shape[-1]
+
+
 class StandardNormal(Prior):
     """p(z) = N(z; 0, I), the prior of Kingma & Welling (2014).
 
-    Returned as ``Independent(Normal(0, 1), 1)``, so ``kl_divergence`` with a diagonal
-    Gaussian posterior dispatches to torch's closed form.
+    Returned as ``Independent(Normal(0, 1), 1)`` (a ``StandardNormalDistribution``), so
+    ``kl_divergence`` with a diagonal Gaussian posterior is analytic. The distribution is made
+    once and handed out again while the buffers are the same tensors (they change only when
+    the module moves to another device or dtype).
     """
 
     def __init__(self, latent_dim: int):
         super().__init__(latent_dim)
         self.register_buffer("loc", torch.zeros(self.latent_dim), persistent=False)
         self.register_buffer("scale", torch.ones(self.latent_dim), persistent=False)
+        self._made: tuple[torch.Tensor, torch.Tensor, Distribution] | None = None
 
     def forward(self) -> Distribution:
-        return Independent(Normal(self.loc.float(), self.scale.float(), validate_args=False), 1)
+        made = self._made
+        if made is None or made[0] is not self.loc or made[1] is not self.scale:
+            base = Normal(self.loc.float(), self.scale.float(), validate_args=False)
+            dist = StandardNormalDistribution(base, 1, validate_args=False)
+            made = self._made = (self.loc, self.scale, dist)
+        return made[2]
 
 
 class LearnedGaussian(Prior):

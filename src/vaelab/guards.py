@@ -61,12 +61,14 @@ class NaNGuard:
 
         ``term_sums``: the batch sums of the terms, where the caller has them (a sum is finite
         exactly when every value in it is, short of float overflow); else the terms are read."""
-        values = [out.loss.detach().reshape(-1).float()]
         if term_sums is not None:
-            values.append(term_sums.detach().reshape(-1).float())
+            # one number, finite exactly when the loss and every sum are (short of a float
+            # overflow, at ~3e38 nats): four operations and one read instead of nine
+            finite = torch.isfinite(term_sums.detach().sum() + out.loss.detach())
         else:
-            values += [t.detach().reshape(-1).float() for t in out.terms.values()]
-        if bool(torch.isfinite(torch.cat(values)).all()):
+            values = [out.loss.detach().reshape(-1).float()] + [t.detach().reshape(-1).float() for t in out.terms.values()]
+            finite = torch.isfinite(torch.cat(values)).all()
+        if bool(finite):
             return False  # (VAEModule logs train/skipped_steps with the other step values)
         problems = [p for p in (_describe(f"train/{k}", v) for k, v in out.terms.items()) if p]
         if not problems:

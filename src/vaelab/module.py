@@ -139,7 +139,9 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         terms = self.train_terms if stage == "train" else TERMS
         # the batch sums of all logged terms in one reduction ([T]): the epoch means and the
         # NaN guard both read them (per-example terms [B], the objectives' contract)
-        values = torch.stack([out.terms[term].detach().float() for term in terms])
+        values = torch.stack([out.terms[term] for term in terms]).detach()
+        if values.dtype != torch.float32:  # the objectives give float32 terms; a plugin may not
+            values = values.float()
         sums = values.sum(-1)
         if stage == "train" and self.nan_guard.bad_step(self, x, out, sums):
             return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)

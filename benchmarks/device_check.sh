@@ -10,6 +10,15 @@
 # Every train.py or benchmark process costs ~20-40 s of start-up there (imports, CUDA context,
 # W&B), far more than an epoch: on 2026-11-27 one round of four contenders took ~100 s per
 # model. Each finished run prints its figures at once, so a call cut short keeps them.
+# Prepare both here, where pip reaches the registry:
+#   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+#     -d .whl -r benchmarks/device_wheels.txt
+#   python -m pip wheel --no-deps antlr4-python3-runtime==4.9.3 -w .whl     # (no wheel on PyPI)
+#   mkdir -p .benchdata/MNIST/raw .benchdata/BinarizedMNIST
+#   cp ../shared/data/MNIST/raw/*.gz .benchdata/MNIST/raw/
+#   cp ../shared/data/BinarizedMNIST/binarized_mnist.npz .benchdata/BinarizedMNIST/
+# (~40 MB together) and carry .whl and .benchdata with the call.
 # PHASES picks the steps: smoke (the default run in bf16-mixed on the GPU), table (the issue's
 # table, both models), variants (model.compile=true, data.on_device=false), profile (cProfile
 # of a short MLP run, to $OUT/vaelab-mlp.prof).

@@ -212,6 +212,10 @@ def test_data_moves_to_the_training_device_when_asked():
     assert {s.device.type for s in (dm.train_set, dm.val_set, dm.test_set)} == {"meta"}
     assert dm.train_dataloader().batch_sampler.device.type == "meta"
     assert not dm.train_dataloader().pin_memory
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.device.type == y.device.type == "meta" and x.shape == (50, 1, 8, 8)
+    x, y = next(iter(dm.val_dataloader()))  # index lists (the evaluation samplers) go over too
+    assert x.device.type == "meta" and x.shape == (50, 1, 8, 8)
     # on the CPU, or when switched off, the data stay on the host
     for device, on_device in (("cpu", "auto"), ("meta", False)):
         dm = Digits(binarize="none", on_device=on_device)

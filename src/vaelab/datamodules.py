@@ -136,8 +136,9 @@ class InMemoryImages(Dataset):
         else:
             idx = torch.as_tensor(indices, dtype=torch.long)
             if idx.device != self.images.device:
-                # a pinned copy goes without waiting for the device (a pageable one syncs)
-                idx = idx.pin_memory().to(self.images.device, non_blocking=True)
+                if self.images.device.type == "cuda":  # a pinned copy does not wait for the GPU
+                    idx = idx.pin_memory()
+                idx = idx.to(self.images.device, non_blocking=True)
         # index_select gathers whole rows; advanced indexing (images[idx]) is several times slower
         return self.images.index_select(0, idx), self.labels.index_select(0, idx)
 

@@ -77,7 +77,8 @@ def load_data(model: str, data_root: Path):
     else:
         # download=True: torchvision unpacks the .gz files it finds (checking their md5) and fetches
         # nothing; with download=False it needs them unpacked already (as a vaelab run leaves them)
-        dm = MNIST(root=data_root, download=True, binarize="none", pad=2)
+        # the 50,000 training images of vaelab's data=mnist (10,000 held out for validation)
+        dm = MNIST(root=data_root, download=True, binarize="none", pad=2, val_size=10_000)
     dm.setup("fit")
     return dm.to_float(dm.train_set.images).contiguous(), torch.tensor(dm.data_shape)
 

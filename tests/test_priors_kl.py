@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
@@ -72,6 +73,8 @@ def test_standard_normal_shortcuts_agree_with_torchs_general_normal():
     general = Independent(Normal(torch.zeros(6), torch.ones(6)), 1)
     z = torch.randn(3, 4, 6, dtype=torch.float64).float()
     torch.testing.assert_close(ours.log_prob(z), general.log_prob(z))
+    with pytest.raises(ValueError, match="6 dimensions"):
+        ours.log_prob(torch.zeros(4, 5))
     params = torch.randn(4, 12, requires_grad=True)
     q = DiagonalGaussian()(params)
     kl = kl_divergence(q, ours)

@@ -60,6 +60,9 @@ class StandardNormalDistribution(Independent):
         if self._validate_args:
             self._validate_sample(value)
         z = self.event_shape[-1]
+        if value.shape[-1] != z:  # (torch's Normal would broadcast a last dimension of 1)
+            raise ValueError(f"log p(z) of the standard normal prior needs z with {z} dimensions, "
+                             f"got shape {tuple(value.shape)}")
         return -0.5 * value.square().sum(-1) - 0.5 * z * math.log(2 * math.pi)
 
 

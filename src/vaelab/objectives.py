@@ -137,8 +137,9 @@ class ELBO(Objective):
             p = vae.prior_distribution()
             log_px = px.log_prob(x)  # [S, B]
             # E_q[log p(x|z)]  [B]: the mean over the S samples (with S = 1 that sample itself,
-            # a view: the same numbers without a reduction and its backward)
-            recon = log_px[0] if self.num_samples == 1 else log_px.mean(0)
+            # a view: the same numbers without a reduction; squeeze rather than [0], whose
+            # backward fills a zero tensor and copies into it, two more operations a step)
+            recon = log_px.squeeze(0) if self.num_samples == 1 else log_px.mean(0)
             kl, analytic = kl_or_monte_carlo(q, p, z.float(), log_q)
             elbo = recon - kl
             if self.free_bits == 0:

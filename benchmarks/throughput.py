@@ -235,6 +235,7 @@ VAELAB_VARIANTS = {
     "vaelab-hostdata": ["data.on_device=false"],       # batches copied from host memory each step
 }
 
+
 def vaelab_command(model: str, epochs: int, device: str, data_root: Path, out: Path,
                    variant: str = "vaelab") -> list[str]:
     """``python train.py ...`` for the benchmark's model, as users run it (no test split)."""

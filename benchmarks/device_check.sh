@@ -20,7 +20,7 @@
 #   cp ../shared/data/BinarizedMNIST/binarized_mnist.npz .benchdata/BinarizedMNIST/
 # (~40 MB together) and carry .whl and .benchdata with the call.
 # PHASES picks the steps: smoke (the default run in bf16-mixed on the GPU), table (the issue's
-# table, both models), variants (model.compile=true, data.on_device=false), profile (cProfile
+# table, both models), variants (model.compile=true, its reduce-overhead mode, data.on_device=false, one sync a step), profile (cProfile
 # of a short MLP run, to $OUT/vaelab-mlp.prof).
 set -u
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
@@ -48,7 +48,7 @@ table)
     bench --model $MODEL --repeats "$REPEATS" --contenders "vaelab,plain,pythae$GRAPH" 2>&1 | tee "$OUT/throughput-$MODEL.txt"
   done ;;
 variants)
-  bench --model mlp --repeats 1 --contenders "vaelab-hostdata,vaelab-compile,plain-sync" 2>&1 | tee "$OUT/throughput-variants.txt" ;;
+  bench --model mlp --repeats 1 --contenders "vaelab-hostdata,vaelab-compile,vaelab-graphs,plain-sync" 2>&1 | tee "$OUT/throughput-variants.txt" ;;
 profile)
   ROOT=/tmp/profroot; mkdir -p $ROOT; cp -r .benchdata/BinarizedMNIST $ROOT/
   timeout 150 $PY -m cProfile -o "$OUT/vaelab-mlp.prof" train.py data=binarized_mnist data.root=$ROOT \

@@ -27,6 +27,8 @@ GPU only (``--device cuda``):
                    matrix-product rate, so the table gives every contender's arithmetic rate
                    and its fraction of that peak
   vaelab-compile   train.py with model.compile=true
+  vaelab-graphs    train.py with model.compile=true model.compile_mode=reduce-overhead (the
+                   networks' forward and backward replayed as CUDA graphs)
   vaelab-hostdata  train.py with data.on_device=false (batches copied from host memory)
 
 Each contender runs in its own process with the same thread count, ``--repeats`` times, the
@@ -232,6 +234,7 @@ def run_plain_graph(model: str, epochs: int, device: str, data_root: Path) -> di
 VAELAB_VARIANTS = {
     "vaelab": [],
     "vaelab-compile": ["model.compile=true"],          # torch.compile'd encoder and decoder
+    "vaelab-graphs": ["model.compile=true", "model.compile_mode=reduce-overhead"],  # ... as CUDA graphs
     "vaelab-hostdata": ["data.on_device=false"],       # batches copied from host memory each step
 }
 

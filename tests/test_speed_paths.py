@@ -132,6 +132,32 @@ def test_model_compile_keeps_checkpoint_keys_and_computes_the_same_bound(tmp_pat
     assert all(p.grad is not None for p in compiled.vae.encoder.parameters())
 
 
+def test_model_compile_mode_reaches_torch_compile_and_a_wrong_one_names_the_choices(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from vaelab.cli import build_datamodule, resolve_data_options
+    from vaelab.module import VAEModule
+
+    def config(*overrides: str) -> tuple[dict, dict]:
+        with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+            cfg = compose("train", overrides=[f"paths.data_dir={tmp_path}/data", f"paths.output_dir={tmp_path}/out",
+                                              "logger=none", *overrides])
+        resolve_data_options(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        return resolved, build_datamodule(cfg.data, resolved).info
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    VAEModule(*config("model.compile=true", "model.compile_mode=reduce-overhead"))
+    assert seen == [("MLPEncoder", {"mode": "reduce-overhead"}), ("MLPDecoder", {"mode": "reduce-overhead"})]
+    seen.clear()
+    VAEModule(*config())  # compile=false: the mode is checked, nothing is compiled
+    assert seen == []
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        VAEModule(*config("model.compile=true", "model.compile_mode=fastest"))
+
+
 def test_throughput_monitor_times_the_training_batches_and_not_the_validation(tmp_path):
     import json
     import time

@@ -26,6 +26,9 @@ from vaelab.objectives import Objective
 
 TERMS = ("elbo", "recon", "kl")
 
+#: torch.compile's modes (``model.compile_mode``); reduce-overhead replays CUDA graphs on a GPU
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 DEFAULT_EVALUATION = {"val_num_samples": 10, "test_num_samples": 1000, "chunk_size": 100}
 
 
@@ -64,11 +67,15 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         self.config = config
         self.data_info = data_info
         self.vae = build_vae(config, data_info["shape"], data_info.get("num_levels"))
-        if (config.get("model") or {}).get("compile", False):
+        model = config.get("model") or {}
+        mode = model.get("compile_mode") or "default"
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode={mode!r} is not an option: choose one of {COMPILE_MODES}")
+        if model.get("compile", False):
             # in place (nn.Module.compile), not torch.compile(module): the parameters keep their
             # names, so a checkpoint loads into a compiled or an eager model alike
-            self.vae.encoder.compile()
-            self.vae.decoder.compile()
+            self.vae.encoder.compile(mode=mode)
+            self.vae.decoder.compile(mode=mode)
         check_targets({"objective": config["objective"]}, allowed_prefixes(config))
         self.objective: Objective = instantiate(config["objective"])
         self.evaluation = check_evaluation({**DEFAULT_EVALUATION, **(config.get("evaluation") or {})})

@@ -12,9 +12,9 @@ Models:
 Contenders:
   vaelab          train.py as users run it: W&B (offline) logging, checkpoints, pictures
   plain           a hand-written loop with the same kernels as vaelab's defaults (fused Adam,
-                  channels-last convolutions): the floor for framework overhead
+                  channels-last convolutions, vaelab's CPU BCE): the floor for framework overhead
   plain-defaults  the same loop with torch's defaults (Adam's per-tensor loop, NCHW
-                  convolutions): what a loop written without tuning gets
+                  convolutions, torch's BCE): what a loop written without tuning gets
   pythae          pythae's BaseTrainer (its own Adam) on the same network modules
 
 Not in the default list:
@@ -116,30 +116,36 @@ def plain_model(model: str, shape: tuple[int, ...], device: str, tuned: bool = T
     return enc, dec, opt
 
 
-def plain_loss(model: str, enc, dec, x):
+def plain_loss(model: str, enc, dec, x, tuned: bool = True):
     """−ELBO with the ELBO written out by hand (Bernoulli for the MLP, Gaussian with σ = 1 for
-    the conv model, standard normal prior), averaged over the batch."""
+    the conv model, standard normal prior), averaged over the batch. ``tuned``: the Bernoulli
+    term through vaelab's BCE kernel (on a CPU without torch's unvectorized log1p), else
+    torch's."""
     import math
+    from functools import partial
 
     import torch
     import torch.nn.functional as F
+
+    from vaelab.likelihoods import binary_cross_entropy_with_logits
 
     mu, raw = enc(x).chunk(2, dim=-1)
     sigma = F.softplus(raw) + 1e-4
     z = mu + sigma * torch.randn_like(mu)
     out = dec(z)
     if model == "mlp":
-        recon = -F.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(1)
+        bce = binary_cross_entropy_with_logits if tuned else partial(F.binary_cross_entropy_with_logits, reduction="none")
+        recon = -bce(out, x).flatten(1).sum(1)
     else:
         recon = (-0.5 * (x - out) ** 2 - 0.5 * math.log(2 * math.pi)).flatten(1).sum(1)
     kl = 0.5 * (sigma**2 + mu**2 - 1 - 2 * torch.log(sigma)).sum(1)
     return -(recon - kl).mean()
 
 
-def plain_step(model: str, enc, dec, opt, x, check: bool = False) -> None:
+def plain_step(model: str, enc, dec, opt, x, check: bool = False, tuned: bool = True) -> None:
     """One training step of the plain loop on the batch ``x``; ``check``: read on the host
     whether the loss is finite before the backward pass (a host-device sync a step)."""
-    loss = plain_loss(model, enc, dec, x)
+    loss = plain_loss(model, enc, dec, x, tuned)
     if check:
         import torch
 
@@ -165,7 +171,7 @@ def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool
         sync(device)
         start = time.perf_counter()
         for i in range(0, n, BATCH):
-            plain_step(model, enc, dec, opt, x_all.index_select(0, perm[i : i + BATCH]), check)
+            plain_step(model, enc, dec, opt, x_all.index_select(0, perm[i : i + BATCH]), check, tuned)
         sync(device)
         rates.append(n / (time.perf_counter() - start))
     return finish(rates, device)

@@ -77,6 +77,35 @@ def test_bernoulli_is_minus_summed_bce():
     assert Bernoulli.discrete and Bernoulli.requires_binary
 
 
+def test_cpu_bce_matches_float64_and_torchs_gradients():
+    """vaelab's CPU BCE-with-logits (log where torch uses log1p) against the float64 value, to
+    float32 precision, from tiny to saturated logits; its gradients are torch's."""
+    from vaelab.likelihoods import binary_cross_entropy_with_logits
+
+    logits = torch.cat([torch.randn(64, 200) * 4, torch.tensor([-100.0, -30.0, -1e-4, 0.0, 1e-4, 30.0, 100.0]).expand(64, 7)], 1)
+    x = torch.bernoulli(torch.full_like(logits, 0.3))
+    ours = binary_cross_entropy_with_logits(logits, x)
+    exact = F.binary_cross_entropy_with_logits(logits.double(), x.double(), reduction="none")
+    torch.testing.assert_close(ours.double(), exact, rtol=2e-7, atol=1e-7)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    t1, t2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.rand_like(logits)  # a non-uniform upstream gradient
+    (binary_cross_entropy_with_logits(a, t1) * w).sum().backward()
+    (F.binary_cross_entropy_with_logits(b, t2, reduction="none") * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_bce_off_the_cpu_is_torchs_fused_kernel(monkeypatch):
+    from vaelab import likelihoods
+
+    calls = []
+    monkeypatch.setattr(likelihoods.F, "binary_cross_entropy_with_logits",
+                        lambda logits, target, reduction: calls.append(reduction) or logits)
+    likelihoods.binary_cross_entropy_with_logits(torch.zeros(2, 3, device="meta"), torch.zeros(2, 3, device="meta"))
+    assert calls == ["none"]
+
+
 def test_continuous_bernoulli_has_its_normalizing_constant():
     logits = torch.randn(4, *SHAPE) * 2
     x = torch.rand(4, *SHAPE)

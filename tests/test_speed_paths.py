@@ -267,9 +267,11 @@ def test_nvml_probe_is_skipped_only_where_nvml_cannot_load(monkeypatch):
 
 
 @pytest.mark.parametrize("sample_shape", [(), (3,)])
-def test_bernoulli_image_log_prob_is_torchs_to_the_bit_with_the_same_gradients(sample_shape):
+def test_bernoulli_image_log_prob_is_torchs_with_the_same_gradients(sample_shape):
     """The Bernoulli likelihood negates after summing over the pixels (two full-size passes
-    fewer per step); values and gradients are exactly torch's Independent(Bernoulli)."""
+    fewer per step) and, on the CPU, takes log(1 + e) where torch takes log1p(e) (which this
+    torch does not vectorize): values equal torch's Independent(Bernoulli) to float32 rounding,
+    gradients exactly."""
     from torch.distributions import Bernoulli, Independent
 
     from vaelab.likelihoods import Bernoulli as BernoulliLikelihood
@@ -282,7 +284,8 @@ def test_bernoulli_image_log_prob_is_torchs_to_the_bit_with_the_same_gradients(s
     assert isinstance(px, Independent) and px.batch_shape == reference.batch_shape
     assert px.event_shape == reference.event_shape == (1, 6, 5)
     ours, theirs = px.log_prob(x), reference.log_prob(x)
-    assert ours.shape == (*sample_shape, 4) and torch.equal(ours, theirs)
+    assert ours.shape == (*sample_shape, 4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
     (g_ours,) = torch.autograd.grad(ours.sum(), params)
     (g_theirs,) = torch.autograd.grad(theirs.sum(), params)
     assert torch.equal(g_ours, g_theirs)

@@ -116,6 +116,40 @@ class Likelihood(nn.Module):
         return params.chunk(n, dim=-3) if n > 1 else (params,)
 
 
+class _BCEWithLogitsCPU(torch.autograd.Function):
+    """``binary_cross_entropy_with_logits(l, x, reduction="none")`` for CPU tensors:
+
+        max(l, 0) − l·x + log(1 + exp(−|l|))
+
+    torch's formula, with ``log`` where torch uses ``log1p``: this torch's CPU ``log1p`` is not
+    vectorized (about 1 ms for the 100,352 pixels of a batch of 128 MNIST images, one thread,
+    against 0.09 ms for ``log``), and it was most of a Bernoulli likelihood's cost, in training
+    and more so in importance-sampled evaluation. The argument of ``log`` lies in (1, 2], so the
+    result differs from ``log1p``'s by at most half an ulp of 1 (6e-8 nats) per pixel. The
+    gradient is torch's: (sigmoid(l) − x) for the logits, −l for the target.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, target)
+        return logits.clamp(min=0).sub_(logits * target).add_(logits.abs().neg_().exp_().add_(1).log_())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        logits, target = ctx.saved_tensors
+        d_logits = grad * (torch.sigmoid(logits) - target) if ctx.needs_input_grad[0] else None
+        d_target = -grad * logits if ctx.needs_input_grad[1] else None
+        return d_logits, d_target
+
+
+def binary_cross_entropy_with_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-element BCE with logits: torch's fused kernel on accelerators, ``_BCEWithLogitsCPU``
+    on the CPU."""
+    if logits.device.type == "cpu":
+        return _BCEWithLogitsCPU.apply(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+
+
 class _BernoulliImage(Independent):
     """``Independent(Bernoulli(logits), 3)``, with the same ``log_prob`` computed in fewer
     passes over the pixels.
@@ -131,7 +165,7 @@ class _BernoulliImage(Independent):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits = self.base_dist.logits
         logits, value = torch.broadcast_tensors(logits, value.to(logits.dtype))
-        per_pixel = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        per_pixel = binary_cross_entropy_with_logits(logits, value)
         return -per_pixel.flatten(-self.reinterpreted_batch_ndims).sum(-1)
 
 

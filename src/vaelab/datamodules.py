@@ -97,6 +97,16 @@ def damaged_files(tv_class: Any, root: Path, folder: str) -> list[tuple[Path, st
     return bad
 
 
+def _indices_to(device: torch.device, idx: torch.Tensor) -> torch.Tensor:
+    """Host index tensor ``idx`` on ``device``. To a GPU through pinned memory: that copy does
+    not wait for the device, a copy from pageable memory does."""
+    if idx.device == device:
+        return idx
+    if device.type == "cuda":
+        idx = idx.pin_memory()
+    return idx.to(device, non_blocking=True)
+
+
 class InMemoryImages(Dataset):
     """uint8 images ``[N, C, H, W]`` and integer labels ``[N]``, fetched a whole batch at a time.
 
@@ -134,11 +144,7 @@ class InMemoryImages(Dataset):
         if isinstance(indices, torch.Tensor):  # TensorBatchSampler: on this data's device already
             idx = indices
         else:
-            idx = torch.as_tensor(indices, dtype=torch.long)
-            if idx.device != self.images.device:
-                if self.images.device.type == "cuda":  # a pinned copy does not wait for the GPU
-                    idx = idx.pin_memory()
-                idx = idx.to(self.images.device, non_blocking=True)
+            idx = _indices_to(self.images.device, torch.as_tensor(indices, dtype=torch.long))
         # index_select gathers whole rows; advanced indexing (images[idx]) is several times slower
         return self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
@@ -159,10 +165,7 @@ class TensorBatchSampler(BatchSampler):
         self.device = torch.device(device)
 
     def __iter__(self):
-        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
-        if self.device.type == "cuda":
-            order = order.pin_memory()
-        order = order.to(self.device, non_blocking=True)
+        order = _indices_to(self.device, torch.as_tensor(list(self.sampler), dtype=torch.long))
         n = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, n, self.batch_size):
             yield order[start:start + self.batch_size]

@@ -30,3 +30,30 @@ def test_bad_widths_are_refused():
         MLPEncoder((1, 8, 8), 4, hidden=[0])
     with pytest.raises(ValueError, match="data_shape"):
         ConvEncoder((8, 8), 4)
+
+
+def test_mlp_decoder_runs_samples_through_its_layers_as_one_matrix():
+    """z [S, B, Z] gives the same values and gradients as each [B, Z] alone, for the
+    operations of one [S·B, Z] batch (2-D Linear layers: no folding views forward and back)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vaelab.networks import MLPDecoder
+
+    torch.manual_seed(0)
+    dec = MLPDecoder(4, (1, 6, 6), 1, hidden=[8, 8])
+    z = torch.randn(3, 5, 4, requires_grad=True)
+    out = dec(z)
+    assert out.shape == (3, 5, 1, 6, 6)
+    each = torch.stack([dec(z[s]) for s in range(3)])
+    torch.testing.assert_close(out, each)
+    (g_all,) = torch.autograd.grad(out.square().sum(), z)
+    (g_each,) = torch.autograd.grad(each.square().sum(), z)
+    torch.testing.assert_close(g_all, g_each)
+
+    def operations(latent):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            dec(latent).sum().backward()
+        return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+    flat = operations(torch.randn(15, 4))
+    assert operations(torch.randn(3, 5, 4)) <= flat + 2  # the two reshapes; folding each layer cost 16

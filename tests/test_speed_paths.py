@@ -222,6 +222,29 @@ def test_sum_mean_is_the_exact_mean_over_all_examples_and_resets():
     assert rank0.compute().item() == pytest.approx(16.0 / 4)
 
 
+def test_pending_sums_fold_into_the_epoch_means_whenever_they_are_read():
+    """Training adds each step's term sums to one pending [T] tensor; reading any of the epoch
+    means first moves all of it into every term's metric, so the means are exact at any read."""
+    from vaelab.metrics import PendingSumMean, PendingSums
+
+    pending = PendingSums()
+    elbo, kl = PendingSumMean(pending), PendingSumMean(pending)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 2, generator=gen) * 30 - 90 for n in (128, 128, 37)]  # [B, T]: two terms
+    for b in batches[:2]:
+        pending.add(b.sum(0), b.shape[0])
+    assert elbo.total.item() == 0.0 and kl.total.item() == 0.0  # one pending addition a step, nothing else
+    torch.testing.assert_close(kl.compute(), torch.cat(batches[:2])[:, 1].mean())  # reading one folds all
+    assert pending.sums is None and pending.count == 0 and elbo._update_count == 1
+    torch.testing.assert_close(elbo.compute(), torch.cat(batches[:2])[:, 0].mean())
+    pending.add(batches[2].sum(0), 37)  # a step after a read is not hidden by compute()'s cache
+    torch.testing.assert_close(elbo.compute(), torch.cat(batches)[:, 0].mean())
+    torch.testing.assert_close(kl.compute(), torch.cat(batches)[:, 1].mean())
+    elbo.reset(), kl.reset()  # Lightning resets them after each epoch's read
+    pending.add(torch.tensor([6.0, -3.0]), 3)
+    assert elbo.compute().item() == pytest.approx(2.0) and kl.compute().item() == pytest.approx(-1.0)
+
+
 def test_nan_guard_reads_the_term_sums_and_still_names_the_bad_term():
     from types import SimpleNamespace
 
@@ -341,6 +364,45 @@ def test_the_hook_name_fast_path_keeps_lightnings_bookkeeping(tmp_path):
     assert "_current_fx_name" not in {**module._parameters, **module._buffers, **module._modules}
     module.extra = torch.nn.Linear(2, 2)  # everything else still goes through nn.Module
     assert "extra" in module._modules and any(n.startswith("extra.") for n, _ in module.named_parameters())
+
+
+def test_empty_batch_hooks_of_callbacks_are_skipped_and_overridden_ones_still_run(tmp_path):
+    """Hooks a callback inherits from ``Callback`` unchanged become None, so Lightning's loop
+    skips them; the hooks a class overrides (a user's, ModelCheckpoint's) still run each step."""
+    import collections
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vaelab.profiling import BATCH_HOOKS, skip_empty_batch_hooks
+
+    calls: collections.Counter[str] = collections.Counter()
+
+    class Counting(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            calls["on_train_batch_end"] += 1
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            calls["on_before_backward"] += 1
+
+    counting, bare = Counting(), pl.Callback()
+    saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    skipped = skip_empty_batch_hooks([counting, bare, saving])
+    assert skipped["Callback"] == list(BATCH_HOOKS)
+    assert set(skipped["Counting"]) == set(BATCH_HOOKS) - {"on_train_batch_end", "on_before_backward"}
+    assert "on_train_batch_end" not in skipped["ModelCheckpoint"]  # where it saves every n steps
+    assert counting.on_after_backward is None and bare.on_train_batch_start is None
+    assert skip_empty_batch_hooks([counting, bare, saving]) == {}  # nothing more the second time
+    assert Counting.on_after_backward is pl.Callback.on_after_backward  # the classes are untouched
+
+    images = torch.bernoulli(torch.full((64, 1, 8, 8), 0.3))
+    loader = DataLoader(TensorDataset(images, torch.zeros(64)), batch_size=16)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path, callbacks=[counting, bare, saving])
+    trainer.fit(_tiny_module(), loader)
+    assert calls == {"on_train_batch_end": 4, "on_before_backward": 4}
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
 
 
 def _tiny_module():

@@ -21,7 +21,7 @@ from vaelab.attributes import PlainAttributes
 from vaelab.build import allowed_prefixes, build_optimizer, build_vae, check_targets
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
 from vaelab.guards import NaNGuard
-from vaelab.metrics import SumMean, bits_per_dim
+from vaelab.metrics import PendingSumMean, PendingSums, SumMean, bits_per_dim
 from vaelab.objectives import Objective
 
 TERMS = ("elbo", "recon", "kl")
@@ -84,15 +84,15 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         #: the per-example terms logged in training: elbo, recon, kl and the objective's own
         self.train_terms = (*TERMS, *getattr(self.objective, "extra_terms", ()))
         # the terms of every step: SumMean, fed with the batch sums that _step computes once
-        # for all terms. No NaN scan per update (a device->host sync every step on a GPU): the
-        # NaN guard keeps non-finite training steps out (stop or skip); a NaN in validation or
-        # test shows as NaN in the epoch mean instead of being silently dropped.
+        # for all terms; in training through one PendingSums (one in-place addition a step for
+        # all terms, folded into the metrics whenever they are read). No NaN scan per update (a
+        # device->host sync every step on a GPU): the NaN guard keeps non-finite training steps
+        # out (stop or skip); a NaN in validation or test shows as NaN in the epoch mean
+        # instead of being silently dropped.
+        self.train_sums = PendingSums()
         self.metrics = torch.nn.ModuleDict(
-            {
-                f"{stage}_{term}": SumMean()
-                for stage, terms in (("train", self.train_terms), ("val", TERMS), ("test", TERMS))
-                for term in terms
-            }
+            {f"train_{term}": PendingSumMean(self.train_sums) for term in self.train_terms}
+            | {f"{stage}_{term}": SumMean() for stage in ("val", "test") for term in TERMS}
         )
         for name in ("val_iwae", "test_nll"):  # per-example vectors, once a validation/test batch
             self.metrics[name] = MeanMetric(nan_strategy="disable")
@@ -153,8 +153,11 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         if stage == "train" and self.nan_guard.bad_step(self, x, out, sums):
             return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)
         count = values.shape[-1]
-        for term, total in zip(terms, sums.unbind(), strict=True):
-            self.metrics[f"{stage}_{term}"].update(total, count)
+        if stage == "train":
+            self.train_sums.add(sums, count)
+        else:
+            for term, total in zip(terms, sums.unbind(), strict=True):
+                self.metrics[f"{stage}_{term}"].update(total, count)
         if not self._kl_reported:
             self._kl_reported = True
             rank_zero_info(

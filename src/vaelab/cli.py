@@ -26,7 +26,7 @@ from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RankSeed, job_scope
 from vaelab.module import VAEModule, check_evaluation
-from vaelab.profiling import default_profiler
+from vaelab.profiling import default_profiler, skip_empty_batch_hooks
 from vaelab.runs import ensure_wandb_id, in_multirun, resolve_resume
 from vaelab.validation import (
     check_free_space,
@@ -145,6 +145,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                       plugins=[checkpoint_io] if checkpoint_io is not None else None,
                                       **default_profiler(cfg.trainer))
+    skip_empty_batch_hooks(trainer.callbacks)  # Lightning's own callbacks included
     for lg in loggers:
         lg.log_hyperparams(config)
     dashboard.define_metrics(loggers)
@@ -236,6 +237,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     pictures = ImageLogger(save_dir=str(Path(cfg.paths.output_dir) / "images"), num_samples=0)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[pictures],
                                       **default_profiler(cfg.trainer))
+    skip_empty_batch_hooks(trainer.callbacks)
     dashboard.define_metrics(loggers)
     failed = True
     try:

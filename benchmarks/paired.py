@@ -13,6 +13,13 @@ kernels: ``throughput.plain_step``) in the same process. Both see the same host,
 memory state within seconds of each other. The ratio is the plain loop's median ms a block-step
 over vaelab's; blocks that a validation or a checkpoint save falls into count for vaelab as
 they do for users (the median keeps a rare slow block from deciding).
+
+Each run is followed by the same measurement around Lightning's own loop (``--no-floor`` skips
+it): a bare ``pl.Trainer`` (no logger, checkpoints, progress bar or validation; Lightning's
+defaults) training a LightningModule whose ``training_step`` returns the plain loop's loss, on
+vaelab's data module, with the same plain blocks in between. Its ratio is the floor that
+Lightning's automatic-optimization loop sets for any module run inside it; vaelab's ratio
+over it is what vaelab's module, callbacks and logging cost.
 """
 
 from __future__ import annotations
@@ -90,6 +97,39 @@ class PlainBlocks(pl.Callback):
             self.save_path.write_text(json.dumps({"vaelab_s": self.vaelab, "plain_s": self.plain}))
 
 
+def run_floor(model: str, data_root: str, save_path: str, block: int, epochs: int, device: str) -> None:
+    """The bare Lightning loop around the plain step, with plain blocks in between (child)."""
+    from throughput import plain_loss
+
+    from vaelab.build import skip_failing_nvml_probe
+    from vaelab.datamodules import MNIST, BinarizedMNIST
+
+    skip_failing_nvml_probe()  # as train.py does: no failed NVML probe in each Adam step
+    if model == "mlp":
+        dm = BinarizedMNIST(root=data_root, download=False, batch_size=BATCH)
+    else:
+        dm = MNIST(root=data_root, download=True, binarize="none", pad=2, val_size=10_000, batch_size=BATCH)
+    blocks = PlainBlocks(model, data_root, save_path, block)
+
+    class PlainStep(pl.LightningModule):
+        def __init__(self, shape):
+            super().__init__()
+            self.enc, self.dec, self.opt = plain_model(model, shape, device)
+
+        def training_step(self, batch, batch_idx):
+            return plain_loss(model, self.enc, self.dec, batch[0])
+
+        def configure_optimizers(self):
+            return self.opt
+
+    dm.prepare_data()
+    dm.setup("fit")
+    trainer = pl.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_epochs=epochs,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[blocks])
+    trainer.fit(PlainStep(dm.data_shape), datamodule=dm)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["mlp", "conv"], default="mlp")
@@ -97,9 +137,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--block", type=int, default=40, help="steps of each contender in turn")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare-Lightning measurement")
+    parser.add_argument("--floor-child", nargs=2, metavar=("DATA_ROOT", "SAVE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_child:
+        run_floor(args.model, *args.floor_child, args.block, args.epochs, args.device)
+        return
 
-    rows = []
+    rows, floors = [], []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         root = prepare_root(tmp)
@@ -120,6 +165,18 @@ def main() -> None:
             blocks = json.loads(save.read_text())
             v, p = statistics.median(blocks["vaelab_s"]), statistics.median(blocks["plain_s"])
             rows.append((len(blocks["vaelab_s"]), v, p))
+            if not args.no_floor:
+                print(f"run {run + 1} of {args.runs}: Lightning's loop around the plain step ...", file=sys.stderr, flush=True)
+                floor_save = tmp / f"floor{run}.json"
+                proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--epochs", str(args.epochs),
+                                       "--block", str(args.block), "--device", args.device,
+                                       "--floor-child", str(root), str(floor_save)],
+                                      cwd=REPO, capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    sys.exit(f"the bare Lightning run failed:\n{proc.stderr[-3000:]}")
+                blocks = json.loads(floor_save.read_text())
+                floors.append((len(blocks["vaelab_s"]), statistics.median(blocks["vaelab_s"]),
+                               statistics.median(blocks["plain_s"])))
 
     print(f"\n{args.model}, batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads, device "
           f"{args.device}; blocks of {args.block} steps, each contender in turn\n")
@@ -128,6 +185,16 @@ def main() -> None:
     for i, (n, v, p) in enumerate(rows, 1):
         print(f"| {i} | {n} | {1e3 * v:.3f} | {1e3 * p:.3f} | {p / v:.3f} |")
     print(f"\n{args.model}: vaelab / plain = {statistics.median(p / v for _, v, p in rows):.3f} (median over runs)")
+    if floors:
+        print("\nLightning's own loop (bare Trainer, Lightning's defaults) around the plain step, the same blocks:\n")
+        print("| run | blocks | Lightning + plain step ms/step | plain ms/step | Lightning / plain |")
+        print("|---|---:|---:|---:|---:|")
+        for i, (n, v, p) in enumerate(floors, 1):
+            print(f"| {i} | {n} | {1e3 * v:.3f} | {1e3 * p:.3f} | {p / v:.3f} |")
+        floor = statistics.median(p / v for _, v, p in floors)
+        ours = statistics.median(p / v for _, v, p in rows)
+        print(f"\n{args.model}: Lightning's loop alone = {floor:.3f} of the plain loop; vaelab / that floor = "
+              f"{ours / floor:.3f}")
 
 
 if __name__ == "__main__":

@@ -155,9 +155,10 @@ def main() -> None:
     # importing Lightning makes every Adam step of a CPU-only machine probe for NVML; vaelab
     # turns that off (vaelab.build.skip_failing_nvml_probe). Off for every contender here, so
     # that the rows differ by their loops alone
-    from vaelab.build import skip_failing_nvml_probe
+    from vaelab.build import keep_freed_memory, skip_failing_nvml_probe
 
     skip_failing_nvml_probe()
+    keep_freed_memory()  # train.py's allocator setting (malloc=tuned), for every contender from the start
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     for name in ("lightning", "lightning.pytorch", "vaelab"):

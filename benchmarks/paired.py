@@ -101,10 +101,11 @@ def run_floor(model: str, data_root: str, save_path: str, block: int, epochs: in
     """The bare Lightning loop around the plain step, with plain blocks in between (child)."""
     from throughput import plain_loss
 
-    from vaelab.build import skip_failing_nvml_probe
+    from vaelab.build import keep_freed_memory, skip_failing_nvml_probe
     from vaelab.datamodules import MNIST, BinarizedMNIST
 
     skip_failing_nvml_probe()  # as train.py does: no failed NVML probe in each Adam step
+    keep_freed_memory()  # and its allocator setting (malloc=tuned)
     if model == "mlp":
         dm = BinarizedMNIST(root=data_root, download=False, batch_size=BATCH)
     else:

@@ -347,6 +347,9 @@ def finish(rates: list[float], device: str) -> dict:
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    from vaelab.build import keep_freed_memory
+
+    keep_freed_memory(args.malloc)  # the same allocator for every contender (train.py: malloc=...)
     torch.manual_seed(0)
     out = Path(args.out)
     runner = {"plain": run_plain, "plain-defaults": lambda *a, **k: run_plain(*a, tuned=False, **k),
@@ -406,14 +409,16 @@ def main() -> None:
     parser.add_argument("--shared", default=str(SHARED), help="the folder that holds MNIST/ and BinarizedMNIST/")
     parser.add_argument("--vaelab-overrides", default="", help="more train.py overrides for every vaelab run, "
                         "space-separated (e.g. 'logger=none')")
+    parser.add_argument("--malloc", choices=["tuned", "system"], default="tuned",
+                        help="glibc's allocator for every contender: tuned (vaelab's default: freed memory is "
+                        "kept for reuse, vaelab.build.keep_freed_memory) or system (glibc's defaults)")
     add_child_arguments(parser)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
 
-    if args.vaelab_overrides:
-        os.environ["VAELAB_BENCH_OVERRIDES"] = args.vaelab_overrides
+    os.environ["VAELAB_BENCH_OVERRIDES"] = f"malloc={args.malloc} {args.vaelab_overrides}".strip()
     models = ["mlp", "conv"] if args.model == "both" else [args.model]
     contenders = args.contenders.split(",")
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -429,7 +434,7 @@ def main() -> None:
                     out.mkdir()
                     cmd = [sys.executable, __file__, "--child", "--contender", contender, "--model", model,
                            "--epochs", str(args.epochs), "--device", args.device, "--out", str(out),
-                           "--data-root", str(root)]
+                           "--data-root", str(root), "--malloc", args.malloc]
                     print(f"[{time.time() - started:6.0f} s] {model} / {contender} (round {rep + 1} of "
                           f"{args.repeats}) ...", file=sys.stderr, flush=True)
                     if run_child(cmd, contender, args.pythae_dir).returncode != 0:
@@ -445,7 +450,8 @@ def main() -> None:
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; load average "
           f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(f"{args.repeats} interleaved runs per contender, {args.epochs} epochs each (the first is warm-up)\n")
+    print(f"{args.repeats} interleaved runs per contender, {args.epochs} epochs each (the first is warm-up); "
+          f"allocator: {args.malloc}\n")
     print("| model | contender | images/s (median) | range | epoch s | peak RSS MiB | peak GPU MiB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     summary: dict[tuple[str, str], float] = {}

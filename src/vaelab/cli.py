@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab import dashboard
-from vaelab.build import allowed_prefixes, check_targets
+from vaelab.build import allowed_prefixes, check_targets, keep_freed_memory
 from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RankSeed, job_scope
@@ -122,6 +122,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     validate_train_config(cfg)  # every bad value, ckpt_path and unwritable folder, before anything runs
+    keep_freed_memory(cfg.get("malloc") or "tuned")  # glibc reuses a step's freed memory (vaelab.build)
     cfg, resume_ckpt = resolve_resume(cfg)
     resolve_data_options(cfg)
     ensure_wandb_id(cfg)
@@ -224,6 +225,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("ckpt_path") in (None, "???"):
         raise ValueError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
     validate_eval_config(cfg)
+    keep_freed_memory(cfg.get("malloc") or "tuned")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt = dashboard.resolve_run_checkpoint(cfg.ckpt_path)
     module = load_module(ckpt)

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab.build import MALLOC_CHOICES
 from vaelab.guards import NAN_POLICIES
 
 
@@ -90,6 +91,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("nan_policy", lambda v: v in NAN_POLICIES, f"one of {', '.join(NAN_POLICIES)}", "nan_policy=stop"),
     ("max_skipped_steps", lambda v: v is None or _int_at_least(0)(v), "null or an integer >= 0",
      "max_skipped_steps=100"),
+    ("malloc", lambda v: v in MALLOC_CHOICES, f"one of {', '.join(MALLOC_CHOICES)}", "malloc=tuned"),
 )
 
 _MISSING = object()

@@ -130,13 +130,13 @@ def keep_freed_memory(mode: str = "tuned") -> bool:
     run with the same code; with this setting vaelab ran at 3,000-3,200 in every run, and the
     benchmark's plain loop went from 2,190-2,340 to 3,200-3,320 images/s (a step of 20 tensors
     of 2 MiB faults in about 100 pages instead of 2,000-10,000, tested). ``mallopt`` fixes the
-    threshold for ``mmap`` at 32 MiB (glibc's largest;
-    allocations below it come from the heap and are reused) and the one for giving memory back
-    at 1 GiB. The cost: the process keeps up to 1 GiB of freed memory instead of returning it
-    (its peak use stays resident). ``system``, other C libraries and other systems: nothing
-    changes. The same can be had for any program with ``MALLOC_MMAP_THRESHOLD_`` and
-    ``MALLOC_TRIM_THRESHOLD_`` in the environment at start-up, or jemalloc/tcmalloc preloaded
-    (PyTorch's CPU performance guide); this applies it from inside the process.
+    threshold for ``mmap`` at 32 MiB (glibc's largest; allocations below it come from the heap
+    and are reused) and the one for giving memory back at 1 GiB. The cost: the process keeps up
+    to 1 GiB of freed memory instead of returning it (its peak use stays resident). ``system``,
+    other C libraries and other systems: nothing changes. From outside a process the same aim
+    is reached with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in the environment
+    at start-up, or jemalloc/tcmalloc preloaded (PyTorch's CPU performance guide); this needs
+    neither.
     """
     if mode not in MALLOC_CHOICES:
         raise ValueError(f"malloc={mode!r} is not an option: choose one of {MALLOC_CHOICES}")
@@ -146,7 +146,9 @@ def keep_freed_memory(mode: str = "tuned") -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl, ...): its own defaults
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) & bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # 1 on success
+    trim_set = mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    return bool(mmap_set and trim_set)
 
 
 def build_optimizer(optimizer_cfg: Mapping[str, Any], params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

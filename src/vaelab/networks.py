@@ -96,11 +96,10 @@ class MLPDecoder(nn.Module):
         self.net = _mlp([int(latent_dim), *_widths(hidden, "decoder.hidden"), math.prod(self.out_shape)], activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() == 2:
-            return self.net(z).unflatten(-1, self.out_shape)
-        # samples [S, B, Z] (the objectives' z) through the layers as one [S·B, Z] matrix: a
-        # Linear on 2-D input is one addmm, without the views that fold and unfold the extra
-        # dimension in the forward and the backward pass (14 operations a step for S = 1)
+        # any leading dimensions (the objectives' samples [S, B, Z]) through the layers as one
+        # [N, Z] matrix, as ConvDecoder does: a Linear on 2-D input is one addmm, without the
+        # views that fold and unfold the extra dimension forward and back (14 operations a
+        # training step for S = 1)
         lead = z.shape[:-1]
         return self.net(z.reshape(-1, z.shape[-1])).reshape(*lead, *self.out_shape)
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from throughput import (  # the same loop and data
     BATCH,
-    plain_loss,
+    plain_lightning_module,
     plain_model,
     plain_step,
     prepare_root,
@@ -107,23 +107,9 @@ def _bare_fit(module, dm, epochs: int) -> list[float]:
 
 
 def run_lightning(root: Path, out: Path, epochs: int) -> list[float]:
-    import lightning.pytorch as pl
-
     dm, _ = _datamodule(_config(root, out))
     dm.setup("fit")
-
-    class Plain(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.enc, self.dec, self.opt = _networks(dm.data_shape)
-
-        def training_step(self, batch, batch_idx):
-            return plain_loss("mlp", self.enc, self.dec, batch[0])
-
-        def configure_optimizers(self):
-            return self.opt
-
-    return _bare_fit(Plain(), dm, epochs)
+    return _bare_fit(plain_lightning_module("mlp", *_networks(dm.data_shape)), dm, epochs)
 
 
 def run_vaelab_core(root: Path, out: Path, epochs: int) -> list[float]:

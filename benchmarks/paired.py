@@ -99,7 +99,7 @@ class PlainBlocks(pl.Callback):
 
 def run_floor(model: str, data_root: str, save_path: str, block: int, epochs: int, device: str) -> None:
     """The bare Lightning loop around the plain step, with plain blocks in between (child)."""
-    from throughput import plain_loss
+    from throughput import plain_lightning_module
 
     from vaelab.build import keep_freed_memory, skip_failing_nvml_probe
     from vaelab.datamodules import MNIST, BinarizedMNIST
@@ -111,24 +111,12 @@ def run_floor(model: str, data_root: str, save_path: str, block: int, epochs: in
     else:
         dm = MNIST(root=data_root, download=True, binarize="none", pad=2, val_size=10_000, batch_size=BATCH)
     blocks = PlainBlocks(model, data_root, save_path, block)
-
-    class PlainStep(pl.LightningModule):
-        def __init__(self, shape):
-            super().__init__()
-            self.enc, self.dec, self.opt = plain_model(model, shape, device)
-
-        def training_step(self, batch, batch_idx):
-            return plain_loss(model, self.enc, self.dec, batch[0])
-
-        def configure_optimizers(self):
-            return self.opt
-
     dm.prepare_data()
     dm.setup("fit")
     trainer = pl.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_epochs=epochs,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, callbacks=[blocks])
-    trainer.fit(PlainStep(dm.data_shape), datamodule=dm)
+    trainer.fit(plain_lightning_module(model, *plain_model(model, dm.data_shape, device)), datamodule=dm)
 
 
 def main() -> None:

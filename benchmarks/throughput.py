@@ -156,6 +156,26 @@ def plain_step(model: str, enc, dec, opt, x, check: bool = False, tuned: bool = 
     opt.step()
 
 
+def plain_lightning_module(model: str, enc, dec, opt):
+    """A LightningModule whose ``training_step`` is the plain loop's loss on these networks and
+    optimizer: Lightning's own loop around the plain step (paired.py's floor, overhead.py's
+    ``lightning`` row)."""
+    import lightning.pytorch as pl
+
+    class PlainStep(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec, self.opt = enc, dec, opt
+
+        def training_step(self, batch, batch_idx):
+            return plain_loss(model, self.enc, self.dec, batch[0])
+
+        def configure_optimizers(self):
+            return self.opt
+
+    return PlainStep()
+
+
 def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool = True, check: bool = False) -> dict:
     """The floor: the data as one tensor on the device, batches sliced from a permutation, the
     ELBO written out by hand (``plain_step``)."""

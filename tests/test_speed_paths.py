@@ -222,6 +222,19 @@ def test_sum_mean_is_the_exact_mean_over_all_examples_and_resets():
     assert rank0.compute().item() == pytest.approx(16.0 / 4)
 
 
+def test_pending_sums_keep_their_own_copy_of_a_reused_buffer():
+    """A CUDA graph writes every step's sums into the same buffer (model.cuda_graph)."""
+    from vaelab.metrics import PendingSumMean, PendingSums
+
+    pending = PendingSums()
+    term = PendingSumMean(pending)
+    buffer = torch.zeros(1)
+    for value in (1.0, 2.0, 3.0):
+        buffer.fill_(value)  # the next step's sums, over 4 examples each
+        pending.add(buffer, 4)
+    torch.testing.assert_close(term.compute(), torch.tensor(6.0 / 12))
+
+
 def test_pending_sums_fold_into_the_epoch_means_whenever_they_are_read():
     """Training adds each step's term sums to one pending [T] tensor; reading any of the epoch
     means first moves all of it into every term's metric, so the means are exact at any read."""

@@ -72,9 +72,10 @@ class PendingSums:
         self.count = 0
 
     def add(self, sums: torch.Tensor, count: int) -> None:
-        """This step's sums ``[T]`` (a fresh tensor, kept and added to in place) over ``count`` examples."""
+        """This step's sums ``[T]`` over ``count`` examples. The first after a flush is copied
+        (once an epoch): a CUDA graph's output buffer, say, is overwritten by the next replay."""
         if self.sums is None:
-            self.sums = sums
+            self.sums = sums.clone()
         else:
             self.sums.add_(sums)
         self.count += count

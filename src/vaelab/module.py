@@ -20,14 +20,18 @@ from torchmetrics import MeanMetric, SumMetric
 from vaelab.attributes import PlainAttributes
 from vaelab.build import allowed_prefixes, build_optimizer, build_vae, check_targets
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
+from vaelab.graphs import StepGraph, is_cuda_graph_choice
 from vaelab.guards import NaNGuard
 from vaelab.metrics import PendingSumMean, PendingSums, SumMean, bits_per_dim
-from vaelab.objectives import Objective
+from vaelab.objectives import Objective, ObjectiveOutput
 
 TERMS = ("elbo", "recon", "kl")
 
 #: torch.compile's modes (``model.compile_mode``); reduce-overhead replays CUDA graphs on a GPU
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+#: tests set this to exercise the code around the graphs on a CPU (vaelab.graphs._EagerRecorder)
+_EMULATE_GRAPHS_ON_CPU = False
 
 DEFAULT_EVALUATION = {"val_num_samples": 10, "test_num_samples": 1000, "chunk_size": 100}
 
@@ -71,6 +75,16 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         mode = model.get("compile_mode") or "default"
         if mode not in COMPILE_MODES:
             raise ValueError(f"model.compile_mode={mode!r} is not an option: choose one of {COMPILE_MODES}")
+        cuda_graph = model.get("cuda_graph", False)
+        if not is_cuda_graph_choice(cuda_graph):
+            raise ValueError(f"model.cuda_graph={cuda_graph!r} is not an option: choose one of false, true, auto")
+        if cuda_graph is True and model.get("compile", False):
+            raise ValueError("model.cuda_graph=true and model.compile=true: choose one (model.compile_mode="
+                             "reduce-overhead graphs the compiled networks; model.cuda_graph the whole step)")
+        #: false | true | auto (vaelab.graphs); auto stays eager where graphs cannot work
+        self.cuda_graph = False if cuda_graph == "auto" and model.get("compile", False) else cuda_graph
+        self._step_graph: StepGraph | None = None
+        self._graph_off = self.cuda_graph is False
         if model.get("compile", False):
             # in place (nn.Module.compile), not torch.compile(module): the parameters keep their
             # names, so a checkpoint loads into a compiled or an eager model alike
@@ -144,33 +158,43 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         when = {"step": self.global_step, "epoch": self.current_epoch} if stage == "train" else {}
         out = self.objective(self.vae, x, **when)
         terms = self.train_terms if stage == "train" else TERMS
-        # the batch sums of all logged terms in one reduction ([T]): the epoch means and the
-        # NaN guard both read them (per-example terms [B], the objectives' contract)
-        values = torch.stack([out.terms[term] for term in terms]).detach()
-        if values.dtype != torch.float32:  # the objectives give float32 terms; a plugin may not
-            values = values.float()
-        sums = values.sum(-1)
+        sums = self._term_sums(out, terms)
         if stage == "train" and self.nan_guard.bad_step(self, x, out, sums):
             return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)
-        count = values.shape[-1]
+        count = x.shape[0]
         if stage == "train":
             self.train_sums.add(sums, count)
+            self._last_train_sums = sums
         else:
             for term, total in zip(terms, sums.unbind(), strict=True):
                 self.metrics[f"{stage}_{term}"].update(total, count)
+        self._report_kl(out.analytic_kl)
+        return out
+
+    def _report_kl(self, analytic: bool) -> None:
         if not self._kl_reported:
             self._kl_reported = True
             rank_zero_info(
-                f"KL(q(z|x) ‖ p(z)) is {'analytic (torch.distributions.kl_divergence)' if out.analytic_kl else 'a Monte Carlo estimate'}"
+                f"KL(q(z|x) ‖ p(z)) is {'analytic (torch.distributions.kl_divergence)' if analytic else 'a Monte Carlo estimate'}"
                 f" for q={type(self.vae.posterior).__name__}, p={type(self.vae.prior).__name__}"
             )
-        return out
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         x, _ = batch
-        out = self._step("train", x)
-        if out is None:
-            return None  # a skipped non-finite step (vaelab.guards)
+        graph = self._graph_for(x)
+        if graph is not None:
+            loss, sums = graph(x)  # the recorded step, replayed (vaelab.graphs)
+            # the NaN guard reads the same numbers as on the eager path (the terms' batch sums)
+            out = ObjectiveOutput(loss=loss, terms=dict(zip(self.train_terms, sums.unbind(), strict=True)),
+                                  scalars={"beta": self.objective.beta})
+            if self.nan_guard.bad_step(self, x, out, sums):
+                return None
+            self.train_sums.add(sums, x.shape[0])
+        else:
+            out = self._step("train", x)
+            if out is None:
+                return None  # a skipped non-finite step (vaelab.guards)
+            sums = self._last_train_sums
         if batch_idx == 0:
             # the epoch means are torchmetrics objects that accumulate every example (see
             # _step); registering them once an epoch is enough: Lightning computes (reduced
@@ -178,8 +202,77 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             for term in self.train_terms:
                 self.log(f"train/{term}_epoch", self.metrics[f"train_{term}"], on_step=False, on_epoch=True)
         if self._logging_step():
-            self._log_step_values(out)
+            self._log_step_values(sums, x.shape[0], out.loss, out.scalars)
         return out.loss
+
+    # --- CUDA graphs (model.cuda_graph; vaelab.graphs) ------------------------------------------
+    def _graph_for(self, x: torch.Tensor) -> StepGraph | None:
+        """The recorded step to replay for this batch, recording it on the first batch that
+        can be; None for an eager step (graphs off, a batch of another shape such as an
+        epoch's last, the steps of a KL warm-up before β is final)."""
+        if self._graph_off:
+            return None
+        if self._step_graph is not None:
+            return self._step_graph if self._step_graph.matches(x) else None
+        obstacle = self._graph_obstacle(x)
+        if obstacle:
+            self._graph_off = True
+            if self.cuda_graph is True:
+                raise ValueError(f"model.cuda_graph=true cannot record this run's training step: {obstacle}. "
+                                 "Use model.cuda_graph=auto (graphs where they work) or false.")
+            if x.is_cuda:  # (on a CPU, auto quietly means eager)
+                rank_zero_info(f"model.cuda_graph=auto: eager training steps ({obstacle})")
+            return None
+        if self.objective.effective_beta(self.global_step, self.current_epoch) != self.objective.beta:
+            return None  # KL warm-up: recorded once β has reached its value (β is fixed in the graph)
+        try:
+            self._step_graph = StepGraph(self._graph_step_function, list(self.parameters()), x,
+                                         emulate=not x.is_cuda)
+        except Exception as error:  # noqa: BLE001 - any failure to record means eager steps, or a stop
+            self._graph_off = True
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            message = (f"recording the training step as a CUDA graph failed ({type(error).__name__}: {error}); "
+                       "a plugin that reads tensors on the host or changes shapes cannot be recorded")
+            if self.cuda_graph is True:
+                raise RuntimeError(f"model.cuda_graph=true: {message}. Use model.cuda_graph=false "
+                                   "(or auto, which then trains eagerly).") from error
+            rank_zero_warn(f"model.cuda_graph=auto: {message}; training eagerly")
+            return None
+        self._report_kl(self._graph_analytic_kl)
+        rank_zero_info(f"model.cuda_graph: training steps replay a CUDA graph (batches of shape {tuple(x.shape)}; "
+                       "others run eagerly)")
+        return self._step_graph
+
+    def _graph_obstacle(self, x: torch.Tensor) -> str | None:
+        """Why this run's step cannot be recorded (None: it can)."""
+        if not x.is_cuda and not _EMULATE_GRAPHS_ON_CPU:
+            return f"training runs on {x.device.type}, and CUDA graphs need a CUDA GPU (trainer=gpu)"
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            return (f"{trainer.world_size} processes: the graphs are recorded for one process "
+                    "(DDP's gradient communication stays outside them)")
+        if torch.is_autocast_enabled(x.device.type) and torch.is_autocast_cache_enabled():
+            return "autocast with its weight cache on (Lightning's precision plugins turn it off)"
+        if not torch.is_grad_enabled():
+            return "gradients are off"
+        return None
+
+    def _graph_step_function(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the graph records: the objective at its final β and the batch sums of the
+        logged terms, as on the eager path."""
+        out = self.objective(self.vae, x)
+        self._graph_analytic_kl = out.analytic_kl
+        return out.loss, self._term_sums(out, self.train_terms)
+
+    @staticmethod
+    def _term_sums(out: ObjectiveOutput, terms: tuple[str, ...]) -> torch.Tensor:
+        """The batch sums of the logged terms in one reduction ([T]): the epoch means and the
+        NaN guard both read them (per-example terms [B], the objectives' contract)."""
+        values = torch.stack([out.terms[term] for term in terms]).detach()
+        if values.dtype != torch.float32:  # the objectives give float32 terms; a plugin may not
+            values = values.float()
+        return values.sum(-1)
 
     def _logging_step(self) -> bool:
         """Whether Lightning passes this step's values to the loggers (every
@@ -187,18 +280,20 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         connector = getattr(self._trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
 
-    def _log_step_values(self, out: Any) -> None:
-        """This step's ``train/*`` values, sent to the loggers the way Lightning's logger
-        connector sends what ``self.log(on_step=True)`` collected: the same step counter, with
-        ``epoch`` added, on the same steps, from rank zero's values.
+    def _log_step_values(self, sums: torch.Tensor, count: int, loss: torch.Tensor,
+                         scalars: dict[str, float]) -> None:
+        """This step's ``train/*`` values (the terms' batch means, from their batch sums),
+        sent to the loggers the way Lightning's logger connector sends what
+        ``self.log(on_step=True)`` collected: the same step counter, with ``epoch`` added, on
+        the same steps, from rank zero's values.
 
         Not through ``self.log``: it costs about 0.5 ms a call on this project's CPU
         benchmark, 3.7 ms for these seven values, a third of the MLP VAE's whole step (and
         more than all of it on a GPU). Here the values leave the device in one transfer."""
         names = [f"train/{term}" for term in self.train_terms] + ["train/loss"]
-        tensors = [out.terms[term].detach().float().mean() for term in self.train_terms] + [out.loss.detach().float()]
-        values = dict(zip(names, torch.stack(tensors).tolist(), strict=True))
-        values.update({f"train/{name}": float(value) for name, value in out.scalars.items()})
+        numbers = torch.cat([sums / count, loss.detach().float().reshape(1)]).tolist()
+        values = dict(zip(names, numbers, strict=True))
+        values.update({f"train/{name}": float(value) for name, value in scalars.items()})
         if self.nan_guard.policy == "skip":
             values["train/skipped_steps"] = float(self.nan_guard.skipped)
         self.last_step_values = values

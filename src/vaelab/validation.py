@@ -24,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.build import MALLOC_CHOICES
+from vaelab.graphs import is_cuda_graph_choice
 from vaelab.guards import NAN_POLICIES
 
 
@@ -63,6 +64,7 @@ def _scale(v: Any) -> bool:
 RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("latent_dim", _int_at_least(1), "a positive integer", "latent_dim=16"),
     ("model.compile", lambda v: isinstance(v, bool), "true or false", "model.compile=true"),
+    ("model.cuda_graph", is_cuda_graph_choice, "true, false or auto", "model.cuda_graph=auto"),
     ("data.batch_size", _int_at_least(1), "a positive integer", "data.batch_size=64"),
     ("data.eval_batch_size", lambda v: v is None or _int_at_least(1)(v), "null or a positive integer",
      "data.eval_batch_size=500"),

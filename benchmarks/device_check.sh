@@ -19,12 +19,13 @@
 #   cp ../shared/data/MNIST/raw/*.gz .benchdata/MNIST/raw/
 #   cp ../shared/data/BinarizedMNIST/binarized_mnist.npz .benchdata/BinarizedMNIST/
 # (~40 MB together) and carry .whl and .benchdata with the call.
-# PHASES picks the steps: smoke (the default run in bf16-mixed on the GPU), table (the issue's
+# PHASES picks the steps: tests (tests/test_graphs.py, whose GPU tests record real CUDA graphs),
+# smoke (the default run in bf16-mixed on the GPU, model.cuda_graph=auto), table (the issue's
 # table, both models), variants (model.compile=true, its reduce-overhead mode, data.on_device=false, one sync a step), profile (cProfile
 # of a short MLP run, to $OUT/vaelab-mlp.prof).
 set -u
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
-DEVICE=${DEVICE:-cuda}; EPOCHS=${EPOCHS:-2}; REPEATS=${REPEATS:-1}; PHASES=${PHASES:-"smoke table variants profile"}
+DEVICE=${DEVICE:-cuda}; EPOCHS=${EPOCHS:-2}; REPEATS=${REPEATS:-1}; PHASES=${PHASES:-"tests smoke table variants profile"}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
 PY=${PY:-python3}
 if [ -d .whl ] && [ "$DEVICE" = cuda ]; then
@@ -40,15 +41,21 @@ GRAPH=$([ "$DEVICE" = cuda ] && echo ",plain-graph" || echo "")
 bench() { $PY benchmarks/throughput.py --device "$DEVICE" --epochs "$EPOCHS" --shared .benchdata --pythae-dir "$SITE" "$@"; }
 
 for PHASE in $PHASES; do case $PHASE in
+tests)
+  # the tests that need a GPU (CUDA graphs recorded for real), with the rest of their file
+  timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tee "$OUT/tests-graphs.txt" | tail -15
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "TESTS FAILED"; exit 1; } ;;
 smoke)
+  # the default run in bf16-mixed with the step as CUDA graphs (auto: eager on a CPU dry run)
   timeout 150 $PY train.py trainer.max_epochs=3 trainer.precision=bf16-mixed trainer.accelerator=$ACCEL \
-    hydra.run.dir=/tmp/smoke > "$OUT/smoke.log" 2>&1 && tail -14 "$OUT/smoke.log" || { echo "SMOKE FAILED"; tail -30 "$OUT/smoke.log"; exit 1; } ;;
+    model.cuda_graph=auto hydra.run.dir=/tmp/smoke > "$OUT/smoke.log" 2>&1 && grep -E "cuda_graph|elbo|nll" "$OUT/smoke.log" | tail -14 \
+    || { echo "SMOKE FAILED"; tail -30 "$OUT/smoke.log"; exit 1; } ;;
 table)
   for MODEL in mlp conv; do
-    bench --model $MODEL --repeats "$REPEATS" --contenders "vaelab,plain,pythae$GRAPH" 2>&1 | tee "$OUT/throughput-$MODEL.txt"
+    bench --model $MODEL --repeats "$REPEATS" --contenders "vaelab,vaelab-cudagraph,plain,pythae$GRAPH" 2>&1 | tee "$OUT/throughput-$MODEL.txt"
   done ;;
 variants)
-  bench --model mlp --repeats 1 --contenders "vaelab-hostdata,vaelab-compile,vaelab-graphs,plain-sync" 2>&1 | tee "$OUT/throughput-variants.txt" ;;
+  bench --model mlp --repeats 1 --contenders "vaelab-hostdata,vaelab-compile,vaelab-compile-graphs,plain-sync" 2>&1 | tee "$OUT/throughput-variants.txt" ;;
 profile)
   ROOT=/tmp/profroot; mkdir -p $ROOT; cp -r .benchdata/BinarizedMNIST $ROOT/
   timeout 150 $PY -m cProfile -o "$OUT/vaelab-mlp.prof" train.py data=binarized_mnist data.root=$ROOT \

@@ -52,7 +52,7 @@ smoke)
     || { echo "SMOKE FAILED"; tail -30 "$OUT/smoke.log"; exit 1; } ;;
 table)
   for MODEL in mlp conv; do
-    bench --model $MODEL --repeats "$REPEATS" --contenders "vaelab,vaelab-cudagraph,plain,pythae$GRAPH" 2>&1 | tee "$OUT/throughput-$MODEL.txt"
+    bench --model $MODEL --repeats "$REPEATS" --contenders "vaelab,vaelab-eager,plain,pythae$GRAPH" 2>&1 | tee "$OUT/throughput-$MODEL.txt"
   done ;;
 variants)
   bench --model mlp --repeats 1 --contenders "vaelab-hostdata,vaelab-compile,vaelab-compile-graphs,plain-sync" 2>&1 | tee "$OUT/throughput-variants.txt" ;;

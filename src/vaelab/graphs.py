@@ -37,6 +37,7 @@ def is_cuda_graph_choice(value: Any) -> bool:
     which compare equal to False and True."""
     return value is True or value is False or value == "auto"
 
+
 StepFunction = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 

@@ -152,7 +152,9 @@ class VAEModule(PlainAttributes, pl.LightningModule):
     def forward(self, x: torch.Tensor):
         return self.objective(self.vae, x)
 
-    def _step(self, stage: str, x: torch.Tensor):
+    def _step(self, stage: str, x: torch.Tensor) -> tuple[ObjectiveOutput, torch.Tensor] | None:
+        """The objective on a batch, its terms' batch sums ([T]) added to the stage's epoch
+        means; None for a training step that the NaN guard skips."""
         # warm-up needs the training clock; validation/test get the full β (their logged terms
         # are the true bounds whatever β is: β only enters the loss)
         when = {"step": self.global_step, "epoch": self.current_epoch} if stage == "train" else {}
@@ -164,12 +166,11 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         count = x.shape[0]
         if stage == "train":
             self.train_sums.add(sums, count)
-            self._last_train_sums = sums
         else:
             for term, total in zip(terms, sums.unbind(), strict=True):
                 self.metrics[f"{stage}_{term}"].update(total, count)
         self._report_kl(out.analytic_kl)
-        return out
+        return out, sums
 
     def _report_kl(self, analytic: bool) -> None:
         if not self._kl_reported:
@@ -191,10 +192,10 @@ class VAEModule(PlainAttributes, pl.LightningModule):
                 return None
             self.train_sums.add(sums, x.shape[0])
         else:
-            out = self._step("train", x)
-            if out is None:
+            step = self._step("train", x)
+            if step is None:
                 return None  # a skipped non-finite step (vaelab.guards)
-            sums = self._last_train_sums
+            out, sums = step
         if batch_idx == 0:
             # the epoch means are torchmetrics objects that accumulate every example (see
             # _step); registering them once an epoch is enough: Lightning computes (reduced
@@ -316,7 +317,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch
-        out = self._step("test", x)
+        out, _ = self._step("test", x)
         ll = self.vae.log_likelihood(
             x, int(self.evaluation["test_num_samples"]), int(self.evaluation["chunk_size"])
         )

@@ -75,17 +75,18 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         mode = model.get("compile_mode") or "default"
         if mode not in COMPILE_MODES:
             raise ValueError(f"model.compile_mode={mode!r} is not an option: choose one of {COMPILE_MODES}")
+        compiled = bool(model.get("compile", False))
         cuda_graph = model.get("cuda_graph", False)
         if not is_cuda_graph_choice(cuda_graph):
             raise ValueError(f"model.cuda_graph={cuda_graph!r} is not an option: choose one of false, true, auto")
-        if cuda_graph is True and model.get("compile", False):
+        if cuda_graph is True and compiled:
             raise ValueError("model.cuda_graph=true and model.compile=true: choose one (model.compile_mode="
                              "reduce-overhead graphs the compiled networks; model.cuda_graph the whole step)")
         #: false | true | auto (vaelab.graphs); auto stays eager where graphs cannot work
-        self.cuda_graph = False if cuda_graph == "auto" and model.get("compile", False) else cuda_graph
+        self.cuda_graph = False if cuda_graph == "auto" and compiled else cuda_graph
         self._step_graph: StepGraph | None = None
         self._graph_off = self.cuda_graph is False
-        if model.get("compile", False):
+        if compiled:
             # in place (nn.Module.compile), not torch.compile(module): the parameters keep their
             # names, so a checkpoint loads into a compiled or an eager model alike
             self.vae.encoder.compile(mode=mode)
@@ -97,7 +98,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         self._check_likelihood_fits_data()
         #: the per-example terms logged in training: elbo, recon, kl and the objective's own
         self.train_terms = (*TERMS, *getattr(self.objective, "extra_terms", ()))
-        # the terms of every step: SumMean, fed with the batch sums that _step computes once
+        # the terms of every step: SumMean, fed with the batch sums that _term_sums computes once
         # for all terms; in training through one PendingSums (one in-place addition a step for
         # all terms, folded into the metrics whenever they are read). No NaN scan per update (a
         # device->host sync every step on a GPU): the NaN guard keeps non-finite training steps
@@ -152,25 +153,15 @@ class VAEModule(PlainAttributes, pl.LightningModule):
     def forward(self, x: torch.Tensor):
         return self.objective(self.vae, x)
 
-    def _step(self, stage: str, x: torch.Tensor) -> tuple[ObjectiveOutput, torch.Tensor] | None:
-        """The objective on a batch, its terms' batch sums ([T]) added to the stage's epoch
-        means; None for a training step that the NaN guard skips."""
-        # warm-up needs the training clock; validation/test get the full β (their logged terms
-        # are the true bounds whatever β is: β only enters the loss)
-        when = {"step": self.global_step, "epoch": self.current_epoch} if stage == "train" else {}
-        out = self.objective(self.vae, x, **when)
-        terms = self.train_terms if stage == "train" else TERMS
-        sums = self._term_sums(out, terms)
-        if stage == "train" and self.nan_guard.bad_step(self, x, out, sums):
-            return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)
-        count = x.shape[0]
-        if stage == "train":
-            self.train_sums.add(sums, count)
-        else:
-            for term, total in zip(terms, sums.unbind(), strict=True):
-                self.metrics[f"{stage}_{term}"].update(total, count)
+    def _eval_step(self, stage: str, x: torch.Tensor) -> ObjectiveOutput:
+        """The objective on a validation or test batch at the full β (the logged terms are the
+        true bounds whatever β is: β only enters the loss), its terms' batch sums added to the
+        stage's epoch means."""
+        out = self.objective(self.vae, x)
+        for term, total in zip(TERMS, self._term_sums(out, TERMS).unbind(), strict=True):
+            self.metrics[f"{stage}_{term}"].update(total, x.shape[0])
         self._report_kl(out.analytic_kl)
-        return out, sums
+        return out
 
     def _report_kl(self, analytic: bool) -> None:
         if not self._kl_reported:
@@ -185,20 +176,20 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         graph = self._graph_for(x)
         if graph is not None:
             loss, sums = graph(x)  # the recorded step, replayed (vaelab.graphs)
-            # the NaN guard reads the same numbers as on the eager path (the terms' batch sums)
             out = ObjectiveOutput(loss=loss, terms=dict(zip(self.train_terms, sums.unbind(), strict=True)),
                                   scalars={"beta": self.objective.beta})
-            if self.nan_guard.bad_step(self, x, out, sums):
-                return None
-            self.train_sums.add(sums, x.shape[0])
         else:
-            step = self._step("train", x)
-            if step is None:
-                return None  # a skipped non-finite step (vaelab.guards)
-            out, sums = step
+            # warm-up needs the training clock
+            out = self.objective(self.vae, x, step=self.global_step, epoch=self.current_epoch)
+            sums = self._term_sums(out, self.train_terms)
+            self._report_kl(out.analytic_kl)
+        # the NaN guard reads the terms' batch sums, the same numbers on either path
+        if self.nan_guard.bad_step(self, x, out, sums):
+            return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)
+        self.train_sums.add(sums, x.shape[0])
         if batch_idx == 0:
             # the epoch means are torchmetrics objects that accumulate every example (see
-            # _step); registering them once an epoch is enough: Lightning computes (reduced
+            # __init__); registering them once an epoch is enough: Lightning computes (reduced
             # across processes) and resets them at the epoch's end
             for term in self.train_terms:
                 self.log(f"train/{term}_epoch", self.metrics[f"train_{term}"], on_step=False, on_epoch=True)
@@ -306,7 +297,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch
-        self._step("val", x)
+        self._eval_step("val", x)
         for term in TERMS:
             self.log(f"val/{term}", self.metrics[f"val_{term}"], on_epoch=True, prog_bar=term == "elbo")
         k = int(self.evaluation["val_num_samples"])
@@ -317,7 +308,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch
-        out, _ = self._step("test", x)
+        out = self._eval_step("test", x)
         ll = self.vae.log_likelihood(
             x, int(self.evaluation["test_num_samples"]), int(self.evaluation["chunk_size"])
         )

@@ -132,15 +132,22 @@ CONTENDERS = {"plain": run_plain, "lightning": run_lightning, "vaelab-core": run
 
 
 def main() -> None:
+    global HIDDEN, LATENT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per contender")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--hidden", default=",".join(map(str, HIDDEN)),
+                        help="the MLP's hidden widths (512,512 with --latent 32: throughput.py's MLP)")
+    parser.add_argument("--latent", type=int, default=LATENT)
     args = parser.parse_args()
+    HIDDEN, LATENT = [int(h) for h in args.hidden.split(",")], args.latent
     torch.set_num_threads(args.threads)
     # importing Lightning makes every Adam step of a CPU-only machine probe for NVML; vaelab
     # turns that off (vaelab.build.skip_failing_nvml_probe). Off for every contender here, so
     # that the rows differ by their loops alone
+    import lightning.pytorch  # noqa: F401 - sets PYTORCH_NVML_BASED_CUDA_CHECK=1, which the next line undoes
+
     from vaelab.build import keep_freed_memory, skip_failing_nvml_probe
 
     skip_failing_nvml_probe()
@@ -163,7 +170,7 @@ def main() -> None:
 
     medians = {n: 1e3 * statistics.median(v) for n, v in per_step.items()}
     print(f"\ntorch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cores, "
-          f"MLP 784-{HIDDEN[0]}-{LATENT}, batch {BATCH}; {args.rounds} interleaved rounds, median of "
+          f"MLP 784-{'-'.join(map(str, HIDDEN))}-{LATENT}, batch {BATCH}; {args.rounds} interleaved rounds, median of "
           f"{args.epochs - 1} epoch(s) each\n")
     print("| contender | ms/step (median) | range | added by this layer |")
     print("|---|---:|---:|---:|")

@@ -25,6 +25,7 @@ from vaelab.build import allowed_prefixes, check_targets, keep_freed_memory
 from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RankSeed, job_scope
+from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
 from vaelab.profiling import default_profiler, skip_empty_batch_hooks
 from vaelab.runs import ensure_wandb_id, in_multirun, resolve_resume
@@ -86,6 +87,13 @@ def finish_wandb(loggers: list[Logger], failed: bool) -> None:
         return
     import wandb
 
+    for lg in loggers:
+        if isinstance(lg, BackgroundWandbLogger):
+            try:
+                lg.wait()  # the values still on their way (vaelab.loggers)
+            except Exception as error:  # noqa: BLE001 - the run's results are kept; the gap is named
+                log.warning("a W&B logging call failed, the W&B run misses what it carried: %s: %s",
+                            type(error).__name__, error)
     if wandb.run is not None:
         wandb.finish(exit_code=1 if failed else 0)
 

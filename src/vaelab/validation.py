@@ -94,6 +94,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("max_skipped_steps", lambda v: v is None or _int_at_least(0)(v), "null or an integer >= 0",
      "max_skipped_steps=100"),
     ("malloc", lambda v: v in MALLOC_CHOICES, f"one of {', '.join(MALLOC_CHOICES)}", "malloc=tuned"),
+    ("logger.wandb.background", lambda v: isinstance(v, bool), "true or false", "logger.wandb.background=true"),
 )
 
 _MISSING = object()

@@ -1,0 +1,118 @@
+"""Lightning's W&B logger, with the logging calls off the training thread.
+
+``wandb.Run.log`` hands every record to W&B's asyncio thread and waits for it
+(``wandb.sdk.lib.asyncio_manager.AsyncioManager.run``). Alone that takes ~0.1 ms; inside a
+training loop, where the step's own threads hold the cores, the wait for that thread to be
+scheduled made it 3.4 ms a call on this project's 2-core CPU machine (W&B offline, the MLP VAE
+of benchmarks/throughput.py): with ``trainer.log_every_n_steps=10`` about 0.34 ms a step, 4 %
+of it, the largest single cost vaelab added to Lightning's loop (benchmarks/overhead.py).
+
+:class:`WandbLogger` hands ``log_metrics`` (and so ``log_image``, ``log_table``, ``log_text``,
+which go through it) to one worker thread, in order, and returns. Whatever else touches the
+run waits for the calls before it first: ``experiment`` (``log_hyperparams``, ``watch``,
+summary updates, artifacts), ``finalize``, :meth:`WandbLogger.wait`, pickling for spawned
+processes. So the run sees every call once, in the order they were made, from one thread at a
+time; a failed call is raised on the training thread at the next call (or wait) that follows.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class OrderedWorker:
+    """Calls run one at a time, in the order submitted, on one worker thread (started on the
+    first call, stopped by :meth:`close`, started again by a later call)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: deque[Future[Any]] = deque()
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.raise_failures()
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+            self._pending.append(self._executor.submit(fn, *args, **kwargs))
+
+    def raise_failures(self) -> None:
+        """Forget the calls that finished; raise the first that failed."""
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+
+    def wait(self) -> None:
+        """Return once every call submitted so far has run (raising the first that failed).
+        From the worker itself (a call that waits for its own queue) it returns at once."""
+        if self.in_worker():
+            return
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            with self._lock:
+                executor, self._executor = self._executor, None
+                self._pending.clear()
+            if executor is not None:
+                executor.shutdown(wait=True)
+
+    def in_worker(self) -> bool:
+        return threading.current_thread().name.startswith(self.name + "_")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return OrderedWorker, (self.name,)  # a copy (a spawned process's) starts its own thread
+
+
+def _snapshot(value: Any) -> Any:
+    """A tensor as it is now (the caller may overwrite its buffer before the worker reads it)."""
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+class WandbLogger(LightningWandbLogger):
+    """``lightning.pytorch.loggers.WandbLogger`` (the same arguments), with ``background``:
+    True (logger/wandb.yaml's default) logs from a worker thread, so that a training step never
+    waits for W&B; False logs on the calling thread, as Lightning's logger does."""
+
+    def __init__(self, *args: Any, background: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.background = bool(background)
+        self._worker = OrderedWorker("vaelab-wandb-log")
+
+    @property
+    def experiment(self) -> Any:
+        # everything that reaches the run through here comes after the calls already handed over
+        self._worker.wait()
+        return super().experiment
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if not self.background or self._worker.in_worker():
+            super().log_metrics(metrics, step)
+            return
+        if self._experiment is None:
+            _ = self.experiment  # wandb.init on this thread, not the worker's
+        self._worker.submit(super().log_metrics, {k: _snapshot(v) for k, v in metrics.items()}, step)
+
+    def wait(self) -> None:
+        """Return once every logging call made so far has reached W&B."""
+        self._worker.wait()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self._worker.close()
+        super().finalize(status)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return super().__getstate__()  # after the calls handed over (it reads self.experiment)

@@ -107,6 +107,7 @@ def test_finishing_the_run_waits_for_the_calls_and_names_a_failure(tmp_path, cap
         finish_wandb([logger], failed=False)  # does not raise: the run's results are kept
     assert [d["trainer/global_step"] for _, d in run.logged] == [1]
     assert "a W&B logging call failed" in caplog.text and "cannot write bad" in caplog.text
+    assert not run.threads[0].is_alive()  # and its worker thread has ended
 
 
 def test_finalize_stops_the_worker_and_a_later_call_starts_it_again(tmp_path):

@@ -90,7 +90,7 @@ def finish_wandb(loggers: list[Logger], failed: bool) -> None:
     for lg in loggers:
         if isinstance(lg, BackgroundWandbLogger):
             try:
-                lg.wait()  # the values still on their way (vaelab.loggers)
+                lg.stop()  # the values still on their way (vaelab.loggers), then its thread ends
             except Exception as error:  # noqa: BLE001 - the run's results are kept; the gap is named
                 log.warning("a W&B logging call failed, the W&B run misses what it carried: %s: %s",
                             type(error).__name__, error)

@@ -109,9 +109,13 @@ class WandbLogger(LightningWandbLogger):
         """Return once every logging call made so far has reached W&B."""
         self._worker.wait()
 
+    def stop(self) -> None:
+        """:meth:`wait`, then end the worker thread (a later call starts another)."""
+        self._worker.close()
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        self._worker.close()
+        self.stop()
         super().finalize(status)
 
     def __getstate__(self) -> dict[str, Any]:

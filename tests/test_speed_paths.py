@@ -329,6 +329,40 @@ def test_bernoulli_image_log_prob_is_torchs_with_the_same_gradients(sample_shape
     assert px.sample().shape == reference.sample().shape
 
 
+@pytest.mark.parametrize("sigma", [1.0, 0.3, "learned"])
+@pytest.mark.parametrize("sample_shape", [(), (3,)])
+def test_shared_sigma_gaussian_log_prob_is_torchs_with_the_same_gradients(sigma, sample_shape):
+    """A Gaussian with one σ for all pixels puts σ after the sum over the pixels (no full-size
+    σ, σ², log σ or division): values equal torch's Independent(Normal) with that σ to float32
+    rounding, and so do the gradients for μ and for a learned σ; sampling, the mean, entropy
+    and expand are torch's."""
+    from torch.distributions import Independent, Normal
+
+    from vaelab.likelihoods import Gaussian
+
+    gen = torch.Generator().manual_seed(1)
+    likelihood = Gaussian(sigma=sigma, init_sigma=0.2)
+    params = torch.randn(*sample_shape, 4, 1, 6, 5, generator=gen, requires_grad=True)
+    x = torch.rand(4, 1, 6, 5, generator=gen)
+    px = likelihood(params)
+    scale = likelihood._bounded(likelihood._raw_scale()) if sigma == "learned" else torch.tensor(sigma)
+    reference = Independent(Normal(params, scale.expand_as(params)), 3)
+    assert px.batch_shape == reference.batch_shape and px.event_shape == reference.event_shape
+    ours, theirs = px.log_prob(x), reference.log_prob(x)
+    assert ours.shape == (*sample_shape, 4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-4)
+    inputs = [params, *likelihood.parameters()]
+    assert len(inputs) == (2 if sigma == "learned" else 1)
+    for g_ours, g_theirs in zip(torch.autograd.grad(ours.sum(), inputs), torch.autograd.grad(theirs.sum(), inputs),
+                                strict=True):
+        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(px.mean, reference.mean)
+    torch.testing.assert_close(px.entropy(), reference.entropy())
+    assert px.rsample().shape == reference.sample().shape
+    wider = px.expand(torch.Size([2, *px.batch_shape]))
+    torch.testing.assert_close(wider.log_prob(x), theirs.expand(2, *theirs.shape), rtol=1e-6, atol=1e-4)
+
+
 # --- issue 7, third session: the per-step work of Lightning's loop and the ELBO ------------------
 def test_no_profiler_is_the_default_and_a_configured_profiler_is_kept():
     from lightning.pytorch.profilers import SimpleProfiler

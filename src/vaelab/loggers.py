@@ -3,16 +3,17 @@
 ``wandb.Run.log`` hands every record to W&B's asyncio thread and waits for it
 (``wandb.sdk.lib.asyncio_manager.AsyncioManager.run``). Alone that takes ~0.1 ms; inside a
 training loop, where the step's own threads hold the cores, the wait for that thread to be
-scheduled made it 3.4 ms a call on this project's 2-core CPU machine (W&B offline, the MLP VAE
-of benchmarks/throughput.py): with ``trainer.log_every_n_steps=10`` about 0.34 ms a step, 4 %
-of it, the largest single cost vaelab added to Lightning's loop (benchmarks/overhead.py).
+scheduled made a step's values take 0.92-1.03 ms (median) on this project's 2-core CPU
+machine, and the first call 230 ms (W&B offline, the MLP VAE of benchmarks/throughput.py).
 
 :class:`WandbLogger` hands ``log_metrics`` (and so ``log_image``, ``log_table``, ``log_text``,
-which go through it) to one worker thread, in order, and returns. Whatever else touches the
-run waits for the calls before it first: ``experiment`` (``log_hyperparams``, ``watch``,
-summary updates, artifacts), ``finalize``, :meth:`WandbLogger.wait`, pickling for spawned
-processes. So the run sees every call once, in the order they were made, from one thread at a
-time; a failed call is raised on the training thread at the next call (or wait) that follows.
+which go through it) to one worker thread, in order, and returns (0.17 ms for the same call,
+the first one included). Whatever else touches the run waits for the calls before it first:
+``experiment`` (``log_hyperparams``, ``watch``, summary updates, artifacts), ``finalize``,
+:meth:`WandbLogger.wait`, pickling for spawned processes (Lightning's ``__getstate__`` reads
+``experiment``). So the run sees every call once, in the order they were made, from one thread
+at a time; a failed call is raised on the training thread at the next call (or wait) after it.
+W&B's own Python and process still take their CPU time (on 2 cores, from the step's threads).
 """
 
 from __future__ import annotations
@@ -117,6 +118,3 @@ class WandbLogger(LightningWandbLogger):
     def finalize(self, status: str) -> None:
         self.stop()
         super().finalize(status)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return super().__getstate__()  # after the calls handed over (it reads self.experiment)

@@ -329,24 +329,29 @@ def test_bernoulli_image_log_prob_is_torchs_with_the_same_gradients(sample_shape
     assert px.sample().shape == reference.sample().shape
 
 
+@pytest.mark.parametrize("family", ["gaussian", "laplace"])
 @pytest.mark.parametrize("sigma", [1.0, 0.3, "learned"])
 @pytest.mark.parametrize("sample_shape", [(), (3,)])
-def test_shared_sigma_gaussian_log_prob_is_torchs_with_the_same_gradients(sigma, sample_shape):
-    """A Gaussian with one σ for all pixels puts σ after the sum over the pixels (no full-size
-    σ, σ², log σ or division): values equal torch's Independent(Normal) with that σ to float32
-    rounding, and so do the gradients for μ and for a learned σ; sampling, the mean, entropy
-    and expand are torch's."""
-    from torch.distributions import Independent, Normal
+def test_shared_scale_log_prob_is_torchs_with_the_same_gradients(family, sigma, sample_shape):
+    """A Gaussian (Laplace) with one σ (b) for all pixels puts it after the sum over the pixels
+    (no full-size σ, σ², log σ or division): values equal torch's Independent(Normal/Laplace)
+    with that scale to float32 rounding, and so do the gradients for μ and for a learned scale;
+    sampling, the mean, entropy and expand are torch's."""
+    from torch.distributions import Independent, Laplace, Normal
 
     from vaelab.likelihoods import Gaussian
+    from vaelab.likelihoods import Laplace as LaplaceLikelihood
 
     gen = torch.Generator().manual_seed(1)
-    likelihood = Gaussian(sigma=sigma, init_sigma=0.2)
+    if family == "gaussian":
+        likelihood, base = Gaussian(sigma=sigma, init_sigma=0.2), Normal
+    else:
+        likelihood, base = LaplaceLikelihood(scale=sigma, init_scale=0.2), Laplace
     params = torch.randn(*sample_shape, 4, 1, 6, 5, generator=gen, requires_grad=True)
     x = torch.rand(4, 1, 6, 5, generator=gen)
     px = likelihood(params)
     scale = likelihood._bounded(likelihood._raw_scale()) if sigma == "learned" else torch.tensor(sigma)
-    reference = Independent(Normal(params, scale.expand_as(params)), 3)
+    reference = Independent(base(params, scale.expand_as(params)), 3)
     assert px.batch_shape == reference.batch_shape and px.event_shape == reference.event_shape
     ours, theirs = px.log_prob(x), reference.log_prob(x)
     assert ours.shape == (*sample_shape, 4)

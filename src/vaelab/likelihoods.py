@@ -209,6 +209,45 @@ class ContinuousBernoulli(Likelihood):
         return Independent(_ContinuousBernoulli(logits=logits, validate_args=False), 3)
 
 
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+class _SharedSigmaNormalImage(Independent):
+    """``Independent(Normal(μ, σ), 3)`` for one σ shared by every pixel (fixed or learned), with
+    the same ``log_prob`` computed in fewer passes over the pixels:
+
+        log p(x|z) = −Σ_d (x_d − μ_d)² / (2σ²) − D (log σ + ½ log 2π)
+
+    torch's ``Normal.log_prob`` works pixel by pixel on a full-size σ: σ², log σ, the division
+    and two subtractions are each a pass over ``[*batch, C, H, W]`` forward and again backward.
+    Here σ enters after the sum over the pixels, as a scalar: a subtraction, a square and a sum
+    forward. The same numbers to float32 rounding and the same gradients, for μ and for a learned
+    σ (tested against torch). ``mean``, ``sample``, ``rsample``, ``entropy``, ``expand`` are
+    ``Independent``'s of ``Normal(μ, σ)``, whose scale is the one σ expanded (a view).
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        loc, scale = self.base_dist.loc, self.base_dist.scale
+        sigma = scale[(0,) * scale.dim()]  # every pixel's σ is this one (a view: gradients reach it)
+        squares = (value.to(loc.dtype) - loc).square().flatten(-3).sum(-1)
+        pixels = loc.shape[-3:].numel()
+        return squares / (-2 * sigma.square()) - pixels * (sigma.log() + _HALF_LOG_2PI)
+
+
+class _SharedScaleLaplaceImage(Independent):
+    """``Independent(Laplace(μ, b), 3)`` for one b shared by every pixel, with the same
+    ``log_prob`` in fewer passes over the pixels, as ``_SharedSigmaNormalImage`` does for σ:
+
+        log p(x|z) = −Σ_d |x_d − μ_d| / b − D log 2b
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        loc, scale = self.base_dist.loc, self.base_dist.scale
+        b = scale[(0,) * scale.dim()]  # every pixel's b is this one (a view: gradients reach it)
+        distances = (value.to(loc.dtype) - loc).abs().flatten(-3).sum(-1)
+        return distances / -b - loc.shape[-3:].numel() * (b.log() + math.log(2))
+
+
 class _LocationScale(Likelihood):
     """Shared scale handling of the location–scale likelihoods (Gaussian, Laplace).
 
@@ -225,6 +264,9 @@ class _LocationScale(Likelihood):
 
     #: the name of the scale option in the config and in messages
     _scale_name: str = "scale"
+    #: the per-pixel distribution, and its Independent for one scale shared by every pixel
+    _base: type[Distribution]
+    _shared_image: type[Independent]
 
     def __init__(self, scale: float | str, min_scale: float, init_scale: float):
         super().__init__()
@@ -279,6 +321,14 @@ class _LocationScale(Likelihood):
             return self._bounded(self._raw_scale())
         return loc.new_full((), self.fixed_scale)
 
+    def forward(self, params: torch.Tensor) -> Distribution:
+        if self.mode == "per_pixel":
+            loc, scale = self._loc_scale(params)
+            return Independent(self._base(loc, scale, validate_args=False), 3)
+        (loc,) = self._split(params, 1)
+        scale = self._one_scale(loc).expand_as(loc)  # a view, no copy
+        return self._shared_image(self._base(loc, scale, validate_args=False), 3, validate_args=False)
+
     def _loc_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Location and scale, both ``[*batch, C, H, W]`` in float32."""
         if self.mode == "per_pixel":
@@ -307,6 +357,8 @@ class Gaussian(_LocationScale):
     """
 
     _scale_name = "sigma"
+    _base = Normal
+    _shared_image = _SharedSigmaNormalImage
 
     def __init__(self, sigma: float | str = 1.0, min_sigma: float = 1e-3, init_sigma: float = 0.1):
         super().__init__(sigma, min_sigma, init_sigma)
@@ -324,38 +376,6 @@ class Gaussian(_LocationScale):
         """The shared σ (fixed or learned); None when the decoder predicts it per pixel."""
         return self._shared_scale()
 
-    def forward(self, params: torch.Tensor) -> Distribution:
-        if self.mode == "per_pixel":
-            loc, scale = self._loc_scale(params)
-            return Independent(Normal(loc, scale, validate_args=False), 3)
-        (loc,) = self._split(params, 1)
-        sigma = self._one_scale(loc).expand_as(loc)  # a view, no copy
-        return _SharedSigmaNormalImage(Normal(loc, sigma, validate_args=False), 3, validate_args=False)
-
-
-class _SharedSigmaNormalImage(Independent):
-    """``Independent(Normal(μ, σ), 3)`` for one σ shared by every pixel (fixed or learned), with
-    the same ``log_prob`` computed in fewer passes over the pixels:
-
-        log p(x|z) = −Σ_d (x_d − μ_d)² / (2σ²) − D (log σ + ½ log 2π)
-
-    torch's ``Normal.log_prob`` works pixel by pixel on a full-size σ: σ², log σ, the division
-    and two subtractions are each a pass over ``[*batch, C, H, W]`` forward and again backward.
-    Here σ enters after the sum over the pixels, as a scalar: a subtraction, a square and a sum
-    forward. The same numbers to float32 rounding and the same gradients, for μ and for a learned
-    σ (tested against torch). ``mean``, ``sample``, ``rsample``, ``entropy``, ``expand`` are
-    ``Independent``'s of ``Normal(μ, σ)``, whose scale is the one σ expanded (a view).
-    """
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        loc, scale = self.base_dist.loc, self.base_dist.scale
-        sigma = scale[(0,) * scale.dim()]  # every pixel's σ is this one (a view: gradients reach it)
-        squares = (value.to(loc.dtype) - loc).square().flatten(-3).sum(-1)
-        pixels = loc.shape[-3:].numel()
-        return squares / (-2 * sigma.square()) - pixels * (sigma.log() + _HALF_LOG_2PI)
-
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Laplace(_LocationScale):
@@ -377,6 +397,8 @@ class Laplace(_LocationScale):
     """
 
     _scale_name = "scale"
+    _base = _Laplace
+    _shared_image = _SharedScaleLaplaceImage
 
     def __init__(self, scale: float | str = 0.1, min_scale: float = 1e-3, init_scale: float = 0.1):
         super().__init__(scale, min_scale, init_scale)
@@ -386,27 +408,6 @@ class Laplace(_LocationScale):
         """The shared b (fixed or learned); None when the decoder predicts it per pixel."""
         return self._shared_scale()
 
-    def forward(self, params: torch.Tensor) -> Distribution:
-        if self.mode == "per_pixel":
-            loc, scale = self._loc_scale(params)
-            return Independent(_Laplace(loc, scale, validate_args=False), 3)
-        (loc,) = self._split(params, 1)
-        scale = self._one_scale(loc).expand_as(loc)  # a view, no copy
-        return _SharedScaleLaplaceImage(_Laplace(loc, scale, validate_args=False), 3, validate_args=False)
-
-
-class _SharedScaleLaplaceImage(Independent):
-    """``Independent(Laplace(μ, b), 3)`` for one b shared by every pixel, with the same
-    ``log_prob`` in fewer passes over the pixels, as ``_SharedSigmaNormalImage`` does for σ:
-
-        log p(x|z) = −Σ_d |x_d − μ_d| / b − D log 2b
-    """
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        loc, scale = self.base_dist.loc, self.base_dist.scale
-        b = scale[(0,) * scale.dim()]  # every pixel's b is this one (a view: gradients reach it)
-        distances = (value.to(loc.dtype) - loc).abs().flatten(-3).sum(-1)
-        return distances / -b - loc.shape[-3:].numel() * (b.log() + math.log(2))
 
 
 # --- likelihoods over the integer intensity levels --------------------------------------------

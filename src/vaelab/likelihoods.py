@@ -322,22 +322,14 @@ class _LocationScale(Likelihood):
         return loc.new_full((), self.fixed_scale)
 
     def forward(self, params: torch.Tensor) -> Distribution:
+        """p(x|z) over ``[*batch, C, H, W]`` in float32: the decoder's location, and the scale
+        it predicts per pixel or the one shared by every pixel (then ``_shared_image``)."""
         if self.mode == "per_pixel":
-            loc, scale = self._loc_scale(params)
-            return Independent(self._base(loc, scale, validate_args=False), 3)
+            loc, raw = self._split(params, 2)
+            return Independent(self._base(loc, self._bounded(raw), validate_args=False), 3)
         (loc,) = self._split(params, 1)
         scale = self._one_scale(loc).expand_as(loc)  # a view, no copy
         return self._shared_image(self._base(loc, scale, validate_args=False), 3, validate_args=False)
-
-    def _loc_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Location and scale, both ``[*batch, C, H, W]`` in float32."""
-        if self.mode == "per_pixel":
-            loc, raw = self._split(params, 2)
-            return loc, self._bounded(raw)
-        (loc,) = self._split(params, 1)
-        if self.mode == "learned":
-            return loc, self._bounded(self._raw_scale()).expand_as(loc)
-        return loc, torch.full_like(loc, self.fixed_scale)
 
 
 class Gaussian(_LocationScale):
@@ -377,7 +369,6 @@ class Gaussian(_LocationScale):
         return self._shared_scale()
 
 
-
 class Laplace(_LocationScale):
     """p(x|z) = Π_d Laplace(x_d; μ_d, b_d) = Π_d exp(−|x_d − μ_d| / b_d) / (2 b_d),
     μ = decoder output.
@@ -407,7 +398,6 @@ class Laplace(_LocationScale):
     def scale(self) -> torch.Tensor | None:
         """The shared b (fixed or learned); None when the decoder predicts it per pixel."""
         return self._shared_scale()
-
 
 
 # --- likelihoods over the integer intensity levels --------------------------------------------

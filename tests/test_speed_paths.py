@@ -350,6 +350,7 @@ def test_shared_scale_log_prob_is_torchs_with_the_same_gradients(family, sigma, 
     params = torch.randn(*sample_shape, 4, 1, 6, 5, generator=gen, requires_grad=True)
     x = torch.rand(4, 1, 6, 5, generator=gen)
     px = likelihood(params)
+    assert isinstance(px, likelihood._shared_image)  # the fewer-passes log_prob, not torch's
     scale = likelihood._bounded(likelihood._raw_scale()) if sigma == "learned" else torch.tensor(sigma)
     reference = Independent(base(params, scale.expand_as(params)), 3)
     assert px.batch_shape == reference.batch_shape and px.event_shape == reference.event_shape

@@ -177,7 +177,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         if graph is not None:
             loss, sums = graph(x)  # the recorded step, replayed (vaelab.graphs)
             out = ObjectiveOutput(loss=loss, terms=dict(zip(self.train_terms, sums.unbind(), strict=True)),
-                                  scalars={"beta": self.objective.beta})
+                                  scalars=self._graph_scalars)
         else:
             # warm-up needs the training clock
             out = self.objective(self.vae, x, step=self.global_step, epoch=self.current_epoch)
@@ -254,7 +254,8 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         """What the graph records: the objective at its final β and the batch sums of the
         logged terms, as on the eager path."""
         out = self.objective(self.vae, x)
-        self._graph_analytic_kl = out.analytic_kl
+        # host-side facts of the recorded step, fixed with it (β is final): reported on replays
+        self._graph_analytic_kl, self._graph_scalars = out.analytic_kl, dict(out.scalars)
         return out.loss, self._term_sums(out, self.train_terms)
 
     @staticmethod

@@ -307,19 +307,14 @@ class _LocationScale(Likelihood):
 
     def _shared_scale(self) -> torch.Tensor | None:
         """The shared scale (fixed or learned); None when the decoder predicts it per pixel."""
-        if self.mode == "fixed":
-            return torch.tensor(self.fixed_scale)
-        if self.mode == "learned":
-            return self._bounded(self._raw_scale()).detach()
-        return None
+        return None if self.mode == "per_pixel" else self._one_scale().detach()
 
-    def _one_scale(self, loc: torch.Tensor) -> torch.Tensor:
-        """The scale shared by every pixel (fixed or learned) as a 0-dim tensor on ``loc``'s
-        device; a fixed one as a fill there (no copy from the host, which a CUDA graph could
-        not record)."""
+    def _one_scale(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The scale shared by every pixel (fixed or learned) as a 0-dim tensor; a fixed one as
+        a fill on ``like``'s device (no copy from the host, which a CUDA graph could not record)."""
         if self.mode == "learned":
             return self._bounded(self._raw_scale())
-        return loc.new_full((), self.fixed_scale)
+        return torch.tensor(self.fixed_scale) if like is None else like.new_full((), self.fixed_scale)
 
     def forward(self, params: torch.Tensor) -> Distribution:
         """p(x|z) over ``[*batch, C, H, W]`` in float32: the decoder's location, and the scale

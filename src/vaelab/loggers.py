@@ -31,20 +31,19 @@ from lightning.pytorch.utilities import rank_zero_only
 
 class OrderedWorker:
     """Calls run one at a time, in the order submitted, on one worker thread (started on the
-    first call, stopped by :meth:`close`, started again by a later call)."""
+    first call, stopped by :meth:`close`, started again by a later call). Its owner submits,
+    waits and closes from one thread; the worker only runs the calls."""
 
     def __init__(self, name: str):
         self.name = name
         self._executor: ThreadPoolExecutor | None = None
         self._pending: deque[Future[Any]] = deque()
-        self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         self.raise_failures()
-        with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
-            self._pending.append(self._executor.submit(fn, *args, **kwargs))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
+        self._pending.append(self._executor.submit(fn, *args, **kwargs))
 
     def raise_failures(self) -> None:
         """Forget the calls that finished; raise the first that failed."""
@@ -63,9 +62,8 @@ class OrderedWorker:
         try:
             self.wait()
         finally:
-            with self._lock:
-                executor, self._executor = self._executor, None
-                self._pending.clear()
+            executor, self._executor = self._executor, None
+            self._pending.clear()
             if executor is not None:
                 executor.shutdown(wait=True)
 

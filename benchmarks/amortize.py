@@ -28,7 +28,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from throughput import BATCH, load_data, plain_loss, plain_model, plain_step, prepare_root
+from throughput import (
+    BATCH,
+    load_data,
+    plain_lightning_module,
+    plain_model,
+    plain_step,
+    prepare_root,
+)
 
 STEPS = 120  # optimizer steps an epoch (a multiple of every k up to 8 times BATCH)
 
@@ -42,57 +49,22 @@ class _Loader:
     def __iter__(self):
         perm = torch.randperm(STEPS * BATCH)
         for i in range(0, STEPS * BATCH, BATCH * self.k):
-            yield self.x.index_select(0, perm[i : i + BATCH * self.k])
+            yield (self.x.index_select(0, perm[i : i + BATCH * self.k]),)
 
     def __len__(self) -> int:
         return STEPS // self.k
 
 
-def _modules(shape: tuple[int, ...]):
-    class Automatic(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.enc, self.dec, self.opt = plain_model("mlp", shape, "cpu")
-
-        def training_step(self, x, batch_idx):
-            return plain_loss("mlp", self.enc, self.dec, x)
-
-        def configure_optimizers(self):
-            return self.opt
-
-    class Manual(Automatic):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, x, batch_idx):
-            opt = self.optimizers()
-            for chunk in x.split(BATCH):  # k optimizer steps, each on one batch
-                loss = plain_loss("mlp", self.enc, self.dec, chunk)
-                opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
-                opt.step()
-
-    return Automatic, Manual
-
-
-class _EpochTimes(pl.Callback):
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.times.append((time.perf_counter() - self._start) / STEPS)
-
-
 def _fit(module: pl.LightningModule, x: torch.Tensor, k: int) -> float:
-    timer = _EpochTimes()
+    """Median seconds per optimizer step over epochs 2-3 (vaelab's ThroughputMonitor, as in
+    overhead.py)."""
+    from vaelab.callbacks import ThroughputMonitor
+
+    monitor = ThroughputMonitor()
     trainer = pl.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])
     trainer.fit(module, train_dataloaders=_Loader(x, k))
-    return statistics.median(timer.times[1:])
+    return statistics.median(BATCH / e["images_per_sec"] for e in monitor.epochs[1:])
 
 
 def _plain(x: torch.Tensor, shape: tuple[int, ...]) -> float:
@@ -124,7 +96,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         x, shape = load_data("mlp", prepare_root(Path(tmp)))
     x, shape = x[: STEPS * BATCH].contiguous(), tuple(shape.tolist())
-    automatic, manual = _modules(shape)
+
+    def module(manual: bool) -> pl.LightningModule:
+        return plain_lightning_module("mlp", *plain_model("mlp", shape, "cpu"), manual=manual)
+
     names = ["plain", "automatic", "manual-1", *[f"manual-{k}" for k in args.k if k != 1]]
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.rounds):
@@ -133,10 +108,10 @@ def main() -> None:
             if name == "plain":
                 times[name].append(_plain(x, shape))
             elif name == "automatic":
-                times[name].append(_fit(automatic(), x, 1))
+                times[name].append(_fit(module(manual=False), x, 1))
             else:
                 k = int(name.split("-")[1])
-                times[name].append(_fit(manual(), x, k))
+                times[name].append(_fit(module(manual=True), x, k))
     plain = statistics.median(times["plain"])
     print(f"\nMLP 784-512-512-32, batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.rounds} interleaved rounds, median ms per optimizer step\n")

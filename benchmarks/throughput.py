@@ -159,19 +159,29 @@ def plain_step(model: str, enc, dec, opt, x, check: bool = False, tuned: bool = 
     opt.step()
 
 
-def plain_lightning_module(model: str, enc, dec, opt):
+def plain_lightning_module(model: str, enc, dec, opt, manual: bool = False):
     """A LightningModule whose ``training_step`` is the plain loop's loss on these networks and
     optimizer: Lightning's own loop around the plain step (paired.py's floor, overhead.py's
-    ``lightning`` row)."""
+    ``lightning`` row). ``manual``: manual optimization, one optimizer step per ``BATCH``
+    examples of each batch it is given (amortize.py's k steps per Lightning step)."""
     import lightning.pytorch as pl
 
     class PlainStep(pl.LightningModule):
         def __init__(self):
             super().__init__()
             self.enc, self.dec, self.opt = enc, dec, opt
+            self.automatic_optimization = not manual
 
         def training_step(self, batch, batch_idx):
-            return plain_loss(model, self.enc, self.dec, batch[0])
+            if self.automatic_optimization:
+                return plain_loss(model, self.enc, self.dec, batch[0])
+            optimizer = self.optimizers()
+            for chunk in batch[0].split(BATCH):
+                loss = plain_loss(model, self.enc, self.dec, chunk)
+                optimizer.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                optimizer.step()
+            return None
 
         def configure_optimizers(self):
             return self.opt

@@ -26,8 +26,9 @@ EPOCHS = 8
 def trained(tmp_path_factory) -> Path:
     """One short run of the default experiment (digits, Bernoulli, standard prior, W&B)."""
     out = tmp_path_factory.mktemp("train") / "run"
-    check(run_cli("train.py", "likelihood=bernoulli", "prior=standard", f"trainer.max_epochs={EPOCHS}",
-                  "evaluation.test_num_samples=200", f"hydra.run.dir={out}", cwd=REPO))
+    proc = check(run_cli("train.py", "likelihood=bernoulli", "prior=standard", f"trainer.max_epochs={EPOCHS}",
+                         "evaluation.test_num_samples=200", f"hydra.run.dir={out}", cwd=REPO))
+    (out / "console.txt").write_text(proc.stdout + proc.stderr)
     return out
 
 
@@ -45,10 +46,18 @@ def test_training_raises_val_elbo_and_writes_checkpoints(trained):
 def test_wandb_run_holds_the_elbo_terms_config_and_summary(trained):
     run = read_run(find_runs(trained)[0])
     assert run.exit_code == 0
+    # digits has 20 steps an epoch, fewer than log_every_n_steps=50: step values once an epoch,
+    # each the mean over the steps since the previous point, so here the epoch's mean
+    console = (trained / "console.txt").read_text()
+    assert "step values every 20 steps, once an epoch" in console
+    assert "smaller than the logging interval" not in console  # Lightning's warning: moot, not shown
+    assert "anonymous setting" not in console  # W&B's warning about the None Lightning passed
     for key in ("train/elbo", "train/recon", "train/kl", "train/loss", "train/beta"):
-        assert len(run.values(key)) > EPOCHS, key  # logged per step
-    for key in ("train/elbo_epoch", "train/recon_epoch", "train/kl_epoch", "val/elbo", "val/recon",
-                "val/kl", "val/iwae"):
+        assert len(run.values(key)) == EPOCHS, key
+    for term in ("elbo", "recon", "kl", "loss"):
+        assert run.values(f"train/{term}") == pytest.approx(run.values(f"train/{term}_epoch"), abs=1e-3), term
+    for key in ("train/elbo_epoch", "train/recon_epoch", "train/kl_epoch", "train/loss_epoch", "val/elbo",
+                "val/recon", "val/kl", "val/iwae"):
         assert len(run.values(key)) == EPOCHS, key
     for elbo, recon, kl in zip(run.values("val/elbo"), run.values("val/recon"), run.values("val/kl"), strict=True):
         assert elbo == pytest.approx(recon - kl, abs=1e-3)
@@ -239,18 +248,45 @@ def test_train_on_real_mnist_through_torchvision(tmp_path):
     assert summary["test"]["test/bpd"] == pytest.approx(summary["test"]["test/nll"] / (784 * math.log(2)), rel=1e-4)
 
 
-def test_epoch_means_are_exact_and_reset_every_epoch(tmp_path):
-    """train/elbo_epoch is the mean over the epoch's examples: the batch-size-weighted mean of
-    that epoch's step values (digits: 19 batches of 64 and one of 41 per epoch)."""
-    out = tmp_path / "run"
-    check(run_cli("train.py", "trainer.max_epochs=3", "trainer.log_every_n_steps=1", "test=false",
+def _three_digits_epochs(out: Path, log_every_n_steps: int):
+    """Three epochs on digits (20 steps an epoch: 19 batches of 64 and one of 41), same seed."""
+    check(run_cli("train.py", "trainer.max_epochs=3", f"trainer.log_every_n_steps={log_every_n_steps}", "test=false",
                   "evaluation.val_num_samples=0", f"hydra.run.dir={out}", cwd=REPO))
-    run = read_run(find_runs(out)[0])
-    steps = run.values("train/elbo")
-    epochs = run.values("train/elbo_epoch")
-    assert len(steps) == 60 and len(epochs) == 3
-    weights = torch.tensor([64.0] * 19 + [41.0])
-    for e in range(3):
-        chunk = torch.tensor(steps[20 * e : 20 * (e + 1)], dtype=torch.float64)
-        expected = float((chunk * weights).sum() / weights.sum())
-        assert epochs[e] == pytest.approx(expected, abs=1e-4), (e, epochs[e], expected)
+    return read_run(find_runs(out)[0])
+
+
+@pytest.fixture(scope="module")
+def every_step(tmp_path_factory):
+    """A run that logs every step: each logged value is that step's batch mean."""
+    return _three_digits_epochs(tmp_path_factory.mktemp("every_step") / "run", 1)
+
+
+BATCH_SIZES = torch.tensor(([64.0] * 19 + [41.0]) * 3, dtype=torch.float64)  # the 60 steps of 3 epochs
+
+
+def test_epoch_means_are_exact_and_reset_every_epoch(every_step):
+    """train/elbo_epoch (and train/loss_epoch) is the mean over the epoch's examples: the
+    batch-size-weighted mean of that epoch's step values."""
+    for term in ("elbo", "loss"):
+        steps = torch.tensor(every_step.values(f"train/{term}"), dtype=torch.float64)
+        epochs = every_step.values(f"train/{term}_epoch")
+        assert len(steps) == 60 and len(epochs) == 3
+        for e in range(3):
+            window = slice(20 * e, 20 * (e + 1))
+            expected = float((steps[window] * BATCH_SIZES[window]).sum() / BATCH_SIZES[window].sum())
+            assert epochs[e] == pytest.approx(expected, abs=1e-4), (term, e, epochs[e], expected)
+
+
+def test_step_values_are_means_over_their_logging_interval(every_step, tmp_path):
+    """With log_every_n_steps=7 the same training (same seed) logs at steps 6, 13, ..., 55, and
+    each value is the example-weighted mean of the every-step run's values since the previous
+    point: no step is left out, also where an interval spans the end of an epoch (steps 14-20)."""
+    sparse = _three_digits_epochs(tmp_path / "run", 7)
+    logged = [r for r in sparse.history if "train/elbo" in r]
+    assert [int(r["trainer/global_step"]) for r in logged] == list(range(6, 60, 7))
+    for term in ("elbo", "recon", "kl", "loss"):
+        steps = torch.tensor(every_step.values(f"train/{term}"), dtype=torch.float64)
+        for r in logged:
+            window = slice(int(r["trainer/global_step"]) - 6, int(r["trainer/global_step"]) + 1)
+            expected = float((steps[window] * BATCH_SIZES[window]).sum() / BATCH_SIZES[window].sum())
+            assert r[f"train/{term}"] == pytest.approx(expected, abs=1e-3), (term, r["trainer/global_step"])

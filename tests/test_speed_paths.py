@@ -258,6 +258,40 @@ def test_pending_sums_fold_into_the_epoch_means_whenever_they_are_read():
     assert elbo.compute().item() == pytest.approx(2.0) and kl.compute().item() == pytest.approx(-1.0)
 
 
+def test_pending_sums_give_each_logging_interval_exactly_across_epoch_reads():
+    """interval() returns what was added since its previous call; the epoch's read (a flush)
+    in the middle of an interval neither loses nor repeats any step of it."""
+    from vaelab.metrics import PendingSumMean, PendingSums
+
+    pending = PendingSums()
+    term = PendingSumMean(pending)
+    assert pending.interval() == (None, 0)
+    steps = [(torch.tensor([float(v)]), n) for v, n in ((1, 2), (2, 4), (3, 1), (4, 2), (5, 3), (6, 1))]
+
+    def added(a, b):
+        return sum(s.item() for s, _ in steps[a:b]), sum(n for _, n in steps[a:b])
+
+    for s, n in steps[:2]:
+        pending.add(s, n)
+    sums, count = pending.interval()  # steps 0-1
+    assert (sums.item(), count) == added(0, 2)
+    sums.add_(100.0)  # the caller's tensor is its own
+    pending.add(*steps[2])
+    term.compute()  # an epoch's end: the pending sums move into the metric (a flush)
+    term.reset()
+    pending.add(*steps[3])
+    sums, count = pending.interval()  # steps 2-3, across the flush
+    assert (sums.item(), count) == added(2, 4)
+    pending.add(*steps[4])
+    term.compute()
+    sums, count = pending.interval()  # step 4, read after the flush with nothing added since
+    assert (sums.item(), count) == added(4, 5)
+    assert pending.interval() == (None, 0)
+    pending.add(*steps[5])
+    assert tuple(x.item() if torch.is_tensor(x) else x for x in pending.interval()) == added(5, 6)
+    assert term.compute().item() == pytest.approx(sum(s.item() for s, _ in steps[3:]) / 6)  # epoch 2: steps 3-5
+
+
 def test_nan_guard_reads_the_term_sums_and_still_names_the_bad_term():
     from types import SimpleNamespace
 

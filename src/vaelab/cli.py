@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ from vaelab.validation import (
 )
 
 log = logging.getLogger("vaelab")
+
+# Lightning warns when an epoch has fewer batches than trainer.log_every_n_steps; VAEModule then
+# logs once an epoch instead (VAEModule.on_train_start), so the warning would only be noise
+# (the default digits data set has 20 batches an epoch, the default interval is 50 steps)
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 
 
 # --- pieces shared by train and eval ----------------------------------------------------------

@@ -86,6 +86,10 @@ class WandbLogger(LightningWandbLogger):
 
     def __init__(self, *args: Any, background: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            # Lightning passes anonymous=None to wandb.init; W&B warns on every run that the
+            # setting has no effect, whatever its value. Given only if set (then W&B's warning stands)
+            self._wandb_init.pop("anonymous", None)
         self.background = bool(background)
         self._worker = OrderedWorker("vaelab-wandb-log")
 

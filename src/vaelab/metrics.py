@@ -64,12 +64,18 @@ class PendingSums:
     (on a GPU six kernel launches and three wrapper calls become one launch). The
     ``PendingSumMean`` metrics it feeds fold it into their states before every ``compute()``,
     so what Lightning logs at an epoch's end, reduced across processes, is the same exact mean.
+    The same running sums give the logged step values: ``interval()`` returns what was added
+    since its previous call, so each logged point is the exact mean over every example of its
+    logging interval, at no cost on the steps in between.
     """
 
     def __init__(self) -> None:
         self.metrics: list[SumMean] = []  # one per term, in the order of the sums
         self.sums: torch.Tensor | None = None
         self.count = 0
+        # what ``interval()`` last returned up to, as (sums, count) relative to ``sums``: the
+        # running sums at that read, or minus what was added after it once a flush has reset them
+        self._mark: tuple[torch.Tensor | None, int] = (None, 0)
 
     def add(self, sums: torch.Tensor, count: int) -> None:
         """This step's sums ``[T]`` over ``count`` examples. The first after a flush is copied
@@ -80,12 +86,30 @@ class PendingSums:
             self.sums.add_(sums)
         self.count += count
 
+    def interval(self) -> tuple[torch.Tensor | None, int]:
+        """The sums ``[T]`` and the number of examples added since the previous call (the
+        first call: since the start), across flushes: the step values of a logging interval,
+        ``sums / count`` its exact per-example means. No work on the steps in between: one
+        subtraction and one copy per call. ``(None, 0)`` if nothing was added."""
+        mark_sums, mark_count = self._mark
+        current, count = self.sums, self.count - mark_count
+        if current is None:
+            sums = None if mark_sums is None else -mark_sums
+        else:
+            sums = current.clone() if mark_sums is None else current - mark_sums
+        self._mark = (None if current is None else current.clone(), self.count)
+        return (sums, count) if count else (None, 0)
+
     def flush(self) -> None:
         """Move what has been added since the last flush into the metrics' states."""
         if self.sums is None:
             return
         sums, count = self.sums, self.count
         self.sums, self.count = None, 0
+        # the open interval keeps what it had: relative to the reset sums, its mark is minus that
+        mark_sums, mark_count = self._mark
+        carried = sums if mark_sums is None else sums - mark_sums
+        self._mark = (-carried, mark_count - count)
         for metric, total in zip(self.metrics, sums.unbind(), strict=True):
             metric.update(total, count)
 

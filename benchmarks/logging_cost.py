@@ -1,0 +1,122 @@
+"""What logging step values costs a training step, paired inside one training run.
+
+    python benchmarks/logging_cost.py                       # MLP, intervals 50 and 10, 2 runs
+    python benchmarks/logging_cost.py --intervals 50,10,1000 --epochs 8
+
+Each logged point reaches W&B through its worker thread, W&B's asyncio thread and its
+``wandb-core`` process: about 0.3 ms of CPU a point on an idle machine, more beside a
+training step that holds both cores of this project's machine. throughput.py cannot resolve
+a 2 % difference between separate processes on that machine (its runs of one contender
+spread by ±5 %). Here one ``train.py`` run, as users run it (W&B offline, checkpoints,
+pictures), carries a callback that switches ``trainer.log_every_n_steps`` between the given
+intervals every ``--block`` training steps; each interval's median ms a step over its blocks
+is compared with the first interval's, block by block (the ratio of neighbouring blocks, so a
+drift of the host's speed cancels). Validation is excluded, as in throughput.py. W&B's
+background work started in one block may finish in the next: blocks of many steps keep that
+spill small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+from throughput import REPO, prepare_root, vaelab_command
+
+
+class AlternateLogInterval(pl.Callback):
+    """Sets ``trainer.log_every_n_steps`` to each of ``intervals`` in turn for ``block`` steps;
+    the seconds a step of each block, by interval, written to ``save_path`` at the end."""
+
+    def __init__(self, intervals: list[int], save_path: str, block: int = 65):
+        self.intervals, self.save_path, self.block = [int(i) for i in intervals], Path(save_path), int(block)
+        self.blocks: list[tuple[int, float]] = []  # (interval, s/step), in the order run
+        self._turn, self._start, self._steps = 0, None, 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.log_every_n_steps = self.intervals[0]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._start, self._steps = time.perf_counter(), 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = None  # a block never spans a validation; the interval carries on
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._steps += 1
+        if self._start is None or self._steps < self.block:
+            return
+        self.blocks.append((trainer.log_every_n_steps, (time.perf_counter() - self._start) / self.block))
+        self._turn += 1
+        trainer.log_every_n_steps = self.intervals[self._turn % len(self.intervals)]
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.save_path.write_text(json.dumps(self.blocks))
+
+
+def ratios(blocks: list[tuple[int, float]], intervals: list[int]) -> dict[int, float]:
+    """Median over rounds of (this interval's block time / the first interval's block time in
+    the same round of blocks)."""
+    n = len(intervals)
+    rounds = [blocks[i : i + n] for i in range(0, len(blocks) - n + 1, n)]
+    return {iv: statistics.median(r[k][1] / r[0][1] for r in rounds) for k, iv in enumerate(intervals)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["mlp", "conv"], default="mlp")
+    parser.add_argument("--intervals", default="50,10", help="log_every_n_steps values, the first the reference")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--block", type=int, default=65, help="steps per block")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    intervals = [int(i) for i in args.intervals.split(",")]
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root = prepare_root(tmp)
+        for run in range(args.runs):
+            save = tmp / f"blocks{run}.json"
+            cmd = [*vaelab_command(args.model, args.epochs, args.device, root, tmp / f"run{run}"),
+                   "+callbacks.alternate._target_=logging_cost.AlternateLogInterval",
+                   f"+callbacks.alternate.intervals=[{','.join(map(str, intervals))}]",
+                   f"+callbacks.alternate.save_path={save}", f"+callbacks.alternate.block={args.block}",
+                   "allowed_targets=[logging_cost.]"]
+            env = {**os.environ, "WANDB_MODE": "offline",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+            print(f"run {run + 1} of {args.runs} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                sys.exit(f"vaelab run failed:\n{proc.stderr[-3000:]}")
+            blocks = [(int(iv), s) for iv, s in json.loads(save.read_text())]
+            medians = {iv: statistics.median(s for i, s in blocks if i == iv) for iv in intervals}
+            results.append((len(blocks) // len(intervals), medians, ratios(blocks, intervals)))
+
+    ref = intervals[0]
+    print(f"\n{args.model}, log_every_n_steps alternating every {args.block} steps inside each train.py run; "
+          f"ratio: ms a step over the same round's log_every_n_steps={ref} block (median over rounds)\n")
+    print("| run | rounds | " + " | ".join(f"every {iv}: ms/step (ratio)" for iv in intervals) + " |")
+    print("|---|---:|" + "---:|" * len(intervals))
+    for i, (rounds, medians, ratio) in enumerate(results, 1):
+        cells = " | ".join(f"{1e3 * medians[iv]:.3f} ({ratio[iv]:.3f})" for iv in intervals)
+        print(f"| {i} | {rounds} | {cells} |")
+    for iv in intervals[1:]:
+        print(f"\nlog_every_n_steps={iv} against {ref}: {statistics.median(r[2][iv] for r in results):.3f} "
+              "of the time a step (median over runs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -492,6 +492,45 @@ def test_empty_batch_hooks_of_callbacks_are_skipped_and_overridden_ones_still_ru
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
 
 
+def test_checkpoint_and_progress_hooks_with_nothing_to_do_are_skipped_and_the_rest_still_save(tmp_path):
+    """The best-val/elbo checkpoint (no step or time trigger) and a progress bar with no bar
+    (a log file) have nothing to do after a training batch: their hook becomes None. A
+    checkpoint with a time trigger keeps it; LatestCheckpoint keeps it and still saves every
+    N steps (its own test first skips the steps it cannot save at)."""
+    from datetime import timedelta
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vaelab.callbacks import ProgressBar
+    from vaelab.profiling import skip_empty_batch_hooks
+    from vaelab.runs import LatestCheckpoint
+
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/elbo", mode="max")
+    timed = ModelCheckpoint(dirpath=tmp_path / "timed", train_time_interval=timedelta(hours=1))
+    latest = LatestCheckpoint(dirpath=str(tmp_path / "latest"), every_n_train_steps=3)
+    quiet, live = ProgressBar(interactive=False), ProgressBar(interactive=True)
+    skipped = skip_empty_batch_hooks([best, timed, latest, quiet, live])
+    assert best.on_train_batch_end is None and "on_train_batch_end" in skipped["ModelCheckpoint"]
+    assert callable(timed.on_train_batch_end) and callable(latest.on_train_batch_end)
+    assert quiet.on_train_batch_end is None and callable(live.on_train_batch_end)
+
+    seen: dict[int, list[str]] = {}
+
+    class Files(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[trainer.global_step] = sorted(p.name for p in (tmp_path / "latest").glob("*.ckpt"))
+
+    images = torch.bernoulli(torch.full((64, 1, 8, 8), 0.3))
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=True, accelerator="cpu", default_root_dir=tmp_path,
+                         callbacks=[latest, Files()])
+    trainer.fit(_tiny_module(), DataLoader(TensorDataset(images, torch.zeros(64)), batch_size=8))
+    # (Lightning runs checkpoint callbacks last: Files sees a step's save at the next step)
+    assert seen[3] == [] and seen[4] == seen[6] == ["latest-step3.ckpt"] and seen[7] == ["latest-step6.ckpt"]
+
+
 def _tiny_module():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf

@@ -247,6 +247,9 @@ class ProgressBar(TQDMProgressBar):
         self.interactive = sys.stdout.isatty() if interactive is None else bool(interactive)
         super().__init__(refresh_rate=refresh_rate if self.interactive else 0)
         self._epoch_started = 0.0
+        if not self.interactive:
+            # no bar to move (refresh_rate 0): Lightning's loop skips a hook that is None
+            self.on_train_batch_end = None  # type: ignore[assignment,method-assign]
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)

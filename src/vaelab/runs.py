@@ -92,6 +92,16 @@ class LatestCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, filename=filename, auto_insert_metric_name=False, monitor=None,
                          save_top_k=1, save_last=False, every_n_train_steps=int(every_n_train_steps))
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Lightning's test runs in full (trainer state, clocks, and for a time interval a
+        # broadcast) on the steps it can save at; on the others it would only return (2.2 µs
+        # a step for Lightning's test, 0.3 µs for this one)
+        if self._train_time_interval is None and (self._every_n_train_steps < 1
+                                                  or trainer.global_step % self._every_n_train_steps):
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # after this epoch's validation
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))

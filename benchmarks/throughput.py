@@ -277,6 +277,7 @@ VAELAB_VARIANTS = {
     "vaelab-eager": ["model.cuda_graph=false"],        # on a GPU: the step launched op by op, no graphs
     "vaelab-hostdata": ["data.on_device=false"],       # batches copied from host memory each step
     "vaelab-log10": ["trainer.log_every_n_steps=10"],  # step values 5x as often as the default (50)
+    "vaelab-nolog": ["logger=none"],                   # no W&B (checkpoints, pictures, progress as usual)
 }
 
 

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-from throughput import REPO, prepare_root, vaelab_command
+from throughput import prepare_root, run_vaelab_with_callback
 
 
 class AlternateLogInterval(pl.Callback):
@@ -90,17 +88,11 @@ def main() -> None:
         root = prepare_root(tmp)
         for run in range(args.runs):
             save = tmp / f"blocks{run}.json"
-            cmd = [*vaelab_command(args.model, args.epochs, args.device, root, tmp / f"run{run}"),
-                   "+callbacks.alternate._target_=logging_cost.AlternateLogInterval",
-                   f"+callbacks.alternate.intervals=[{','.join(map(str, intervals))}]",
-                   f"+callbacks.alternate.save_path={save}", f"+callbacks.alternate.block={args.block}",
-                   "allowed_targets=[logging_cost.]"]
-            env = {**os.environ, "WANDB_MODE": "offline",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
             print(f"run {run + 1} of {args.runs} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                sys.exit(f"vaelab run failed:\n{proc.stderr[-3000:]}")
+            run_vaelab_with_callback(args.model, args.epochs, args.device, root, tmp / f"run{run}",
+                                     "logging_cost.AlternateLogInterval",
+                                     {"intervals": f"[{','.join(map(str, intervals))}]", "save_path": save,
+                                      "block": args.block})
             blocks = [(int(iv), s) for iv, s in json.loads(save.read_text())]
             medians = {iv: statistics.median(s for i, s in blocks if i == iv) for iv in intervals}
             results.append((len(blocks) // len(intervals), medians, ratios(blocks, intervals)))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from throughput import (
     plain_model,
     plain_step,
     prepare_root,
-    vaelab_command,
+    run_vaelab_with_callback,
 )
 
 
@@ -140,17 +139,9 @@ def main() -> None:
         for run in range(args.runs):
             out = tmp / f"run{run}"
             save = tmp / f"blocks{run}.json"
-            cmd = [*vaelab_command(args.model, args.epochs, args.device, root, out),
-                   "+callbacks.paired._target_=paired.PlainBlocks",
-                   f"+callbacks.paired.model={args.model}", f"+callbacks.paired.data_root={root}",
-                   f"+callbacks.paired.save_path={save}", f"+callbacks.paired.block={args.block}",
-                   "allowed_targets=[paired.]"]
-            env = {**os.environ, "WANDB_MODE": "offline",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
             print(f"run {run + 1} of {args.runs} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                sys.exit(f"vaelab run failed:\n{proc.stderr[-3000:]}")
+            run_vaelab_with_callback(args.model, args.epochs, args.device, root, out, "paired.PlainBlocks",
+                                     {"model": args.model, "data_root": root, "save_path": save, "block": args.block})
             blocks = json.loads(save.read_text())
             v, p = statistics.median(blocks["vaelab_s"]), statistics.median(blocks["plain_s"])
             rows.append((len(blocks["vaelab_s"]), v, p))
@@ -160,7 +151,7 @@ def main() -> None:
                 proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--epochs", str(args.epochs),
                                        "--block", str(args.block), "--device", args.device,
                                        "--floor-child", str(root), str(floor_save)],
-                                      cwd=REPO, capture_output=True, text=True, env=env)
+                                      cwd=REPO, capture_output=True, text=True)
                 if proc.returncode != 0:
                     sys.exit(f"the bare Lightning run failed:\n{proc.stderr[-3000:]}")
                 blocks = json.loads(floor_save.read_text())

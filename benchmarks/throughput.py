@@ -291,6 +291,21 @@ def vaelab_command(model: str, epochs: int, device: str, data_root: Path, out: P
             "test=false", f"hydra.run.dir={out}"]
 
 
+def run_vaelab_with_callback(model: str, epochs: int, device: str, data_root: Path, out: Path, target: str,
+                             settings: dict[str, object]) -> None:
+    """``train.py`` for the benchmark's model, as users run it, with one more callback:
+    ``target`` (``module.Class`` of a module in benchmarks/) built with ``settings``; exits
+    with the run's error output if it fails (paired.py, logging_cost.py)."""
+    module = target.rsplit(".", 1)[0]
+    cmd = [*vaelab_command(model, epochs, device, data_root, out), f"+callbacks.bench._target_={target}",
+           *(f"+callbacks.bench.{key}={value}" for key, value in settings.items()), f"allowed_targets=[{module}.]"]
+    env = {**os.environ, "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"vaelab run failed:\n{proc.stderr[-3000:]}")
+
+
 def run_vaelab(model: str, epochs: int, device: str, data_root: Path, out: Path, variant: str = "vaelab") -> dict:
     cmd = vaelab_command(model, epochs, device, data_root, out, variant)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})

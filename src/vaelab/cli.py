@@ -44,6 +44,9 @@ log = logging.getLogger("vaelab")
 # logs once an epoch instead (VAEModule.on_train_start), so the warning would only be noise
 # (the default digits data set has 20 batches an epoch, the default interval is 50 steps)
 warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+# torch 2.14 deprecates the LeafSpec that Lightning 2.6 builds when it moves a batch; nothing a
+# user of train.py can act on, printed by every run
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 # --- pieces shared by train and eval ----------------------------------------------------------

@@ -53,6 +53,7 @@ def test_wandb_run_holds_the_elbo_terms_config_and_summary(trained):
     assert "smaller than the logging interval" not in console  # Lightning's warning: moot, not shown
     assert "anonymous setting" not in console  # W&B's warning about the None Lightning passed
     assert "LeafSpec" not in console  # torch's deprecation of what Lightning uses: not the user's to fix
+    assert "litlogger" not in console  # Lightning's advertisement
     for key in ("train/elbo", "train/recon", "train/kl", "train/loss", "train/beta"):
         assert len(run.values(key)) == EPOCHS, key
     for term in ("elbo", "recon", "kl", "loss"):

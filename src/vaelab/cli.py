@@ -47,6 +47,8 @@ warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+
 # torch 2.14 deprecates the LeafSpec that Lightning 2.6 builds when it moves a batch; nothing a
 # user of train.py can act on, printed by every run
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# and Lightning's advertisement for its own cloud logger, printed when a Trainer is built
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 # --- pieces shared by train and eval ----------------------------------------------------------

@@ -11,9 +11,11 @@ spread by ±5 %). Here one ``train.py`` run, as users run it (W&B offline, check
 pictures), carries a callback that switches ``trainer.log_every_n_steps`` between the given
 intervals every ``--block`` training steps; each interval's median ms a step over its blocks
 is compared with the first interval's, block by block (the ratio of neighbouring blocks, so a
-drift of the host's speed cancels). Validation is excluded, as in throughput.py. W&B's
-background work started in one block may finish in the next: blocks of many steps keep that
-spill small.
+drift of the host's speed cancels). Validation is excluded, as in throughput.py, and so is
+the first block after each validation (cold caches; otherwise whichever interval always came
+first after it would pay for them). W&B's background work started in one block may finish in
+the next: blocks of many steps keep that spill small. ``--intervals 50,51`` is the null check:
+two settings that cost the same should give 1.00 (the session that wrote this got 0.999, 1.002).
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from throughput import prepare_root, run_vaelab_with_callback
 
 class AlternateLogInterval(pl.Callback):
     """Sets ``trainer.log_every_n_steps`` to each of ``intervals`` in turn for ``block`` steps;
-    the seconds a step of each block, by interval, written to ``save_path`` at the end."""
+    the seconds a step of each block, by interval, written to ``save_path`` at the end. The
+    first block after each validation is run but not recorded (its caches are cold after the
+    validation: otherwise the interval that always came first after it would pay for that)."""
 
     def __init__(self, intervals: list[int], save_path: str, block: int = 65):
         self.intervals, self.save_path, self.block = [int(i) for i in intervals], Path(save_path), int(block)
         self.blocks: list[tuple[int, float]] = []  # (interval, s/step), in the order run
-        self._turn, self._start, self._steps = 0, None, 0
+        self._turn, self._start, self._steps, self._warm = 0, None, 0, True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.log_every_n_steps = self.intervals[0]
@@ -47,15 +51,17 @@ class AlternateLogInterval(pl.Callback):
             self._start, self._steps = time.perf_counter(), 0
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = None  # a block never spans a validation; the interval carries on
+        self._start, self._warm = None, True  # a block never spans a validation
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._steps += 1
         if self._start is None or self._steps < self.block:
             return
-        self.blocks.append((trainer.log_every_n_steps, (time.perf_counter() - self._start) / self.block))
-        self._turn += 1
-        trainer.log_every_n_steps = self.intervals[self._turn % len(self.intervals)]
+        if not self._warm:
+            self.blocks.append((trainer.log_every_n_steps, (time.perf_counter() - self._start) / self.block))
+            self._turn += 1
+            trainer.log_every_n_steps = self.intervals[self._turn % len(self.intervals)]
+        self._warm = False
         self._start, self._steps = time.perf_counter(), 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -64,11 +70,12 @@ class AlternateLogInterval(pl.Callback):
 
 
 def ratios(blocks: list[tuple[int, float]], intervals: list[int]) -> dict[int, float]:
-    """Median over rounds of (this interval's block time / the first interval's block time in
-    the same round of blocks)."""
+    """Median over rounds (consecutive recorded blocks, one of each interval) of each
+    interval's block time over the first interval's block time in the same round."""
     n = len(intervals)
-    rounds = [blocks[i : i + n] for i in range(0, len(blocks) - n + 1, n)]
-    return {iv: statistics.median(r[k][1] / r[0][1] for r in rounds) for k, iv in enumerate(intervals)}
+    rounds = [dict(blocks[i : i + n]) for i in range(0, len(blocks) - n + 1, n)]
+    rounds = [r for r in rounds if len(r) == n]
+    return {iv: statistics.median(r[iv] / r[intervals[0]] for r in rounds) for iv in intervals}
 
 
 def main() -> None:

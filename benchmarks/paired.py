@@ -11,8 +11,10 @@ command gave vaelab/plain from 0.76 to 0.84). Here one ``train.py`` run, as user
 training steps runs ``--block`` steps of throughput.py's plain loop (same model, same data, same
 kernels: ``throughput.plain_step``) in the same process. Both see the same host, threads and
 memory state within seconds of each other. The ratio is the plain loop's median ms a block-step
-over vaelab's; blocks that a validation or a checkpoint save falls into count for vaelab as
-they do for users (the median keeps a rare slow block from deciding).
+over vaelab's; blocks that a checkpoint save falls into count for vaelab as they do for users
+(the median keeps a rare slow block from deciding). Validation is excluded, and so is the
+vaelab block right after each one, whose caches the validation left cold (before, that block
+always fell to vaelab).
 
 Each run is followed by the same measurement around Lightning's own loop (``--no-floor`` skips
 it): a bare ``pl.Trainer`` (no logger, checkpoints, progress bar or validation; Lightning's
@@ -56,6 +58,7 @@ class PlainBlocks(pl.Callback):
         self.plain: list[float] = []
         self._start: float | None = None
         self._steps = 0
+        self._warm = True  # the block after a validation: run, not counted (cold caches)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         x_all, shape = load_data(self.model, self.data_root)
@@ -69,10 +72,15 @@ class PlainBlocks(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = None  # a block never spans the validation (excluded as in throughput.py)
+        self._warm = True  # and the vaelab block after it, whose caches it left cold, is not counted
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._steps += 1
         if self._start is None or self._steps < self.block:
+            return
+        if self._warm:
+            self._warm = False
+            self._start, self._steps = time.perf_counter(), 0
             return
         self._sync()
         self.vaelab.append((time.perf_counter() - self._start) / self.block)

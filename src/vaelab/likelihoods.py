@@ -209,43 +209,56 @@ class ContinuousBernoulli(Likelihood):
         return Independent(_ContinuousBernoulli(logits=logits, validate_args=False), 3)
 
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+class _SharedScaleImage(Independent):
+    """``Independent(base(μ, s), 3)`` for one scale s shared by every pixel (fixed or learned),
+    with the same ``log_prob`` computed in fewer passes over the pixels: the per-pixel distance
+    d(x − μ) summed first, s entering afterwards as a scalar,
 
+        log p(x|z) = Σ_d d(x_d − μ_d) / divisor(s) − D (log s + c)
 
-class _SharedSigmaNormalImage(Independent):
-    """``Independent(Normal(μ, σ), 3)`` for one σ shared by every pixel (fixed or learned), with
-    the same ``log_prob`` computed in fewer passes over the pixels:
+    torch's ``log_prob`` works pixel by pixel on a full-size s: s², log s, the division and the
+    subtractions are each a pass over ``[*batch, C, H, W]`` forward and again backward. The same
+    numbers to float32 rounding and the same gradients, for μ and for a learned s (tested
+    against torch). ``mean``, ``sample``, ``rsample``, ``entropy``, ``expand`` are
+    ``Independent``'s of ``base(μ, s)``, whose scale is the one s expanded (a view)."""
 
-        log p(x|z) = −Σ_d (x_d − μ_d)² / (2σ²) − D (log σ + ½ log 2π)
+    @staticmethod
+    def _distance(diff: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    torch's ``Normal.log_prob`` works pixel by pixel on a full-size σ: σ², log σ, the division
-    and two subtractions are each a pass over ``[*batch, C, H, W]`` forward and again backward.
-    Here σ enters after the sum over the pixels, as a scalar: a subtraction, a square and a sum
-    forward. The same numbers to float32 rounding and the same gradients, for μ and for a learned
-    σ (tested against torch). ``mean``, ``sample``, ``rsample``, ``entropy``, ``expand`` are
-    ``Independent``'s of ``Normal(μ, σ)``, whose scale is the one σ expanded (a view).
-    """
+    @staticmethod
+    def _divisor(scale: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        loc, scale = self.base_dist.loc, self.base_dist.scale
-        sigma = scale[(0,) * scale.dim()]  # every pixel's σ is this one (a view: gradients reach it)
-        squares = (value.to(loc.dtype) - loc).square().flatten(-3).sum(-1)
-        pixels = loc.shape[-3:].numel()
-        return squares / (-2 * sigma.square()) - pixels * (sigma.log() + _HALF_LOG_2PI)
-
-
-class _SharedScaleLaplaceImage(Independent):
-    """``Independent(Laplace(μ, b), 3)`` for one b shared by every pixel, with the same
-    ``log_prob`` in fewer passes over the pixels, as ``_SharedSigmaNormalImage`` does for σ:
-
-        log p(x|z) = −Σ_d |x_d − μ_d| / b − D log 2b
-    """
+    _log_constant: float  # c
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         loc, scale = self.base_dist.loc, self.base_dist.scale
-        b = scale[(0,) * scale.dim()]  # every pixel's b is this one (a view: gradients reach it)
-        distances = (value.to(loc.dtype) - loc).abs().flatten(-3).sum(-1)
-        return distances / -b - loc.shape[-3:].numel() * (b.log() + math.log(2))
+        s = scale[(0,) * scale.dim()]  # every pixel's scale is this one (a view: gradients reach it)
+        total = self._distance(value.to(loc.dtype) - loc).flatten(-3).sum(-1)
+        return total / self._divisor(s) - loc.shape[-3:].numel() * (s.log() + self._log_constant)
+
+
+class _SharedSigmaNormalImage(_SharedScaleImage):
+    """``Independent(Normal(μ, σ), 3)`` with one σ: log p(x|z) = −Σ_d (x_d − μ_d)² / (2σ²) − D (log σ + ½ log 2π)."""
+
+    _distance = staticmethod(torch.square)
+    _log_constant = 0.5 * math.log(2 * math.pi)
+
+    @staticmethod
+    def _divisor(scale: torch.Tensor) -> torch.Tensor:
+        return -2 * scale.square()
+
+
+class _SharedScaleLaplaceImage(_SharedScaleImage):
+    """``Independent(Laplace(μ, b), 3)`` with one b: log p(x|z) = −Σ_d |x_d − μ_d| / b − D log 2b."""
+
+    _distance = staticmethod(torch.abs)
+    _log_constant = math.log(2)
+
+    @staticmethod
+    def _divisor(scale: torch.Tensor) -> torch.Tensor:
+        return -scale
 
 
 class _LocationScale(Likelihood):

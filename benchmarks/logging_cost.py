@@ -25,44 +25,31 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+from paired import TrainingBlocks
 from throughput import prepare_root, run_vaelab_with_callback
 
 
-class AlternateLogInterval(pl.Callback):
-    """Sets ``trainer.log_every_n_steps`` to each of ``intervals`` in turn for ``block`` steps;
-    the seconds a step of each block, by interval, written to ``save_path`` at the end. The
-    first block after each validation is run but not recorded (its caches are cold after the
-    validation: otherwise the interval that always came first after it would pay for that)."""
+class AlternateLogInterval(TrainingBlocks):
+    """Sets ``trainer.log_every_n_steps`` to each of ``intervals`` in turn for ``block`` steps
+    (blocks as paired.py times them: the first after each validation not counted); the seconds
+    a step of each block, by interval, written to ``save_path`` at the end."""
 
     def __init__(self, intervals: list[int], save_path: str, block: int = 65):
-        self.intervals, self.save_path, self.block = [int(i) for i in intervals], Path(save_path), int(block)
+        super().__init__(block)
+        self.intervals, self.save_path = [int(i) for i in intervals], Path(save_path)
         self.blocks: list[tuple[int, float]] = []  # (interval, s/step), in the order run
-        self._turn, self._start, self._steps, self._warm = 0, None, 0, True
+        self._turn = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.log_every_n_steps = self.intervals[0]
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._start is None:
-            self._start, self._steps = time.perf_counter(), 0
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._warm = None, True  # a block never spans a validation
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._steps += 1
-        if self._start is None or self._steps < self.block:
-            return
-        if not self._warm:
-            self.blocks.append((trainer.log_every_n_steps, (time.perf_counter() - self._start) / self.block))
-            self._turn += 1
-            trainer.log_every_n_steps = self.intervals[self._turn % len(self.intervals)]
-        self._warm = False
-        self._start, self._steps = time.perf_counter(), 0
+    def on_block(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seconds_per_step: float) -> None:
+        self.blocks.append((trainer.log_every_n_steps, seconds_per_step))
+        self._turn += 1
+        trainer.log_every_n_steps = self.intervals[self._turn % len(self.intervals)]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

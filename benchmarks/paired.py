@@ -48,17 +48,54 @@ from throughput import (
 )
 
 
-class PlainBlocks(pl.Callback):
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TrainingBlocks(pl.Callback):
+    """Times a run's training steps in blocks of ``block`` steps and hands each block's seconds
+    a step to :meth:`on_block`, whose own time the next block does not count. Validation is
+    excluded (a block never spans one), and so is the first block after each validation, which
+    is run but not counted: the validation leaves its caches cold, and whatever that block is
+    compared with would otherwise always win (paired.py, logging_cost.py)."""
+
+    def __init__(self, block: int):
+        self.block = int(block)
+        self._start: float | None = None
+        self._steps = 0
+        self._warm = True
+
+    def on_block(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seconds_per_step: float) -> None:
+        raise NotImplementedError
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._start, self._steps = time.perf_counter(), 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self._warm = None, True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._steps += 1
+        if self._start is None or self._steps < self.block:
+            return
+        if not self._warm:
+            _sync(pl_module.device)
+            self.on_block(trainer, pl_module, (time.perf_counter() - self._start) / self.block)
+        self._warm = False
+        self._start, self._steps = time.perf_counter(), 0
+
+
+class PlainBlocks(TrainingBlocks):
     """After every ``block`` vaelab training steps, ``block`` steps of the plain loop; the
     per-step times of both, written to ``save_path`` when training ends."""
 
     def __init__(self, model: str, data_root: str, save_path: str, block: int = 40):
-        self.model, self.data_root, self.save_path, self.block = model, Path(data_root), Path(save_path), int(block)
+        super().__init__(block)
+        self.model, self.data_root, self.save_path = model, Path(data_root), Path(save_path)
         self.vaelab: list[float] = []
         self.plain: list[float] = []
-        self._start: float | None = None
-        self._steps = 0
-        self._warm = True  # the block after a validation: run, not counted (cold caches)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         x_all, shape = load_data(self.model, self.data_root)
@@ -66,24 +103,8 @@ class PlainBlocks(pl.Callback):
         self.nets = plain_model(self.model, tuple(shape.tolist()), str(pl_module.device))
         self.perm, self.pos = torch.randperm(len(self.x), device=self.x.device), 0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._start is None:
-            self._start, self._steps = time.perf_counter(), 0
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = None  # a block never spans the validation (excluded as in throughput.py)
-        self._warm = True  # and the vaelab block after it, whose caches it left cold, is not counted
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._steps += 1
-        if self._start is None or self._steps < self.block:
-            return
-        if self._warm:
-            self._warm = False
-            self._start, self._steps = time.perf_counter(), 0
-            return
-        self._sync()
-        self.vaelab.append((time.perf_counter() - self._start) / self.block)
+    def on_block(self, trainer: pl.Trainer, pl_module: pl.LightningModule, seconds_per_step: float) -> None:
+        self.vaelab.append(seconds_per_step)
         start = time.perf_counter()
         with torch.enable_grad():
             for _ in range(self.block):
@@ -91,13 +112,8 @@ class PlainBlocks(pl.Callback):
                     self.perm, self.pos = torch.randperm(len(self.x), device=self.x.device), 0
                 plain_step(self.model, *self.nets, self.x.index_select(0, self.perm[self.pos : self.pos + BATCH]))
                 self.pos += BATCH
-        self._sync()
+        _sync(self.x.device)
         self.plain.append((time.perf_counter() - start) / self.block)
-        self._start, self._steps = time.perf_counter(), 0
-
-    def _sync(self) -> None:
-        if self.x.is_cuda:
-            torch.cuda.synchronize()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -56,13 +59,14 @@ def test_every_value_out_of_range_is_listed_with_its_key(tmp_path):
         cfg = compose("train", overrides=[
             f"paths.output_dir={tmp_path}", "latent_dim=0", "likelihood=gaussian", "likelihood.sigma=0",
             "objective.num_samples=0", "objective.beta=-1", "data.batch_size=0", "optim.optimizer.lr=0",
-            "nan_policy=ignore", "malloc=jemalloc"])
+            "nan_policy=ignore", "malloc=jemalloc", "checkpoint_io.background=later"])
     problems = "\n".join(value_problems(cfg))
     for key in ("latent_dim must be a positive integer, got 0", "likelihood.sigma must be a σ > 0",
                 "objective.num_samples must be an integer K >= 1, got 0", "objective.beta must be a KL weight >= 0, got -1",
                 "data.batch_size must be a positive integer, got 0", "optim.optimizer.lr must be a learning rate > 0, got 0",
                 "nan_policy must be one of stop, skip, got 'ignore'",
-                "malloc must be one of tuned, system, got 'jemalloc' (e.g. malloc=tuned)"):
+                "malloc must be one of tuned, system, got 'jemalloc' (e.g. malloc=tuned)",
+                "checkpoint_io.background must be true or false, got 'later'"):
         assert key in problems, (key, problems)
     assert "e.g. optim.optimizer.lr=1e-3" in problems
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
@@ -263,22 +267,27 @@ def _state(value: float) -> dict:
     return {"state_dict": {"w": torch.full((1000,), value)}, "global_step": 0 if value != value else int(value)}
 
 
-def test_atomic_save_replaces_whole_and_refuses_nan_state(tmp_path):
-    io = AtomicCheckpointIO()
+@pytest.mark.parametrize("background", [True, False])
+def test_atomic_save_replaces_whole_and_refuses_nan_state(tmp_path, background):
+    io = AtomicCheckpointIO(background=background)
     path = tmp_path / "ckpts" / "last.ckpt"
     io.save_checkpoint(_state(1.0), path)
     io.save_checkpoint(_state(2.0), path)
-    assert io.load_checkpoint(path)["global_step"] == 2
+    assert io.load_checkpoint(path)["global_step"] == 2  # (waits for the writes in the background)
     with pytest.raises(NonFiniteStateError, match="last good ones"):
-        io.save_checkpoint(_state(float("nan")), path)
+        io.save_checkpoint(_state(float("nan")), path)  # refused at once, also in the background
+    io.teardown()
     assert io.load_checkpoint(path)["global_step"] == 2
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
 
 
-def test_disk_full_mid_save_names_the_folder_and_keeps_the_old_file(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    path = tmp_path / "last.ckpt"
+@pytest.mark.parametrize("background", [True, False])
+def test_disk_full_mid_save_names_the_folder_and_keeps_the_old_file(tmp_path, monkeypatch, background):
+    io = AtomicCheckpointIO(background=background)
+    path, old_best = tmp_path / "last.ckpt", tmp_path / "best-epoch000.ckpt"
     io.save_checkpoint(_state(1.0), path)
+    io.save_checkpoint(_state(1.0), old_best)
+    io.wait()
     before = path.read_bytes()
 
     def full(f, data):
@@ -287,10 +296,75 @@ def test_disk_full_mid_save_names_the_folder_and_keeps_the_old_file(tmp_path, mo
 
     monkeypatch.setattr(io, "_write", full)
     with pytest.raises(CheckpointWriteError) as err:
-        io.save_checkpoint(_state(2.0), path)
+        io.save_checkpoint(_state(2.0), tmp_path / "best-epoch001.ckpt")
+        io.remove_checkpoint(old_best)  # Lightning's top-k: the old best goes once the new one is written
+        io.wait()  # in the background the failure comes here (or from the next save, or teardown)
     assert "the disk is full" in str(err.value) and str(tmp_path) in str(err.value)
     assert err.value.errno == errno.ENOSPC
-    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert path.read_bytes() == before
+    # the removal queued behind the failed write did not run: the old best is still there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    io.wait()  # raised once
+    monkeypatch.undo()
+    io.save_checkpoint(_state(3.0), path)  # the disk has room again: saving goes on
+    io.teardown()
+    assert io.load_checkpoint(path)["global_step"] == 3
+
+
+def test_background_writes_keep_the_state_of_the_save_order_and_memory_bound(tmp_path, monkeypatch):
+    """The bytes are the state at the save (serialized in the caller), files appear in the
+    order asked for, a removal waits for the writes before it, load_checkpoint waits for a
+    write in progress, and the bytes waiting to be written stay within max_pending_mib."""
+    io = AtomicCheckpointIO(max_pending_mib=0.01)  # 10 KiB: less than one 40 KB checkpoint
+    release, written, pending = threading.Event(), [], []
+    write = io._write
+
+    def slow(f, data):
+        pending.append(io._pending_bytes)
+        release.wait(timeout=30)
+        write(f, data)
+        written.append((Path(f.name).name, torch.load(BytesIO(bytes(data)), weights_only=True)))
+
+    monkeypatch.setattr(io, "_write", slow)
+    state = {"state_dict": {"w": torch.zeros(10_000)}, "global_step": 1}
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    io._submit(lambda: release.wait(timeout=30))  # the writer thread is busy
+    io.save_checkpoint(state, a)
+    state["state_dict"]["w"].fill_(7.0)  # training goes on while a.ckpt waits to be written
+    assert not a.exists()  # still waiting in the writer thread
+    saver = threading.Thread(target=io.save_checkpoint, args=(state, b))
+    saver.start()  # over the memory bound: waits for a.ckpt's write before it serializes
+    time.sleep(0.2)
+    assert saver.is_alive() and io._jobs == 2
+    io.remove_checkpoint(a)  # asked for while a.ckpt is being written: done after that write
+    release.set()
+    saver.join(timeout=30)
+    io.save_checkpoint({**state, "global_step": 2}, a)
+    assert io.load_checkpoint(a)["global_step"] == 2  # waited for its write
+    io.teardown()
+    assert [name for name, _ in written] == [f".{name}.ckpt.tmp-{os.getpid()}" for name in "aba"]
+    assert torch.equal(written[0][1]["state_dict"]["w"], torch.zeros(10_000))  # the state at its save
+    assert torch.equal(written[1][1]["state_dict"]["w"], torch.full((10_000,), 7.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "b.ckpt"]
+    one = io._serialize(state).getbuffer().nbytes
+    assert max(pending) < 2 * one  # never two checkpoints waiting at once
+
+
+def test_a_failed_background_write_is_raised_at_teardown_but_not_over_another_error(tmp_path, monkeypatch, caplog):
+    io = AtomicCheckpointIO()
+    monkeypatch.setattr(io, "_write", lambda f, data: (_ for _ in ()).throw(OSError(errno.EROFS, "read-only")))
+    io.save_checkpoint(_state(1.0), tmp_path / "a.ckpt")
+    with pytest.raises(CheckpointWriteError, match="read-only"):
+        io.teardown()  # the end of a fit
+    io.save_checkpoint(_state(1.0), tmp_path / "a.ckpt")
+    with pytest.raises(FloatingPointError, match="NaN loss"), caplog.at_level(logging.ERROR, "vaelab"):
+        try:
+            raise FloatingPointError("NaN loss")
+        except FloatingPointError:
+            io.teardown()  # as Lightning does while handling a failed fit
+            raise
+    assert "a checkpoint write also failed" in caplog.text and "read-only" in caplog.text
+    assert not list(tmp_path.iterdir())
 
 
 SLOW_IO = """

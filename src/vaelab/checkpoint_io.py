@@ -12,19 +12,39 @@ A process killed at any moment therefore leaves either the previous ``last.ckpt`
 one, never a half-written file. A full disk (``ENOSPC``), a quota or a read-only folder give a
 ``CheckpointWriteError`` naming the folder and the fix, and leave no temporary file behind.
 Loading goes through ``torch.load(weights_only=True)`` always (also for ``ckpt_path`` resumes).
+
+Writing in the background (``background=true``, the default): steps 1 and the serialization
+run in the caller, so the bytes are the state at the moment of the save and a NaN state is
+refused at once; the file operations of 2 and 3 (write, fsync, rename: on this project's
+machine 10-12 ms of the ~17 ms of a 16 MiB checkpoint, on a network file system far more) run
+in one writer thread while training goes on, in the order they were asked for. Removals of
+older checkpoints (Lightning's top-k, ``vaelab.runs.LatestCheckpoint``) go through the same
+queue, so an old file is removed only after the file that replaces it is on disk; after a
+failed write nothing queued behind it runs. A failure is raised by the next save, by
+``load_checkpoint``, by ``wait()`` and at the end of training (Lightning's ``teardown``), as
+the same ``CheckpointWriteError``. Serialized bytes waiting to be written are bounded
+(``max_pending_mib``): a save waits for earlier writes rather than hold more than that in
+memory, so a large model keeps at most one checkpoint in memory besides the one being written,
+as the synchronous save did. ``background=false`` writes in the caller, as before.
 """
 
 from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
-from collections.abc import Mapping
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger("vaelab")
 
 #: errnos that mean "this folder cannot take the file", with the fix to name
 _WRITE_FIXES = {
@@ -64,11 +84,42 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` with write-to-temp, fsync, rename; see the module docstring."""
+    """``TorchCheckpointIO`` with write-to-temp, fsync, rename, the file operations in a writer
+    thread unless ``background=False``; see the module docstring."""
+
+    def __init__(self, background: bool = True, max_pending_mib: float = 256.0):
+        super().__init__()
+        if background not in (True, False):
+            raise ValueError(f"checkpoint_io.background must be true or false, got {background!r}")
+        if not float(max_pending_mib) >= 0:
+            raise ValueError(f"checkpoint_io.max_pending_mib must be >= 0, got {max_pending_mib}")
+        self.background = bool(background)
+        self.max_pending_bytes = int(float(max_pending_mib) * 2**20)
+        self._start_queue()
+
+    def _start_queue(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._cond = threading.Condition()
+        self._jobs = 0  # queued or running
+        self._pending_bytes = 0  # serialized bytes not yet written
+        self._last_size = 0  # size of the latest checkpoint: what the next one will need
+        self._failure: BaseException | None = None  # the first failed job, not yet raised
+        self._broken = False  # a job failed: skip the ones queued behind it until it is raised
+
+    # a plugin object may be copied to other processes (DDP spawn): threads and locks stay here
+    def __getstate__(self) -> dict[str, Any]:
+        self._drain()
+        keep = ("_executor", "_cond", "_jobs", "_pending_bytes", "_last_size", "_failure", "_broken")
+        return {k: v for k, v in self.__dict__.items() if k not in keep}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._start_queue()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
+        self._raise_failure()  # a write that failed in the background stops training here
         path = Path(path)
         bad = nonfinite_tensors(checkpoint.get("state_dict") or {})
         if bad:
@@ -76,8 +127,108 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"refusing to write {path}: the weights hold NaN/Inf ({', '.join(bad[:5])}); the "
                 "checkpoints already in that folder are the last good ones"
             )
+        if not self.background:
+            self._write_file(self._serialize(checkpoint), path)
+            return
+        with self._cond:  # bound the bytes in memory: wait for earlier writes if need be
+            self._cond.wait_for(lambda: self._pending_bytes == 0
+                                or self._pending_bytes + self._last_size <= self.max_pending_bytes)
+        buffer = self._serialize(checkpoint)  # here, so the bytes are the state of this moment
+        size = buffer.getbuffer().nbytes
+        self._last_size = size
+        self._submit(lambda: self._write_file(buffer, path), size)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Remove ``path`` once every write asked for before has been done (at once when
+        writing in the caller); not at all if one of them failed."""
+        self.after_writes(lambda: super(AtomicCheckpointIO, self).remove_checkpoint(path))
+
+    def after_writes(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (e.g. removing files that a new checkpoint replaces) once every write
+        asked for before has been done, and not if one of them failed; at once when writing
+        in the caller."""
+        if self.background:
+            self._submit(job)
+        else:
+            job()
+
+    def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = True) -> dict[str, Any]:
+        self._drain()  # a file still being written is read whole (a failure stays for the next save)
+        # tensors, numbers, strings and containers only: unpickling cannot run code
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+    def wait(self) -> None:
+        """Block until every write and removal asked for so far is done; raise the first
+        failure among them (a ``CheckpointWriteError``)."""
+        self._drain()
+        self._raise_failure()
+
+    def teardown(self) -> None:
+        """End of a fit/validate/test: finish the queue and stop the writer thread. A failed
+        write is raised here, except while Lightning is already handling another error (a NaN
+        stop, an interrupt): that one is raised and this one is logged."""
+        handling = sys.exc_info()[1] is not None
+        try:
+            self.wait()
+        except Exception as err:
+            if not handling:
+                raise
+            log.error("vaelab: a checkpoint write also failed: %s", err)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    # --- the queue -----------------------------------------------------------------------------
+    def _submit(self, job: Callable[[], None], size: int = 0) -> None:
+        def run() -> None:
+            try:
+                with self._cond:
+                    skip = self._broken
+                if not skip:
+                    job()
+            except BaseException as err:  # noqa: BLE001 (raised in the training thread)
+                with self._cond:
+                    self._broken = True
+                    self._failure = self._failure or err
+            finally:
+                with self._cond:
+                    self._jobs -= 1
+                    self._pending_bytes -= size
+                    self._cond.notify_all()
+
+        with self._cond:
+            self._jobs += 1
+            self._pending_bytes += size
+        if self._executor is None:
+            # not a daemon: a queued write is finished even when the interpreter exits first
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaelab-checkpoint")
+        self._executor.submit(run)
+
+    def _drain(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._jobs == 0)
+
+    def _raise_failure(self) -> None:
+        """Raise a failed write, once. Every job queued behind it is skipped (``_broken``: no
+        removal of the file it was to replace), up to the moment the failure is raised."""
+        with self._cond:
+            if self._failure is None:
+                return
+        self._drain()
+        with self._cond:
+            failure, self._failure, self._broken = self._failure, None, False
+        raise failure
+
+    # --- one file --------------------------------------------------------------------------------
+    @staticmethod
+    def _serialize(checkpoint: dict[str, Any]) -> io.BytesIO:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
+        return buffer
+
+    def _write_file(self, buffer: io.BytesIO, path: Path) -> None:
         data = buffer.getbuffer()
         folder = path.parent
         tmp = folder / f".{path.name}.tmp-{os.getpid()}"
@@ -109,7 +260,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Write the serialized bytes (a seam for tests that need a slow save)."""
         f.write(data)
 
-    def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
-                        weights_only: bool | None = True) -> dict[str, Any]:
-        # tensors, numbers, strings and containers only: unpickling cannot run code
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True)

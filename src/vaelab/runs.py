@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from vaelab.checkpoint_io import AtomicCheckpointIO
 from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger("vaelab")
@@ -110,10 +111,19 @@ class LatestCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
         # one file: also the one a resumed run started from (its stored state names an older one)
         if trainer.is_global_zero and self.dirpath and self.filename:
-            prefix = self.filename.split("{")[0]
-            for old in Path(self.dirpath).glob(f"{prefix}*.ckpt"):
-                if old.resolve() != Path(filepath).resolve():
-                    old.unlink(missing_ok=True)
+            folder, prefix, keep = Path(self.dirpath), self.filename.split("{")[0], Path(filepath).resolve()
+
+            def remove_older() -> None:
+                for old in folder.glob(f"{prefix}*.ckpt"):
+                    if old.resolve() != keep:
+                        old.unlink(missing_ok=True)
+
+            # with writes in the background: once the new file is on disk, and not if it failed
+            io = trainer.strategy.checkpoint_io
+            if isinstance(io, AtomicCheckpointIO):
+                io.after_writes(remove_older)
+            else:
+                remove_older()
 
 
 def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:

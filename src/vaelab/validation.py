@@ -95,6 +95,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
      "max_skipped_steps=100"),
     ("malloc", lambda v: v in MALLOC_CHOICES, f"one of {', '.join(MALLOC_CHOICES)}", "malloc=tuned"),
     ("logger.wandb.background", lambda v: isinstance(v, bool), "true or false", "logger.wandb.background=true"),
+    ("checkpoint_io.background", lambda v: isinstance(v, bool), "true or false", "checkpoint_io.background=true"),
+    ("checkpoint_io.max_pending_mib", _non_negative, ">= 0 MiB", "checkpoint_io.max_pending_mib=256"),
 )
 
 _MISSING = object()

@@ -156,6 +156,34 @@ def test_tensor_batches_are_the_batches_of_a_batch_sampler():
         assert len(got[-1]) == (10 if drop_last else 3)
 
 
+def test_shuffled_order_is_random_samplers_order_as_one_tensor():
+    from torch.utils.data import RandomSampler
+
+    from vaelab.datamodules import ShuffledOrder, TensorBatchSampler
+
+    torch.manual_seed(11)
+    theirs = list(RandomSampler(range(1000)))
+    torch.manual_seed(11)
+    order = ShuffledOrder(range(1000)).order()
+    assert order.dtype == torch.long and order.tolist() == theirs
+    torch.manual_seed(11)
+    assert list(ShuffledOrder(range(1000))) == theirs  # iterating gives the same order
+    assert isinstance(ShuffledOrder(range(3)), RandomSampler)  # Lightning shuffles its DDP sampler
+    gen = torch.Generator().manual_seed(2)
+    assert ShuffledOrder(range(50), generator=gen).order().tolist() == list(
+        RandomSampler(range(50), generator=torch.Generator().manual_seed(2)))
+
+    class NotListed(ShuffledOrder):
+        def __iter__(self):
+            raise AssertionError("TensorBatchSampler listed the order instead of taking order()")
+
+    torch.manual_seed(4)
+    batches = [b.tolist() for b in TensorBatchSampler(NotListed(range(10)), 4, False)]
+    torch.manual_seed(4)
+    want = list(RandomSampler(range(10)))
+    assert batches == [want[:4], want[4:8], want[8:]]
+
+
 def test_the_training_loader_gives_the_batches_it_gave_with_index_lists():
     """The same seed, the same images in the same order as a plain DataLoader(shuffle=True)."""
     from torch.utils.data import DataLoader

@@ -153,3 +153,22 @@ def test_a_bad_background_value_is_refused():
     assert value_problems({"logger": {"wandb": {"background": "yes"}}}) == [
         "logger.wandb.background must be true or false, got 'yes' (e.g. logger.wandb.background=true)"]
     assert value_problems({"logger": {"wandb": {"background": False}}}) == []
+
+
+def test_checkpoints_are_written_on_the_training_thread_only_where_wandb_reads_each_as_saved():
+    """Lightning's WandbLogger reads every checkpoint file right after its save with
+    log_model=all (or true with save_top_k=-1): the CLI then writes them before the save returns."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vaelab.dashboard import reads_checkpoints_when_saved
+
+    def wandb(**settings):
+        return {"wandb": {"_target_": "vaelab.loggers.WandbLogger", **settings}}
+
+    best, every = [ModelCheckpoint(save_top_k=1)], [ModelCheckpoint(save_top_k=1), ModelCheckpoint(save_top_k=-1)]
+    assert reads_checkpoints_when_saved(wandb(log_model="all"), best)
+    assert reads_checkpoints_when_saved(wandb(log_model=True), every)
+    assert not reads_checkpoints_when_saved(wandb(log_model=True), best)  # read at the end of training
+    assert not reads_checkpoints_when_saved(wandb(log_model=False), every)
+    assert not reads_checkpoints_when_saved({"csv": {"_target_": "lightning.pytorch.loggers.CSVLogger",
+                                                     "log_model": "all"}}, every)

@@ -162,6 +162,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     check_free_space(module, [f for k, f in output_folders(cfg).items() if k.endswith(".dirpath")])
     check_targets({"checkpoint_io": cfg.get("checkpoint_io")}, allowed_prefixes(config))
     checkpoint_io = instantiate(cfg.checkpoint_io) if cfg.get("checkpoint_io") else None  # atomic saves
+    if getattr(checkpoint_io, "background", False) and dashboard.reads_checkpoints_when_saved(logger_cfg, callbacks):
+        checkpoint_io.background = False  # the logger reads each file right after its save: written by then
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                       plugins=[checkpoint_io] if checkpoint_io is not None else None,
                                       **default_profiler(cfg.trainer))

@@ -24,6 +24,15 @@ def _is_wandb(lg_cfg: Any) -> bool:
     return isinstance(lg_cfg, dict) and str(lg_cfg.get("_target_", "")).endswith("WandbLogger")
 
 
+def reads_checkpoints_when_saved(logger_cfg: dict[str, Any], callbacks: list[Any]) -> bool:
+    """Whether a W&B logger reads every checkpoint file as soon as it is saved: Lightning's
+    WandbLogger does with ``log_model: all``, and with ``log_model: true`` for a checkpoint
+    callback that keeps every file (``save_top_k: -1``); otherwise it reads them at the end."""
+    keeps_all = any(getattr(cb, "save_top_k", None) == -1 for cb in callbacks)
+    return any(_is_wandb(lg) and (lg.get("log_model") == "all" or (lg.get("log_model") is True and keeps_all))
+               for lg in logger_cfg.values())
+
+
 def wandb_logger_config(cfg: DictConfig) -> tuple[dict[str, Any], bool]:
     """The logger configs to instantiate, and whether the checkpoint is to be logged by hand.
 

@@ -13,7 +13,7 @@ one, never a half-written file. A full disk (``ENOSPC``), a quota or a read-only
 ``CheckpointWriteError`` naming the folder and the fix, and leave no temporary file behind.
 Loading goes through ``torch.load(weights_only=True)`` always (also for ``ckpt_path`` resumes).
 
-Writing in the background (``background=true``, the default): steps 1 and the serialization
+Writing in the background (``background=true``, the default): step 1 and the serialization
 run in the caller, so the bytes are the state at the moment of the save and a NaN state is
 refused at once; the file operations of 2 and 3 (write, fsync, rename: on this project's
 machine 10-12 ms of the ~17 ms of a 16 MiB checkpoint, on a network file system far more) run
@@ -24,8 +24,9 @@ failed write nothing queued behind it runs. A failure is raised by the next save
 ``load_checkpoint``, by ``wait()`` and at the end of training (Lightning's ``teardown``), as
 the same ``CheckpointWriteError``. Serialized bytes waiting to be written are bounded
 (``max_pending_mib``): a save waits for earlier writes rather than hold more than that in
-memory, so a large model keeps at most one checkpoint in memory besides the one being written,
-as the synchronous save did. ``background=false`` writes in the caller, as before.
+memory, so a checkpoint larger than the bound is serialized only once the one before it is
+written, never two in memory at once, as with the synchronous save. ``background=false``
+writes in the caller, as before.
 """
 
 from __future__ import annotations

@@ -188,8 +188,10 @@ class TensorBatchSampler(BatchSampler):
         self.device = torch.device(device)
 
     def __iter__(self):
-        order = self.sampler.order() if isinstance(self.sampler, ShuffledOrder) else \
-            torch.as_tensor(list(self.sampler), dtype=torch.long)
+        if isinstance(self.sampler, ShuffledOrder):
+            order = self.sampler.order()
+        else:  # any other sampler (Lightning's DistributedSampler under DDP) lists its order
+            order = torch.as_tensor(list(self.sampler), dtype=torch.long)
         order = _indices_to(self.device, order)
         n = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for start in range(0, n, self.batch_size):

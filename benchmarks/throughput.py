@@ -490,7 +490,7 @@ def main() -> None:
                           f"{args.repeats}) ...", file=sys.stderr, flush=True)
                     if run_child(cmd, contender, args.pythae_dir).returncode != 0:
                         continue
-                    result = json.loads((out / "result.json").read_text())
+                    result = {**json.loads((out / "result.json").read_text()), "round": rep}
                     runs.setdefault((model, contender), []).append(result)
                     # at once, so that a run cut short still leaves its figures behind
                     print(f"    {model} / {contender}: images/s by epoch "
@@ -506,11 +506,10 @@ def main() -> None:
     print("| model | contender | images/s (median) | range | epoch s | peak RSS MiB | peak GPU MiB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     summary: dict[tuple[str, str], float] = {}
+    by_round: dict[tuple[str, str], dict[int, float]] = {}
     for (model, contender), results in runs.items():
-        rates = []
-        for r in results:
-            per_epoch = r["images_per_sec"][1:] or r["images_per_sec"]
-            rates.append(sum(per_epoch) / len(per_epoch))
+        by_round[(model, contender)] = {r["round"]: run_rate(r) for r in results}
+        rates = list(by_round[(model, contender)].values())
         rate = median(rates)
         summary[(model, contender)] = rate
         rss = max(r["peak_rss_mib"] for r in results)
@@ -524,8 +523,20 @@ def main() -> None:
             for other in contenders:
                 o = summary.get((model, other))
                 if not other.startswith("vaelab") and v and o:
-                    print(f"{model}: {mine} / {other} = {v / o:.3f}")
+                    # each round runs the contenders back to back (in turn forwards and backwards), so
+                    # a round's ratio is the least exposed to the host's speed drifting between rounds
+                    mine_r, other_r = by_round[(model, mine)], by_round[(model, other)]
+                    rounds = [mine_r[k] / other_r[k] for k in sorted(mine_r.keys() & other_r.keys())]
+                    per_round = (f"; by round {', '.join(f'{r:.3f}' for r in rounds)} (median {median(rounds):.3f})"
+                                 if len(rounds) > 1 else "")
+                    print(f"{model}: {mine} / {other} = {v / o:.3f}{per_round}")
     print_device_limits(models, contenders, runs, summary)
+
+
+def run_rate(result: dict) -> float:
+    """A run's images/s: the mean over its epochs after the first (warm-up)."""
+    per_epoch = result["images_per_sec"][1:] or result["images_per_sec"]
+    return sum(per_epoch) / len(per_epoch)
 
 
 def print_device_limits(models, contenders, runs, summary) -> None:

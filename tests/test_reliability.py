@@ -368,6 +368,47 @@ def test_a_failed_background_write_is_raised_at_teardown_but_not_over_another_er
     assert not list(tmp_path.iterdir())
 
 
+EPOCH_PROBE = """
+import json, os, time, lightning.pytorch as pl
+from vaelab.checkpoint_io import AtomicCheckpointIO
+
+class SlowWrites(AtomicCheckpointIO):
+    '''Every file write takes 0.3 s, so an epoch's end leaves its writes in the background.'''
+    def _write(self, f, data):
+        time.sleep(0.3)
+        f.write(data)
+
+class Probe(pl.Callback):
+    '''At each epoch's start (after vaelab's own callbacks): the writes still queued, and the
+    checkpoint files on disk.'''
+    def __init__(self, out): self.out, self.rows = out, []
+    def on_train_epoch_start(self, trainer, module):
+        folder = trainer.default_root_dir + '/checkpoints'
+        files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        self.rows.append({"epoch": trainer.current_epoch, "queued": trainer.strategy.checkpoint_io._jobs,
+                          "files": [f for f in files if not f.startswith('.')]})
+        json.dump(self.rows, open(self.out, 'w'))
+"""
+
+
+def test_each_epoch_trains_with_the_previous_epochs_checkpoints_on_disk(tmp_path):
+    """Background writes: the best, last and latest checkpoints of an epoch's end are written
+    before the next epoch starts training (vaelab's EpochCheckpointsWritten, first among the
+    callbacks, so also before the throughput clock starts)."""
+    write_plugin(tmp_path, "epochprobe", EPOCH_PROBE)
+    out, rows = tmp_path / "run", tmp_path / "rows.json"
+    proc = run_cli("train.py", "trainer.max_epochs=2", "evaluation.test_num_samples=5", "logger=none", "test=false",
+                   "checkpoint_io._target_=epochprobe.SlowWrites", "allowed_targets=[epochprobe.]",
+                   "+callbacks.probe._target_=epochprobe.Probe", f"+callbacks.probe.out={rows}",
+                   f"hydra.run.dir={out}", cwd=REPO, env=user_env(tmp_path))
+    check(proc)
+    first, second = json.loads(rows.read_text())
+    assert first == {"epoch": 0, "queued": 0, "files": []}
+    assert second["queued"] == 0
+    assert second["files"] == [f"best-epoch000-step{STEPS_PER_EPOCH}.ckpt", "last.ckpt",
+                               f"latest-step{STEPS_PER_EPOCH}.ckpt"]
+
+
 SLOW_IO = """
 import os, pathlib, time
 from vaelab.checkpoint_io import AtomicCheckpointIO

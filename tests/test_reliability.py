@@ -545,3 +545,26 @@ def test_redact_secrets_walks_the_whole_config():
     clean, hits = redact_secrets(config, {"abcdef123": "MY_API_KEY"})
     assert clean == {"a": {"b": ["x", "key=<redacted $MY_API_KEY>"]}, "c": "<redacted $MY_API_KEY>", "d": 3}
     assert hits == ["a.b[1]", "c"]
+
+
+def test_the_checkpoint_plugin_pickles_after_its_writes(tmp_path):
+    """Lightning may copy plugins to spawned processes: the copy waits for the queued writes,
+    leaves the thread and lock behind, and writes on its own."""
+    import pickle
+
+    io, gate, copies = AtomicCheckpointIO(), threading.Event(), []
+    io._submit(lambda: gate.wait(timeout=30))  # the writer thread is busy
+    io.save_checkpoint(_state(1.0), tmp_path / "a.ckpt")
+    pickler = threading.Thread(target=lambda: copies.append(pickle.loads(pickle.dumps(io))))
+    pickler.start()
+    time.sleep(0.2)
+    assert pickler.is_alive() and not (tmp_path / "a.ckpt").exists()  # waiting for the queue
+    gate.set()
+    pickler.join(timeout=30)
+    (copy,) = copies
+    assert (tmp_path / "a.ckpt").is_file()  # written before the copy was made
+    assert copy.background and copy.max_pending_bytes == io.max_pending_bytes and copy._executor is None
+    copy.save_checkpoint(_state(2.0), tmp_path / "b.ckpt")
+    copy.teardown()
+    io.teardown()
+    assert copy.load_checkpoint(tmp_path / "b.ckpt")["global_step"] == 2

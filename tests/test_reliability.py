@@ -563,7 +563,7 @@ def test_the_checkpoint_plugin_pickles_after_its_writes(tmp_path):
     pickler.join(timeout=30)
     (copy,) = copies
     assert (tmp_path / "a.ckpt").is_file()  # written before the copy was made
-    assert copy.background and copy.max_pending_bytes == io.max_pending_bytes and copy._executor is None
+    assert copy.background and copy.max_pending_bytes == io.max_pending_bytes and copy._worker._executor is None
     copy.save_checkpoint(_state(2.0), tmp_path / "b.ckpt")
     copy.teardown()
     io.teardown()

@@ -17,12 +17,13 @@ Writing in the background (``background=true``, the default): step 1 and the ser
 run in the caller, so the bytes are the state at the moment of the save and a NaN state is
 refused at once; the file operations of 2 and 3 (write, fsync, rename: on this project's
 machine 10-12 ms of the ~17 ms of a 16 MiB checkpoint, on a network file system far more) run
-in one writer thread while training goes on, in the order they were asked for. Removals of
+in one writer thread while training goes on, in the order they were asked for (the W&B
+logger's ``vaelab.loggers.OrderedWorker``). Removals of
 older checkpoints (Lightning's top-k, ``vaelab.runs.LatestCheckpoint``) go through the same
 queue, so an old file is removed only after the file that replaces it is on disk; after a
-failed write nothing queued behind it runs. A failure is raised by the next save, by
-``load_checkpoint``, by ``wait()`` and at the end of training (Lightning's ``teardown``), as
-the same ``CheckpointWriteError``; ``EpochCheckpointsWritten`` (a callback that
+failed write nothing queued behind it runs. A failure is raised by the next save or removal,
+by ``wait()`` and at the end of training (Lightning's ``teardown``), as the same
+``CheckpointWriteError``; ``EpochCheckpointsWritten`` (a callback that
 ``vaelab.cli`` adds) waits for the writes of an epoch's end when the next training epoch
 starts, and raises a failure there. Serialized bytes waiting to be written are bounded
 (``max_pending_mib``): a save waits for earlier writes rather than hold more than that in
@@ -40,13 +41,14 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from vaelab.loggers import OrderedWorker
 
 log = logging.getLogger("vaelab")
 
@@ -102,18 +104,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._start_queue()
 
     def _start_queue(self) -> None:
-        self._executor: ThreadPoolExecutor | None = None
-        self._cond = threading.Condition()
-        self._jobs = 0  # queued or running
+        self._worker = OrderedWorker("vaelab-checkpoint")  # one writer thread, calls in order
+        self._lock = threading.Lock()
         self._pending_bytes = 0  # serialized bytes not yet written
         self._last_size = 0  # size of the latest checkpoint: what the next one will need
-        self._failure: BaseException | None = None  # the first failed job, not yet raised
         self._broken = False  # a job failed: skip the ones queued behind it until it is raised
+
+    @property
+    def _jobs(self) -> int:
+        """Writes and removals queued or running."""
+        return self._worker.unfinished()
 
     # a plugin object may be copied to other processes (DDP spawn): threads and locks stay here
     def __getstate__(self) -> dict[str, Any]:
-        self._drain()
-        keep = ("_executor", "_cond", "_jobs", "_pending_bytes", "_last_size", "_failure", "_broken")
+        self._worker.join()
+        keep = ("_worker", "_lock", "_pending_bytes", "_last_size", "_broken")
         return {k: v for k, v in self.__dict__.items() if k not in keep}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -134,9 +139,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not self.background:
             self._write_file(self._serialize(checkpoint), path)
             return
-        with self._cond:  # bound the bytes in memory: wait for earlier writes if need be
-            self._cond.wait_for(lambda: self._pending_bytes == 0
-                                or self._pending_bytes + self._last_size <= self.max_pending_bytes)
+        if self._pending_bytes and self._pending_bytes + self._last_size > self.max_pending_bytes:
+            self._worker.join()  # bound the bytes in memory: wait for the earlier writes
         buffer = self._serialize(checkpoint)  # here, so the bytes are the state of this moment
         size = buffer.getbuffer().nbytes
         self._last_size = size
@@ -158,15 +162,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = True) -> dict[str, Any]:
-        self._drain()  # a file still being written is read whole (a failure stays for the next save)
+        self._worker.join()  # a file still being written is read whole (a failure stays for the next save)
         # tensors, numbers, strings and containers only: unpickling cannot run code
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
     def wait(self) -> None:
         """Block until every write and removal asked for so far is done; raise the first
         failure among them (a ``CheckpointWriteError``)."""
-        self._drain()
-        self._raise_failure()
+        self._raising(self._worker.wait)
 
     def teardown(self) -> None:
         """End of a fit/validate/test: finish the queue and stop the writer thread. A failed
@@ -180,50 +183,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise
             log.error("vaelab: a checkpoint write also failed: %s", err)
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+            self._worker.close()  # (what a failure left queued has run, skipped, by now)
 
     # --- the queue -----------------------------------------------------------------------------
     def _submit(self, job: Callable[[], None], size: int = 0) -> None:
         def run() -> None:
             try:
-                with self._cond:
-                    skip = self._broken
-                if not skip:
+                if not self._broken:  # nothing after a failed job: no removal of the old file
                     job()
-            except BaseException as err:  # noqa: BLE001 (raised in the training thread)
-                with self._cond:
-                    self._broken = True
-                    self._failure = self._failure or err
+            except BaseException:
+                self._broken = True
+                raise  # kept by the worker, raised on the training thread
             finally:
-                with self._cond:
-                    self._jobs -= 1
+                with self._lock:
                     self._pending_bytes -= size
-                    self._cond.notify_all()
 
-        with self._cond:
-            self._jobs += 1
+        with self._lock:
             self._pending_bytes += size
-        if self._executor is None:
-            # not a daemon: a queued write is finished even when the interpreter exits first
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaelab-checkpoint")
-        self._executor.submit(run)
-
-    def _drain(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._jobs == 0)
+        try:
+            self._raising(lambda: self._worker.submit(run))  # raises a failure before it, if any
+        except BaseException:
+            with self._lock:
+                self._pending_bytes -= size  # not queued
+            raise
 
     def _raise_failure(self) -> None:
-        """Raise a failed write, once. Every job queued behind it is skipped (``_broken``: no
-        removal of the file it was to replace), up to the moment the failure is raised."""
-        with self._cond:
-            if self._failure is None:
-                return
-        self._drain()
-        with self._cond:
-            failure, self._failure, self._broken = self._failure, None, False
-        raise failure
+        self._raising(self._worker.raise_failures)
+
+    def _raising(self, call: Callable[[], None]) -> None:
+        """``call`` a method of the worker that raises a failed job, once. Every job queued
+        behind that one is skipped (``_broken``: no removal of the file it was to replace), up
+        to the moment the failure is raised."""
+        try:
+            call()
+        except BaseException:
+            self._worker.join()
+            self._broken = False
+            raise
 
     # --- one file --------------------------------------------------------------------------------
     @staticmethod

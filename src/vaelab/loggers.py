@@ -58,6 +58,18 @@ class OrderedWorker:
         while self._pending:
             self._pending.popleft().result()
 
+    def join(self) -> None:
+        """Return once every call submitted so far has run, raising nothing: a failure stays
+        for the next :meth:`submit`, :meth:`raise_failures` or :meth:`wait`."""
+        if self.in_worker():
+            return
+        for future in list(self._pending):
+            future.exception()
+
+    def unfinished(self) -> int:
+        """Calls submitted and not yet run (or running)."""
+        return sum(not future.done() for future in self._pending)
+
     def close(self) -> None:
         try:
             self.wait()

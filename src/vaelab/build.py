@@ -113,7 +113,7 @@ def skip_failing_nvml_probe() -> bool:
 #: ``malloc`` (top-level config key): ``tuned`` keeps freed memory in the process for reuse
 #: (glibc on Linux; ``keep_freed_memory``), ``system`` leaves the C library's defaults
 MALLOC_CHOICES = ("tuned", "system")
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory(mode: str = "tuned") -> bool:
@@ -129,14 +129,19 @@ def keep_freed_memory(mode: str = "tuned") -> bool:
     CPU the conv benchmark model trained at 2,000-2,300 or at 2,800-3,300 images/s from run to
     run with the same code; with this setting vaelab ran at 3,000-3,200 in every run, and the
     benchmark's plain loop went from 2,190-2,340 to 3,200-3,320 images/s (a step of 20 tensors
-    of 2 MiB faults in about 100 pages instead of 2,000-10,000, tested). ``mallopt`` fixes the
-    threshold for ``mmap`` at 32 MiB (glibc's largest; allocations below it come from the heap
-    and are reused) and the one for giving memory back at 1 GiB. The cost: the process keeps up
-    to 1 GiB of freed memory instead of returning it (its peak use stays resident). ``system``,
-    other C libraries and other systems: nothing changes. From outside a process the same aim
-    is reached with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in the environment
-    at start-up, or jemalloc/tcmalloc preloaded (PyTorch's CPU performance guide); this needs
-    neither.
+    of 2 MiB faults in about 100 pages instead of 2,000-10,000, tested).
+
+    ``mallopt`` turns off ``mmap`` for single allocations (``M_MMAP_MAX`` 0: every block comes
+    from the heap and is reused, however large) and fixes the threshold for giving the heap's
+    free top back to the system at 1 GiB. Before, blocks of 32 MiB and more (glibc's highest
+    ``mmap`` threshold) still had pages of their own: an importance-sampled validation pass of
+    the conv model (500 images × 10 samples: activations of 160 MiB) faulted in 1.8 GB of fresh
+    pages each time and took twice as long (tested with 64 MiB blocks). The cost: the process
+    keeps up to 1 GiB of freed memory instead of returning it (its peak use stays resident).
+    Where glibc cannot grow the heap, it still maps the block. ``system``, other C libraries and
+    other systems: nothing changes. From outside a process the same aim is reached with
+    ``MALLOC_MMAP_MAX_`` and ``MALLOC_TRIM_THRESHOLD_`` in the environment at start-up, or
+    jemalloc/tcmalloc preloaded (PyTorch's CPU performance guide); this needs neither.
     """
     if mode not in MALLOC_CHOICES:
         raise ValueError(f"malloc={mode!r} is not an option: choose one of {MALLOC_CHOICES}")
@@ -146,7 +151,7 @@ def keep_freed_memory(mode: str = "tuned") -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl, ...): its own defaults
         return False
-    mmap_set = mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # 1 on success
+    mmap_set = mallopt(_M_MMAP_MAX, 0)  # 1 on success
     trim_set = mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     return bool(mmap_set and trim_set)
 

@@ -234,6 +234,21 @@ def test_bad_evaluation_settings_fail_before_training(tmp_path):
     assert not (out / "checkpoints").exists() and not find_runs(out)
 
 
+def test_evaluation_pass_size_is_checked_and_auto_bounds_passes_on_a_cpu_only():
+    from vaelab.module import CPU_PASS_SIZE, check_evaluation, pass_size_for
+    from vaelab.validation import value_problems
+
+    assert value_problems({"evaluation": {"pass_size": 0}}) == [
+        "evaluation.pass_size must be auto, null or an integer >= 1, got 0 (e.g. evaluation.pass_size=auto)"]
+    assert value_problems({"evaluation": {"pass_size": None}}) == value_problems({"evaluation": {"pass_size": 512}}) == []
+    settings = {"val_num_samples": 10, "test_num_samples": 1000, "chunk_size": 100}
+    with pytest.raises(ValueError, match="evaluation.pass_size must be auto, null or an integer >= 1, got 'big'"):
+        check_evaluation({**settings, "pass_size": "big"})
+    assert pass_size_for("auto", torch.device("cpu")) == CPU_PASS_SIZE
+    assert pass_size_for("auto", torch.device("cuda", 0)) is None  # (no GPU needed to name one)
+    assert pass_size_for(None, torch.device("cpu")) is None and pass_size_for(300, torch.device("cuda")) == 300
+
+
 @pytest.mark.data
 def test_train_on_real_mnist_through_torchvision(tmp_path):
     from conftest import shared_copy

@@ -84,7 +84,7 @@ def test_summaries_hold_gap_diagnostics_and_how_the_numbers_were_obtained(sweep)
         t = s["test"]
         assert t["test/gap"] == pytest.approx(-t["test/nll"] - t["test/elbo"], abs=1e-3)
         assert t["test/gap"] > -0.1  # log p̂(x) ≥ ELBO up to noise
-        assert s["evaluation"] == {"test_num_samples": K, "val_num_samples": 10, "chunk_size": 100}
+        assert s["evaluation"] == {"test_num_samples": K, "val_num_samples": 10, "chunk_size": 100, "pass_size": "auto"}
         assert s["data"]["binarize"] == ("dynamic" if lik == "bernoulli" else "none")
         assert s["data"]["dequantize"] is False
         d = s["diagnostics"]

@@ -57,7 +57,8 @@ def test_objective_terms_and_shapes():
     assert out.analytic_kl and out.scalars["beta"] == 2.0
 
 
-def test_importance_sampled_log_likelihood_recovers_exact_log_px():
+@pytest.mark.parametrize("pass_size", [None, 1500], ids=["one-pass", "passes-of-2-examples"])
+def test_importance_sampled_log_likelihood_recovers_exact_log_px(pass_size):
     vae = linear_gaussian_vae()
     # fit q a little so the estimate is not driven by a hopeless proposal
     opt = torch.optim.Adam(vae.encoder.parameters(), lr=1e-2)
@@ -69,7 +70,8 @@ def test_importance_sampled_log_likelihood_recovers_exact_log_px():
     x = torch.randn(16, *SHAPE)
     exact = exact_log_px(vae, x)
     torch.manual_seed(0)
-    est = vae.log_likelihood(x, num_samples=5000, chunk_size=700)  # chunks of unequal size
+    # chunks of unequal size; with pass_size the 16 examples go through two at a time
+    est = vae.log_likelihood(x, num_samples=5000, chunk_size=700, pass_size=pass_size)
     elbo = ELBO(num_samples=20_000)(vae, x).terms["elbo"].detach()
     assert torch.all(elbo <= est + 1e-4)
     assert torch.all(est <= exact + 0.02)
@@ -112,6 +114,30 @@ def test_memory_does_not_grow_with_k_when_chunked():
     vae._log_weights = spy
     vae.log_likelihood(x, num_samples=1050, chunk_size=200)
     assert max(seen) == 200 and sum(seen) == 1050
+
+
+@pytest.mark.parametrize("batch, k, chunk, pass_size, passes", [
+    (16, 10, 100, 64, [60, 60, 40]),  # 6 examples x 10 samples a pass
+    (3, 1050, 200, 50, [50] * 21 * 3),  # a chunk larger than the pass: one example, 50 samples at a time
+    (4, 10, 100, 1000, [40]),  # the whole batch fits: one pass, as without a bound
+])
+def test_memory_does_not_grow_with_the_batch_when_passes_are_bounded(batch, k, chunk, pass_size, passes):
+    """pass_size bounds the samples of one forward pass over all the examples together (the
+    conv model's validation batch of 500 x 10 samples made activations of 160 MiB each)."""
+    vae = linear_gaussian_vae()
+    x = torch.randn(batch, *SHAPE)
+    seen = []
+    real = vae._log_weights
+
+    def spy(q, x, k):
+        seen.append(len(x) * k)
+        return real(q, x, k)
+
+    vae._log_weights = spy
+    assert vae.log_likelihood(x, num_samples=k, chunk_size=chunk, pass_size=pass_size).shape == (batch,)
+    assert seen == passes and sum(seen) == batch * k
+    with pytest.raises(ValueError, match="pass_size >= 1"):
+        vae.log_likelihood(x, num_samples=k, chunk_size=chunk, pass_size=0)
 
 
 def test_sample_and_reconstruct_give_data_shaped_distributions():

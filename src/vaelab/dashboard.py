@@ -92,7 +92,7 @@ def run_facts(module: Any, data_info: dict[str, Any]) -> dict[str, Any]:
     """How the test numbers were obtained: K, chunk size, binarization, and the diagnostics."""
     ev = module.evaluation
     return {
-        "evaluation": {k: ev.get(k) for k in ("test_num_samples", "val_num_samples", "chunk_size")},
+        "evaluation": {k: ev.get(k) for k in ("test_num_samples", "val_num_samples", "chunk_size", "pass_size")},
         "data": {k: data_info.get(k) for k in ("name", "binarize", "dequantize", "num_levels", "bin_width")},
         "diagnostics": dict(getattr(module, "test_diagnostics", {}) or {}),
     }

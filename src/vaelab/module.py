@@ -33,7 +33,17 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 #: tests set this to exercise the code around the graphs on a CPU (vaelab.graphs._EagerRecorder)
 _EMULATE_GRAPHS_ON_CPU = False
 
-DEFAULT_EVALUATION = {"val_num_samples": 10, "test_num_samples": 1000, "chunk_size": 100}
+DEFAULT_EVALUATION = {"val_num_samples": 10, "test_num_samples": 1000, "chunk_size": 100, "pass_size": "auto"}
+
+#: ``evaluation.pass_size: auto`` on a CPU: importance samples per forward pass, all examples
+#: together. On this project's 2-core CPU (benchmarks/evaluation.py, K = 10) the conv model took
+#: 0.83-0.86 ms an image in passes of 500-2,048 samples, and 1.4-1.8 ms in passes of 4,096-8,192,
+#: whose activations (130-260 MiB each) outgrow the 1 GiB of freed memory the allocator keeps
+#: (vaelab.build.keep_freed_memory), so that every pass faults its pages in afresh; the MLP at
+#: K = 100 took 0.89 ms in passes of 1,024 and 0.87 ms in 2,048-4,096. 1,024 leaves a conv net
+#: with twice these activations room. On a GPU auto leaves the passes as they were (a batch ×
+#: chunk_size samples): fewer, larger passes keep it busy.
+CPU_PASS_SIZE = 1024
 
 
 def check_evaluation(settings: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +52,18 @@ def check_evaluation(settings: dict[str, Any]) -> dict[str, Any]:
         value = settings.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"evaluation.{key} must be an integer >= {low}, got {value!r}")
+    value = settings.get("pass_size")
+    if value not in ("auto", None) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"evaluation.pass_size must be auto, null or an integer >= 1, got {value!r} "
+                         "(e.g. evaluation.pass_size=auto)")
     return settings
+
+
+def pass_size_for(setting: int | str | None, device: torch.device) -> int | None:
+    """``evaluation.pass_size`` on ``device``: auto is ``CPU_PASS_SIZE`` on a CPU, no bound elsewhere."""
+    if setting == "auto":
+        return CPU_PASS_SIZE if device.type == "cpu" else None
+    return setting  # type: ignore[return-value]
 
 
 class VAEModule(PlainAttributes, pl.LightningModule):
@@ -332,15 +353,18 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             self.log(f"val/{term}", self.metrics[f"val_{term}"], on_epoch=True, prog_bar=term == "elbo")
         k = int(self.evaluation["val_num_samples"])
         if k > 0:
-            iwae = self.vae.log_likelihood(x, k, int(self.evaluation["chunk_size"]))
+            iwae = self.vae.log_likelihood(x, k, int(self.evaluation["chunk_size"]), self._pass_size(x))
             self.metrics["val_iwae"].update(iwae)
             self.log("val/iwae", self.metrics["val_iwae"], on_epoch=True)
+
+    def _pass_size(self, x: torch.Tensor) -> int | None:
+        return pass_size_for(self.evaluation.get("pass_size", "auto"), x.device)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch
         out = self._eval_step("test", x)
         ll = self.vae.log_likelihood(
-            x, int(self.evaluation["test_num_samples"]), int(self.evaluation["chunk_size"])
+            x, int(self.evaluation["test_num_samples"]), int(self.evaluation["chunk_size"]), self._pass_size(x)
         )
         self.metrics["test_nll"].update(-ll)
         self.metrics["test_gap"].update(ll - out.terms["elbo"].detach())  # log p̂(x) − ELBO(x)

@@ -143,7 +143,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def log_likelihood(
-        self, x: torch.Tensor, num_samples: int = 1000, chunk_size: int = 500
+        self, x: torch.Tensor, num_samples: int = 1000, chunk_size: int = 500, pass_size: int | None = None
     ) -> torch.Tensor:
         """Importance-sampled estimate of log p(x) per example (nats), ``[B]``.
 
@@ -151,15 +151,28 @@ class VAE(nn.Module):
 
         (Burda et al. 2015). It is the IWAE bound IWAE_K, so it never exceeds log p(x) in
         expectation and tightens as K grows. The K samples are drawn ``chunk_size`` at a time and
-        combined with a running log-sum-exp, so memory does not grow with K.
+        combined with a running log-sum-exp, so memory does not grow with K. ``pass_size``
+        (None: no bound) bounds the samples of one forward pass over all the examples
+        together: the examples go through in groups of ``pass_size // chunk`` (at least one),
+        so memory does not grow with the batch either. The same estimate either way, drawn in
+        another order.
         """
         if num_samples < 1 or chunk_size < 1:
             raise ValueError(f"need num_samples >= 1 and chunk_size >= 1, got {num_samples}, {chunk_size}")
+        if pass_size is not None and pass_size < 1:
+            raise ValueError(f"need pass_size >= 1 (or None), got {pass_size}")
+        chunk = min(chunk_size, num_samples)
+        if pass_size is not None and x.dim() > 3:
+            chunk = min(chunk, pass_size)
+            per_row = chunk * math.prod(x.shape[1:-3])  # samples a leading-dimension row adds to a pass
+            rows = max(1, pass_size // per_row)
+            if rows < x.shape[0]:
+                return torch.cat([self.log_likelihood(part, num_samples, chunk) for part in x.split(rows)])
         q = self.encode(x)
         total = torch.full(x.shape[:-3], -math.inf, device=x.device)
         done = 0
         while done < num_samples:
-            k = min(chunk_size, num_samples - done)
+            k = min(chunk, num_samples - done)
             with float32(x.device):
                 total = torch.logaddexp(total, torch.logsumexp(self._log_weights(q, x, k), dim=0))
             done += k

@@ -90,6 +90,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("evaluation.val_num_samples", _int_at_least(0), "an integer >= 0 (0: off)", "evaluation.val_num_samples=10"),
     ("evaluation.test_num_samples", _int_at_least(1), "an integer >= 1", "evaluation.test_num_samples=1000"),
     ("evaluation.chunk_size", _int_at_least(1), "an integer >= 1", "evaluation.chunk_size=100"),
+    ("evaluation.pass_size", lambda v: v in ("auto", None) or _int_at_least(1)(v), "auto, null or an integer >= 1",
+     "evaluation.pass_size=auto"),
     ("nan_policy", lambda v: v in NAN_POLICIES, f"one of {', '.join(NAN_POLICIES)}", "nan_policy=stop"),
     ("max_skipped_steps", lambda v: v is None or _int_at_least(0)(v), "null or an integer >= 0",
      "max_skipped_steps=100"),

@@ -9,8 +9,8 @@ Validation computes ``val/iwae`` with K = 10 importance samples for every valida
 the test ``test/nll`` with K = 1000 (in chunks of ``evaluation.chunk_size`` = 100 samples an
 example). A batch of 500 images then makes one forward pass of 5,000 (K = 10) or 50,000
 (one chunk of K = 1000) samples, whose activations are far larger than a training step's
-(the conv model's first decoder layer: 160 MiB at 5,000 samples). This script times one such
-batch (the median of ``--repeats`` after one warm-up) for each combination of:
+(the conv model's decoder: 39-625 MiB each at 5,000 samples). This script times one such batch
+(the median of ``--repeats`` after one warm-up) for each combination of:
 
   malloc  ``system``: glibc's defaults; ``mmap>=32MiB``: vaelab's setting until this script
           was written (blocks of 32 MiB and more still mapped afresh, and faulted in, every

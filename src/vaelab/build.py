@@ -135,7 +135,7 @@ def keep_freed_memory(mode: str = "tuned") -> bool:
     from the heap and is reused, however large) and fixes the threshold for giving the heap's
     free top back to the system at 1 GiB. Before, blocks of 32 MiB and more (glibc's highest
     ``mmap`` threshold) still had pages of their own: an importance-sampled validation pass of
-    the conv model (500 images × 10 samples: activations of 160 MiB) faulted in 1.8 GB of fresh
+    the conv model (500 images × 10 samples: activations of 39-625 MiB) faulted in 1.8 GB of fresh
     pages each time. With such passes also bounded (``evaluation.pass_size``) it takes half the
     time (benchmarks/evaluation.py; the test uses 64 MiB blocks). The cost: the process
     keeps up to 1 GiB of freed memory instead of returning it (its peak use stays resident).

@@ -38,7 +38,7 @@ DEFAULT_EVALUATION = {"val_num_samples": 10, "test_num_samples": 1000, "chunk_si
 #: ``evaluation.pass_size: auto`` on a CPU: importance samples per forward pass, all examples
 #: together. On this project's 2-core CPU (benchmarks/evaluation.py, K = 10) the conv model took
 #: 0.83-0.86 ms an image in passes of 500-2,048 samples, and 1.4-1.8 ms in passes of 4,096-8,192,
-#: whose activations (130-260 MiB each) outgrow the 1 GiB of freed memory the allocator keeps
+#: whose activations (the largest 0.5-1 GiB) outgrow the 1 GiB of freed memory the allocator keeps
 #: (vaelab.build.keep_freed_memory), so that every pass faults its pages in afresh; the MLP at
 #: K = 100 took 0.89 ms in passes of 1,024 and 0.87 ms in 2,048-4,096. 1,024 leaves a conv net
 #: with twice these activations room. On a GPU auto leaves the passes as they were (a batch ×

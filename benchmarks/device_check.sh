@@ -22,7 +22,9 @@
 # PHASES picks the steps: tests (tests/test_graphs.py, whose GPU tests record real CUDA graphs),
 # smoke (the default run in bf16-mixed on the GPU, model.cuda_graph=auto), table (the issue's
 # table, both models), variants (model.compile=true, its reduce-overhead mode, data.on_device=false, one sync a step), profile (cProfile
-# of a short MLP run, to $OUT/vaelab-mlp.prof).
+# of a short MLP run, to $OUT/vaelab-mlp.prof); not by default: evaluation (importance-sampled
+# log p(x) by evaluation.pass_size on the GPU, benchmarks/evaluation.py: whether auto should bound
+# passes there too; ~6 processes, EVAL_MODELS=mlp for fewer).
 set -u
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}; EPOCHS=${EPOCHS:-2}; REPEATS=${REPEATS:-1}; PHASES=${PHASES:-"tests smoke table variants profile"}
@@ -56,6 +58,9 @@ table)
   done ;;
 variants)
   bench --model mlp --repeats 1 --contenders "vaelab-hostdata,vaelab-compile,vaelab-compile-graphs,plain-sync" 2>&1 | tee "$OUT/throughput-variants.txt" ;;
+evaluation)
+  $PY benchmarks/evaluation.py --device "$DEVICE" --model "${EVAL_MODELS:-mlp,conv}" --samples 100 --repeats 2 \
+    --pass-sizes none,1024,16384 2>&1 | tee "$OUT/evaluation.txt" | tail -12 ;;
 profile)
   ROOT=/tmp/profroot; mkdir -p $ROOT; cp -r .benchdata/BinarizedMNIST $ROOT/
   timeout 150 $PY -m cProfile -o "$OUT/vaelab-mlp.prof" train.py data=binarized_mnist data.root=$ROOT \

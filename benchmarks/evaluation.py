@@ -4,6 +4,7 @@ evaluation batch, by the allocator setting and by ``evaluation.pass_size``.
     python benchmarks/evaluation.py                       # both models, K = 10 (validation)
     python benchmarks/evaluation.py --model mlp --samples 100   # one chunk of the test's K = 1000
     python benchmarks/evaluation.py --model conv --pass-sizes none,500,2048,4096
+    python benchmarks/evaluation.py --device cuda --pass-sizes none,1024,4096,16384   # a GPU
 
 Validation computes ``val/iwae`` with K = 10 importance samples for every validation image,
 the test ``test/nll`` with K = 1000 (in chunks of ``evaluation.chunk_size`` = 100 samples an
@@ -23,7 +24,10 @@ example). A batch of 500 images then makes one forward pass of 5,000 (K = 10) or
 Each combination runs in its own process (an allocator setting cannot be undone), on random
 data of the model's shape with the benchmark models' untrained networks (the time does not
 depend on the weights). Page faults are the process's minor faults during one batch; peak
-RSS is the process's. Quote ratios from one run: the machine is shared.
+RSS is the process's. With ``--device cuda`` the models and data are on the GPU, each batch
+is timed to the device's end, and the table adds the batch's peak GPU memory (the allocator
+setting then only concerns host memory: ``tuned`` alone by default). Quote ratios from one
+run: the machine is shared.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ MODELS = ("mlp", "conv")
 MALLOC = ("system", "mmap>=32MiB", "tuned")
 
 
-def child(model: str, k: int, batch: int, malloc: str, pass_size: int | None, repeats: int) -> dict:
+def child(model: str, k: int, batch: int, malloc: str, pass_size: int | None, repeats: int,
+          device: str = "cpu") -> dict:
     import torch
 
     from vaelab.build import keep_freed_memory
@@ -69,17 +74,27 @@ def child(model: str, k: int, batch: int, malloc: str, pass_size: int | None, re
         enc = MLPEncoder(shape, post.num_params(32), hidden=[512, 512])
         dec = MLPDecoder(32, shape, lik.num_params(shape), hidden=[512, 512])
         x = torch.bernoulli(torch.rand(batch, *shape))
-    vae = VAE(enc, post, dec, lik, StandardNormal(32)).eval()
+    vae = VAE(enc, post, dec, lik, StandardNormal(32)).to(device).eval()
+    x = x.to(device)
+    cuda = x.device.type == "cuda"
     chunk = min(100, k)
     times, faults = [], []
     for _ in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         vae.log_likelihood(x, num_samples=k, chunk_size=chunk, pass_size=pass_size)
+        if cuda:
+            torch.cuda.synchronize(x.device)
         times.append(time.perf_counter() - start)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return {"ms_per_image": 1e3 * statistics.median(times[1:]) / batch, "faults": statistics.median(faults[1:]),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {"ms_per_image": 1e3 * statistics.median(times[1:]) / batch, "faults": statistics.median(faults[1:]),
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if cuda:
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(x.device) / 2**20
+    return result
 
 
 def main() -> None:
@@ -88,7 +103,9 @@ def main() -> None:
     parser.add_argument("--samples", default="10", help="K per image: 10 (validation), 100 (one test chunk)")
     parser.add_argument("--batch", type=int, default=500, help="images a batch (data.eval_batch_size)")
     parser.add_argument("--pass-sizes", default="none,1024", help="samples a forward pass; none: unbounded")
-    parser.add_argument("--malloc", default=",".join(MALLOC))
+    parser.add_argument("--malloc", default=None, help=f"comma-separated, of {', '.join(MALLOC)} "
+                        "(default: all on a CPU, tuned on a GPU)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -96,17 +113,19 @@ def main() -> None:
         print(json.dumps(child(**json.loads(args.child))))
         return
 
+    cuda = args.device.startswith("cuda")
+    mallocs = (args.malloc or ("tuned" if cuda else ",".join(MALLOC))).split(",")
     rows = []
     for model in args.model.split(","):
         for k in (int(v) for v in args.samples.split(",")):
             for pass_name in args.pass_sizes.split(","):
                 pass_size = None if pass_name == "none" else int(pass_name)
-                if model == "conv" and k * args.batch > 10_000 and pass_size is None:
+                if model == "conv" and k * args.batch > 10_000 and pass_size is None and not cuda:
                     print(f"[skip] conv, K={k}, one pass of {k * args.batch:,} samples: tens of GB", file=sys.stderr)
                     continue
-                for malloc in args.malloc.split(","):
+                for malloc in mallocs:
                     spec = {"model": model, "k": k, "batch": args.batch, "malloc": malloc, "pass_size": pass_size,
-                            "repeats": args.repeats}
+                            "repeats": args.repeats, "device": args.device}
                     print(f"[{time.strftime('%H:%M:%S')}] {spec}", file=sys.stderr, flush=True)
                     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                                           capture_output=True, text=True)
@@ -114,14 +133,16 @@ def main() -> None:
                         raise RuntimeError(proc.stderr[-3000:])
                     rows.append((spec, json.loads(proc.stdout.strip().splitlines()[-1])))
 
-    print(f"\none batch of {args.batch} images, importance-sampled log p(x); median of {args.repeats} "
-          f"after a warm-up; torch threads: the default\n")
-    print("| model | K | pass | malloc | ms / image | page faults / batch | peak RSS MiB |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print(f"\none batch of {args.batch} images, importance-sampled log p(x) on {args.device}; median of "
+          f"{args.repeats} after a warm-up; torch threads: the default\n")
+    gpu_head, gpu_rule = (" peak GPU MiB |", "---:|") if cuda else ("", "")
+    print(f"| model | K | pass | malloc | ms / image | page faults / batch | peak RSS MiB |{gpu_head}")
+    print(f"|---|---:|---:|---|---:|---:|---:|{gpu_rule}")
     for spec, r in rows:
         pass_name = "none" if spec["pass_size"] is None else f"{spec['pass_size']:,}"
+        gpu = f" {r['peak_gpu_mib']:,.0f} |" if cuda else ""
         print(f"| {spec['model']} | {spec['k']} | {pass_name} | {spec['malloc']} | {r['ms_per_image']:.3f} | "
-              f"{r['faults']:,.0f} | {r['peak_rss_mib']:,.0f} |")
+              f"{r['faults']:,.0f} | {r['peak_rss_mib']:,.0f} |{gpu}")
     print()
     for model in args.model.split(","):
         for k in (int(v) for v in args.samples.split(",")):

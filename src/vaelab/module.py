@@ -24,6 +24,7 @@ from vaelab.graphs import StepGraph, is_cuda_graph_choice
 from vaelab.guards import NaNGuard
 from vaelab.metrics import PendingSumMean, PendingSums, SumMean, bits_per_dim
 from vaelab.objectives import Objective, ObjectiveOutput
+from vaelab.validation import value_problems
 
 TERMS = ("elbo", "recon", "kl")
 
@@ -47,15 +48,12 @@ CPU_PASS_SIZE = 1024
 
 
 def check_evaluation(settings: dict[str, Any]) -> dict[str, Any]:
-    """Refuse importance-sampling settings that cannot work, before any training."""
-    for key, low in (("val_num_samples", 0), ("test_num_samples", 1), ("chunk_size", 1)):
-        value = settings.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"evaluation.{key} must be an integer >= {low}, got {value!r}")
-    value = settings.get("pass_size")
-    if value not in ("auto", None) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"evaluation.pass_size must be auto, null or an integer >= 1, got {value!r} "
-                         "(e.g. evaluation.pass_size=auto)")
+    """Refuse importance-sampling settings that cannot work, before any training: the
+    ``evaluation.*`` rules of ``vaelab.validation`` (which checks a train.py config), for
+    settings from a checkpoint or eval.py. A key left out counts as null."""
+    problems = value_problems({"evaluation": {key: settings.get(key) for key in DEFAULT_EVALUATION}})
+    if problems:
+        raise ValueError("; ".join(problems))
     return settings
 
 

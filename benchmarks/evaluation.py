@@ -48,10 +48,10 @@ MALLOC = ("system", "mmap>=32MiB", "tuned")
 def child(model: str, k: int, batch: int, malloc: str, pass_size: int | None, repeats: int,
           device: str = "cpu") -> dict:
     import torch
+    from throughput import LATENT, plain_model
 
     from vaelab.build import keep_freed_memory
     from vaelab.likelihoods import Bernoulli, Gaussian
-    from vaelab.networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
     from vaelab.posteriors import DiagonalGaussian
     from vaelab.priors import StandardNormal
     from vaelab.vae import VAE
@@ -63,19 +63,14 @@ def child(model: str, k: int, batch: int, malloc: str, pass_size: int | None, re
         mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
     torch.manual_seed(0)
-    post = DiagonalGaussian()
-    if model == "conv":  # throughput.py's conv model
-        shape, lik = (1, 32, 32), Gaussian(sigma=1.0)
-        enc = ConvEncoder(shape, post.num_params(32), channels=[32, 64, 128])
-        dec = ConvDecoder(32, shape, lik.num_params(shape), channels=[128, 64, 32])
-        x = torch.rand(batch, *shape)
-    else:  # throughput.py's MLP model
-        shape, lik = (1, 28, 28), Bernoulli()
-        enc = MLPEncoder(shape, post.num_params(32), hidden=[512, 512])
-        dec = MLPDecoder(32, shape, lik.num_params(shape), hidden=[512, 512])
-        x = torch.bernoulli(torch.rand(batch, *shape))
-    vae = VAE(enc, post, dec, lik, StandardNormal(32)).to(device).eval()
-    x = x.to(device)
+    shape = (1, 32, 32) if model == "conv" else (1, 28, 28)
+    enc, dec, _ = plain_model(model, shape, device)  # throughput.py's networks for this model
+    x = torch.rand(batch, *shape, device=device)
+    if model == "conv":  # a Gaussian with σ = 1, as throughput.py's conv model
+        lik = Gaussian(sigma=1.0)
+    else:  # binary images and a Bernoulli, as its MLP model
+        lik, x = Bernoulli(), torch.bernoulli(x)
+    vae = VAE(enc, DiagonalGaussian(), dec, lik, StandardNormal(LATENT)).eval()
     cuda = x.device.type == "cuda"
     chunk = min(100, k)
     times, faults = [], []

@@ -263,6 +263,88 @@ def test_nan_policy_skip_skips_and_counts(tmp_path):
 
 
 # --- faults: atomic checkpoints, full disk ---------------------------------------------------
+class _MemoryLimit(torch.nn.Module):
+    """A decoder that runs out of device memory (as CUDA would) on a pass of more than
+    ``limit`` samples, and counts the samples of every pass it is given."""
+
+    def __init__(self, net: torch.nn.Module, limit: int, error: Exception):
+        super().__init__()
+        self.net, self.limit, self.error, self.passes = net, limit, error, []
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self.passes.append(z.shape[:-1].numel())
+        if self.passes[-1] > self.limit:
+            raise type(self.error)(*self.error.args)  # a new one each time, as torch raises them
+        return self.net(z)
+
+
+CUDA_OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _module_with_memory_limit(tmp_path: Path, limit: int, pass_size="auto", error: Exception = CUDA_OOM):
+    from omegaconf import OmegaConf
+
+    from vaelab.cli import build_datamodule, resolve_data_options
+    from vaelab.module import VAEModule
+
+    with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path}/out",
+                                          "latent_dim=4", "encoder.hidden=[16]", "decoder.hidden=[16]",
+                                          f"evaluation.pass_size={'null' if pass_size is None else pass_size}"])
+    resolve_data_options(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    dm = build_datamodule(cfg.data, config)
+    dm.setup("fit")
+    module = VAEModule(config=config, data_info=dm.info)
+    module.vae.decoder = _MemoryLimit(module.vae.decoder, limit, error)
+    return module, dm.to_float(dm.val_set.images[:60])
+
+
+@pytest.mark.parametrize("start", ["cpu", "gpu"])
+def test_importance_sampling_out_of_memory_halves_auto_passes_until_they_fit(tmp_path, monkeypatch, caplog, start):
+    """evaluation.pass_size=auto: a pass that runs out of memory (the conv model's test passes
+    need ~19 GB on a GPU, where auto starts without a bound) starts the batch again in passes
+    of half as many samples, and later batches keep the bound that fitted; the log says so."""
+    import vaelab.module as module_mod
+
+    if start == "gpu":  # auto's start on a GPU: no bound (the GPU path needs no GPU to test)
+        monkeypatch.setattr(module_mod, "pass_size_for", lambda setting, device: None if setting == "auto" else setting)
+    module, x = _module_with_memory_limit(tmp_path, limit=250)
+    with caplog.at_level(logging.INFO, logger="vaelab"):
+        ll = module.log_likelihood(x, 100)
+    assert ll.shape == (60,) and torch.isfinite(ll).all()
+    # 60 examples x 100 samples: on a GPU first in one pass, on a CPU 10 examples a pass (1,024);
+    # each failed pass's samples halved, in whole examples, until a pass fits (at most 250)
+    failed, fits, bound = ([6000, 3000, 1500, 700, 300], 100, 150) if start == "gpu" else ([1000, 500], 200, 250)
+    assert module.vae.decoder.passes == failed + [fits] * (6000 // fits)
+    assert module.auto_pass_size == bound
+    assert caplog.text.count("evaluation.pass_size=auto: importance sampling ran out of memory on cpu") == len(failed)
+    assert f"a forward pass of {failed[0]} samples" in caplog.text
+    assert f"passes of at most {bound} samples from now on" in caplog.text
+    module.vae.decoder.passes.clear()
+    module.log_likelihood(x[:30], 100)  # the next batch starts from the bound that fitted
+    assert module.vae.decoder.passes == [fits] * (3000 // fits)
+
+
+@pytest.mark.parametrize("setting", [None, 400])
+def test_importance_sampling_out_of_memory_with_a_set_pass_size_names_the_fix(tmp_path, setting):
+    module, x = _module_with_memory_limit(tmp_path, limit=250, pass_size=setting)
+    with pytest.raises(torch.OutOfMemoryError, match=(
+            rf"importance sampling ran out of memory on cpu in a forward pass of {6000 if setting is None else 400} "
+            rf"samples .*evaluation.pass_size={setting}\). Use evaluation.pass_size=auto")):
+        module.log_likelihood(x, 100)
+    # the CPU allocator's refusal is a plain RuntimeError: recognized the same way; other errors pass through
+    module, x = _module_with_memory_limit(tmp_path, limit=250, error=RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"))
+    assert module.log_likelihood(x, 100).shape == (60,) and module.auto_pass_size == 250
+    module, x = _module_with_memory_limit(tmp_path, limit=250, error=RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        module.log_likelihood(x, 100)
+    module, x = _module_with_memory_limit(tmp_path, limit=0)
+    with pytest.raises(torch.OutOfMemoryError, match="one sample at a time does not fit"):
+        module.log_likelihood(x, 100)
+
+
 def _state(value: float) -> dict:
     return {"state_dict": {"w": torch.full((1000,), value)}, "global_step": 0 if value != value else int(value)}
 

@@ -12,7 +12,7 @@ from vaelab.networks import MLPDecoder, MLPEncoder
 from vaelab.objectives import ELBO
 from vaelab.posteriors import DiagonalGaussian
 from vaelab.priors import StandardNormal
-from vaelab.vae import VAE
+from vaelab.vae import VAE, largest_pass
 
 SHAPE = (1, 2, 2)
 D = 4
@@ -130,12 +130,17 @@ def test_memory_does_not_grow_with_the_batch_when_passes_are_bounded(batch, k, c
     real = vae._log_weights
 
     def spy(q, x, k):
-        seen.append(len(x) * k)
+        seen.append(x.shape[:-3].numel() * k)  # (one example [C, H, W]: k)
         return real(q, x, k)
 
     vae._log_weights = spy
     assert vae.log_likelihood(x, num_samples=k, chunk_size=chunk, pass_size=pass_size).shape == (batch,)
     assert seen == passes and sum(seen) == batch * k
+    # what VAEModule reports (and halves) when a pass runs out of memory: the largest pass made
+    assert largest_pass(x.shape, k, chunk, pass_size) == max(passes)
+    seen.clear()
+    vae.log_likelihood(x[0], num_samples=k, chunk_size=chunk, pass_size=pass_size)  # one example: bounded too
+    assert max(seen) == largest_pass(x[0].shape, k, chunk, pass_size) == min(k, chunk, pass_size)
     with pytest.raises(ValueError, match="pass_size >= 1"):
         vae.log_likelihood(x, num_samples=k, chunk_size=chunk, pass_size=0)
 

@@ -8,6 +8,8 @@ without the original command line (``vaelab.checkpoints.load_module``).
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 from typing import Any
 
@@ -24,7 +26,10 @@ from vaelab.graphs import StepGraph, is_cuda_graph_choice
 from vaelab.guards import NaNGuard
 from vaelab.metrics import PendingSumMean, PendingSums, SumMean, bits_per_dim
 from vaelab.objectives import Objective, ObjectiveOutput
+from vaelab.vae import largest_pass, pass_plan
 from vaelab.validation import value_problems
+
+log = logging.getLogger("vaelab")
 
 TERMS = ("elbo", "recon", "kl")
 
@@ -58,10 +63,26 @@ def check_evaluation(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def pass_size_for(setting: int | str | None, device: torch.device) -> int | None:
-    """``evaluation.pass_size`` on ``device``: auto is ``CPU_PASS_SIZE`` on a CPU, no bound elsewhere."""
+    """``evaluation.pass_size`` on ``device``: auto starts at ``CPU_PASS_SIZE`` on a CPU and
+    without a bound elsewhere (``VAEModule`` halves it where a pass runs out of memory)."""
     if setting == "auto":
         return CPU_PASS_SIZE if device.type == "cpu" else None
     return setting  # type: ignore[return-value]
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device running out of memory: torch's ``OutOfMemoryError`` (CUDA
+    and other accelerators) or the CPU allocator's refusal, a plain ``RuntimeError``."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
+def _free_memory(device: torch.device) -> None:
+    """Give what a failed pass held back to the device (its tensors are garbage once the
+    exception that referenced them is gone)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class VAEModule(PlainAttributes, pl.LightningModule):
@@ -143,6 +164,8 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         self.posterior_stats = PosteriorStats(self.vae.latent_dim)
         self.test_diagnostics: dict[str, Any] = {}
         self.nan_guard = NaNGuard.from_config(config)  # nan_policy: stop | skip (vaelab.guards)
+        #: evaluation.pass_size=auto after a pass ran out of memory: the bound that worked
+        self.auto_pass_size: int | None = None
         #: the step values last sent to the loggers (floats), for the progress bar
         self.last_step_values: dict[str, float] = {}
 
@@ -351,19 +374,46 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             self.log(f"val/{term}", self.metrics[f"val_{term}"], on_epoch=True, prog_bar=term == "elbo")
         k = int(self.evaluation["val_num_samples"])
         if k > 0:
-            iwae = self.vae.log_likelihood(x, k, int(self.evaluation["chunk_size"]), self._pass_size(x))
-            self.metrics["val_iwae"].update(iwae)
+            self.metrics["val_iwae"].update(self.log_likelihood(x, k))
             self.log("val/iwae", self.metrics["val_iwae"], on_epoch=True)
 
-    def _pass_size(self, x: torch.Tensor) -> int | None:
-        return pass_size_for(self.evaluation.get("pass_size", "auto"), x.device)
+    def log_likelihood(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """``VAE.log_likelihood`` with the run's ``evaluation`` settings. With ``pass_size:
+        auto`` a pass that runs out of device memory is not the end of the run: the batch starts
+        again in passes of half as many samples, and later batches keep the bound that worked
+        (``auto_pass_size``, logged). A number (or null) is the user's bound: running out of
+        memory with it stops with the fix named."""
+        setting = self.evaluation.get("pass_size", "auto")
+        chunk_size = int(self.evaluation["chunk_size"])
+        while True:
+            pass_size = self.auto_pass_size if setting == "auto" and self.auto_pass_size else pass_size_for(setting, x.device)
+            try:
+                return self.vae.log_likelihood(x, num_samples, chunk_size, pass_size)
+            except RuntimeError as error:  # (torch.OutOfMemoryError is one)
+                if not out_of_memory(error):
+                    raise
+                tried = largest_pass(x.shape, num_samples, chunk_size, pass_size)
+                chunk, rows = pass_plan(x.shape, num_samples, chunk_size, pass_size)
+                where = (f"importance sampling ran out of memory on {x.device} in a forward pass of {tried} samples "
+                         f"({rows} examples x {chunk} samples, evaluation.pass_size={setting})")
+                if setting != "auto":
+                    raise torch.OutOfMemoryError(
+                        f"{where}. Use evaluation.pass_size=auto (halves the passes until they fit) or a smaller "
+                        "number, or lower data.eval_batch_size") from error
+                if tried <= 1:
+                    raise torch.OutOfMemoryError(f"{where}: one sample at a time does not fit; the model is too "
+                                                 "large for this device's free memory") from error
+            # (outside the except clause: the failed pass's tensors are released with the exception)
+            self.auto_pass_size = tried // 2
+            _free_memory(x.device)
+            rank = f" (rank {self.global_rank})" if self._trainer is not None and self._trainer.world_size > 1 else ""
+            log.info(f"evaluation.pass_size=auto: {where}; passes of at most {self.auto_pass_size} samples "
+                     f"from now on{rank}. Set evaluation.pass_size to skip the search")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch
         out = self._eval_step("test", x)
-        ll = self.vae.log_likelihood(
-            x, int(self.evaluation["test_num_samples"]), int(self.evaluation["chunk_size"]), self._pass_size(x)
-        )
+        ll = self.log_likelihood(x, int(self.evaluation["test_num_samples"]))
         self.metrics["test_nll"].update(-ll)
         self.metrics["test_gap"].update(ll - out.terms["elbo"].detach())  # log p̂(x) − ELBO(x)
         update_posterior_stats(self.posterior_stats, self.vae, x)

@@ -74,6 +74,34 @@ def kl_or_monte_carlo(
         return (log_q - p.log_prob(z)).mean(0), False
 
 
+def pass_plan(
+    shape: torch.Size | tuple[int, ...], num_samples: int, chunk_size: int, pass_size: int | None = None
+) -> tuple[int, int]:
+    """How ``VAE.log_likelihood`` splits data of ``shape`` ``[*batch, C, H, W]``: the samples
+    drawn for each example at a time (``chunk``) and the leading-dimension rows of the batch
+    that go through together (``rows``; all of them without a ``pass_size``), so that one
+    forward pass holds at most ``pass_size`` samples, or ``chunk`` where one row alone needs more."""
+    if num_samples < 1 or chunk_size < 1:
+        raise ValueError(f"need num_samples >= 1 and chunk_size >= 1, got {num_samples}, {chunk_size}")
+    if pass_size is not None and pass_size < 1:
+        raise ValueError(f"need pass_size >= 1 (or None), got {pass_size}")
+    chunk = min(chunk_size, num_samples)
+    if len(shape) <= 3:  # one example
+        return (chunk if pass_size is None else min(chunk, pass_size)), 1
+    if pass_size is None:
+        return chunk, int(shape[0])
+    chunk = min(chunk, pass_size)
+    per_row = chunk * math.prod(shape[1:-3])  # samples a leading-dimension row adds to a pass
+    return chunk, min(int(shape[0]), max(1, pass_size // per_row))
+
+
+def largest_pass(shape: torch.Size | tuple[int, ...], num_samples: int, chunk_size: int,
+                 pass_size: int | None = None) -> int:
+    """The samples in the largest forward pass of ``VAE.log_likelihood`` on data of ``shape``."""
+    chunk, rows = pass_plan(shape, num_samples, chunk_size, pass_size)
+    return chunk * rows * (math.prod(shape[1:-3]) if len(shape) > 3 else 1)
+
+
 class VAE(nn.Module):
     """Composes the five parts; every method returns distributions or per-example nats."""
 
@@ -157,17 +185,9 @@ class VAE(nn.Module):
         so memory does not grow with the batch either. The same estimate either way, drawn in
         another order.
         """
-        if num_samples < 1 or chunk_size < 1:
-            raise ValueError(f"need num_samples >= 1 and chunk_size >= 1, got {num_samples}, {chunk_size}")
-        if pass_size is not None and pass_size < 1:
-            raise ValueError(f"need pass_size >= 1 (or None), got {pass_size}")
-        chunk = min(chunk_size, num_samples)
-        if pass_size is not None and x.dim() > 3:
-            chunk = min(chunk, pass_size)
-            per_row = chunk * math.prod(x.shape[1:-3])  # samples a leading-dimension row adds to a pass
-            rows = max(1, pass_size // per_row)
-            if rows < x.shape[0]:
-                return torch.cat([self.log_likelihood(part, num_samples, chunk) for part in x.split(rows)])
+        chunk, rows = pass_plan(x.shape, num_samples, chunk_size, pass_size)
+        if x.dim() > 3 and rows < x.shape[0]:
+            return torch.cat([self.log_likelihood(part, num_samples, chunk) for part in x.split(rows)])
         q = self.encode(x)
         total = torch.full(x.shape[:-3], -math.inf, device=x.device)
         done = 0

@@ -331,7 +331,7 @@ def test_importance_sampling_out_of_memory_with_a_set_pass_size_names_the_fix(tm
     module, x = _module_with_memory_limit(tmp_path, limit=250, pass_size=setting)
     with pytest.raises(torch.OutOfMemoryError, match=(
             rf"importance sampling ran out of memory on cpu in a forward pass of {6000 if setting is None else 400} "
-            rf"samples .*evaluation.pass_size={setting}\). Use evaluation.pass_size=auto")):
+            rf"samples .*evaluation.pass_size={'null' if setting is None else setting}\). Use evaluation.pass_size=auto")):
         module.log_likelihood(x, 100)
     # the CPU allocator's refusal is a plain RuntimeError: recognized the same way; other errors pass through
     module, x = _module_with_memory_limit(tmp_path, limit=250, error=RuntimeError(

@@ -395,7 +395,8 @@ class VAEModule(PlainAttributes, pl.LightningModule):
                 tried = largest_pass(x.shape, num_samples, chunk_size, pass_size)
                 chunk, rows = pass_plan(x.shape, num_samples, chunk_size, pass_size)
                 where = (f"importance sampling ran out of memory on {x.device} in a forward pass of {tried} samples "
-                         f"({rows} examples x {chunk} samples, evaluation.pass_size={setting})")
+                         f"({rows} examples x {chunk} samples, evaluation.pass_size="
+                         f"{'null' if setting is None else setting})")
                 if setting != "auto":
                     raise torch.OutOfMemoryError(
                         f"{where}. Use evaluation.pass_size=auto (halves the passes until they fit) or a smaller "

@@ -181,9 +181,10 @@ class VAE(nn.Module):
         expectation and tightens as K grows. The K samples are drawn ``chunk_size`` at a time and
         combined with a running log-sum-exp, so memory does not grow with K. ``pass_size``
         (None: no bound) bounds the samples of one forward pass over all the examples
-        together: the examples go through in groups of ``pass_size // chunk`` (at least one),
-        so memory does not grow with the batch either. The same estimate either way, drawn in
-        another order.
+        together: the examples go through in groups of ``pass_size // chunk`` (at least one;
+        one example alone takes at most ``pass_size`` samples a pass), so memory does not grow
+        with the batch either (``pass_plan``). The same estimate either way, drawn in another
+        order.
         """
         chunk, rows = pass_plan(x.shape, num_samples, chunk_size, pass_size)
         if x.dim() > 3 and rows < x.shape[0]:

@@ -19,7 +19,8 @@
 #   cp ../shared/data/MNIST/raw/*.gz .benchdata/MNIST/raw/
 #   cp ../shared/data/BinarizedMNIST/binarized_mnist.npz .benchdata/BinarizedMNIST/
 # (~40 MB together) and carry .whl and .benchdata with the call.
-# PHASES picks the steps: tests (tests/test_graphs.py, whose GPU tests record real CUDA graphs),
+# PHASES picks the steps: tests (tests/test_graphs.py, whose GPU tests record real CUDA graphs, and
+# the test of evaluation.pass_size=auto against CUDA's own out-of-memory error),
 # smoke (the default run in bf16-mixed on the GPU, model.cuda_graph=auto), table (the issue's
 # table, both models), variants (model.compile=true, its reduce-overhead mode, data.on_device=false, one sync a step), profile (cProfile
 # of a short MLP run, to $OUT/vaelab-mlp.prof); not by default: evaluation (importance-sampled
@@ -45,7 +46,9 @@ bench() { $PY benchmarks/throughput.py --device "$DEVICE" --epochs "$EPOCHS" --s
 for PHASE in $PHASES; do case $PHASE in
 tests)
   # the tests that need a GPU (CUDA graphs recorded for real), with the rest of their file
-  timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tee "$OUT/tests-graphs.txt" | tail -15
+  timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_graphs.py \
+    tests/test_reliability.py::test_a_real_cuda_out_of_memory_halves_auto_passes_and_frees_the_failed_pass \
+    2>&1 | tee "$OUT/tests-graphs.txt" | tail -15
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "TESTS FAILED"; exit 1; } ;;
 smoke)
   # the default run in bf16-mixed with the step as CUDA graphs (auto: eager on a CPU dry run)

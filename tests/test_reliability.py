@@ -281,7 +281,8 @@ class _MemoryLimit(torch.nn.Module):
 CUDA_OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-def _module_with_memory_limit(tmp_path: Path, limit: int, pass_size="auto", error: Exception = CUDA_OOM):
+def _module_with_memory_limit(tmp_path: Path, limit: int, pass_size="auto", error: Exception = CUDA_OOM,
+                              hidden: int = 16, chunk_size: int = 100):
     from omegaconf import OmegaConf
 
     from vaelab.cli import build_datamodule, resolve_data_options
@@ -289,7 +290,8 @@ def _module_with_memory_limit(tmp_path: Path, limit: int, pass_size="auto", erro
 
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.data_dir={tmp_path}", f"paths.output_dir={tmp_path}/out",
-                                          "latent_dim=4", "encoder.hidden=[16]", "decoder.hidden=[16]",
+                                          "latent_dim=4", f"encoder.hidden=[{hidden}]", f"decoder.hidden=[{hidden}]",
+                                          f"evaluation.chunk_size={chunk_size}",
                                           f"evaluation.pass_size={'null' if pass_size is None else pass_size}"])
     resolve_data_options(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -324,6 +326,26 @@ def test_importance_sampling_out_of_memory_halves_auto_passes_until_they_fit(tmp
     module.vae.decoder.passes.clear()
     module.log_likelihood(x[:30], 100)  # the next batch starts from the bound that fitted
     assert module.vae.decoder.passes == [fits] * (3000 // fits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/device_check.sh runs it)")
+def test_a_real_cuda_out_of_memory_halves_auto_passes_and_frees_the_failed_pass(tmp_path):
+    """The same on a GPU, with CUDA's own out-of-memory error: the allocator capped ~256 MiB above
+    what the model holds, and one pass of 60 examples x 1,000 samples through a 4,096-wide layer
+    needing ~1 GB. The failed passes' memory must come back, or the halved ones fail too."""
+    module, x = _module_with_memory_limit(tmp_path, limit=10**12, hidden=4096, chunk_size=1000)
+    module.vae.decoder = module.vae.decoder.net  # no simulated limit: CUDA's own
+    module, x = module.cuda(), x.cuda()
+    torch.cuda.synchronize()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + (256 << 20)) / total)
+    try:
+        ll = module.log_likelihood(x, 1000)
+        torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert ll.shape == (60,) and torch.isfinite(ll).all()
+    assert module.auto_pass_size is not None and module.auto_pass_size < 60_000
 
 
 @pytest.mark.parametrize("setting", [None, 400])

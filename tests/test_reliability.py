@@ -262,7 +262,7 @@ def test_nan_policy_skip_skips_and_counts(tmp_path):
     assert proc.returncode != 0 and "2 steps skipped, more than max_skipped_steps=1" in proc.stderr
 
 
-# --- faults: atomic checkpoints, full disk ---------------------------------------------------
+# --- faults: importance sampling out of device memory -----------------------------------------
 class _MemoryLimit(torch.nn.Module):
     """A decoder that runs out of device memory (as CUDA would) on a pass of more than
     ``limit`` samples, and counts the samples of every pass it is given."""
@@ -337,6 +337,7 @@ def test_a_real_cuda_out_of_memory_halves_auto_passes_and_frees_the_failed_pass(
     module.vae.decoder = module.vae.decoder.net  # no simulated limit: CUDA's own
     module, x = module.cuda(), x.cuda()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # (blocks cached by earlier tests in this process would count against the cap)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + (256 << 20)) / total)
     try:
@@ -367,6 +368,7 @@ def test_importance_sampling_out_of_memory_with_a_set_pass_size_names_the_fix(tm
         module.log_likelihood(x, 100)
 
 
+# --- faults: atomic checkpoints, full disk ---------------------------------------------------
 def _state(value: float) -> dict:
     return {"state_dict": {"w": torch.full((1000,), value)}, "global_step": 0 if value != value else int(value)}
 

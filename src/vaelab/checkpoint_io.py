@@ -128,7 +128,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        self._raise_failure()  # a write that failed in the background stops training here
+        self._raising(self._worker.raise_failures)  # a write that failed in the background stops training here
         path = Path(path)
         bad = nonfinite_tensors(checkpoint.get("state_dict") or {})
         if bad:
@@ -207,9 +207,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 self._pending_bytes -= size  # not queued
             raise
 
-    def _raise_failure(self) -> None:
-        self._raising(self._worker.raise_failures)
-
     def _raising(self, call: Callable[[], None]) -> None:
         """``call`` a method of the worker that raises a failed job, once. Every job queued
         behind that one is skipped (``_broken``: no removal of the file it was to replace), up
@@ -259,7 +256,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def _write(self, f: Any, data: memoryview) -> None:
         """Write the serialized bytes (a seam for tests that need a slow save)."""
         f.write(data)
-
 
 
 class EpochCheckpointsWritten(pl.Callback):

@@ -52,6 +52,7 @@ def child(model: str, k: int, batch: int, malloc: str, pass_size: int | None, re
 
     from vaelab.build import keep_freed_memory
     from vaelab.likelihoods import Bernoulli, Gaussian
+    from vaelab.module import DEFAULT_EVALUATION
     from vaelab.posteriors import DiagonalGaussian
     from vaelab.priors import StandardNormal
     from vaelab.vae import VAE
@@ -72,7 +73,7 @@ def child(model: str, k: int, batch: int, malloc: str, pass_size: int | None, re
         lik, x = Bernoulli(), torch.bernoulli(x)
     vae = VAE(enc, DiagonalGaussian(), dec, lik, StandardNormal(LATENT)).eval()
     cuda = x.device.type == "cuda"
-    chunk = min(100, k)
+    chunk = min(DEFAULT_EVALUATION["chunk_size"], k)  # evaluation.chunk_size's default
     times, faults = [], []
     for _ in range(repeats + 1):
         if cuda:

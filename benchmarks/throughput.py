@@ -13,7 +13,10 @@ Contenders:
   vaelab          train.py as users run it: W&B (offline) logging, checkpoints, pictures; on
                   a GPU the training step replayed as CUDA graphs (model.cuda_graph=auto)
   plain           a hand-written loop with the same kernels as vaelab's defaults (fused Adam,
-                  channels-last convolutions, vaelab's CPU BCE): the floor for framework overhead
+                  channels-last convolutions, vaelab's CPU BCE): the floor for framework overhead.
+                  On a CPU its run also counts the step's FLOPs per image and times the CPU's
+                  float32 matrix products, so the table gives every contender's arithmetic rate
+                  and its fraction of that peak (on a GPU plain-graph does this)
   plain-defaults  the same loop with torch's defaults (Adam's per-tensor loop, NCHW
                   convolutions, torch's BCE): what a loop written without tuning gets
   pythae          pythae's BaseTrainer (its own Adam) on the same network modules
@@ -207,7 +210,38 @@ def run_plain(model: str, epochs: int, device: str, data_root: Path, tuned: bool
             plain_step(model, enc, dec, opt, x_all.index_select(0, perm[i : i + BATCH]), check, tuned)
         sync(device)
         rates.append(n / (time.perf_counter() - start))
-    return finish(rates, device)
+    result = finish(rates, device)
+    if device == "cpu" and tuned and not check:
+        # on a CPU the plain loop is the reference of the arithmetic table (a GPU has plain-graph)
+        result.update(arithmetic(model, enc, dec, x_all[:BATCH], device))
+    return result
+
+
+def arithmetic(model: str, enc, dec, x, device: str) -> dict:
+    """The step's floating-point operations per image (matrix products and convolutions,
+    forward and backward, counted by torch's FlopCounterMode) and the device's float32
+    matrix-product rate (square products, timed after a warm-up), against which the table
+    reports each contender's arithmetic rate."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        plain_loss(model, enc, dec, x).backward()
+    for p in (*enc.parameters(), *dec.parameters()):
+        p.grad = None
+    side = 8192 if device.startswith("cuda") else 2048  # ~1 s on this project's 2-core CPU
+    a, b = torch.randn(side, side, device=device), torch.randn(side, side, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return {"flops_per_image": counter.get_total_flops() / len(x),
+            "matmul_tflops": 10 * 2 * side**3 / (time.perf_counter() - start) / 1e12,
+            "matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def run_plain_graph(model: str, epochs: int, device: str, data_root: Path) -> dict:
@@ -217,7 +251,6 @@ def run_plain_graph(model: str, epochs: int, device: str, data_root: Path) -> di
     and convolutions, forward and backward) and measures the device's float32 matrix-product
     rate, against which the table reports each contender's arithmetic rate."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     if not device.startswith("cuda"):
         raise SystemExit("plain-graph replays a CUDA graph: it needs --device cuda")
@@ -227,10 +260,7 @@ def run_plain_graph(model: str, epochs: int, device: str, data_root: Path) -> di
     params = [*enc.parameters(), *dec.parameters()]
     opt = torch.optim.Adam(params, lr=1e-3, fused=True, capturable=True)
     static_x = x_all[:BATCH].clone()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        plain_loss(model, enc, dec, static_x).backward()
-    flops_per_image = counter.get_total_flops() / BATCH
+    counted = arithmetic(model, enc, dec, static_x, device)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the graph, as torch's docs capture a step
@@ -255,17 +285,7 @@ def run_plain_graph(model: str, epochs: int, device: str, data_root: Path) -> di
         rates.append(n / (time.perf_counter() - start))
     if not torch.isfinite(loss):
         raise RuntimeError(f"the captured step's loss is {loss.item()}")
-    a, b = torch.randn(8192, 8192, device=device), torch.randn(8192, 8192, device=device)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync(device)
-    matmul_tflops = 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
-    return {**finish(rates, device), "flops_per_image": flops_per_image, "matmul_tflops": matmul_tflops,
-            "matmul_precision": torch.get_float32_matmul_precision()}
+    return {**finish(rates, device), **counted}
 
 
 # --- vaelab through train.py --------------------------------------------------------------------
@@ -540,25 +560,29 @@ def run_rate(result: dict) -> float:
 
 
 def print_device_limits(models, contenders, runs, summary) -> None:
-    """Each contender's images/s against the device's limit (the plain step as a CUDA graph)
-    and its arithmetic rate against the measured float32 matrix-product peak."""
+    """Each contender's arithmetic rate against the measured float32 matrix-product peak and,
+    on a GPU, its images/s against the device's limit (the plain step as a CUDA graph). On a
+    CPU the plain loop's run counts the FLOPs and measures the peak."""
     for model in models:
-        graph_runs = runs.get((model, "plain-graph"))
-        if not graph_runs:
+        reference = "plain-graph" if runs.get((model, "plain-graph")) else "plain"
+        counted = [r for r in runs.get((model, reference), []) if "flops_per_image" in r]
+        if not counted:
             continue
-        flops = graph_runs[0]["flops_per_image"]
-        peak = median([r["matmul_tflops"] for r in graph_runs])
-        limit = summary[(model, "plain-graph")]
+        flops = counted[0]["flops_per_image"]
+        peak = median([r["matmul_tflops"] for r in counted])
+        limit = summary[(model, "plain-graph")] if reference == "plain-graph" else None
         print(f"\n{model}: {flops / 1e6:.1f} MFLOP per image per step (matrix products and convolutions, "
-              f"forward and backward); float32 matrix-product peak measured {peak:.1f} TFLOP/s "
-              f"(precision {graph_runs[0]['matmul_precision']!r})")
-        print("| contender | images/s | of the device limit (plain-graph) | TFLOP/s | of the float32 peak |")
-        print("|---|---:|---:|---:|---:|")
+              f"forward and backward); float32 matrix-product peak measured {peak:.3f} TFLOP/s "
+              f"(precision {counted[0]['matmul_precision']!r})")
+        limit_head, limit_rule = (" of the device limit (plain-graph) |", "---:|") if limit else ("", "")
+        print(f"| contender | images/s |{limit_head} TFLOP/s | of the float32 peak |")
+        print(f"|---|---:|{limit_rule}---:|---:|")
         for contender in contenders:
             rate = summary.get((model, contender))
             if rate:
                 tflops = rate * flops / 1e12
-                print(f"| {contender} | {rate:,.0f} | {rate / limit:.3f} | {tflops:.2f} | {tflops / peak:.4f} |")
+                of_limit = f" {rate / limit:.3f} |" if limit else ""
+                print(f"| {contender} | {rate:,.0f} |{of_limit} {tflops:.3f} | {tflops / peak:.3f} |")
 
 
 if __name__ == "__main__":

@@ -126,6 +126,80 @@ def test_continuous_bernoulli_integrates_to_one(logit):
     assert total == pytest.approx(1.0, abs=1e-4)
 
 
+# torch clamps λ to [ε, 1 − ε] (|logit| ≤ 15.9 in float32): its log C stuck at 2.769 beyond
+@pytest.mark.parametrize("logit", [-200.0, -100.0, -30.0, -17.0, 17.0, 30.0, 100.0])
+def test_continuous_bernoulli_is_exact_at_large_logits(logit):
+    lik = ContinuousBernoulli()
+    x = torch.tensor([0.0, 0.001, 0.3, 0.999, 1.0])
+    got = lik(torch.full((5, 1, 1, 1), logit)).log_prob(x.view(5, 1, 1, 1))
+    # an independent float64 reference: the unnormalized density's integral by quadrature, in
+    # the log domain (u(v) = exp(l·v − max(l, 0)) never overflows)
+    shift = max(logit, 0.0)
+    norm, _ = integrate.quad(lambda v: math.exp(logit * v - shift), 0, 1, points=[0.5], epsabs=0, epsrel=1e-12)
+    expected = logit * x.double() - shift - math.log(norm)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=2e-5)
+
+
+def test_continuous_bernoulli_keeps_its_gradient_at_large_logits():
+    # d log C / dl = 1/l − 1/sinh(l): −0.05 at l = −20, where the clamped constant gave 0
+    logits = torch.tensor([-20.0, -100.0, 20.0], requires_grad=True)
+    lik = ContinuousBernoulli()
+    lik(logits.view(3, 1, 1, 1)).base_dist._cont_bern_log_norm().sum().backward()
+    l64 = logits.detach().double()
+    torch.testing.assert_close(logits.grad.double(), 1 / l64 - 1 / torch.sinh(l64), rtol=1e-5, atol=1e-9)
+
+
+def test_continuous_bernoulli_moments_cdf_and_samples_from_the_logits():
+    logits = torch.tensor([-300.0, -60.0, -8.0, -0.3, -1e-3, 0.0, 1e-8, 0.2, 1.0, 5.0, 60.0, 300.0])
+    dist = ContinuousBernoulli()(logits.view(-1, 1, 1, 1)).base_dist
+
+    def moment(logit: float, k: int) -> float:  # E[x^k] by quadrature of exp(l·v), in float64
+        shift, hint = max(logit, 0.0), [min(0.5, 10 / abs(logit)), max(0.5, 1 - 10 / abs(logit))] if logit else None
+        norm = integrate.quad(lambda v: math.exp(logit * v - shift), 0, 1, points=hint, epsabs=0, epsrel=1e-12)[0]
+        return integrate.quad(lambda v: v**k * math.exp(logit * v - shift), 0, 1, points=hint, epsabs=0,
+                              epsrel=1e-12)[0] / norm
+
+    mean = torch.tensor([moment(v, 1) for v in logits.tolist()], dtype=torch.float64)
+    var = torch.tensor([moment(v, 2) for v in logits.tolist()], dtype=torch.float64) - mean**2
+    # the series near 0 and the closed forms elsewhere, against quadrature
+    torch.testing.assert_close(dist.mean.flatten().double(), mean, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dist.variance.flatten().double(), var, rtol=1e-4, atol=1e-8)
+    # F(F⁻¹(u)) = u, and F agrees with the density's integral
+    u = torch.full_like(dist.logits, 0.3)
+    torch.testing.assert_close(dist.cdf(dist.icdf(u)), u, rtol=0, atol=1e-5)
+    for i in (2, 3, 7, 9):
+        x = 0.4
+        total, _ = integrate.quad(lambda v, i=i: dist.log_prob(torch.full_like(dist.logits, v))[i].exp().item(), 0, x)
+        assert dist.cdf(torch.full_like(dist.logits, x)).flatten()[i].item() == pytest.approx(total, abs=1e-5)
+    # samples: their mean is the mean, and they stay in [0, 1]
+    torch.manual_seed(0)
+    draws = dist.expand(torch.Size([20_000, len(logits), 1, 1, 1])).sample()
+    assert draws.min() >= 0 and draws.max() <= 1
+    stderr = (var.sqrt() / math.sqrt(20_000)).float()
+    assert ((draws.mean(0).flatten() - mean.float()).abs() <= 5 * stderr + 1e-6).all()
+    # the entropy: −E[log p(x)] by Monte Carlo
+    mc = -dist.expand(torch.Size([20_000, len(logits), 1, 1, 1])).log_prob(draws).mean(0).flatten()
+    torch.testing.assert_close(dist.entropy().flatten(), mc, rtol=0, atol=0.03)
+
+
+def test_continuous_bernoulli_fits_a_black_background():
+    # dequantized black pixels, x ~ U[0, 1/256): the maximum-likelihood logit is about −512
+    # (where the mean, ≈ 1/|l|, is the data's mean, 1/512). With torch's clamped constant the
+    # gradient vanished at −15.9 and the fit stopped there, ~2.4 nats a pixel short
+    torch.manual_seed(0)
+    x = torch.rand(4096, 1, 1, 1) / 256
+    logit = torch.zeros(1, 1, 1, 1, requires_grad=True)
+    opt = torch.optim.Adam([logit], lr=1.0)
+    lik = ContinuousBernoulli()
+    for _ in range(1500):
+        opt.zero_grad()
+        loss = -lik(logit.expand(4096, 1, 1, 1)).log_prob(x).mean()
+        loss.backward()
+        opt.step()
+    assert logit.item() < -200
+    assert -loss.item() > 4.5  # nats a pixel; 2.75 where the fit stopped at −15.9
+
+
 def test_leading_sample_dimensions_broadcast_against_the_data():
     lik = Gaussian(sigma=0.5)
     params = torch.randn(7, 3, *SHAPE)  # [S, B, ...]

@@ -67,6 +67,15 @@ def test_dequantization_stays_in_its_bin():
     assert dm.info["bin_width"] == pytest.approx(1 / 17)
 
 
+@pytest.mark.parametrize("binarize", ["dynamic", "static"])
+def test_binarized_data_have_bins_one_unit_wide(binarize):
+    # x ∈ {0, 1}: a density on x is a probability of the binary value per unit bin, whatever
+    # the 17 intensity levels the bits were drawn from (1/16 here made test/bpd 4 bits too high)
+    dm = Digits(binarize=binarize)
+    assert dm.info["binary"] and dm.info["bin_width"] == 1.0
+    assert Digits(binarize="none").info["bin_width"] == pytest.approx(1 / 16)
+
+
 def test_batches_come_whole_from_the_loader():
     dm = setup(Digits(binarize="dynamic", batch_size=50))
     x, y = next(iter(dm.train_dataloader()))

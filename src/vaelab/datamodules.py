@@ -306,9 +306,11 @@ class ImageDataModule(pl.LightningDataModule):
             "binarize": self.binarize,
             "dequantize": self.dequantize,
             "binary": self.binary,
-            # the width of one intensity bin in x-space: a density on x converts to a
-            # probability of the discrete value by this factor per dimension
-            "bin_width": 1.0 / self.num_levels if self.dequantize else 1.0 / (self.num_levels - 1),
+            # the width of one bin in x-space: a density on x converts to a probability of the
+            # discrete value by this factor per dimension. Binarized data have two values, 0 and
+            # 1, one unit apart, whatever the intensity levels they were drawn from
+            "bin_width": (1.0 / self.num_levels if self.dequantize
+                          else 1.0 if self.binary else 1.0 / (self.num_levels - 1)),
         }
 
     # --- Lightning hooks -------------------------------------------------------------------

@@ -5,7 +5,9 @@ example). bits/dim divides by D · ln 2. For a continuous likelihood on quantize
 [0, 1], a density value converts to a probability of the discrete value by the bin width Δ
 per dimension: −log P(k) ≈ −log p(x) − D · log Δ. With uniform dequantization
 (``data.dequantize=true``) this is a bound (Theis et al. 2016) and comparable with the tables
-of the papers; without it the conversion is an approximation and the run's summary says so.
+of the papers; without it the conversion is an approximation (the run's summary records
+``data.dequantize`` and ``data.bin_width`` beside the numbers). Binarized data (x ∈ {0, 1})
+have Δ = 1.
 """
 
 from __future__ import annotations

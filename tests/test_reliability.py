@@ -59,14 +59,15 @@ def test_every_value_out_of_range_is_listed_with_its_key(tmp_path):
         cfg = compose("train", overrides=[
             f"paths.output_dir={tmp_path}", "latent_dim=0", "likelihood=gaussian", "likelihood.sigma=0",
             "objective.num_samples=0", "objective.beta=-1", "data.batch_size=0", "optim.optimizer.lr=0",
-            "nan_policy=ignore", "malloc=jemalloc", "checkpoint_io.background=later"])
+            "nan_policy=ignore", "malloc=jemalloc", "checkpoint_io.background=later", "posterior.min_scale=0"])
     problems = "\n".join(value_problems(cfg))
     for key in ("latent_dim must be a positive integer, got 0", "likelihood.sigma must be a σ > 0",
                 "objective.num_samples must be an integer K >= 1, got 0", "objective.beta must be a KL weight >= 0, got -1",
                 "data.batch_size must be a positive integer, got 0", "optim.optimizer.lr must be a learning rate > 0, got 0",
                 "nan_policy must be one of stop, skip, got 'ignore'",
                 "malloc must be one of tuned, system, got 'jemalloc' (e.g. malloc=tuned)",
-                "checkpoint_io.background must be true or false, got 'later'"):
+                "checkpoint_io.background must be true or false, got 'later'",
+                "posterior.min_scale must be > 0, got 0 (e.g. posterior.min_scale=1e-4)"):
         assert key in problems, (key, problems)
     assert "e.g. optim.optimizer.lr=1e-3" in problems
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):

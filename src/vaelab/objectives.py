@@ -157,9 +157,6 @@ class ELBO(Objective):
 
 
 class IWAE(Objective):
-    #: per-example terms beyond elbo/recon/kl that this objective returns (logged as train/<term>)
-    extra_terms = ("iwae",)
-
     """The importance-weighted bound IWAE_K (Burda, Grosse & Salakhutdinov 2016, "Importance
     Weighted Autoencoders", ICLR; arXiv 2015):
 
@@ -180,6 +177,9 @@ class IWAE(Objective):
     ``elbo = recon − kl``, an ELBO estimate from the K samples (with a Monte Carlo KL it is
     exactly mean_k log w_k). ``iwae ≥ elbo`` in expectation.
     """
+
+    #: per-example terms beyond elbo/recon/kl that this objective returns (logged as train/<term>)
+    extra_terms = ("iwae",)
 
     def __init__(self, num_samples: int = 5, **settings: float | int | str):
         super().__init__(num_samples=num_samples, **settings)  # K = 5 unless given

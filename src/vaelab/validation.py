@@ -84,7 +84,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("likelihood.init_scale", _positive, "> 0", "likelihood.init_scale=0.1"),
     ("likelihood.num_mixtures", _int_at_least(1), "an integer >= 1", "likelihood.num_mixtures=10"),
     ("prior.num_components", _int_at_least(1), "an integer >= 1", "prior.num_components=10"),
-    ("posterior.min_scale", _non_negative, ">= 0", "posterior.min_scale=1e-4"),
+    # > 0: softplus(raw) underflows to 0 below raw ≈ −104, and a zero σ makes log q(z|x) and the KL infinite
+    ("posterior.min_scale", _positive, "> 0", "posterior.min_scale=1e-4"),
     ("trainer.max_epochs", lambda v: v is None or v == -1 or _int_at_least(1)(v), "an integer >= 1 (or -1)",
      "trainer.max_epochs=100"),
     ("evaluation.val_num_samples", _int_at_least(0), "an integer >= 0 (0: off)", "evaluation.val_num_samples=10"),

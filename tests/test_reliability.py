@@ -23,7 +23,7 @@ from conftest import REPO, SHARED_DATA, check, poisoned_checkpoint, run_cli
 from hydra import compose, initialize_config_module
 
 from vaelab.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, NonFiniteStateError
-from vaelab.checkpoints import load_checkpoint, load_module
+from vaelab.checkpoints import CheckpointError, load_checkpoint, load_module
 from vaelab.datamodules import MNIST, DataCorruptError, DataNotFoundError
 from vaelab.validation import redact_secrets, value_problems
 from vaelab.wandb_offline import find_runs
@@ -59,7 +59,9 @@ def test_every_value_out_of_range_is_listed_with_its_key(tmp_path):
         cfg = compose("train", overrides=[
             f"paths.output_dir={tmp_path}", "latent_dim=0", "likelihood=gaussian", "likelihood.sigma=0",
             "objective.num_samples=0", "objective.beta=-1", "data.batch_size=0", "optim.optimizer.lr=0",
-            "nan_policy=ignore", "malloc=jemalloc", "checkpoint_io.background=later", "posterior.min_scale=0"])
+            "nan_policy=ignore", "malloc=jemalloc", "checkpoint_io.background=later", "posterior.min_scale=0",
+            "data.binarize=dinamic", "data.dequantize=maybe", "objective.warmup_unit=epoch", "trainer.precision=bogus",
+            "trainer.accumulate_grad_batches=0", "trainer.gradient_clip_val=-1", "seed=abc"])
     problems = "\n".join(value_problems(cfg))
     for key in ("latent_dim must be a positive integer, got 0", "likelihood.sigma must be a σ > 0",
                 "objective.num_samples must be an integer K >= 1, got 0", "objective.beta must be a KL weight >= 0, got -1",
@@ -67,11 +69,30 @@ def test_every_value_out_of_range_is_listed_with_its_key(tmp_path):
                 "nan_policy must be one of stop, skip, got 'ignore'",
                 "malloc must be one of tuned, system, got 'jemalloc' (e.g. malloc=tuned)",
                 "checkpoint_io.background must be true or false, got 'later'",
-                "posterior.min_scale must be > 0, got 0 (e.g. posterior.min_scale=1e-4)"):
+                "posterior.min_scale must be > 0, got 0 (e.g. posterior.min_scale=1e-4)",
+                "data.binarize must be one of auto, none, dynamic, static, got 'dinamic'",
+                "data.dequantize must be auto, true or false, got 'maybe'",
+                "objective.warmup_unit must be steps or epochs, got 'epoch'",
+                "trainer.precision must be one of", "bf16-mixed", "got 'bogus'",
+                "trainer.accumulate_grad_batches must be an integer >= 1 (batches per optimizer step), got 0",
+                "trainer.gradient_clip_val must be null or a norm >= 0, got -1",
+                "seed must be an integer, got 'abc'"):
         assert key in problems, (key, problems)
     assert "e.g. optim.optimizer.lr=1e-3" in problems
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
         assert value_problems(compose("train", overrides=[f"paths.output_dir={tmp_path}"])) == []
+
+
+def test_a_gpu_trainer_on_a_machine_without_one_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for trainer in ("gpu", "ddp"):
+        with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+            cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", f"trainer={trainer}"])
+        problems = value_problems(cfg)
+        assert any("trainer.accelerator" in p and "torch sees none, got 'gpu'" in p and "trainer=cpu" in p
+                   for p in problems), problems
+        with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+            assert value_problems(compose("train", overrides=[f"paths.output_dir={tmp_path}", "trainer=cpu"])) == []
 
 
 def test_bad_values_fail_at_once_before_anything_is_written(tmp_path):
@@ -261,6 +282,8 @@ def test_nan_policy_skip_skips_and_counts(tmp_path):
                    "objective._target_=nanobj.NaNELBO", "+objective.nan_calls=[3,4]", "allowed_targets=[nanobj.]",
                    f"hydra.run.dir={tmp_path}/run2", cwd=REPO, env=user_env(tmp_path))
     assert proc.returncode != 0 and "2 steps skipped, more than max_skipped_steps=1" in proc.stderr
+    # the fix it names is the limit, not the policy already chosen
+    assert "a larger max_skipped_steps" in proc.stderr and "or nan_policy=skip" not in proc.stderr
 
 
 # --- faults: importance sampling out of device memory -----------------------------------------
@@ -631,6 +654,30 @@ def test_resume_from_a_foreign_or_broken_checkpoint_is_refused_before_anything_r
         assert not (out / "checkpoints").exists() and not find_runs(out)
     assert not marker.exists()
     assert (good_run / "checkpoints" / "last.ckpt").read_bytes() == data
+
+
+def test_a_checkpoint_damaged_after_its_save_is_named_not_loaded(good_run, tmp_path):
+    import zipfile
+
+    source = good_run / "checkpoints" / "last.ckpt"
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        # the largest part: a weight matrix (torch stores parts uncompressed, each with its CRC-32)
+        part = max(archive.infolist(), key=lambda info: info.file_size)
+    # the part's bytes begin after its local header (30 bytes, the name, the extra field)
+    name_len = int.from_bytes(data[part.header_offset + 26: part.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[part.header_offset + 28: part.header_offset + 30], "little")
+    start = part.header_offset + 30 + name_len + extra_len
+    data[start + 1000: start + 1004] = bytes(b ^ 0xFF for b in data[start + 1000: start + 1004])
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is damaged") as err:
+        load_module(damaged)
+    assert part.filename in str(err.value) and "last.ckpt or best-" in str(err.value)
+    out = tmp_path / "eval"
+    proc = run_cli("eval.py", f"ckpt_path={damaged}", "evaluation.test_num_samples=2", f"hydra.run.dir={out}", cwd=REPO)
+    assert proc.returncode != 0 and "is damaged" in proc.stderr and not (out / "metrics.json").exists()
+    load_module(source)  # the intact file loads
 
 
 def test_no_secret_is_written_anywhere(good_run):

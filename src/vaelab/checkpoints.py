@@ -29,8 +29,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if candidate.is_file():
                 return candidate
         found = sorted(p.rglob("*.ckpt"))
-        hint = f" It holds: {', '.join(str(f) for f in found[:5])}." if found else ""
-        raise CheckpointError(f"{p} is a folder without checkpoints/last.ckpt: give the .ckpt file itself.{hint}")
+        if not found:
+            raise CheckpointError(f"{p} holds no checkpoint (.ckpt) at all: give a run folder (a training run "
+                                  "writes <run folder>/checkpoints/last.ckpt and best-*.ckpt) or such a file")
+        raise CheckpointError(f"{p} is a folder without checkpoints/last.ckpt: give the .ckpt file itself. "
+                              f"It holds: {', '.join(str(f) for f in found[:5])}.")
     if not p.is_file():
         raise CheckpointError(
             f"no checkpoint at {p}: a training run writes them to <run folder>/checkpoints/ "
@@ -51,11 +54,31 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "It may be truncated (a copy or a save that was cut off) or not a PyTorch file; "
             "use another checkpoint of the run, e.g. last.ckpt or best-*.ckpt."
         ) from err
+    damaged = _damaged_member(p)
+    if damaged:
+        raise CheckpointError(
+            f"{p} is damaged: its part {damaged!r} does not match the checksum written with it (the file "
+            "was changed after it was saved: a failing disk, or a copy that went wrong); use another "
+            "checkpoint of the run, e.g. last.ckpt or best-*.ckpt."
+        )
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "config" not in hp or "data_info" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{p} is a PyTorch file but not a vaelab checkpoint (no config or weights in it)")
     check_targets(hp["config"], allowed_prefixes(hp["config"]))
     return ckpt
+
+
+def _damaged_member(path: Path) -> str | None:
+    """The first part of a (zip-format) PyTorch file whose bytes fail their CRC-32, else None.
+    ``torch.load`` does not check them, so a flipped byte inside a weight loads as a wrong
+    number; reading the file once more costs ~1 s per GB."""
+    if not zipfile.is_zipfile(path):
+        return None  # torch's legacy format carries no checksums
+    with zipfile.ZipFile(path) as archive:
+        try:
+            return archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:  # a damaged header of a part
+            return f"({type(err).__name__}: {err})"
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):

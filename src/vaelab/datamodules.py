@@ -243,7 +243,8 @@ class ImageDataModule(pl.LightningDataModule):
         if int(batch_size) <= 0:
             raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
         if dequantize not in (True, False):
-            raise ValueError(f"data.dequantize must be true or false here, got {dequantize!r}")
+            raise ValueError(f"data.dequantize must be true or false once resolved (train.py resolves auto "
+                             f"from the likelihood), got {dequantize!r}")
         if binarize != "none" and dequantize:
             raise ValueError("data.dequantize=true applies to intensities; it cannot be combined with binarize")
         self.root = Path(root).expanduser()

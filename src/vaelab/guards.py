@@ -92,9 +92,12 @@ class NaNGuard:
                 if last else "No checkpoint had been written yet.")
         why = (f"{self.skipped} steps skipped, more than max_skipped_steps={self.max_skipped_steps}"
                if self.policy == "skip" else "nan_policy=stop")
+        skipping = ("a larger max_skipped_steps (or null: never stop) to skip more of them"
+                    if self.policy == "skip" else "nan_policy=skip to skip such steps and count them "
+                    "(train/skipped_steps)")
         raise NonFiniteLossError(
             f"non-finite training loss at {where}: {'; '.join(problems)}. Stopped ({why}). {kept} "
             "Fixes: a lower optim.optimizer.lr, trainer.gradient_clip_val=1.0, a larger "
             "likelihood.min_sigma / min_scale or posterior.min_scale, objective.warmup>0; or "
-            "nan_policy=skip to skip such steps and count them (train/skipped_steps)."
+            f"{skipping}."
         )

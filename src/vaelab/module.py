@@ -183,13 +183,17 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             or self.data_info["binarize"] != "none"
             or self.data_info["dequantize"]
         ):
+            fixes = []
+            if self.data_info["binarize"] != "none" or self.data_info["dequantize"]:
+                fixes.append("data.binarize=none data.dequantize=false (it needs the stored intensities)")
+            if lik.num_levels != self.data_info["num_levels"]:
+                fixes.append(f"likelihood.{'num_bins' if hasattr(lik, 'num_bins') else 'num_classes'}=null "
+                             f"(the data's {self.data_info['num_levels']} levels)")
             raise ValueError(
                 f"likelihood={type(lik).__name__} is a distribution over {lik.num_levels} intensity "
                 f"levels x = k/{lik.num_levels - 1}, but data={self.data_info['name']} has "
                 f"{self.data_info['num_levels']} levels, data.binarize={self.data_info['binarize']} and "
-                f"data.dequantize={self.data_info['dequantize']}. It needs the stored intensities: use "
-                "data.binarize=none data.dequantize=false, and leave the likelihood's number of levels "
-                "(num_classes / num_bins) null to take the data's."
+                f"data.dequantize={self.data_info['dequantize']}. Use {' and '.join(fixes)}."
             )
         lo, hi = lik.support
         if lo > 0.0 or hi < 1.0:

@@ -60,9 +60,49 @@ def _scale(v: Any) -> bool:
     return v in ("learned", "per_pixel") or _positive(v)
 
 
+def _precisions() -> tuple[Any, ...]:
+    """What Lightning's ``Trainer(precision=...)`` accepts (its own lists; empty if this
+    Lightning keeps them elsewhere, and then Lightning's check stands alone)."""
+    import typing
+
+    try:
+        from lightning.fabric import connector
+    except ImportError:  # pragma: no cover
+        return ()
+    names = [getattr(connector, n, None) for n in ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS",
+                                                    "_PRECISION_INPUT_INT")]
+    return tuple(v for n in names if n is not None for v in typing.get_args(n))
+
+
+PRECISIONS = _precisions()
+
+
+def _cuda_missing(v: Any) -> bool:
+    """An accelerator that needs a CUDA GPU on a machine without one."""
+    if v not in ("gpu", "cuda"):
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 #: (config key, test, what it must be, an example of a fix); checked where the key exists
 RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("latent_dim", _int_at_least(1), "a positive integer", "latent_dim=16"),
+    ("seed", _is_int, "an integer", "seed=0"),
+    ("data.binarize", lambda v: v in ("auto", "none", "dynamic", "static"), "one of auto, none, dynamic, static",
+     "data.binarize=auto"),
+    ("data.dequantize", lambda v: v in ("auto", True, False), "auto, true or false", "data.dequantize=auto"),
+    ("objective.warmup_unit", lambda v: v in ("steps", "epochs"), "steps or epochs", "objective.warmup_unit=epochs"),
+    ("trainer.precision", lambda v: not PRECISIONS or v in PRECISIONS,
+     f"one of {', '.join(str(p) for p in PRECISIONS if isinstance(p, str) and '-' in p)}",
+     "trainer.precision=bf16-mixed"),
+    ("trainer.accumulate_grad_batches", _int_at_least(1), "an integer >= 1 (batches per optimizer step)",
+     "trainer.accumulate_grad_batches=1"),
+    ("trainer.gradient_clip_val", lambda v: v is None or _non_negative(v), "null or a norm >= 0",
+     "trainer.gradient_clip_val=1.0"),
+    ("trainer.accelerator", lambda v: not _cuda_missing(v),
+     "an accelerator this machine has: it needs a CUDA GPU, and torch sees none", "trainer=default (auto) or trainer=cpu"),
     ("model.compile", lambda v: isinstance(v, bool), "true or false", "model.compile=true"),
     ("model.cuda_graph", is_cuda_graph_choice, "true, false or auto", "model.cuda_graph=auto"),
     ("data.batch_size", _int_at_least(1), "a positive integer", "data.batch_size=64"),

@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -678,6 +679,27 @@ def test_a_checkpoint_damaged_after_its_save_is_named_not_loaded(good_run, tmp_p
     proc = run_cli("eval.py", f"ckpt_path={damaged}", "evaluation.test_num_samples=2", f"hydra.run.dir={out}", cwd=REPO)
     assert proc.returncode != 0 and "is damaged" in proc.stderr and not (out / "metrics.json").exists()
     load_module(source)  # the intact file loads
+
+
+def test_a_resume_that_would_change_the_model_data_or_optimizer_is_refused(good_run, tmp_path):
+    last = good_run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    for args, words in ((("likelihood=gaussian",), "likelihood: Bernoulli → Gaussian"),
+                        (("optim.optimizer.lr=1e8",), "optim.optimizer.lr: 0.001 → 100000000.0"),
+                        (("latent_dim=32", "data.batch_size=32"), "latent_dim: 16 → 32; data.batch_size: 64 → 32")):
+        out = tmp_path / f"resume-{args[0].split('=')[0]}"
+        proc = run_cli("train.py", f"ckpt_path={good_run}", *args, f"hydra.run.dir={out}", cwd=REPO)
+        assert proc.returncode != 0 and "ResumeConfigError" in proc.stderr and words in proc.stderr, proc.stderr[-1500:]
+        assert "drop ckpt_path" in proc.stderr and "Nothing has run yet" in proc.stderr
+    assert last.read_bytes() == before and len(find_runs(good_run)) == 1
+    # the stored values given again, and what may change (where the data are read, how long to train)
+    copy = tmp_path / "copy"
+    shutil.copytree(good_run, copy)
+    check(run_cli("train.py", f"ckpt_path={copy}", "likelihood=bernoulli", "data=digits", "latent_dim=16",
+                  f"data.root={REPO}/data", "trainer.max_epochs=2", *QUICK[1:], f"hydra.run.dir={tmp_path}/r",
+                  cwd=REPO))
+    assert json.loads((copy / "summary.json").read_text())["resumed_from"]
+    assert [p.name for p in (copy / "checkpoints").glob("latest-step*")] == [f"latest-step{2 * STEPS_PER_EPOCH}.ckpt"]
 
 
 def test_no_secret_is_written_anywhere(good_run):

@@ -4,7 +4,8 @@ Resume (``ckpt_path``):
 
 * ``ckpt_path=<run folder>`` (or a checkpoint in ``<run folder>/checkpoints/``) continues that
   run: in its folder, with its stored config (the one its checkpoint carries; overrides given on
-  this command line, e.g. ``trainer.max_epochs=200``, apply on top), in the same W&B run (the id
+  this command line, e.g. ``trainer.max_epochs=200``, apply on top, except those that change the
+  model, the data set or the optimizer: ``FIXED_ON_RESUME``), in the same W&B run (the id
   is part of the stored config), from the training state of the checkpoint (mid-epoch too).
 * ``ckpt_path=last`` continues the run of the current output folder from its
   ``checkpoints/last.ckpt``, e.g. ``hydra.run.dir=<run folder> ckpt_path=last``. Without a
@@ -170,31 +171,99 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+#: what a resumed run keeps from its checkpoint: the model its weights belong to, the data set
+#: and batches its loops' state counts, and the optimizer whose state Lightning restores (an
+#: override of optim.* would be stored in the config but not applied)
+FIXED_ON_RESUME = ("latent_dim", "encoder", "decoder", "posterior", "likelihood", "prior", "optim", "data")
+#: ... except where the data are read from and how they are loaded
+FREE_ON_RESUME = ("data.root", "data.download", "data.num_workers", "data.pin_memory", "data.on_device",
+                  "data.eval_batch_size")
+
+
+class ResumeConfigError(ValueError):
+    """A resumed run's command line changes what its checkpoint fixes."""
+
+
+def _fixed_on_resume(key: str) -> bool:
+    def under(prefix: str) -> bool:
+        return key == prefix or key.startswith(prefix + ".")
+
+    return any(under(p) for p in FIXED_ON_RESUME) and not any(under(p) for p in FREE_ON_RESUME)
+
+
 def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt: Path) -> DictConfig:
     """The stored (resolved) config of the run, moved to ``run_dir`` if the folder moved, with
-    this command line's overrides on top."""
+    this command line's overrides on top. An override that changes the model, the data set or
+    the optimizer (``FIXED_ON_RESUME``) is refused: the checkpoint's weights and optimizer
+    state belong to the stored ones (repeating a stored value is fine)."""
     old_dir = (stored.get("paths") or {}).get("output_dir")
     config = _rebase(stored, str(old_dir), str(run_dir)) if old_dir else dict(stored)
     new = OmegaConf.create(config)
+    changed: list[str] = []
     for key, delete in _command_line_keys():
         if key in ("ckpt_path",) or key.startswith("hydra"):
             continue
+        before = OmegaConf.select(new, key, default=None)
+        if isinstance(before, DictConfig | ListConfig):
+            before = OmegaConf.to_container(before, resolve=True)
         if delete:
+            if _fixed_on_resume(key) and before is not None:
+                changed.append(f"~{key} (stored: {before!r})")
+                continue
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(new, parent) if parent else new
             if isinstance(node, DictConfig) and leaf in node:
                 del node[leaf]
             continue
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None and OmegaConf.select(new, key, default=None) is None:
+        if value is None and before is None:
             continue  # e.g. experiment=...: a group that is no key of the config
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value, resolve=True)
+        if _fixed_on_resume(key) and _resolved_auto(key, value, before) != before:
+            changed.append(_describe_change(key, before, value))
+            continue
         OmegaConf.update(new, key, value, merge=False, force_add=True)
+    if changed:
+        raise ResumeConfigError(
+            f"ckpt_path continues the run in {run_dir} from {ckpt.name}, whose weights, data and optimizer "
+            f"state belong to its stored config; this command line changes it: {'; '.join(changed)}. "
+            "A resumed run keeps its model (latent_dim, encoder, decoder, posterior, likelihood, prior), its "
+            "data set and batches (data.*, but for where and how they are read) and its optimizer (optim.*). "
+            "To train another configuration start a new run: drop ckpt_path (and give another hydra.run.dir). "
+            "Nothing has run yet."
+        )
     with open_dict(new):
         new.paths.output_dir = str(run_dir)
         new.ckpt_path = str(ckpt)
     return new
+
+
+def _resolved_auto(key: str, value: Any, stored: Any) -> Any:
+    """``value`` with ``data.binarize`` / ``data.dequantize`` = auto read as the stored run's
+    choice: auto is resolved from the likelihood (``vaelab.cli.resolve_data_options``), which a
+    resume keeps, so it resolves to what is stored."""
+    auto_keys = ("binarize", "dequantize")
+    if key == "data" and isinstance(value, dict) and isinstance(stored, dict):
+        return {k: stored.get(k) if k in auto_keys and v == "auto" else v for k, v in value.items()}
+    if key in ("data.binarize", "data.dequantize") and value == "auto":
+        return stored
+    return value
+
+
+def _describe_change(key: str, before: Any, value: Any) -> str:
+    """``key: stored → given``, for a group the options' targets (``likelihood: Bernoulli →
+    Gaussian``) and otherwise the values that differ."""
+    if isinstance(before, dict) and isinstance(value, dict):
+        if before.get("_target_") != value.get("_target_"):
+            def name(d: dict[str, Any]) -> str:
+                return str(d.get("_target_", "?")).rsplit(".", 1)[-1]
+
+            return f"{key}: {name(before)} → {name(value)}"
+        diffs = [f"{key}.{k}: {before.get(k)!r} → {value.get(k)!r}" for k in sorted(set(before) | set(value))
+                 if before.get(k) != value.get(k)]
+        return ", ".join(diffs[:4]) + (", …" if len(diffs) > 4 else "")
+    return f"{key}: {before!r} → {value!r}"
 
 
 def _command_line_keys() -> list[tuple[str, bool]]:

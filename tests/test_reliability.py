@@ -702,6 +702,17 @@ def test_a_resume_that_would_change_the_model_data_or_optimizer_is_refused(good_
     assert [p.name for p in (copy / "checkpoints").glob("latest-step*")] == [f"latest-step{2 * STEPS_PER_EPOCH}.ckpt"]
 
 
+def test_a_new_run_into_the_folder_of_an_earlier_one_is_refused(good_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(good_run, copy)
+    files = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    proc = run_cli("train.py", *QUICK, "likelihood=gaussian", f"hydra.run.dir={copy}", cwd=REPO)
+    assert proc.returncode != 0 and f"paths.output_dir={copy} holds an earlier run (summary.json" in proc.stderr
+    assert f"ckpt_path={copy}" in proc.stderr and "another hydra.run.dir" in proc.stderr
+    # refused before Hydra writes its files: nothing of the earlier run changed, nothing added
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
+
+
 def test_no_secret_is_written_anywhere(good_run):
     secrets = [b"secret-xyz-0123456789abcdef", b"tok-very-secret-42"]
     files = [p for p in good_run.rglob("*") if p.is_file()]

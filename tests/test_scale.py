@@ -208,10 +208,13 @@ BOOM = (
 def test_a_2x2_multirun_makes_4_runs_in_one_group_and_survives_a_failing_job(tmp_path):
     (tmp_path / "boom.py").write_text(BOOM)
     sweep = tmp_path / "sweep"
-    proc = check(run_cli("train.py", "-m", "latent_dim=2,4", "seed=0,1", "allowed_targets=[boom.]",
-                         "+callbacks.boom._target_=boom.Boom", "trainer.max_epochs=1", *FAST,
-                         f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(tmp_path), timeout=400))
+    proc = run_cli("train.py", "-m", "latent_dim=2,4", "seed=0,1", "allowed_targets=[boom.]",
+                   "+callbacks.boom._target_=boom.Boom", "trainer.max_epochs=1", *FAST,
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(tmp_path), timeout=400)
     assert "boom: injected failure" in proc.stderr + proc.stdout  # job #0 failed first ...
+    # ... the sweep's end names it, and the sweep exits non-zero
+    assert proc.returncode != 0 and "1 of 4 sweep jobs failed" in proc.stderr
+    assert f"{sweep / '0'}: RuntimeError: boom: injected failure" in proc.stderr
     folders = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert folders == ["0", "1", "2", "3"]  # ... and the sweep went on
     runs = {job: read_run(find_runs(sweep / job)[0]) for job in folders}
@@ -221,6 +224,27 @@ def test_a_2x2_multirun_makes_4_runs_in_one_group_and_survives_a_failing_job(tmp
     assert groups == {"sweep"}  # the sweep folder, relative to where it was started
     assert [runs[j].exit_code for j in folders] == [1, 0, 0, 0]
     assert [json.loads((sweep / j / "summary.json").read_text())["failed"] for j in folders] == [True, False, False, False]
+
+
+@pytest.mark.slow
+def test_a_sweep_job_with_a_bad_value_is_reported_and_a_sweep_folder_is_not_reused(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("train.py", "-m", "latent_dim=4,-3", "trainer.max_epochs=1", "logger=none", *FAST,
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
+    assert proc.returncode != 0 and "1 of 2 sweep jobs failed" in proc.stderr
+    assert "latent_dim must be a positive integer, got -3" in proc.stderr
+    summaries = [json.loads((sweep / j / "summary.json").read_text()) for j in ("0", "1")]
+    assert [s["failed"] for s in summaries] == [False, True]
+    assert "latent_dim must be a positive integer, got -3" in summaries[1]["error"]
+    report = check(run_cli("report.py", str(sweep), cwd=tmp_path, env=_env()))
+    rows = [line for line in report.stdout.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
+    assert len(rows) == 2 and rows[0].endswith("| ok |") and "failed: ConfigError" in rows[1], report.stdout
+    # the same sweep again into its folder: refused before any job, nothing of the first touched
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    again = run_cli("train.py", "-m", "latent_dim=4,-3", "trainer.max_epochs=1", "logger=none", *FAST,
+                    f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
+    assert again.returncode != 0 and f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep" in again.stderr
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
 
 
 def test_a_single_run_that_fails_still_exits_nonzero(tmp_path):

@@ -201,6 +201,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         if log_model_by_hand:
             dashboard.log_checkpoint_artifact(loggers, best_path, summary["last_checkpoint"])
         failed = False
+    except BaseException as error:
+        summary["error"] = f"{type(error).__name__}: {str(error)[:2000]}"  # for report.py and the sweep's end
+        raise
     finally:
         summary["wandb_dir"] = wandb_run_dir(loggers)
         summary["wall_time_s"] = round(time.time() - started, 1)
@@ -314,12 +317,30 @@ def train_main(cfg: DictConfig) -> float:
         if not in_multirun():
             raise  # a single run exits non-zero with the error
         # one job of a sweep: its W&B run is finished with exit code 1 and its summary.json says
-        # failed; the sweep goes on, and Optuna records a trial as bad as can be
+        # failed (written here if the job stopped before training); the sweep goes on, Optuna
+        # records a trial as bad as can be, and the sweep's end lists the failures (RunFolders)
         log.exception("vaelab: this sweep job failed; the sweep continues with the next job")
+        _write_failed_job_summary(cfg)
         return float("-inf")
     best = summary.get("best_val_elbo")
     # returned to Hydra's sweepers (Optuna maximizes val/elbo)
     return float(best) if best is not None and math.isfinite(best) else float("-inf")
+
+
+def _write_failed_job_summary(cfg: DictConfig) -> None:
+    """A ``summary.json`` saying ``failed``, with the error, for a sweep job that stopped before
+    ``train`` wrote one (a bad value of this job's overrides), so that report.py lists it; an
+    existing one (the job's own, or an earlier run's that the job refused to overwrite) stays."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    error = sys.exc_info()[1]
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not (output_dir / "summary.json").exists():
+        _write_json(output_dir / "summary.json", {
+            "output_dir": str(output_dir), "failed": True,
+            "error": f"{type(error).__name__}: {str(error)[:2000]}" if error else "failed"})
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -1,6 +1,7 @@
 """One table for a multirun: ``python report.py <multirun folder>`` (or ``vaelab-report``).
 
-Every run under the folder (a folder holding ``summary.json``) becomes one row: its overrides
+Every run under the folder (a folder holding ``summary.json``, or a sweep job's folder without
+one: it failed before training) becomes one row: its overrides
 (one column per overridden key, from ``<run>/.hydra/overrides.yaml``), best ``val/elbo``,
 ``test/nll``, ``test/bpd``, active units and wall time. The table is printed as markdown and
 written to ``report.md`` and ``report.csv`` in the folder: what the W&B runs table shows online,
@@ -48,7 +49,9 @@ def _sort_key(run: Path, root: Path) -> tuple:
 def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     """The columns and rows of the table, one row per run under ``folder``."""
     root = Path(folder)
-    runs = sorted((p.parent for p in root.rglob("summary.json")), key=lambda r: _sort_key(r, root))
+    # a run wrote summary.json; a sweep job that stopped before that has only Hydra's .hydra folder
+    found = {p.parent for p in root.rglob("summary.json")} | {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    runs = sorted(found, key=lambda r: _sort_key(r, root))
     overrides = {run: read_overrides(run) for run in runs}
     keys: list[str] = []
     for ov in overrides.values():
@@ -56,11 +59,14 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     # keys every run sets alike (the sweep's constants) stay: they say how the numbers were got
     rows = []
     for run in runs:
-        summary = json.loads((run / "summary.json").read_text())
+        path = run / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {"failed": True,
+                                                                        "error": "no summary.json: see its log"}
         row: dict[str, Any] = {"run": str(run.relative_to(root)) or "."}
         row.update({k: overrides[run].get(k, "") for k in keys})
         row.update({name: get(summary) for name, get in NUMBERS})
-        row["status"] = "failed" if summary.get("failed") else "ok"
+        error = str(summary.get("error") or "").splitlines()[0][:120] if summary.get("error") else ""
+        row["status"] = (f"failed: {error}" if error else "failed") if summary.get("failed") else "ok"
         rows.append(row)
     columns = ["run", *keys, *(name for name, _ in NUMBERS), "status"]
     return columns, rows

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.experimental.callback import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
@@ -67,6 +68,74 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+def job_failure(job: Path) -> str | None:
+    """Why a sweep job failed (None if it did not): its ``summary.json`` says ``failed``, or it
+    never wrote one (it stopped before training: a config the job alone could check)."""
+    summary = job / "summary.json"
+    if not summary.is_file():
+        return "no summary.json (it stopped before training)"
+    import json
+
+    try:
+        data = json.loads(summary.read_text())
+    except (OSError, ValueError) as err:
+        return f"summary.json unreadable ({type(err).__name__})"
+    if not data.get("failed"):
+        return None
+    return str(data.get("error") or "failed")
+
+
+class RunFolders(Callback):
+    """A Hydra callback (``hydra.callbacks`` in train.yaml) that guards run and sweep folders
+    before Hydra writes into them, and closes a sweep with its failures:
+
+    * a run (no ``ckpt_path``) into a folder that holds an earlier run, or a sweep into a sweep
+      folder whose jobs hold earlier runs, is refused before Hydra saves its ``.hydra`` files
+      there (``vaelab.validation.earlier_run_problem``; ``train()`` checks again itself);
+    * after the last job of a sweep, the jobs that failed are listed with their errors and the
+      sweep exits non-zero; the jobs that ran keep their results.
+
+    Hydra turns an exception in a callback into a warning and goes on, so these print their
+    message and stop the process with ``SystemExit(1)``.
+    """
+
+    @staticmethod
+    def _stop(message: str) -> None:
+        import sys
+
+        print(f"vaelab: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from vaelab.validation import earlier_run_problem
+
+        problem = earlier_run_problem(OmegaConf.create({
+            "ckpt_path": config.get("ckpt_path"), "paths": {"output_dir": str(config.hydra.run.dir)}}))
+        if problem:
+            self._stop(f"{problem}; nothing has run yet")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from vaelab.validation import earlier_run_problem
+
+        sweep = Path(str(config.hydra.sweep.dir))
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
+        held = [job.name for job in jobs
+                if earlier_run_problem(OmegaConf.create({"ckpt_path": None, "paths": {"output_dir": str(job)}}))]
+        if held:
+            self._stop(f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep (jobs {', '.join(held)}), which "
+                       "this sweep would overwrite: give another hydra.sweep.dir; nothing has run yet")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
+                      key=lambda p: (0, int(p.name)) if p.name.isdigit() else (1, p.name)) if sweep.is_dir() else []
+        failed = [(job, why) for job in jobs if (why := job_failure(job))]
+        if failed:
+            lines = "\n  ".join(f"{job}: {why[:300]}" for job, why in failed)
+            self._stop(f"{len(failed)} of {len(jobs)} sweep jobs failed (each folder's summary.json and log say "
+                       f"more; vaelab-report {sweep} lists every job):\n  {lines}")
 
 
 # --- W&B run identity ---------------------------------------------------------------------------

@@ -216,12 +216,34 @@ def checkpoint_problem(ckpt_path: Any) -> str | None:
     return None
 
 
+def earlier_run_problem(cfg: DictConfig) -> str | None:
+    """A new run (no ``ckpt_path``) must not write into a folder that holds an earlier run: its
+    summary, logs and ``latest-step`` checkpoint would be replaced and its pictures mixed with
+    the new ones (a job script with a fixed ``hydra.run.dir``, a sweep run again into its folder)."""
+    if cfg.get("ckpt_path") not in (None, ""):
+        return None
+    out = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    if out is None:
+        return None
+    folder = Path(str(out)).expanduser()
+    found = [p.name for p in (folder / "summary.json",) if p.is_file()]
+    found += [f"checkpoints/{p.name}" for p in sorted((folder / "checkpoints").glob("*.ckpt"))[:3]]
+    if not found:
+        return None
+    return (f"paths.output_dir={folder} holds an earlier run ({', '.join(found)}), which a new run there would "
+            f"overwrite: continue it with ckpt_path={folder}, or write this run elsewhere (another hydra.run.dir, "
+            "or hydra.sweep.dir for a sweep)")
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Every problem of a training config at once, before anything runs (``ConfigError``)."""
     problems = value_problems(cfg)
     ckpt = checkpoint_problem(cfg.get("ckpt_path"))
     if ckpt:
         problems.append(ckpt)
+    earlier = earlier_run_problem(cfg)
+    if earlier:
+        problems.append(earlier)
     problems += folder_problems(output_folders(cfg))
     raise_problems(problems)
 

@@ -96,6 +96,18 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_fix(tmp_path, monkeypa
             assert value_problems(compose("train", overrides=[f"paths.output_dir={tmp_path}", "trainer=cpu"])) == []
 
 
+def test_a_misspelled_setting_added_with_plus_is_refused_with_the_right_name(good_run, tmp_path):
+    # Hydra answers latent_dimm=8 with "use +latent_dimm=8", which would train with latent_dim=16
+    proc = run_cli("train.py", *QUICK, "+latent_dimm=8", "+note=kept", f"hydra.run.dir={tmp_path}/run", cwd=REPO)
+    assert proc.returncode != 0 and "did you mean latent_dim? (without +: latent_dim=...;" in proc.stderr
+    assert "+note:" not in proc.stderr and "1 problem" in proc.stderr  # a free-form addition goes through
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    proc = run_cli("eval.py", f"ckpt_path={good_run}", "+likelihood=gaussian", f"hydra.run.dir={tmp_path}/eval",
+                   cwd=REPO)
+    assert proc.returncode != 0 and "+likelihood: likelihood is a training setting" in proc.stderr
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
 def test_bad_values_fail_at_once_before_anything_is_written(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -235,6 +235,58 @@ def earlier_run_problem(cfg: DictConfig) -> str | None:
             "or hydra.sweep.dir for a sweep)")
 
 
+def top_level_names(primary: str) -> set[str]:
+    """The settings of ``train.py`` / ``eval.py`` (``primary`` = train | eval): the keys of its
+    YAML file and the config groups of its defaults list."""
+    from importlib.resources import files
+
+    node = OmegaConf.load(str(files("vaelab.conf").joinpath(f"{primary}.yaml")))
+    names = {str(k) for k in node if k not in ("defaults", "hydra")}
+    for entry in node.get("defaults") or []:
+        if isinstance(entry, str):
+            names.add(entry)
+        else:
+            names.update(str(k).split("@")[0].removeprefix("override ").strip("/") for k in entry)
+    return names - {"_self_"}
+
+
+def added_key_problems(primary: str) -> list[str]:
+    """A ``+key=value`` on the command line adds a key that no file defines. Hydra suggests the
+    ``+`` for any unknown key, so a misspelled setting (``+latent_dimm=8``) or a training option
+    given to eval.py (``+likelihood=gaussian``) would run and be silently ignored. Refused:
+    additions whose top-level name is a near miss of a setting, and for eval.py the training
+    options. Other additions (``+note=...``, ``+trainer.limit_val_batches=...``) go through."""
+    import difflib
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError:  # pragma: no cover
+        return []
+    if not HydraConfig.initialized():
+        return []
+    known = top_level_names(primary)
+    training = top_level_names("train") if primary == "eval" else set()
+    script = f"{primary}.py"
+    problems = []
+    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        if not override.is_add():
+            continue
+        key = override.key_or_group.replace("/", ".")
+        top = key.split(".")[0]
+        if top in known:
+            continue
+        near = difflib.get_close_matches(top, sorted(known), n=1, cutoff=0.75)
+        if near:
+            problems.append(f"+{key}: {top} is not a setting of {script}; did you mean {near[0]}? (without +: "
+                            f"{key.replace(top, near[0], 1)}=...; the + only adds a key that nothing reads)")
+        elif top in training:
+            problems.append(f"+{key}: {top} is a training setting; eval.py evaluates the checkpoint's model as it "
+                            "was trained (its overrides: evaluation.*, data.root, data.download, "
+                            "data.eval_batch_size, trainer, logger)")
+    return problems
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Every problem of a training config at once, before anything runs (``ConfigError``)."""
     problems = value_problems(cfg)
@@ -244,6 +296,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     earlier = earlier_run_problem(cfg)
     if earlier:
         problems.append(earlier)
+    problems += added_key_problems("train")
     problems += folder_problems(output_folders(cfg))
     raise_problems(problems)
 
@@ -251,6 +304,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation"]))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
+    problems += added_key_problems("eval")
     raise_problems(problems)
 
 

@@ -708,7 +708,7 @@ def test_a_resume_that_would_change_the_model_data_or_optimizer_is_refused(good_
     copy = tmp_path / "copy"
     shutil.copytree(good_run, copy)
     check(run_cli("train.py", f"ckpt_path={copy}", "likelihood=bernoulli", "data=digits", "latent_dim=16",
-                  f"data.root={REPO}/data", "trainer.max_epochs=2", *QUICK[1:], f"hydra.run.dir={tmp_path}/r",
+                  f"data.root={tmp_path}/elsewhere", "trainer.max_epochs=2", *QUICK[1:], f"hydra.run.dir={tmp_path}/r",
                   cwd=REPO))
     assert json.loads((copy / "summary.json").read_text())["resumed_from"]
     assert [p.name for p in (copy / "checkpoints").glob("latest-step*")] == [f"latest-step{2 * STEPS_PER_EPOCH}.ckpt"]

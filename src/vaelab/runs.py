@@ -289,8 +289,8 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
             continue  # e.g. experiment=...: a group that is no key of the config
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value, resolve=True)
-        if _fixed_on_resume(key) and _resolved_auto(key, value, before) != before:
-            changed.append(_describe_change(key, before, value))
+        if _fixed_on_resume(key) and _comparable(key, _resolved_auto(key, value, before)) != _comparable(key, before):
+            changed.append(_describe_change(key, _comparable(key, before), _comparable(key, value)))
             continue
         OmegaConf.update(new, key, value, merge=False, force_add=True)
     if changed:
@@ -317,6 +317,14 @@ def _resolved_auto(key: str, value: Any, stored: Any) -> Any:
         return {k: stored.get(k) if k in auto_keys and v == "auto" else v for k, v in value.items()}
     if key in ("data.binarize", "data.dequantize") and value == "auto":
         return stored
+    return value
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """A group's settings without those free on resume (``data=mnist`` given again from another
+    folder: its ``data.root`` may differ)."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if not any(f == f"{key}.{k}" for f in FREE_ON_RESUME)}
     return value
 
 

@@ -227,21 +227,30 @@ def test_a_2x2_multirun_makes_4_runs_in_one_group_and_survives_a_failing_job(tmp
 
 
 @pytest.mark.slow
-def test_a_sweep_job_with_a_bad_value_is_reported_and_a_sweep_folder_is_not_reused(tmp_path):
-    sweep = tmp_path / "sweep"
+def test_a_sweep_with_bad_jobs_is_refused_before_any_or_reported_and_its_folder_not_reused(tmp_path):
+    # a value of a grid's option that fails the config check: refused before any job runs
+    sweep = tmp_path / "refused"
     proc = run_cli("train.py", "-m", "latent_dim=4,-3", "trainer.max_epochs=1", "logger=none", *FAST,
                    f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
-    assert proc.returncode != 0 and "1 of 2 sweep jobs failed" in proc.stderr
-    assert "latent_dim must be a positive integer, got -3" in proc.stderr
+    assert proc.returncode != 0 and "1 of the sweep's jobs would fail the config check; nothing has run" in proc.stderr
+    assert "job 1 (latent_dim=-3 " in proc.stderr and "latent_dim must be a positive integer, got -3" in proc.stderr
+    assert not sweep.exists() or not any(sweep.iterdir())
+    # a job that fails its own check when it starts (its checkpoint is missing): the others run,
+    # its summary.json says why, the report lists it, and the sweep exits non-zero naming it
+    sweep = tmp_path / "sweep"
+    missing = tmp_path / "missing.ckpt"
+    proc = run_cli("train.py", "-m", f"ckpt_path=null,{missing}", "trainer.max_epochs=1", "logger=none", *FAST,
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
+    assert proc.returncode != 0 and "1 of 2 sweep jobs failed" in proc.stderr and f"no checkpoint at {missing}" in proc.stderr
     summaries = [json.loads((sweep / j / "summary.json").read_text()) for j in ("0", "1")]
     assert [s["failed"] for s in summaries] == [False, True]
-    assert "latent_dim must be a positive integer, got -3" in summaries[1]["error"]
+    assert f"no checkpoint at {missing}" in summaries[1]["error"]
     report = check(run_cli("report.py", str(sweep), cwd=tmp_path, env=_env()))
     rows = [line for line in report.stdout.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
     assert len(rows) == 2 and rows[0].endswith("| ok |") and "failed: ConfigError" in rows[1], report.stdout
     # the same sweep again into its folder: refused before any job, nothing of the first touched
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
-    again = run_cli("train.py", "-m", "latent_dim=4,-3", "trainer.max_epochs=1", "logger=none", *FAST,
+    again = run_cli("train.py", "-m", f"ckpt_path=null,{missing}", "trainer.max_epochs=1", "logger=none", *FAST,
                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
     assert again.returncode != 0 and f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep" in again.stderr
     assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before

@@ -87,6 +87,34 @@ def job_failure(job: Path) -> str | None:
     return str(data.get("error") or "failed")
 
 
+def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
+    """Each job of a grid sweep (Hydra's basic sweeper) whose values fail
+    ``vaelab.validation.value_problems``, as ``job N (its overrides): problems``: found before the
+    first job starts instead of when that job's turn comes. Other sweepers choose their values
+    as they go (Optuna), and then each job checks its own."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if not sweeper.endswith("BasicSweeper"):
+        return []
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from vaelab.validation import value_problems
+
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
+    jobs = [job for batch in batches for job in batch]
+    if len(jobs) > max_jobs:
+        return []  # composing each would take long; every job still checks its own at its start
+    found = []
+    for number, job in enumerate(jobs):
+        problems = value_problems(compose(config_name="train", overrides=list(job)))
+        if problems:
+            found.append(f"job {number} ({' '.join(job)}): {'; '.join(problems)}")
+    return found
+
+
 class RunFolders(Callback):
     """A Hydra callback (``hydra.callbacks`` in train.yaml) that guards run and sweep folders
     before Hydra writes into them, and closes a sweep with its failures:
@@ -126,6 +154,11 @@ class RunFolders(Callback):
         if held:
             self._stop(f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep (jobs {', '.join(held)}), which "
                        "this sweep would overwrite: give another hydra.sweep.dir; nothing has run yet")
+        bad = sweep_value_problems(config)
+        if bad:
+            lines = "\n  ".join(bad)
+            self._stop(f"{len(bad)} of the sweep's jobs would fail the config check; nothing has run yet (fix or "
+                       f"drop those options):\n  {lines}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(str(config.hydra.sweep.dir))

@@ -192,6 +192,17 @@ def test_bf16_mixed_trains_end_to_end_under_lightning(tmp_path):
                   "+trainer.limit_train_batches=5", *FAST, "logger=none", f"hydra.run.dir={out}", cwd=tmp_path, env=_env()))
     summary = json.loads((out / "summary.json").read_text())
     assert all(math.isfinite(v) for v in summary["test"].values())
+    assert summary["precision"] == "bf16-mixed"
+
+
+@pytest.mark.slow
+def test_fp16_on_a_cpu_is_recorded_as_the_bf16_that_ran(tmp_path):
+    out = tmp_path / "run"
+    proc = check(run_cli("train.py", "trainer.precision=16-mixed", "trainer.accelerator=cpu", "trainer.max_epochs=1",
+                         "+trainer.limit_train_batches=3", *FAST, "logger=none", f"hydra.run.dir={out}",
+                         cwd=tmp_path, env=_env()))
+    assert "trainer.precision=16-mixed runs as bf16-mixed on this machine" in proc.stdout + proc.stderr
+    assert json.loads((out / "summary.json").read_text())["precision"] == "bf16-mixed"
 
 
 # --- sweeps -------------------------------------------------------------------------------------

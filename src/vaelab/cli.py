@@ -178,7 +178,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     failed = True
     summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resume_ckpt) if resume_ckpt else None,
-                               "world_size": trainer.world_size}
+                               "world_size": trainer.world_size, "precision": str(trainer.precision)}
+    if str(trainer.precision) != str(cfg.trainer.get("precision", trainer.precision)):
+        # Lightning swaps what a device lacks (16-mixed on a CPU runs as bf16-mixed): the stored
+        # config keeps what was asked, summary.json and the W&B summary what ran
+        log.warning("vaelab: trainer.precision=%s runs as %s on this machine; summary.json records %s",
+                    cfg.trainer.precision, trainer.precision, trainer.precision)
     try:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None,

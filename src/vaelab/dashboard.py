@@ -102,7 +102,7 @@ def run_facts(module: Any, data_info: dict[str, Any]) -> dict[str, Any]:
 def update_wandb_summary(loggers: list[Logger], facts: dict[str, Any]) -> None:
     """Put K, the chunk size, the data's binarization/dequantization and the per-dimension
     diagnostics into the W&B run's summary (``evaluation/*``, ``data/*``, ``diagnostics/*``)."""
-    flat: dict[str, Any] = {}
+    flat: dict[str, Any] = {"precision": facts["precision"]} if facts.get("precision") else {}
     for group in ("evaluation", "data"):
         flat.update({f"{group}/{k}": v for k, v in facts.get(group, {}).items()})
     diag = facts.get("diagnostics") or {}

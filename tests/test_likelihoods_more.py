@@ -289,10 +289,14 @@ def test_level_likelihoods_refuse_binarized_or_dequantized_data_naming_the_fix(t
     assert wrong in str(err.value)
 
 
-def test_a_level_count_that_differs_from_the_data_is_refused(tmp_path):
-    _, _, build = _module(tmp_path, "likelihood=categorical", "likelihood.num_classes=256")  # digits: 17
-    with pytest.raises(ValueError, match="over 256 intensity levels.*has 17 levels"):
+@pytest.mark.parametrize(("likelihood", "key"), [("categorical", "num_classes"), ("discretized_logistic_mixture", "num_bins")])
+def test_a_level_count_that_differs_from_the_data_is_refused(tmp_path, likelihood, key):
+    _, _, build = _module(tmp_path, f"likelihood={likelihood}", f"likelihood.{key}=256")  # digits: 17
+    with pytest.raises(ValueError, match="over 256 intensity levels.*has 17 levels") as err:
         build()
+    # the fix named is the one that applies: the data are already as the likelihood needs them
+    assert f"likelihood.{key}=null (the data's 17 levels)" in str(err.value)
+    assert "data.binarize=none data.dequantize=false" not in str(err.value)
 
 
 @pytest.mark.parametrize(("likelihood", "per_value"), [("categorical", 17), ("discretized_logistic_mixture", 30)])

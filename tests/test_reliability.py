@@ -725,6 +725,21 @@ def test_a_new_run_into_the_folder_of_an_earlier_one_is_refused(good_run, tmp_pa
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
 
 
+def test_a_folder_given_as_checkpoint_says_what_it_holds(good_run, tmp_path):
+    from vaelab.checkpoints import resolve_checkpoint
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="holds no checkpoint \\(.ckpt\\) at all: give a run folder"):
+        resolve_checkpoint(empty)
+    loose = tmp_path / "loose"
+    (loose / "sub").mkdir(parents=True)
+    shutil.copy(good_run / "checkpoints" / "last.ckpt", loose / "sub" / "x.ckpt")
+    with pytest.raises(CheckpointError, match="without checkpoints/last.ckpt: give the .ckpt file itself. It holds: .*x.ckpt"):
+        resolve_checkpoint(loose)
+    assert resolve_checkpoint(good_run) == good_run / "checkpoints" / "last.ckpt"
+
+
 def test_no_secret_is_written_anywhere(good_run):
     secrets = [b"secret-xyz-0123456789abcdef", b"tok-very-secret-42"]
     files = [p for p in good_run.rglob("*") if p.is_file()]

@@ -76,6 +76,30 @@ def test_binarized_data_have_bins_one_unit_wide(binarize):
     assert Digits(binarize="none").info["bin_width"] == pytest.approx(1 / 16)
 
 
+@pytest.mark.slow
+def test_eval_gives_binarized_data_unit_bins_also_from_an_older_checkpoint(tmp_path):
+    import json
+    import math
+
+    from conftest import REPO, check, run_cli
+
+    run = tmp_path / "run"
+    check(run_cli("train.py", "likelihood=gaussian", "data.binarize=dynamic", "trainer.max_epochs=1", "logger=none",
+                  "evaluation.test_num_samples=5", "evaluation.val_num_samples=0", "test=false",
+                  f"hydra.run.dir={run}", cwd=REPO))
+    ckpt_path = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert ckpt["hyper_parameters"]["data_info"]["bin_width"] == 1.0
+    ckpt["hyper_parameters"]["data_info"]["bin_width"] = 1 / 16  # what vaelab stored before
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    out = tmp_path / "eval"
+    check(run_cli("eval.py", f"ckpt_path={old}", "evaluation.test_num_samples=5", f"hydra.run.dir={out}", cwd=REPO))
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    # Δ = 1: bits/dim is the nll over D ln 2, without the log2(16) = 4 bits/dim the old width added
+    assert metrics["test/bpd"] == pytest.approx(metrics["test/nll"] / (64 * math.log(2)), rel=1e-6)
+
+
 def test_batches_come_whole_from_the_loader():
     dm = setup(Digits(binarize="dynamic", batch_size=50))
     x, y = next(iter(dm.train_dataloader()))

@@ -267,6 +267,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_cfg = dict(stored["data"])
     data_cfg.update({k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None})
     datamodule = build_datamodule(data_cfg, stored)
+    # the bin width as this vaelab computes it (checkpoints from before 2026-11-28 stored
+    # 1/(L−1) for binarized data, where it is 1: their test/bpd comes out right here)
+    module.data_info = {**module.data_info, "bin_width": datamodule.info["bin_width"]}
     loggers = build_loggers(cfg.get("logger"), stored)
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(stored))
     pictures = ImageLogger(save_dir=str(Path(cfg.paths.output_dir) / "images"), num_samples=0)

@@ -26,9 +26,10 @@ class Posterior(nn.Module):
 
     def __init__(self, min_scale: float = 1e-4):
         super().__init__()
-        if not min_scale > 0:  # softplus(raw) underflows to 0 below raw ≈ −104 (float32)
-            raise ValueError(f"posterior.min_scale must be > 0 (softplus alone reaches 0, and a zero scale "
-                             f"makes the KL infinite), got {min_scale}; e.g. posterior.min_scale=1e-4")
+        # >= 0 here, so that a checkpoint trained with 0 still loads; a new training run is
+        # refused 0 (vaelab.validation: softplus alone underflows to a zero scale, an infinite KL)
+        if not min_scale >= 0:
+            raise ValueError(f"posterior.min_scale must be >= 0, got {min_scale}")
         self.min_scale = float(min_scale)
 
     def positive(self, raw: torch.Tensor) -> torch.Tensor:

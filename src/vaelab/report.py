@@ -49,8 +49,10 @@ def _sort_key(run: Path, root: Path) -> tuple:
 def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     """The columns and rows of the table, one row per run under ``folder``."""
     root = Path(folder)
-    # a run wrote summary.json; a sweep job that stopped before that has only Hydra's .hydra folder
-    found = {p.parent for p in root.rglob("summary.json")} | {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    # a run wrote summary.json; a sweep job that stopped before that has only Hydra's .hydra
+    # folder (in a sweep folder, which holds Hydra's multirun.yaml)
+    found = {p.parent for p in root.rglob("summary.json")}
+    found |= {p.parent for p in root.rglob(".hydra") if p.is_dir() and (p.parent.parent / "multirun.yaml").is_file()}
     runs = sorted(found, key=lambda r: _sort_key(r, root))
     overrides = {run: read_overrides(run) for run in runs}
     keys: list[str] = []

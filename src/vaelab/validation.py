@@ -94,7 +94,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
      "data.binarize=auto"),
     ("data.dequantize", lambda v: v in ("auto", True, False), "auto, true or false", "data.dequantize=auto"),
     ("objective.warmup_unit", lambda v: v in ("steps", "epochs"), "steps or epochs", "objective.warmup_unit=epochs"),
-    ("trainer.precision", lambda v: not PRECISIONS or v in PRECISIONS,
+    ("trainer.precision", lambda v: v is None or not PRECISIONS or v in PRECISIONS,
      f"one of {', '.join(str(p) for p in PRECISIONS if isinstance(p, str) and '-' in p)}",
      "trainer.precision=bf16-mixed"),
     ("trainer.accumulate_grad_batches", _int_at_least(1), "an integer >= 1 (batches per optimizer step)",
@@ -302,7 +302,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
-    problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation"]))
+    problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed"]))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
     problems += added_key_problems("eval")
     raise_problems(problems)

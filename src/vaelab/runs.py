@@ -108,8 +108,9 @@ def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
     if len(jobs) > max_jobs:
         return []  # composing each would take long; every job still checks its own at its start
     found = []
+    name = str(OmegaConf.select(config, "hydra.job.config_name", default=None) or "train")
     for number, job in enumerate(jobs):
-        problems = value_problems(compose(config_name="train", overrides=list(job)))
+        problems = value_problems(compose(config_name=name, overrides=list(job)))
         if problems:
             found.append(f"job {number} ({' '.join(job)}): {'; '.join(problems)}")
     return found

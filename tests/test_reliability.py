@@ -167,6 +167,15 @@ def test_download_without_network_names_where_to_put_the_files(tmp_path, monkeyp
     msg = str(err.value)
     assert "the download failed (no network access?)" in msg and "name resolution" in msg
     assert str(tmp_path / "empty" / "MNIST" / "raw") in msg and "train-images-idx3-ubyte.gz" in msg
+    assert not (tmp_path / "empty").exists()  # the folders torchvision made for the download are gone
+
+
+def test_missing_data_stop_a_run_before_it_makes_a_wandb_run(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train.py", *QUICK, "data=mnist", f"data.root={tmp_path}/empty", "data.download=false",
+                   f"hydra.run.dir={out}", cwd=REPO)
+    assert proc.returncode != 0 and "DataNotFoundError" in proc.stderr and "MNIST/raw" in proc.stderr
+    assert not (out / "wandb").exists() and not (out / "checkpoints").exists()
 
 
 @pytest.mark.data

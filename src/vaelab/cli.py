@@ -73,6 +73,15 @@ def build_datamodule(data_cfg: Any, config: dict[str, Any]) -> pl.LightningDataM
     return instantiate(data_cfg)
 
 
+def prepare_data_first(datamodule: pl.LightningDataModule) -> None:
+    """The data files found (or downloaded) before the loggers are built, so that missing or
+    damaged files stop a run before it creates a W&B run; on the first process of each machine,
+    as Lightning does (the others wait for it inside ``fit``)."""
+    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if str(local_rank) == "0":
+        datamodule.prepare_data()
+
+
 def build_each(group_cfg: Any, config: dict[str, Any]) -> list[Any]:
     """Instantiate every entry of a name → config mapping (the logger and callbacks groups),
     skipping entries set to null, each checked against the allowed targets first."""
@@ -154,6 +163,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
 
     datamodule = build_datamodule(cfg.data, config)
+    prepare_data_first(datamodule)
     module = VAEModule(config=config, data_info=datamodule.info)
     logger_cfg, log_model_by_hand = dashboard.wandb_logger_config(cfg)
     loggers = build_loggers(logger_cfg, config)
@@ -267,6 +277,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_cfg = dict(stored["data"])
     data_cfg.update({k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None})
     datamodule = build_datamodule(data_cfg, stored)
+    prepare_data_first(datamodule)
     # the bin width as this vaelab computes it (checkpoints from before 2026-11-28 stored
     # 1/(L−1) for binarized data, where it is 1: their test/bpd comes out right here)
     module.data_info = {**module.data_info, "bin_width": datamodule.info["bin_width"]}

@@ -29,6 +29,7 @@ Splits are deterministic: the held-out validation set is drawn from the training
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Iterator, Sized
@@ -316,9 +317,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     # --- Lightning hooks -------------------------------------------------------------------
     def prepare_data(self) -> None:
-        # download on one process; loading happens in setup on every process
+        # download on one process; loading happens in setup on every process. Once: train.py
+        # and eval.py call it before the loggers exist (missing files stop a run before it makes
+        # a W&B run), and Lightning's own call then has nothing left to do
+        if getattr(self, "_prepared", False):
+            return
         for train in (True, False):
             self.load(train)
+        self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -475,9 +481,16 @@ class TorchvisionImages(ImageDataModule):
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, self.torchvision_class)
+        # the folders torchvision makes before it finds out it cannot download: root/folder and
+        # those above it, down from root (deepest first)
+        target = self.root / self.folder
+        made = [p for p in (target, *target.parents) if not p.exists() and (p == self.root or self.root in p.parents)]
         try:
             return cls(str(self.root), train=train, download=self.download)
         except Exception as err:  # torchvision raises RuntimeError, URLError, OSError, ...
+            for folder in made:  # deepest first: the empty ones it left behind go again
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             where = self.root / self.folder
             bad = damaged_files(cls, self.root, self.folder)
             if bad:

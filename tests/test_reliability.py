@@ -86,6 +86,7 @@ def test_every_value_out_of_range_is_listed_with_its_key(tmp_path):
 
 def test_a_gpu_trainer_on_a_machine_without_one_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     for trainer in ("gpu", "ddp"):
         with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
             cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", f"trainer={trainer}"])
@@ -94,6 +95,10 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_fix(tmp_path, monkeypa
                    for p in problems), problems
         with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
             assert value_problems(compose("train", overrides=[f"paths.output_dir={tmp_path}", "trainer=cpu"])) == []
+    # Lightning's "gpu" is Apple's MPS on a Mac: allowed there
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+        assert value_problems(compose("train", overrides=[f"paths.output_dir={tmp_path}", "trainer=gpu"])) == []
 
 
 def test_a_misspelled_setting_added_with_plus_is_refused_with_the_right_name(good_run, tmp_path):

@@ -78,12 +78,14 @@ PRECISIONS = _precisions()
 
 
 def _cuda_missing(v: Any) -> bool:
-    """An accelerator that needs a CUDA GPU on a machine without one."""
+    """An accelerator that needs a GPU on a machine without one (Lightning's ``gpu`` is CUDA or
+    Apple's MPS, ``cuda`` only CUDA)."""
     if v not in ("gpu", "cuda"):
         return False
     import torch
 
-    return not torch.cuda.is_available()
+    mps = v == "gpu" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return not (torch.cuda.is_available() or mps)
 
 
 #: (config key, test, what it must be, an example of a fix); checked where the key exists
@@ -102,7 +104,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("trainer.gradient_clip_val", lambda v: v is None or _non_negative(v), "null or a norm >= 0",
      "trainer.gradient_clip_val=1.0"),
     ("trainer.accelerator", lambda v: not _cuda_missing(v),
-     "an accelerator this machine has: it needs a CUDA GPU, and torch sees none", "trainer=default (auto) or trainer=cpu"),
+     "an accelerator this machine has: it needs a GPU, and torch sees none", "trainer=default (auto) or trainer=cpu"),
     ("model.compile", lambda v: isinstance(v, bool), "true or false", "model.compile=true"),
     ("model.cuda_graph", is_cuda_graph_choice, "true, false or auto", "model.cuda_graph=auto"),
     ("data.batch_size", _int_at_least(1), "a positive integer", "data.batch_size=64"),

@@ -52,6 +52,7 @@ tests)
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "TESTS FAILED"; exit 1; } ;;
 smoke)
   # the default run in bf16-mixed with the step as CUDA graphs (auto: eager on a CPU dry run)
+  rm -rf /tmp/smoke  # train.py refuses a new run into an earlier run's folder (a second call on a warm machine)
   timeout 150 $PY train.py trainer.max_epochs=3 trainer.precision=bf16-mixed trainer.accelerator=$ACCEL \
     model.cuda_graph=auto hydra.run.dir=/tmp/smoke > "$OUT/smoke.log" 2>&1 && grep -E "cuda_graph|elbo|nll" "$OUT/smoke.log" | tail -14 \
     || { echo "SMOKE FAILED"; tail -30 "$OUT/smoke.log"; exit 1; } ;;
@@ -65,7 +66,7 @@ evaluation)
   $PY benchmarks/evaluation.py --device "$DEVICE" --model "${EVAL_MODELS:-mlp,conv}" --samples 100 --repeats 2 \
     --pass-sizes none,1024,16384 2>&1 | tee "$OUT/evaluation.txt" | tail -12 ;;
 profile)
-  ROOT=/tmp/profroot; mkdir -p $ROOT; cp -r .benchdata/BinarizedMNIST $ROOT/
+  ROOT=/tmp/profroot; mkdir -p $ROOT; cp -r .benchdata/BinarizedMNIST $ROOT/; rm -rf /tmp/prof
   timeout 150 $PY -m cProfile -o "$OUT/vaelab-mlp.prof" train.py data=binarized_mnist data.root=$ROOT \
     encoder=mlp decoder=mlp "encoder.hidden=[512,512]" "decoder.hidden=[512,512]" likelihood=bernoulli \
     latent_dim=32 data.batch_size=128 trainer.accelerator=$ACCEL trainer.max_epochs=2 test=false hydra.run.dir=/tmp/prof \

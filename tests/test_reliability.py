@@ -103,9 +103,12 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_fix(tmp_path, monkeypa
 
 def test_a_misspelled_setting_added_with_plus_is_refused_with_the_right_name(good_run, tmp_path):
     # Hydra answers latent_dimm=8 with "use +latent_dimm=8", which would train with latent_dim=16
-    proc = run_cli("train.py", *QUICK, "+latent_dimm=8", "+note=kept", f"hydra.run.dir={tmp_path}/run", cwd=REPO)
+    proc = run_cli("train.py", *QUICK, "+latent_dimm=8", "+note=kept", "+experiment_name=mine", "++likelihod.sigma=1",
+                   f"hydra.run.dir={tmp_path}/run", cwd=REPO)
     assert proc.returncode != 0 and "did you mean latent_dim? (without +: latent_dim=...;" in proc.stderr
-    assert "+note:" not in proc.stderr and "1 problem" in proc.stderr  # a free-form addition goes through
+    assert "+likelihod.sigma: likelihod is not a setting of train.py; did you mean likelihood?" in proc.stderr
+    # free-form additions go through, also one that starts with a setting's name
+    assert "+note:" not in proc.stderr and "+experiment_name:" not in proc.stderr and "2 problems" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
     proc = run_cli("eval.py", f"ckpt_path={good_run}", "+likelihood=gaussian", f"hydra.run.dir={tmp_path}/eval",
                    cwd=REPO)
@@ -726,6 +729,65 @@ def test_a_resume_that_would_change_the_model_data_or_optimizer_is_refused(good_
                   cwd=REPO))
     assert json.loads((copy / "summary.json").read_text())["resumed_from"]
     assert [p.name for p in (copy / "checkpoints").glob("latest-step*")] == [f"latest-step{2 * STEPS_PER_EPOCH}.ckpt"]
+    # an experiment (a whole setup) given again is not applied to a resumed run, and the log says so
+    proc = check(run_cli("train.py", f"ckpt_path={copy}", "experiment=mnist_vae", "trainer.max_epochs=3", *QUICK[1:],
+                         f"hydra.run.dir={tmp_path}/r2", cwd=REPO))
+    assert "experiment=... is not applied when a run is resumed" in proc.stdout + proc.stderr
+    assert load_checkpoint(copy / "checkpoints" / f"latest-step{3 * STEPS_PER_EPOCH}.ckpt")["hyper_parameters"][
+        "config"]["latent_dim"] == 16  # the stored model, not the experiment's 50
+
+
+def test_what_counts_as_an_earlier_run_in_a_folder(tmp_path):
+    from omegaconf import OmegaConf
+
+    from vaelab.checkpoints import resolve_checkpoint
+    from vaelab.validation import earlier_run_problem
+
+    def problem(folder: Path, **callbacks: str) -> str | None:
+        cbs = {name: {"dirpath": str(d)} for name, d in callbacks.items()}
+        return earlier_run_problem(OmegaConf.create({"ckpt_path": None, "paths": {"output_dir": str(folder)},
+                                                     "callbacks": cbs}))
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    assert problem(run) is None  # Hydra's files of a run that stopped at once
+    (run / "summary.json").write_text('{"failed": true, "error": "SIGTERMException"}')
+    assert problem(run) is None  # failed before any checkpoint: nothing to lose
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest-step100.ckpt").write_bytes(b"x")
+    assert "holds an earlier run" in problem(run) and f"ckpt_path={run}" in problem(run)
+    # a run killed in its first epoch continues from its step checkpoint
+    assert resolve_checkpoint(run) == run / "checkpoints" / "latest-step100.ckpt"
+    (run / "checkpoints" / "latest-step100.ckpt").unlink()
+    (run / "summary.json").write_text('{"failed": false}')
+    assert "(summary.json)" in problem(run)
+    # checkpoints written outside the run folder (callbacks.*.dirpath) count too
+    other, elsewhere = tmp_path / "new", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert problem(other, model_checkpoint=elsewhere) is None
+    (elsewhere / "last.ckpt").write_bytes(b"x")
+    assert str(elsewhere / "last.ckpt") in problem(other, model_checkpoint=elsewhere)
+
+
+def test_a_sweep_value_that_only_a_job_can_resolve_is_left_to_the_job():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"seed": "${hydra:job.num}", "latent_dim": -3})
+    assert value_problems(cfg) == ["latent_dim must be a positive integer, got -3 (e.g. latent_dim=16)"]
+
+
+def test_ckpt_path_last_refuses_to_start_over_when_its_checkpoints_are_damaged(good_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(good_run, copy)
+    for name in ("last.ckpt", *(p.name for p in (copy / "checkpoints").glob("latest-step*.ckpt"))):
+        path = copy / "checkpoints" / name
+        path.write_bytes(path.read_bytes()[:1000])
+    files = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    proc = run_cli("train.py", *QUICK, "ckpt_path=last", f"hydra.run.dir={copy}", cwd=REPO)
+    assert proc.returncode != 0 and "no last.ckpt or latest-step*.ckpt there can be read" in proc.stderr
+    assert "best-" in proc.stderr.split("no last.ckpt")[-1]  # names an intact one to continue from
+    changed = [p for p, data in files.items() if ".hydra" not in p.parts and p.suffix != ".log" and p.read_bytes() != data]
+    assert not changed and not list((copy / "checkpoints").glob("*-v1.ckpt"))
 
 
 def test_a_new_run_into_the_folder_of_an_earlier_one_is_refused(good_run, tmp_path):

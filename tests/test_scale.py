@@ -259,12 +259,25 @@ def test_a_sweep_with_bad_jobs_is_refused_before_any_or_reported_and_its_folder_
     report = check(run_cli("report.py", str(sweep), cwd=tmp_path, env=_env()))
     rows = [line for line in report.stdout.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
     assert len(rows) == 2 and rows[0].endswith("| ok |") and "failed: ConfigError" in rows[1], report.stdout
+    assert f"no checkpoint at {missing}" in rows[1]  # the problem itself, not only the error's first line
     # the same sweep again into its folder: refused before any job, nothing of the first touched
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
     again = run_cli("train.py", "-m", f"ckpt_path=null,{missing}", "trainer.max_epochs=1", "logger=none", *FAST,
                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
     assert again.returncode != 0 and f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep" in again.stderr
     assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_requeued_sweep_continues_its_jobs_in_its_folder(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("-m", "ckpt_path=last", "latent_dim=4,8", "logger=none", *FAST, f"hydra.sweep.dir={sweep}")
+    check(run_cli("train.py", *args, "trainer.max_epochs=1", cwd=tmp_path, env=_env(), timeout=400))
+    # the same command after a requeue (one more epoch): each job continues its own run
+    check(run_cli("train.py", *args, "trainer.max_epochs=2", cwd=tmp_path, env=_env(), timeout=400))
+    for job in ("0", "1"):
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        assert summary["resumed_from"] and not summary["failed"]
 
 
 def test_a_single_run_that_fails_still_exits_nonzero(tmp_path):

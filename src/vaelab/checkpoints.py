@@ -8,6 +8,7 @@ allowed ``_target_`` prefixes (``vaelab.build``) before anything is instantiated
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
             if candidate.is_file():
                 return candidate
+        # a run killed in its first epoch has only its step checkpoint: the furthest one
+        steps = [(int(m.group(1)), f) for f in (p / "checkpoints").glob("latest-step*.ckpt")
+                 if (m := re.match(r"latest-step(\d+)", f.name))]
+        if steps:
+            return max(steps)[1]
         found = sorted(p.rglob("*.ckpt"))
         if not found:
             raise CheckpointError(f"{p} holds no checkpoint (.ckpt) at all: give a run folder (a training run "

@@ -67,7 +67,7 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
         row: dict[str, Any] = {"run": str(run.relative_to(root)) or "."}
         row.update({k: overrides[run].get(k, "") for k in keys})
         row.update({name: get(summary) for name, get in NUMBERS})
-        error = str(summary.get("error") or "").splitlines()[0][:120] if summary.get("error") else ""
+        error = " ".join(str(summary.get("error") or "").split())[:300]  # its lines on one
         row["status"] = (f"failed: {error}" if error else "failed") if summary.get("failed") else "ok"
         rows.append(row)
     columns = ["run", *keys, *(name for name, _ in NUMBERS), "status"]

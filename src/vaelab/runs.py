@@ -149,7 +149,8 @@ class RunFolders(Callback):
         from vaelab.validation import earlier_run_problem
 
         sweep = Path(str(config.hydra.sweep.dir))
-        jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
+        resumes = config.get("ckpt_path") not in (None, "")  # e.g. -m ckpt_path=last ...: a requeued sweep
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() and not resumes else []
         held = [job.name for job in jobs
                 if earlier_run_problem(OmegaConf.create({"ckpt_path": None, "paths": {"output_dir": str(job)}}))]
         if held:
@@ -238,6 +239,15 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
     output_dir = Path(str(cfg.paths.output_dir))
     if str(ckpt_path) == "last":
         ckpt = newest_checkpoint(output_dir)
+        others = sorted((output_dir / "checkpoints").glob("*.ckpt"))
+        if ckpt is None and others:
+            from vaelab.checkpoints import CheckpointError
+
+            raise CheckpointError(
+                f"ckpt_path=last: {output_dir / 'checkpoints'} holds checkpoints, but no last.ckpt or "
+                f"latest-step*.ckpt there can be read (damaged or cut short; see the warnings above). Continue "
+                f"from another one: ckpt_path=<file>, e.g. one of {', '.join(p.name for p in others[:3])}; or "
+                "start afresh elsewhere (another hydra.run.dir). Nothing has run yet.")
         if ckpt is None:
             log.warning(
                 "ckpt_path=last: %s has no checkpoints/last.ckpt yet, so training starts from scratch "
@@ -319,8 +329,13 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
                 del node[leaf]
             continue
         value = OmegaConf.select(cfg, key, default=None)
+        if key in ("experiment", "hparams_search"):
+            log.warning("vaelab: %s=... is not applied when a run is resumed: the run continues with the config "
+                        "stored in its checkpoint (give the settings you may change, e.g. trainer.max_epochs, "
+                        "on the command line)", key)
+            continue
         if value is None and before is None:
-            continue  # e.g. experiment=...: a group that is no key of the config
+            continue  # a group that is no key of the config
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value, resolve=True)
         if _fixed_on_resume(key) and _comparable(key, _resolved_auto(key, value, before)) != _comparable(key, before):

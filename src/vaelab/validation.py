@@ -153,7 +153,10 @@ def value_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
         cfg = OmegaConf.create(dict(cfg))
     problems = []
     for key, ok, what, fix in RULES:
-        value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+        try:
+            value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+        except Exception:  # noqa: BLE001 - an interpolation this context cannot resolve (${hydra:...}): the job checks it
+            continue
         if value is _MISSING:
             continue
         if not ok(value):
@@ -228,13 +231,29 @@ def earlier_run_problem(cfg: DictConfig) -> str | None:
     if out is None:
         return None
     folder = Path(str(out)).expanduser()
-    found = [p.name for p in (folder / "summary.json",) if p.is_file()]
-    found += [f"checkpoints/{p.name}" for p in sorted((folder / "checkpoints").glob("*.ckpt"))[:3]]
-    if not found:
+    # checkpoints: in the run folder, and in any checkpoint folder set elsewhere
+    ckpt_dirs = [folder / "checkpoints", *(Path(f).expanduser() for k, f in output_folders(cfg).items()
+                                            if k.endswith(".dirpath"))]
+    ckpts = sorted({p for d in ckpt_dirs for p in d.glob("*.ckpt")})
+    summary = folder / "summary.json"
+    # a summary of a run that failed before any checkpoint (a bad value, a kill) has nothing to lose
+    finished = summary.is_file() and not (_failed(summary) and not ckpts)
+    if not ckpts and not finished:
         return None
+    found = (["summary.json"] if finished else []) + [str(p) for p in ckpts[:3]]
+    where = f"continue it with ckpt_path={folder}" if (folder / "checkpoints").is_dir() else "continue it with ckpt_path=<its checkpoint>"
     return (f"paths.output_dir={folder} holds an earlier run ({', '.join(found)}), which a new run there would "
-            f"overwrite: continue it with ckpt_path={folder}, or write this run elsewhere (another hydra.run.dir, "
-            "or hydra.sweep.dir for a sweep)")
+            f"overwrite: {where}, or write this run elsewhere (another hydra.run.dir or checkpoint dirpath, or "
+            "hydra.sweep.dir for a sweep)")
+
+
+def _failed(summary: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads(summary.read_text()).get("failed"))
+    except (OSError, ValueError):
+        return False
 
 
 def top_level_names(primary: str) -> set[str]:
@@ -272,13 +291,14 @@ def added_key_problems(primary: str) -> list[str]:
     script = f"{primary}.py"
     problems = []
     for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
-        if not override.is_add():
+        if not (override.is_add() or override.is_force_add()):
             continue
         key = override.key_or_group.replace("/", ".")
         top = key.split(".")[0]
         if top in known:
             continue
-        near = difflib.get_close_matches(top, sorted(known), n=1, cutoff=0.75)
+        # a typo is one or two letters off (latent_dimm, likelihod); experiment_name is a new key
+        near = [n for n in difflib.get_close_matches(top, sorted(known), n=3, cutoff=0.6) if _edits(top, n) <= 2][:1]
         if near:
             problems.append(f"+{key}: {top} is not a setting of {script}; did you mean {near[0]}? (without +: "
                             f"{key.replace(top, near[0], 1)}=...; the + only adds a key that nothing reads)")
@@ -287,6 +307,16 @@ def added_key_problems(primary: str) -> list[str]:
                             "was trained (its overrides: evaluation.*, data.root, data.download, "
                             "data.eval_batch_size, trainer, logger)")
     return problems
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions from a to b."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
 def validate_train_config(cfg: DictConfig) -> None:

@@ -217,7 +217,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
             dashboard.log_checkpoint_artifact(loggers, best_path, summary["last_checkpoint"])
         failed = False
     except BaseException as error:
-        summary["error"] = f"{type(error).__name__}: {str(error)[:2000]}"  # for report.py and the sweep's end
+        summary["error"] = _error_text(error)  # for report.py and the sweep's end
         raise
     finally:
         summary["wandb_dir"] = wandb_run_dir(loggers)
@@ -358,8 +358,12 @@ def _write_failed_job_summary(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if not (output_dir / "summary.json").exists():
         _write_json(output_dir / "summary.json", {
-            "output_dir": str(output_dir), "failed": True,
-            "error": f"{type(error).__name__}: {str(error)[:2000]}" if error else "failed"})
+            "output_dir": str(output_dir), "failed": True, "error": _error_text(error) if error else "failed"})
+
+
+def _error_text(error: BaseException) -> str:
+    """An error as summary.json records it: its type and (the start of) its message."""
+    return f"{type(error).__name__}: {str(error)[:2000]}"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

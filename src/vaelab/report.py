@@ -41,6 +41,20 @@ def read_overrides(run: Path) -> dict[str, str]:
     return out
 
 
+def read_summary(run: Path) -> dict[str, Any] | None:
+    """The run's ``summary.json``; None where it wrote none."""
+    path = run / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def failure(summary: dict[str, Any] | None) -> str | None:
+    """Why a run failed, from its summary: None if it did not, its error on one line ("" where
+    it names none); a sweep job without a summary stopped before training."""
+    if summary is None:
+        return "no summary.json: it stopped before training (see its log)"
+    return " ".join(str(summary.get("error") or "").split()) if summary.get("failed") else None
+
+
 def _sort_key(run: Path, root: Path) -> tuple:
     rel = run.relative_to(root).parts
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in rel)
@@ -61,14 +75,12 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     # keys every run sets alike (the sweep's constants) stay: they say how the numbers were got
     rows = []
     for run in runs:
-        path = run / "summary.json"
-        summary = json.loads(path.read_text()) if path.is_file() else {"failed": True,
-                                                                        "error": "no summary.json: see its log"}
+        summary = read_summary(run)
         row: dict[str, Any] = {"run": str(run.relative_to(root)) or "."}
         row.update({k: overrides[run].get(k, "") for k in keys})
-        row.update({name: get(summary) for name, get in NUMBERS})
-        error = " ".join(str(summary.get("error") or "").split())[:300]  # its lines on one
-        row["status"] = (f"failed: {error}" if error else "failed") if summary.get("failed") else "ok"
+        row.update({name: get(summary or {}) for name, get in NUMBERS})
+        why = failure(summary)
+        row["status"] = "ok" if why is None else f"failed: {why[:300]}" if why else "failed"
         rows.append(row)
     columns = ["run", *keys, *(name for name, _ in NUMBERS), "status"]
     return columns, rows

@@ -73,18 +73,13 @@ register_resolvers()
 def job_failure(job: Path) -> str | None:
     """Why a sweep job failed (None if it did not): its ``summary.json`` says ``failed``, or it
     never wrote one (it stopped before training: a config the job alone could check)."""
-    summary = job / "summary.json"
-    if not summary.is_file():
-        return "no summary.json (it stopped before training)"
-    import json
+    from vaelab.report import failure, read_summary
 
     try:
-        data = json.loads(summary.read_text())
+        why = failure(read_summary(job))
     except (OSError, ValueError) as err:
         return f"summary.json unreadable ({type(err).__name__})"
-    if not data.get("failed"):
-        return None
-    return str(data.get("error") or "failed")
+    return None if why is None else why or "failed"
 
 
 def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
@@ -394,15 +389,9 @@ def _describe_change(key: str, before: Any, value: Any) -> str:
 
 def _command_line_keys() -> list[tuple[str, bool]]:
     """The keys this command line overrides (``a.b=1``, ``+a.b=1``, ``~a.b``, ``group=option``)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-    except ImportError:  # pragma: no cover
-        return []
-    if not HydraConfig.initialized():
-        return []
-    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
-    return [(o.key_or_group.replace("/", "."), o.is_delete()) for o in overrides]
+    from vaelab.validation import command_line_overrides
+
+    return [(o.key_or_group.replace("/", "."), o.is_delete()) for o in command_line_overrides()]
 
 
 def _rebase(value: Any, old: str, new: str) -> Any:

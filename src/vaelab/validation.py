@@ -237,7 +237,7 @@ def earlier_run_problem(cfg: DictConfig) -> str | None:
     ckpts = sorted({p for d in ckpt_dirs for p in d.glob("*.ckpt")})
     summary = folder / "summary.json"
     # a summary of a run that failed before any checkpoint (a bad value, a kill) has nothing to lose
-    finished = summary.is_file() and not (_failed(summary) and not ckpts)
+    finished = summary.is_file() and not (_failed(folder) and not ckpts)
     if not ckpts and not finished:
         return None
     found = (["summary.json"] if finished else []) + [str(p) for p in ckpts[:3]]
@@ -247,13 +247,26 @@ def earlier_run_problem(cfg: DictConfig) -> str | None:
             "hydra.sweep.dir for a sweep)")
 
 
-def _failed(summary: Path) -> bool:
-    import json
+def _failed(folder: Path) -> bool:
+    from vaelab.report import read_summary
 
     try:
-        return bool(json.loads(summary.read_text()).get("failed"))
+        return bool((read_summary(folder) or {}).get("failed"))
     except (OSError, ValueError):
         return False
+
+
+def command_line_overrides() -> list[Any]:
+    """This process's command-line overrides as Hydra parses them (``Override`` objects); none
+    outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError:  # pragma: no cover
+        return []
+    if not HydraConfig.initialized():
+        return []
+    return OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
 
 
 def top_level_names(primary: str) -> set[str]:
@@ -279,18 +292,14 @@ def added_key_problems(primary: str) -> list[str]:
     options. Other additions (``+note=...``, ``+trainer.limit_val_batches=...``) go through."""
     import difflib
 
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-    except ImportError:  # pragma: no cover
-        return []
-    if not HydraConfig.initialized():
+    overrides = command_line_overrides()
+    if not overrides:
         return []
     known = top_level_names(primary)
     training = top_level_names("train") if primary == "eval" else set()
     script = f"{primary}.py"
     problems = []
-    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+    for override in overrides:
         if not (override.is_add() or override.is_force_add()):
             continue
         key = override.key_or_group.replace("/", ".")

@@ -216,10 +216,10 @@ class LogitContinuousBernoulli(_ContinuousBernoulli):
     _SERIES = 0.25
 
     @staticmethod
-    def _split(lg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(near zero, the logits with 1 put where they are near zero): the closed form then
-        sees no 0/0, and its discarded branch gives ``torch.where`` finite gradients."""
-        near = lg.abs() < LogitContinuousBernoulli._SERIES
+    def _split(lg: torch.Tensor, below: float = _SERIES) -> tuple[torch.Tensor, torch.Tensor]:
+        """(|l| < ``below``, the logits with 1 put there): the closed form then sees no 0/0, and
+        its discarded branch gives ``torch.where`` finite gradients."""
+        near = lg.abs() < below
         return near, torch.where(near, torch.ones_like(lg), lg)
 
     def _cont_bern_log_norm(self) -> torch.Tensor:
@@ -250,25 +250,22 @@ class LogitContinuousBernoulli(_ContinuousBernoulli):
         series = 1 / 12 - l2 * (1 / 240 - l2 / 6048)
         return torch.where(near, series, exact)
 
-    @staticmethod
-    def _uniform_at_zero(lg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(l = 0 to float32 precision, the logits clamped to ≤ 1 and to ≥ 1 with 1 put there):
-        F and F⁻¹ are ratios of small, accurately computed numbers near l = 0 (no cancellation),
-        0/0 only at l = 0 itself, where the distribution is uniform."""
-        tiny = lg.abs() < 1e-6
-        safe = torch.where(tiny, torch.ones_like(lg), lg)
-        return tiny, safe.clamp(max=1), safe.clamp(min=1)
+    #: F and F⁻¹ are ratios of small, accurately computed numbers near l = 0 (no cancellation),
+    #: 0/0 only at l = 0 itself, where the distribution is uniform: below this |l|, F(x) = x
+    _UNIFORM = 1e-6
 
     def cdf(self, value: torch.Tensor) -> torch.Tensor:
         lg = self.logits
-        tiny, low_l, high_l = self._uniform_at_zero(lg)
+        tiny, safe = self._split(lg, self._UNIFORM)
+        low_l, high_l = safe.clamp(max=1), safe.clamp(min=1)  # each form where it cannot overflow
         low = torch.expm1(low_l * value) / torch.expm1(low_l)
         high = torch.exp(-high_l * (1 - value)) * torch.expm1(-high_l * value) / torch.expm1(-high_l)
         return torch.where(tiny, value, torch.where(lg <= 1, low, high)).clamp(0, 1)
 
     def icdf(self, value: torch.Tensor) -> torch.Tensor:
         lg = self.logits
-        tiny, low_l, high_l = self._uniform_at_zero(lg)
+        tiny, safe = self._split(lg, self._UNIFORM)
+        low_l, high_l = safe.clamp(max=1), safe.clamp(min=1)
         low = torch.log1p(value * torch.expm1(low_l)) / low_l
         high = 1 + torch.log(value + (1 - value) * torch.exp(-high_l)) / high_l
         return torch.where(tiny, value, torch.where(lg <= 1, low, high)).clamp(0, 1)

@@ -64,6 +64,11 @@ def run_cli(script: str, *overrides: str, cwd: Path, timeout: float = 300,
     return proc
 
 
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    """Every file under ``folder`` with its bytes: to check that a refused command wrote nothing."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED_DATA, check, poisoned_checkpoint, run_cli
+from conftest import REPO, SHARED_DATA, check, poisoned_checkpoint, run_cli, snapshot
 from hydra import compose, initialize_config_module
 
 from vaelab.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, NonFiniteStateError
@@ -782,7 +782,7 @@ def test_ckpt_path_last_refuses_to_start_over_when_its_checkpoints_are_damaged(g
     for name in ("last.ckpt", *(p.name for p in (copy / "checkpoints").glob("latest-step*.ckpt"))):
         path = copy / "checkpoints" / name
         path.write_bytes(path.read_bytes()[:1000])
-    files = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    files = snapshot(copy)
     proc = run_cli("train.py", *QUICK, "ckpt_path=last", f"hydra.run.dir={copy}", cwd=REPO)
     assert proc.returncode != 0 and "no last.ckpt or latest-step*.ckpt there can be read" in proc.stderr
     assert "best-" in proc.stderr.split("no last.ckpt")[-1]  # names an intact one to continue from
@@ -793,12 +793,12 @@ def test_ckpt_path_last_refuses_to_start_over_when_its_checkpoints_are_damaged(g
 def test_a_new_run_into_the_folder_of_an_earlier_one_is_refused(good_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(good_run, copy)
-    files = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    files = snapshot(copy)
     proc = run_cli("train.py", *QUICK, "likelihood=gaussian", f"hydra.run.dir={copy}", cwd=REPO)
     assert proc.returncode != 0 and f"paths.output_dir={copy} holds an earlier run (summary.json" in proc.stderr
     assert f"ckpt_path={copy}" in proc.stderr and "another hydra.run.dir" in proc.stderr
     # refused before Hydra writes its files: nothing of the earlier run changed, nothing added
-    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
+    assert snapshot(copy) == files
 
 
 def test_a_folder_given_as_checkpoint_says_what_it_holds(good_run, tmp_path):

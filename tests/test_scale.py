@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, check, run_cli
+from conftest import REPO, check, run_cli, snapshot
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -261,11 +261,11 @@ def test_a_sweep_with_bad_jobs_is_refused_before_any_or_reported_and_its_folder_
     assert len(rows) == 2 and rows[0].endswith("| ok |") and "failed: ConfigError" in rows[1], report.stdout
     assert f"no checkpoint at {missing}" in rows[1]  # the problem itself, not only the error's first line
     # the same sweep again into its folder: refused before any job, nothing of the first touched
-    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    before = snapshot(sweep)
     again = run_cli("train.py", "-m", f"ckpt_path=null,{missing}", "trainer.max_epochs=1", "logger=none", *FAST,
                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
     assert again.returncode != 0 and f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep" in again.stderr
-    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+    assert snapshot(sweep) == before
 
 
 @pytest.mark.slow

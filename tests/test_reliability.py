@@ -801,6 +801,33 @@ def test_a_new_run_into_the_folder_of_an_earlier_one_is_refused(good_run, tmp_pa
     assert snapshot(copy) == files
 
 
+def test_eval_never_overwrites_an_earlier_run_or_evaluation(good_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(good_run, copy)
+    files = snapshot(copy)
+    assert (copy / "images" / "traversals.png").is_file()  # the training run's test pictures
+    # into the run's own folder: Hydra would replace its config, eval.py its test pictures
+    proc = run_cli("eval.py", f"ckpt_path={copy}", "evaluation.test_num_samples=2", f"hydra.run.dir={copy}", cwd=REPO)
+    assert proc.returncode != 0 and f"the output folder {copy} holds an earlier run's or evaluation's " \
+        ".hydra/config.yaml, images/" in proc.stderr and "nothing has run yet" in proc.stderr
+    # only the pictures' folder named as the output: refused by eval.py itself
+    proc = run_cli("eval.py", f"ckpt_path={copy}", "evaluation.test_num_samples=2", f"paths.output_dir={copy}",
+                   f"hydra.run.dir={tmp_path}/hydra", cwd=REPO)
+    assert proc.returncode != 0 and f"the output folder {copy} holds an earlier run's or evaluation's images/" in proc.stderr
+    assert ".hydra" not in proc.stderr.split("holds")[1].split("which")[0]  # this job's own .hydra is elsewhere
+    assert snapshot(copy) == files
+    # a new folder is evaluated into; a second evaluation there, or a training run, is refused
+    out = tmp_path / "eval"
+    check(run_cli("eval.py", f"ckpt_path={copy}", "evaluation.test_num_samples=2", f"hydra.run.dir={out}", cwd=REPO))
+    evaluated = snapshot(out)
+    assert (out / "metrics.json").is_file() and (out / "images" / "traversals.png").is_file()
+    proc = run_cli("eval.py", f"ckpt_path={copy}", "evaluation.test_num_samples=3", f"hydra.run.dir={out}", cwd=REPO)
+    assert proc.returncode != 0 and ".hydra/config.yaml, metrics.json, images/" in proc.stderr
+    proc = run_cli("train.py", *QUICK, f"hydra.run.dir={out}", cwd=REPO)
+    assert proc.returncode != 0 and f"paths.output_dir={out} holds an earlier evaluation (metrics.json)" in proc.stderr
+    assert snapshot(out) == evaluated
+
+
 def test_a_folder_given_as_checkpoint_says_what_it_holds(good_run, tmp_path):
     from vaelab.checkpoints import resolve_checkpoint
 

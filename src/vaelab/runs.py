@@ -121,9 +121,18 @@ class RunFolders(Callback):
     * after the last job of a sweep, the jobs that failed are listed with their errors and the
       sweep exits non-zero; the jobs that ran keep their results.
 
+    With ``task: eval`` (eval.yaml) it guards eval.py's folder instead: one that holds an
+    earlier run's or evaluation's config, metrics or pictures is refused before Hydra writes
+    (``vaelab.validation.earlier_eval_problem``).
+
     Hydra turns an exception in a callback into a warning and goes on, so these print their
     message and stop the process with ``SystemExit(1)``.
     """
+
+    def __init__(self, task: str = "train") -> None:
+        if task not in ("train", "eval"):
+            raise ValueError(f"RunFolders(task=...) is train or eval, got {task!r}")
+        self.task = task
 
     @staticmethod
     def _stop(message: str) -> None:
@@ -132,25 +141,29 @@ class RunFolders(Callback):
         print(f"vaelab: {message}", file=sys.stderr, flush=True)
         raise SystemExit(1)
 
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from vaelab.validation import earlier_run_problem
+    def _earlier(self, folder: Path, ckpt_path: Any = None) -> str | None:
+        from vaelab.validation import earlier_eval_problem, earlier_run_problem
 
-        problem = earlier_run_problem(OmegaConf.create({
-            "ckpt_path": config.get("ckpt_path"), "paths": {"output_dir": str(config.hydra.run.dir)}}))
+        if self.task == "eval":
+            return earlier_eval_problem(folder)
+        return earlier_run_problem(OmegaConf.create({"ckpt_path": ckpt_path, "paths": {"output_dir": str(folder)}}))
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = self._earlier(Path(str(config.hydra.run.dir)), config.get("ckpt_path"))
         if problem:
             self._stop(f"{problem}; nothing has run yet")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from vaelab.validation import earlier_run_problem
-
         sweep = Path(str(config.hydra.sweep.dir))
-        resumes = config.get("ckpt_path") not in (None, "")  # e.g. -m ckpt_path=last ...: a requeued sweep
+        # e.g. -m ckpt_path=last ...: a requeued training sweep
+        resumes = self.task == "train" and config.get("ckpt_path") not in (None, "")
         jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() and not resumes else []
-        held = [job.name for job in jobs
-                if earlier_run_problem(OmegaConf.create({"ckpt_path": None, "paths": {"output_dir": str(job)}}))]
+        held = [job.name for job in jobs if self._earlier(job)]
         if held:
             self._stop(f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep (jobs {', '.join(held)}), which "
                        "this sweep would overwrite: give another hydra.sweep.dir; nothing has run yet")
+        if self.task == "eval":
+            return
         bad = sweep_value_problems(config)
         if bad:
             lines = "\n  ".join(bad)
@@ -158,6 +171,8 @@ class RunFolders(Callback):
                        f"drop those options):\n  {lines}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.task == "eval":  # an evaluation writes no summary.json; a failed one stops the sweep
+            return
         sweep = Path(str(config.hydra.sweep.dir))
         jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                       key=lambda p: (0, int(p.name)) if p.name.isdigit() else (1, p.name)) if sweep.is_dir() else []

@@ -239,12 +239,33 @@ def earlier_run_problem(cfg: DictConfig) -> str | None:
     # a summary of a run that failed before any checkpoint (a bad value, a kill) has nothing to lose
     finished = summary.is_file() and not (_failed(folder) and not ckpts)
     if not ckpts and not finished:
+        if (folder / "metrics.json").is_file():  # eval.py's: its config and pictures would be replaced
+            return (f"paths.output_dir={folder} holds an earlier evaluation (metrics.json), which a new run there "
+                    "would overwrite: write this run elsewhere (another hydra.run.dir, or hydra.sweep.dir for a sweep)")
         return None
     found = (["summary.json"] if finished else []) + [str(p) for p in ckpts[:3]]
     where = f"continue it with ckpt_path={folder}" if (folder / "checkpoints").is_dir() else "continue it with ckpt_path=<its checkpoint>"
     return (f"paths.output_dir={folder} holds an earlier run ({', '.join(found)}), which a new run there would "
             f"overwrite: {where}, or write this run elsewhere (another hydra.run.dir or checkpoint dirpath, or "
             "hydra.sweep.dir for a sweep)")
+
+
+def earlier_eval_problem(folder: str | Path, hydra_files: bool = True) -> str | None:
+    """eval.py writes its config (``.hydra/``), ``metrics.json`` and its pictures
+    (``images/*.png``, the names a training run's test pictures have) into its folder: one where
+    any of these already is (an earlier evaluation, or a training run: ``python eval.py
+    ckpt_path=R hydra.run.dir=R``) is refused, not overwritten. ``hydra_files``: count
+    ``.hydra/`` too (not once this job's Hydra has written its own there)."""
+    folder = Path(str(folder)).expanduser()
+    found = [".hydra/config.yaml"] if hydra_files and (folder / ".hydra" / "config.yaml").is_file() else []
+    found += ["metrics.json"] if (folder / "metrics.json").is_file() else []
+    pictures = sorted((folder / "images").glob("*.png"))
+    found += [f"images/{p.name}" for p in pictures[:3]] + (["..."] if len(pictures) > 3 else [])
+    if not found:
+        return None
+    return (f"the output folder {folder} holds an earlier run's or evaluation's {', '.join(found)}, which this "
+            "evaluation would overwrite: leave hydra.run.dir and paths.output_dir unset (each evaluation gets a new "
+            "folder under outputs/eval/) or give a new folder")
 
 
 def _failed(folder: Path) -> bool:
@@ -345,6 +366,11 @@ def validate_train_config(cfg: DictConfig) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed"]))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
+    # Hydra's own files are checked before it writes them (vaelab.runs.RunFolders); the rest here,
+    # also where paths.output_dir is not Hydra's folder
+    earlier = earlier_eval_problem(cfg.paths.output_dir, hydra_files=False)
+    if earlier:
+        problems.append(earlier)
     problems += added_key_problems("eval")
     raise_problems(problems)
 

@@ -91,6 +91,15 @@ def test_ddp_sim_logs_once_and_matches_one_process(tmp_path):
     assert two[-1] > two[0] and one[-1] > one[0]
     assert abs(one[-1] - two[-1]) < 1.0, (one, two)
 
+    # eval.py with two processes: the second starts in the folder the first writes (a guard
+    # against earlier evaluations there must let it), and every test image counts once
+    proc = run_cli("eval.py", f"ckpt_path={ddp}", "trainer=ddp_sim", "evaluation.test_num_samples=5",
+                   f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, env=_env(), timeout=180)
+    check(proc)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["test/num_examples"] == 359
+    assert metrics["test/nll"] == pytest.approx(summary["test"]["test/nll"], abs=0.5)  # K=5: Monte Carlo noise
+
 
 def test_eval_shards_are_unpadded_and_cover_the_split():
     from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler

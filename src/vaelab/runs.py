@@ -149,6 +149,12 @@ class RunFolders(Callback):
         return earlier_run_problem(OmegaConf.create({"ckpt_path": ckpt_path, "paths": {"output_dir": str(folder)}}))
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from vaelab.validation import launched_rank
+
+        # a DDP job's other processes run in rank zero's folder, after rank zero wrote there
+        # (vaelab.distributed: hydra.output_subdir=null; or a cluster's launcher)
+        if launched_rank() or config.hydra.get("output_subdir") is None:
+            return
         problem = self._earlier(Path(str(config.hydra.run.dir)), config.get("ckpt_path"))
         if problem:
             self._stop(f"{problem}; nothing has run yet")

@@ -250,6 +250,19 @@ def earlier_run_problem(cfg: DictConfig) -> str | None:
             "hydra.sweep.dir for a sweep)")
 
 
+def launched_rank() -> int:
+    """This process's global rank as the launcher of a multi-process job set it in the
+    environment (Lightning's keys, in Lightning's order); 0 for a process on its own."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        value = os.environ.get(key)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
 def earlier_eval_problem(folder: str | Path, hydra_files: bool = True) -> str | None:
     """eval.py writes its config (``.hydra/``), ``metrics.json`` and its pictures
     (``images/*.png``, the names a training run's test pictures have) into its folder: one where
@@ -368,8 +381,8 @@ def validate_eval_config(cfg: DictConfig) -> None:
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
     # Hydra's own files are checked before it writes them (vaelab.runs.RunFolders); the rest here,
     # also where paths.output_dir is not Hydra's folder
-    earlier = earlier_eval_problem(cfg.paths.output_dir, hydra_files=False)
-    if earlier:
+    earlier = None if launched_rank() else earlier_eval_problem(cfg.paths.output_dir, hydra_files=False)
+    if earlier:  # (ranks > 0 write nothing; they start once rank zero has begun writing)
         problems.append(earlier)
     problems += added_key_problems("eval")
     raise_problems(problems)

@@ -5,6 +5,7 @@ signals and a real (tmpfs) full disk."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -826,6 +827,76 @@ def test_eval_never_overwrites_an_earlier_run_or_evaluation(good_run, tmp_path):
     proc = run_cli("train.py", *QUICK, f"hydra.run.dir={out}", cwd=REPO)
     assert proc.returncode != 0 and f"paths.output_dir={out} holds an earlier evaluation (metrics.json)" in proc.stderr
     assert snapshot(out) == evaluated
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path):
+    """``folder`` claimed (vaelab.runs.claim_folder) by another live process, as a run writing
+    there holds it; yields that process's pid."""
+    code = ("import sys, time; from vaelab.runs import claim_folder; "
+            "assert claim_folder(sys.argv[1]) is None; print('held', flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_folder_is_written_by_one_process_at_a_time(tmp_path):
+    from vaelab.runs import LOCK_NAME, claim_folder, folder_claims, release_folder
+
+    folder = tmp_path / "run"
+    with held_by_another_process(folder) as pid:
+        assert f"pid {pid} on " in claim_folder(folder)
+        assert claim_folder(folder) is not None  # still held: a refusal takes nothing over
+    # the holder was killed (SIGKILL): the kernel released its lock; its file is taken over
+    assert (folder / LOCK_NAME).is_file()
+    with folder_claims():
+        assert claim_folder(folder) is None and claim_folder(folder) is None  # this process: held once
+        assert f"pid {os.getpid()} on " in (folder / LOCK_NAME).read_text()
+    assert not (folder / LOCK_NAME).exists()  # released on leaving, the lock file removed
+    assert claim_folder(folder) is None
+    release_folder(folder)
+    assert not (folder / LOCK_NAME).exists()
+
+
+def test_runs_started_together_get_their_own_folders_or_are_refused(good_run, tmp_path):
+    # a folder named after the time (as Hydra's default), taken by a run of the same second:
+    # the next free name
+    taken = tmp_path / "runs" / time.strftime("%Y")
+    with held_by_another_process(taken) as pid:
+        proc = check(run_cli("train.py", *QUICK, "test=false", "logger=none",
+                             f"hydra.run.dir={tmp_path}/runs/${{now:%Y}}", cwd=REPO))
+        assert f"{taken} is being written by another run started in the same second (pid {pid} on " in proc.stderr
+        second = taken.with_name(f"{taken.name}-2")
+        assert f"this one writes to {second}" in proc.stderr
+        assert (second / "checkpoints" / "last.ckpt").is_file() and (second / ".hydra").is_dir()
+        assert sorted(p.name for p in taken.iterdir()) == [".vaelab.lock"]  # nothing written beside the other run
+        assert not (second / ".vaelab.lock").exists()  # released at the end
+    # a folder the user named: refused, nothing written there
+    named = tmp_path / "named"
+    with held_by_another_process(named) as pid:
+        files = snapshot(named)
+        proc = run_cli("train.py", *QUICK, f"hydra.run.dir={named}", cwd=REPO)
+        assert proc.returncode != 0
+        assert f"hydra.run.dir={named} is being written by another run right now (pid {pid} on " in proc.stderr
+        assert snapshot(named) == files
+        # a sweep into a sweep folder in use
+        proc = run_cli("train.py", "-m", "latent_dim=2,4", *QUICK, f"hydra.sweep.dir={named}", cwd=REPO)
+        assert proc.returncode != 0 and f"hydra.sweep.dir={named} is being written by another sweep right now" in proc.stderr
+        assert snapshot(named) == files
+    # two processes continuing one run: the second is refused by train.py itself (its Hydra
+    # folder is a new one; the run's is the checkpoint's)
+    copy = tmp_path / "copy"
+    shutil.copytree(good_run, copy)
+    with held_by_another_process(copy) as pid:
+        files = snapshot(copy)
+        proc = run_cli("train.py", f"ckpt_path={copy}", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/resume",
+                       cwd=REPO)
+        assert proc.returncode != 0 and f"{copy} is being written by another run right now (pid {pid} on " in proc.stderr
+        assert snapshot(copy) == files
 
 
 def test_a_folder_given_as_checkpoint_says_what_it_holds(good_run, tmp_path):

@@ -30,9 +30,11 @@ from vaelab.distributed import RankSeed, job_scope
 from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
 from vaelab.profiling import default_profiler, skip_empty_batch_hooks
-from vaelab.runs import ensure_wandb_id, in_multirun, resolve_resume
+from vaelab.runs import claim_folder, ensure_wandb_id, folder_claims, in_multirun, resolve_resume
 from vaelab.validation import (
+    ConfigError,
     check_free_space,
+    launched_rank,
     output_folders,
     redact_secrets,
     validate_eval_config,
@@ -144,7 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``ckpt_path`` continues a run (``vaelab.runs.resolve_resume``: its folder, config and W&B
     run). The process is left as found (``job_scope``), so the next job of a sweep can start
     its own DDP process group."""
-    with job_scope():
+    with job_scope(), folder_claims():
         return _train(cfg)
 
 
@@ -161,6 +163,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if redacted:
         log.warning("vaelab: redacted the value of a secret environment variable from %s", ", ".join(redacted))
     output_dir = Path(cfg.paths.output_dir)
+    # one writer per run folder (vaelab.runs.claim_folder): also a resumed run's own folder, and
+    # a run started outside Hydra's entry point (RunFolders holds Hydra's folder from the start)
+    holder = None if launched_rank() else claim_folder(output_dir)
+    if holder is not None:
+        raise ConfigError(f"{output_dir} is being written by another run right now ({holder}): wait until it has "
+                          "finished (to continue it: the same command then), or write elsewhere; nothing has run yet")
 
     datamodule = build_datamodule(cfg.data, config)
     prepare_data_first(datamodule)

@@ -18,21 +18,94 @@ Sweeps: every job of a Hydra multirun is its own W&B run in the group named afte
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
 import string
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from hydra.experimental.callback import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from vaelab.checkpoint_io import AtomicCheckpointIO
 from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger("vaelab")
+
+
+# --- one writer per folder ---------------------------------------------------------------------
+#: the lock file of a folder that a vaelab process writes into (removed when it is done)
+LOCK_NAME = ".vaelab.lock"
+_claims: dict[Path, int] = {}
+
+
+def claim_folder(folder: str | Path) -> str | None:
+    """Hold ``folder`` for this process with an exclusive ``flock`` on ``<folder>/.vaelab.lock``
+    (released by the kernel however the process ends, SIGKILL too), so that two runs started
+    in the same second (whose time-named folders are the same), or two resumes of one run, do
+    not write into one folder. None once this process holds it, or where the file system cannot
+    lock (nothing is held then, as before); else who holds it."""
+    key = Path(folder).expanduser().absolute()
+    if key in _claims:
+        return None
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on a POSIX system
+        return None
+    try:
+        key.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None  # an unwritable folder is the config check's to report
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        return holder or "another process"
+    except OSError:
+        os.close(fd)
+        return None
+    import socket
+
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    _claims[key] = fd
+    return None
+
+
+def release_folder(folder: str | Path) -> None:
+    """Give up this process's hold on ``folder`` (``claim_folder``) and remove its lock file."""
+    key = Path(folder).expanduser().absolute()
+    fd = _claims.pop(key, None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            (key / LOCK_NAME).unlink()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_claims() -> Iterator[None]:
+    """Release on leaving the folders claimed inside (those claimed before stay held)."""
+    before = set(_claims)
+    try:
+        yield
+    finally:
+        for key in set(_claims) - before:
+            release_folder(key)
+
+
+def _time_named(node: DictConfig, key: str) -> bool:
+    """Whether ``node[key]`` is named after the time it started (``${now:...}``, Hydra's
+    default), not a folder the user chose."""
+    return "${now:" in str(OmegaConf.to_container(node, resolve=False).get(key, ""))
 
 
 # --- sweeps -----------------------------------------------------------------------------------
@@ -118,6 +191,9 @@ class RunFolders(Callback):
     * a run (no ``ckpt_path``) into a folder that holds an earlier run, or a sweep into a sweep
       folder whose jobs hold earlier runs, is refused before Hydra saves its ``.hydra`` files
       there (``vaelab.validation.earlier_run_problem``; ``train()`` checks again itself);
+    * the run or sweep folder is held for this process (``claim_folder``) until it ends: a
+      time-named run folder that a run of the same second holds becomes the next free name
+      (``<folder>-2``, ...); a named one, or a sweep folder, is refused while another holds it;
     * after the last job of a sweep, the jobs that failed are listed with their errors and the
       sweep exits non-zero; the jobs that ran keep their results.
 
@@ -133,11 +209,10 @@ class RunFolders(Callback):
         if task not in ("train", "eval"):
             raise ValueError(f"RunFolders(task=...) is train or eval, got {task!r}")
         self.task = task
+        self._held: Path | None = None  # the folder this process claimed (claim_folder)
 
     @staticmethod
     def _stop(message: str) -> None:
-        import sys
-
         print(f"vaelab: {message}", file=sys.stderr, flush=True)
         raise SystemExit(1)
 
@@ -155,9 +230,34 @@ class RunFolders(Callback):
         # (vaelab.distributed: hydra.output_subdir=null; or a cluster's launcher)
         if launched_rank() or config.hydra.get("output_subdir") is None:
             return
-        problem = self._earlier(Path(str(config.hydra.run.dir)), config.get("ckpt_path"))
+        folder = Path(str(config.hydra.run.dir))
+        problem = self._earlier(folder, config.get("ckpt_path"))
         if problem:
             self._stop(f"{problem}; nothing has run yet")
+        holder = claim_folder(folder)
+        if holder is None:
+            self._held = folder
+            return
+        if not _time_named(config.hydra.run, "dir"):
+            self._stop(f"hydra.run.dir={folder} is being written by another run right now ({holder}): wait until it "
+                       "has finished, or give another hydra.run.dir; nothing has run yet")
+        # a folder named after the second this run started, taken by another run that started in
+        # the same second (a loop of `python train.py ... &`): the next free name instead
+        for n in range(2, 1000):
+            other = folder.with_name(f"{folder.name}-{n}")
+            if self._earlier(other) is None and claim_folder(other) is None:
+                with read_write(config.hydra.run):
+                    config.hydra.run.dir = str(other)
+                print(f"vaelab: {folder} is being written by another run started in the same second ({holder}); "
+                      f"this one writes to {other}", file=sys.stderr, flush=True)
+                self._held = other
+                return
+        self._stop(f"{folder} and the next 998 names after it are taken; give hydra.run.dir")
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._held is not None:
+            release_folder(self._held)
+            self._held = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(str(config.hydra.sweep.dir))
@@ -168,15 +268,24 @@ class RunFolders(Callback):
         if held:
             self._stop(f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep (jobs {', '.join(held)}), which "
                        "this sweep would overwrite: give another hydra.sweep.dir; nothing has run yet")
-        if self.task == "eval":
-            return
-        bad = sweep_value_problems(config)
+        bad = sweep_value_problems(config) if self.task == "train" else []
         if bad:
             lines = "\n  ".join(bad)
             self._stop(f"{len(bad)} of the sweep's jobs would fail the config check; nothing has run yet (fix or "
                        f"drop those options):\n  {lines}")
+        # last: a refused sweep leaves no folder or lock file behind
+        holder = claim_folder(sweep)
+        if holder is not None:
+            again = " start it again a second later (its folder is named after the second it starts), or" \
+                if _time_named(config.hydra.sweep, "dir") else ""
+            self._stop(f"hydra.sweep.dir={sweep} is being written by another sweep right now ({holder}):{again} give "
+                       "another hydra.sweep.dir; nothing has run yet")
+        self._held = sweep
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._held is not None:
+            release_folder(self._held)
+            self._held = None
         if self.task == "eval":  # an evaluation writes no summary.json; a failed one stops the sweep
             return
         sweep = Path(str(config.hydra.sweep.dir))

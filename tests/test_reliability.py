@@ -859,7 +859,16 @@ def test_a_folder_is_written_by_one_process_at_a_time(tmp_path):
     assert not (folder / LOCK_NAME).exists()  # released on leaving, the lock file removed
     assert claim_folder(folder) is None
     release_folder(folder)
-    assert not (folder / LOCK_NAME).exists()
+    assert folder.is_dir() and not any(folder.iterdir())
+    # a folder the claim made goes with the release where nothing was written in it
+    new = tmp_path / "new"
+    assert claim_folder(new) is None and new.is_dir()
+    release_folder(new)
+    assert not new.exists()
+    assert claim_folder(new) is None
+    (new / "written.txt").write_text("kept")
+    release_folder(new)
+    assert sorted(p.name for p in new.iterdir()) == ["written.txt"]
 
 
 def test_runs_started_together_get_their_own_folders_or_are_refused(good_run, tmp_path):
@@ -875,6 +884,16 @@ def test_runs_started_together_get_their_own_folders_or_are_refused(good_run, tm
         assert (second / "checkpoints" / "last.ckpt").is_file() and (second / ".hydra").is_dir()
         assert sorted(p.name for p in taken.iterdir()) == [".vaelab.lock"]  # nothing written beside the other run
         assert not (second / ".vaelab.lock").exists()  # released at the end
+    # the same for an evaluation, also once the other one has written its Hydra files
+    taken = tmp_path / "evals" / time.strftime("%Y")
+    with held_by_another_process(taken):
+        (taken / ".hydra").mkdir()
+        (taken / ".hydra" / "config.yaml").write_text("the other evaluation's")
+        proc = check(run_cli("eval.py", f"ckpt_path={good_run}", "evaluation.test_num_samples=2",
+                             f"hydra.run.dir={tmp_path}/evals/${{now:%Y}}", cwd=REPO))
+        assert f"this one writes to {taken.with_name(f'{taken.name}-2')}" in proc.stderr
+        assert (taken.with_name(f"{taken.name}-2") / "metrics.json").is_file()
+        assert (taken / ".hydra" / "config.yaml").read_text() == "the other evaluation's"
     # a folder the user named: refused, nothing written there
     named = tmp_path / "named"
     with held_by_another_process(named) as pid:

@@ -43,7 +43,7 @@ log = logging.getLogger("vaelab")
 # --- one writer per folder ---------------------------------------------------------------------
 #: the lock file of a folder that a vaelab process writes into (removed when it is done)
 LOCK_NAME = ".vaelab.lock"
-_claims: dict[Path, int] = {}
+_claims: dict[Path, tuple[int, bool]] = {}  # folder → (lock file descriptor, whether the claim made the folder)
 
 
 def claim_folder(folder: str | Path) -> str | None:
@@ -59,6 +59,7 @@ def claim_folder(folder: str | Path) -> str | None:
         import fcntl
     except ImportError:  # pragma: no cover - not on a POSIX system
         return None
+    created = not key.exists()
     try:
         key.mkdir(parents=True, exist_ok=True)
         fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -77,18 +78,24 @@ def claim_folder(folder: str | Path) -> str | None:
 
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-    _claims[key] = fd
+    _claims[key] = (fd, created)
     return None
 
 
 def release_folder(folder: str | Path) -> None:
-    """Give up this process's hold on ``folder`` (``claim_folder``) and remove its lock file."""
+    """Give up this process's hold on ``folder`` (``claim_folder``) and remove its lock file,
+    and the folder itself where the claim made it and nothing else was written there (a run
+    refused before it started)."""
     key = Path(folder).expanduser().absolute()
-    fd = _claims.pop(key, None)
-    if fd is not None:
+    held = _claims.pop(key, None)
+    if held is not None:
+        fd, created = held
         with contextlib.suppress(OSError):
             (key / LOCK_NAME).unlink()
         os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                key.rmdir()  # only if empty
 
 
 @contextlib.contextmanager
@@ -231,28 +238,35 @@ class RunFolders(Callback):
         if launched_rank() or config.hydra.get("output_subdir") is None:
             return
         folder = Path(str(config.hydra.run.dir))
-        problem = self._earlier(folder, config.get("ckpt_path"))
-        if problem:
-            self._stop(f"{problem}; nothing has run yet")
+        # the hold first: a run that started a moment ago in this folder is not an earlier one
         holder = claim_folder(folder)
-        if holder is None:
-            self._held = folder
-            return
-        if not _time_named(config.hydra.run, "dir"):
-            self._stop(f"hydra.run.dir={folder} is being written by another run right now ({holder}): wait until it "
-                       "has finished, or give another hydra.run.dir; nothing has run yet")
-        # a folder named after the second this run started, taken by another run that started in
-        # the same second (a loop of `python train.py ... &`): the next free name instead
+        if holder is not None:
+            if not _time_named(config.hydra.run, "dir"):
+                self._stop(f"hydra.run.dir={folder} is being written by another run right now ({holder}): wait until "
+                           "it has finished, or give another hydra.run.dir; nothing has run yet")
+            # named after the second this run started, and taken by another run of the same
+            # second (a loop of `python train.py ... &`): the next free name instead
+            taken, folder = folder, self._next_free(folder)
+            with read_write(config.hydra.run):
+                config.hydra.run.dir = str(folder)
+            print(f"vaelab: {taken} is being written by another run started in the same second ({holder}); this "
+                  f"one writes to {folder}", file=sys.stderr, flush=True)
+        else:
+            problem = self._earlier(folder, config.get("ckpt_path"))
+            if problem:
+                release_folder(folder)
+                self._stop(f"{problem}; nothing has run yet")
+        self._held = folder
+
+    def _next_free(self, folder: Path) -> Path:
         for n in range(2, 1000):
             other = folder.with_name(f"{folder.name}-{n}")
-            if self._earlier(other) is None and claim_folder(other) is None:
-                with read_write(config.hydra.run):
-                    config.hydra.run.dir = str(other)
-                print(f"vaelab: {folder} is being written by another run started in the same second ({holder}); "
-                      f"this one writes to {other}", file=sys.stderr, flush=True)
-                self._held = other
-                return
-        self._stop(f"{folder} and the next 998 names after it are taken; give hydra.run.dir")
+            if claim_folder(other) is None:
+                if self._earlier(other) is None:
+                    return other
+                release_folder(other)
+        self._stop(f"{folder} and the 998 names after it are taken; give hydra.run.dir")
+        raise AssertionError  # (unreachable: _stop exits)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._held is not None:
@@ -261,6 +275,22 @@ class RunFolders(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(str(config.hydra.sweep.dir))
+        # the hold first: the jobs of a sweep that started a moment ago are not earlier ones
+        holder = claim_folder(sweep)
+        if holder is not None:
+            again = " start it again a second later (its folder is named after the second it starts), or" \
+                if _time_named(config.hydra.sweep, "dir") else ""
+            self._stop(f"hydra.sweep.dir={sweep} is being written by another sweep right now ({holder}):{again} give "
+                       "another hydra.sweep.dir; nothing has run yet")
+        self._held = sweep
+        try:
+            self._check_sweep(config, sweep)
+        except SystemExit:
+            release_folder(sweep)  # a refused sweep leaves no lock file behind
+            self._held = None
+            raise
+
+    def _check_sweep(self, config: DictConfig, sweep: Path) -> None:
         # e.g. -m ckpt_path=last ...: a requeued training sweep
         resumes = self.task == "train" and config.get("ckpt_path") not in (None, "")
         jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() and not resumes else []
@@ -273,14 +303,6 @@ class RunFolders(Callback):
             lines = "\n  ".join(bad)
             self._stop(f"{len(bad)} of the sweep's jobs would fail the config check; nothing has run yet (fix or "
                        f"drop those options):\n  {lines}")
-        # last: a refused sweep leaves no folder or lock file behind
-        holder = claim_folder(sweep)
-        if holder is not None:
-            again = " start it again a second later (its folder is named after the second it starts), or" \
-                if _time_named(config.hydra.sweep, "dir") else ""
-            self._stop(f"hydra.sweep.dir={sweep} is being written by another sweep right now ({holder}):{again} give "
-                       "another hydra.sweep.dir; nothing has run yet")
-        self._held = sweep
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._held is not None:

@@ -916,6 +916,13 @@ def test_runs_started_together_get_their_own_folders_or_are_refused(good_run, tm
                        cwd=REPO)
         assert proc.returncode != 0 and f"{copy} is being written by another run right now (pid {pid} on " in proc.stderr
         assert snapshot(copy) == files
+    # a checkpoint folder outside the run folder, shared with a run writing there now
+    shared = tmp_path / "shared-checkpoints"
+    with held_by_another_process(shared) as pid:
+        proc = run_cli("train.py", *QUICK, f"callbacks.model_checkpoint.dirpath={shared}", f"hydra.run.dir={tmp_path}/r2",
+                       cwd=REPO)
+        assert proc.returncode != 0 and f"{shared} is being written by another run right now (pid {pid} on " in proc.stderr
+        assert sorted(p.name for p in shared.iterdir()) == [".vaelab.lock"]
 
 
 def test_a_folder_given_as_checkpoint_says_what_it_holds(good_run, tmp_path):

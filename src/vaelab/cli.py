@@ -163,12 +163,17 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if redacted:
         log.warning("vaelab: redacted the value of a secret environment variable from %s", ", ".join(redacted))
     output_dir = Path(cfg.paths.output_dir)
-    # one writer per run folder (vaelab.runs.claim_folder): also a resumed run's own folder, and
-    # a run started outside Hydra's entry point (RunFolders holds Hydra's folder from the start)
-    holder = None if launched_rank() else claim_folder(output_dir)
-    if holder is not None:
-        raise ConfigError(f"{output_dir} is being written by another run right now ({holder}): wait until it has "
-                          "finished (to continue it: the same command then), or write elsewhere; nothing has run yet")
+    # one writer per run folder (vaelab.runs.claim_folder): also a resumed run's own folder, a
+    # checkpoint folder set outside the run's, and a run started outside Hydra's entry point
+    # (RunFolders holds Hydra's folder from the start)
+    run_root = output_dir.expanduser().absolute()
+    checkpoint_dirs = [Path(f).expanduser().absolute() for k, f in output_folders(cfg).items() if k.endswith(".dirpath")]
+    for folder in [run_root, *(d for d in checkpoint_dirs if not d.is_relative_to(run_root))]:
+        holder = None if launched_rank() else claim_folder(folder)
+        if holder is not None:
+            raise ConfigError(f"{folder} is being written by another run right now ({holder}): wait until it has "
+                              "finished (to continue it: the same command then), or write elsewhere; nothing has run "
+                              "yet")
 
     datamodule = build_datamodule(cfg.data, config)
     prepare_data_first(datamodule)

@@ -858,7 +858,11 @@ def test_a_folder_is_written_by_one_process_at_a_time(tmp_path):
         assert f"pid {os.getpid()} on " in (folder / LOCK_NAME).read_text()
     assert not (folder / LOCK_NAME).exists()  # released on leaving, the lock file removed
     assert claim_folder(folder) is None
-    release_folder(folder)
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    assert claim_folder(link) is None  # the same folder by another path: held already, by this process
+    release_folder(link)
+    assert not (folder / LOCK_NAME).exists()
     assert folder.is_dir() and not any(folder.iterdir())
     # a folder the claim made goes with the release where nothing was written in it
     new = tmp_path / "new"

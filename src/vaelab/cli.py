@@ -166,8 +166,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     # one writer per run folder (vaelab.runs.claim_folder): also a resumed run's own folder, a
     # checkpoint folder set outside the run's, and a run started outside Hydra's entry point
     # (RunFolders holds Hydra's folder from the start)
-    run_root = output_dir.expanduser().absolute()
-    checkpoint_dirs = [Path(f).expanduser().absolute() for k, f in output_folders(cfg).items() if k.endswith(".dirpath")]
+    run_root = output_dir.expanduser().resolve()
+    checkpoint_dirs = [Path(f).expanduser().resolve() for k, f in output_folders(cfg).items() if k.endswith(".dirpath")]
     for folder in [run_root, *(d for d in checkpoint_dirs if not d.is_relative_to(run_root))]:
         holder = None if launched_rank() else claim_folder(folder)
         if holder is not None:

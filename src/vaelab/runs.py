@@ -52,7 +52,7 @@ def claim_folder(folder: str | Path) -> str | None:
     in the same second (whose time-named folders are the same), or two resumes of one run, do
     not write into one folder. None once this process holds it, or where the file system cannot
     lock (nothing is held then, as before); else who holds it."""
-    key = Path(folder).expanduser().absolute()
+    key = Path(folder).expanduser().resolve()  # one key for every path to it (symbolic links)
     if key in _claims:
         return None
     try:
@@ -86,7 +86,7 @@ def release_folder(folder: str | Path) -> None:
     """Give up this process's hold on ``folder`` (``claim_folder``) and remove its lock file,
     and the folder itself where the claim made it and nothing else was written there (a run
     refused before it started)."""
-    key = Path(folder).expanduser().absolute()
+    key = Path(folder).expanduser().resolve()
     held = _claims.pop(key, None)
     if held is not None:
         fd, created = held

@@ -888,6 +888,16 @@ def test_runs_started_together_get_their_own_folders_or_are_refused(good_run, tm
         assert (second / "checkpoints" / "last.ckpt").is_file() and (second / ".hydra").is_dir()
         assert sorted(p.name for p in taken.iterdir()) == [".vaelab.lock"]  # nothing written beside the other run
         assert not (second / ".vaelab.lock").exists()  # released at the end
+    # and for a sweep: its jobs in the next free folder too
+    taken = tmp_path / "sweeps" / time.strftime("%Y")
+    with held_by_another_process(taken):
+        proc = check(run_cli("train.py", "-m", "latent_dim=2,4", *QUICK, "test=false", "logger=none",
+                             f"hydra.sweep.dir={tmp_path}/sweeps/${{now:%Y}}", cwd=REPO))
+        second = taken.with_name(f"{taken.name}-2")
+        assert f"this one writes to {second}" in proc.stderr
+        assert [json.loads((second / job / "summary.json").read_text())["output_dir"] for job in "01"] == [
+            str(second / "0"), str(second / "1")]
+        assert (second / "multirun.yaml").is_file() and sorted(p.name for p in taken.iterdir()) == [".vaelab.lock"]
     # the same for an evaluation, also once the other one has written its Hydra files
     taken = tmp_path / "evals" / time.strftime("%Y")
     with held_by_another_process(taken):

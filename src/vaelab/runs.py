@@ -199,8 +199,8 @@ class RunFolders(Callback):
       folder whose jobs hold earlier runs, is refused before Hydra saves its ``.hydra`` files
       there (``vaelab.validation.earlier_run_problem``; ``train()`` checks again itself);
     * the run or sweep folder is held for this process (``claim_folder``) until it ends: a
-      time-named run folder that a run of the same second holds becomes the next free name
-      (``<folder>-2``, ...); a named one, or a sweep folder, is refused while another holds it;
+      time-named folder that a run or sweep of the same second holds becomes the next free name
+      (``<folder>-2``, ...); a named one is refused while another process holds it;
     * after the last job of a sweep, the jobs that failed are listed with their errors and the
       sweep exits non-zero; the jobs that ran keep their results.
 
@@ -265,7 +265,7 @@ class RunFolders(Callback):
                 if self._earlier(other) is None:
                     return other
                 release_folder(other)
-        self._stop(f"{folder} and the 998 names after it are taken; give hydra.run.dir")
+        self._stop(f"{folder} and the 998 names after it are taken; give another folder")
         raise AssertionError  # (unreachable: _stop exits)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -278,10 +278,19 @@ class RunFolders(Callback):
         # the hold first: the jobs of a sweep that started a moment ago are not earlier ones
         holder = claim_folder(sweep)
         if holder is not None:
-            again = " start it again a second later (its folder is named after the second it starts), or" \
-                if _time_named(config.hydra.sweep, "dir") else ""
-            self._stop(f"hydra.sweep.dir={sweep} is being written by another sweep right now ({holder}):{again} give "
-                       "another hydra.sweep.dir; nothing has run yet")
+            if not _time_named(config.hydra.sweep, "dir"):
+                self._stop(f"hydra.sweep.dir={sweep} is being written by another sweep right now ({holder}): wait "
+                           "until it has finished, or give another hydra.sweep.dir; nothing has run yet")
+            # taken by a sweep of the same second: the next free name, for the jobs too (Hydra
+            # composes each job's config again from the command line's overrides)
+            from vaelab.distributed import _quote
+
+            taken, sweep = sweep, self._next_free(sweep)
+            with read_write(config.hydra):
+                config.hydra.sweep.dir = str(sweep)
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={_quote(str(sweep))}")
+            print(f"vaelab: {taken} is being written by another sweep started in the same second ({holder}); this "
+                  f"one writes to {sweep}", file=sys.stderr, flush=True)
         self._held = sweep
         try:
             self._check_sweep(config, sweep)

@@ -58,7 +58,7 @@ def rank_command(local_rank: int) -> tuple[list[str], str, dict[str, str]]:
     command += [o for o in hc.overrides.hydra if not o.lstrip("+~").startswith(_DROP_HYDRA)]
     run_dir = hc.runtime.output_dir
     command += [
-        f"hydra.run.dir={_quote(run_dir)}",
+        f"hydra.run.dir={quote_override(run_dir)}",
         "hydra.output_subdir=null",            # rank zero wrote .hydra/ already
         f"hydra.job.name={hc.job.name}_rank{local_rank}",
         "hydra/job_logging=stdout",            # no second log file in the run folder
@@ -71,7 +71,7 @@ def rank_command(local_rank: int) -> tuple[list[str], str, dict[str, str]]:
     return command, get_original_cwd(), env
 
 
-def _quote(value: str) -> str:
+def quote_override(value: str) -> str:
     """A Hydra override value that may hold characters of the override grammar."""
     escaped = value.replace("\\", "\\\\").replace("'", "\\'")
     return f"'{escaped}'"

@@ -283,12 +283,12 @@ class RunFolders(Callback):
                            "until it has finished, or give another hydra.sweep.dir; nothing has run yet")
             # taken by a sweep of the same second: the next free name, for the jobs too (Hydra
             # composes each job's config again from the command line's overrides)
-            from vaelab.distributed import _quote
+            from vaelab.distributed import quote_override
 
             taken, sweep = sweep, self._next_free(sweep)
             with read_write(config.hydra):
                 config.hydra.sweep.dir = str(sweep)
-                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={_quote(str(sweep))}")
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quote_override(str(sweep))}")
             print(f"vaelab: {taken} is being written by another sweep started in the same second ({holder}); this "
                   f"one writes to {sweep}", file=sys.stderr, flush=True)
         self._held = sweep

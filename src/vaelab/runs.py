@@ -237,26 +237,35 @@ class RunFolders(Callback):
         # (vaelab.distributed: hydra.output_subdir=null; or a cluster's launcher)
         if launched_rank() or config.hydra.get("output_subdir") is None:
             return
-        folder = Path(str(config.hydra.run.dir))
         # the hold first: a run that started a moment ago in this folder is not an earlier one
-        holder = claim_folder(folder)
-        if holder is not None:
-            if not _time_named(config.hydra.run, "dir"):
-                self._stop(f"hydra.run.dir={folder} is being written by another run right now ({holder}): wait until "
-                           "it has finished, or give another hydra.run.dir; nothing has run yet")
-            # named after the second this run started, and taken by another run of the same
-            # second (a loop of `python train.py ... &`): the next free name instead
-            taken, folder = folder, self._next_free(folder)
-            with read_write(config.hydra.run):
-                config.hydra.run.dir = str(folder)
-            print(f"vaelab: {taken} is being written by another run started in the same second ({holder}); this "
-                  f"one writes to {folder}", file=sys.stderr, flush=True)
-        else:
+        folder, renamed = self._hold(config.hydra.run, "run")
+        if not renamed:
             problem = self._earlier(folder, config.get("ckpt_path"))
             if problem:
                 release_folder(folder)
                 self._stop(f"{problem}; nothing has run yet")
         self._held = folder
+
+    def _hold(self, node: DictConfig, what: str) -> tuple[Path, bool]:
+        """Claim the folder ``node.dir`` (``hydra.run`` or ``hydra.sweep``) for this process;
+        (the folder held, whether it is another than the one asked for). Held by another
+        process: refused where the user named it; where it is named after the second it started
+        (Hydra's default), taken by a run or sweep of the same second (a loop of ``python
+        train.py ... &``), the next free name instead."""
+        folder = Path(str(node.dir))
+        holder = claim_folder(folder)
+        if holder is None:
+            return folder, False
+        key = f"hydra.{'run' if what == 'run' else 'sweep'}.dir"
+        if not _time_named(node, "dir"):
+            self._stop(f"{key}={folder} is being written by another {what} right now ({holder}): wait until it has "
+                       f"finished, or give another {key}; nothing has run yet")
+        other = self._next_free(folder)
+        with read_write(node):
+            node.dir = str(other)
+        print(f"vaelab: {folder} is being written by another {what} started in the same second ({holder}); this one "
+              f"writes to {other}", file=sys.stderr, flush=True)
+        return other, True
 
     def _next_free(self, folder: Path) -> Path:
         for n in range(2, 1000):
@@ -274,23 +283,13 @@ class RunFolders(Callback):
             self._held = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = Path(str(config.hydra.sweep.dir))
         # the hold first: the jobs of a sweep that started a moment ago are not earlier ones
-        holder = claim_folder(sweep)
-        if holder is not None:
-            if not _time_named(config.hydra.sweep, "dir"):
-                self._stop(f"hydra.sweep.dir={sweep} is being written by another sweep right now ({holder}): wait "
-                           "until it has finished, or give another hydra.sweep.dir; nothing has run yet")
-            # taken by a sweep of the same second: the next free name, for the jobs too (Hydra
-            # composes each job's config again from the command line's overrides)
+        sweep, renamed = self._hold(config.hydra.sweep, "sweep")
+        if renamed:  # for the jobs too: Hydra composes each job's config again from the overrides
             from vaelab.distributed import quote_override
 
-            taken, sweep = sweep, self._next_free(sweep)
             with read_write(config.hydra):
-                config.hydra.sweep.dir = str(sweep)
                 config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quote_override(str(sweep))}")
-            print(f"vaelab: {taken} is being written by another sweep started in the same second ({holder}); this "
-                  f"one writes to {sweep}", file=sys.stderr, flush=True)
         self._held = sweep
         try:
             self._check_sweep(config, sweep)

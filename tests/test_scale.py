@@ -96,6 +96,7 @@ def test_ddp_sim_logs_once_and_matches_one_process(tmp_path):
     proc = run_cli("eval.py", f"ckpt_path={ddp}", "trainer=ddp_sim", "evaluation.test_num_samples=5",
                    f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, env=_env(), timeout=180)
     check(proc)
+    assert "sync_dist=True" not in proc.stderr  # every test value is the whole split's on every rank
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert metrics["test/num_examples"] == 359
     assert metrics["test/nll"] == pytest.approx(summary["test"]["test/nll"], abs=0.5)  # K=5: Monte Carlo noise

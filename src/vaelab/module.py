@@ -442,7 +442,9 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         self.posterior_stats.reset()
         diag["total_kl"] = float(self.metrics["test_kl"].compute())
         self.test_diagnostics = diag
-        self.log("test/active_units", float(diag["active_units"]))
+        # the same on every rank (the statistics are summed across processes); sync_dist
+        # silences Lightning's DDP warning, as for test/bpd
+        self.log("test/active_units", float(diag["active_units"]), sync_dist=True)
         rank_zero_info(f"active units: {diag['active_units']} of {self.vae.latent_dim} "
                        f"(Cov_x(E_q[z_u]) > {diag['active_threshold']}), KL {diag['total_kl']:.3f} nats")
         message = collapse_message(diag["active_units"], self.vae.latent_dim, diag["total_kl"])

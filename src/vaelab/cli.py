@@ -34,8 +34,8 @@ from vaelab.runs import claim_folder, ensure_wandb_id, folder_claims, in_multiru
 from vaelab.validation import (
     ConfigError,
     check_free_space,
+    checkpoint_folders,
     launched_rank,
-    output_folders,
     redact_secrets,
     validate_eval_config,
     validate_train_config,
@@ -167,9 +167,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     # checkpoint folder set outside the run's, and a run started outside Hydra's entry point
     # (RunFolders holds Hydra's folder from the start)
     run_root = output_dir.expanduser().resolve()
-    checkpoint_dirs = [Path(f).expanduser().resolve() for k, f in output_folders(cfg).items() if k.endswith(".dirpath")]
-    for folder in [run_root, *(d for d in checkpoint_dirs if not d.is_relative_to(run_root))]:
-        holder = None if launched_rank() else claim_folder(folder)
+    elsewhere = [d for d in (p.resolve() for p in checkpoint_folders(cfg)) if not d.is_relative_to(run_root)]
+    held_here = [] if launched_rank() else [run_root, *elsewhere]  # ranks > 0 write in rank zero's
+    for folder in held_here:
+        holder = claim_folder(folder)
         if holder is not None:
             raise ConfigError(f"{folder} is being written by another run right now ({holder}): wait until it has "
                               "finished (to continue it: the same command then), or write elsewhere; nothing has run "
@@ -186,7 +187,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     # the epoch's end and not to the next epoch's training clock (ThroughputMonitor)
     callbacks.insert(0, EpochCheckpointsWritten())
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(config))
-    check_free_space(module, [f for k, f in output_folders(cfg).items() if k.endswith(".dirpath")])
+    check_free_space(module, checkpoint_folders(cfg))
     check_targets({"checkpoint_io": cfg.get("checkpoint_io")}, allowed_prefixes(config))
     checkpoint_io = instantiate(cfg.checkpoint_io) if cfg.get("checkpoint_io") else None  # atomic saves
     if getattr(checkpoint_io, "background", False) and dashboard.reads_checkpoints_when_saved(logger_cfg, callbacks):

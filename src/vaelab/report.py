@@ -55,7 +55,8 @@ def failure(summary: dict[str, Any] | None) -> str | None:
     return " ".join(str(summary.get("error") or "").split()) if summary.get("failed") else None
 
 
-def _sort_key(run: Path, root: Path) -> tuple:
+def run_order(run: Path, root: Path) -> tuple:
+    """Sort key of a run folder under ``root``: job numbers as numbers (2 before 10)."""
     rel = run.relative_to(root).parts
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in rel)
 
@@ -67,7 +68,7 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     # folder (in a sweep folder, which holds Hydra's multirun.yaml)
     found = {p.parent for p in root.rglob("summary.json")}
     found |= {p.parent for p in root.rglob(".hydra") if p.is_dir() and (p.parent.parent / "multirun.yaml").is_file()}
-    runs = sorted(found, key=lambda r: _sort_key(r, root))
+    runs = sorted(found, key=lambda r: run_order(r, root))
     overrides = {run: read_overrides(run) for run in runs}
     keys: list[str] = []
     for ov in overrides.values():

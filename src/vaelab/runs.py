@@ -256,7 +256,7 @@ class RunFolders(Callback):
         holder = claim_folder(folder)
         if holder is None:
             return folder, False
-        key = f"hydra.{'run' if what == 'run' else 'sweep'}.dir"
+        key = f"hydra.{what}.dir"
         if not _time_named(node, "dir"):
             self._stop(f"{key}={folder} is being written by another {what} right now ({holder}): wait until it has "
                        f"finished, or give another {key}; nothing has run yet")
@@ -319,8 +319,10 @@ class RunFolders(Callback):
         if self.task == "eval":  # an evaluation writes no summary.json; a failed one stops the sweep
             return
         sweep = Path(str(config.hydra.sweep.dir))
+        from vaelab.report import run_order
+
         jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
-                      key=lambda p: (0, int(p.name)) if p.name.isdigit() else (1, p.name)) if sweep.is_dir() else []
+                      key=lambda p: run_order(p, sweep)) if sweep.is_dir() else []
         failed = [(job, why) for job in jobs if (why := job_failure(job))]
         if failed:
             lines = "\n  ".join(f"{job}: {why[:300]}" for job, why in failed)

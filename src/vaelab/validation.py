@@ -177,6 +177,11 @@ def output_folders(cfg: DictConfig) -> dict[str, str]:
     return found
 
 
+def checkpoint_folders(cfg: DictConfig) -> list[Path]:
+    """The checkpoint folders a training run's callbacks write to (their ``dirpath``)."""
+    return [Path(f).expanduser() for k, f in output_folders(cfg).items() if k.endswith(".dirpath")]
+
+
 def folder_problem(folder: str | os.PathLike) -> str | None:
     """Why ``folder`` cannot be written (None if it can), without creating it: the deepest
     existing ancestor must be a folder in which a file can be created."""
@@ -232,8 +237,7 @@ def earlier_run_problem(cfg: DictConfig) -> str | None:
         return None
     folder = Path(str(out)).expanduser()
     # checkpoints: in the run folder, and in any checkpoint folder set elsewhere
-    ckpt_dirs = [folder / "checkpoints", *(Path(f).expanduser() for k, f in output_folders(cfg).items()
-                                            if k.endswith(".dirpath"))]
+    ckpt_dirs = [folder / "checkpoints", *checkpoint_folders(cfg)]
     ckpts = sorted({p for d in ckpt_dirs for p in d.glob("*.ckpt")})
     summary = folder / "summary.json"
     # a summary of a run that failed before any checkpoint (a bad value, a kill) has nothing to lose
@@ -404,7 +408,7 @@ def checkpoint_bytes(module: Any) -> int:
     return 3 * weights + (1 << 16)
 
 
-def check_free_space(module: Any, folders: Iterable[str], copies: int = 3) -> None:
+def check_free_space(module: Any, folders: Iterable[str | Path], copies: int = 3) -> None:
     """Refuse to start when a checkpoint folder cannot hold ``copies`` checkpoints (last, best,
     and the temporary file of an atomic save)."""
     need = copies * checkpoint_bytes(module)

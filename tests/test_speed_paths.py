@@ -531,6 +531,79 @@ def test_checkpoint_and_progress_hooks_with_nothing_to_do_are_skipped_and_the_re
     assert seen[3] == [] and seen[4] == seen[6] == ["latest-step3.ckpt"] and seen[7] == ["latest-step6.ckpt"]
 
 
+def test_the_step_checkpoint_saves_by_the_clock_and_under_ddp_by_rank_zeros_clock(tmp_path, monkeypatch):
+    """LatestCheckpoint's default trigger is time: a save once every_n_minutes have passed since
+    the last one (the clock restarting at each save, an epoch's end included), with
+    every_n_train_steps as a second trigger. Under DDP rank 0 reads the clock every
+    check_every_n_steps steps and its verdict is what every rank acts on."""
+    import types
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import vaelab.runs as runs
+    from vaelab.runs import LatestCheckpoint
+
+    now = [0.0]  # a clock that moves 60 s with each training step, read by LatestCheckpoint only
+    fake_time = types.SimpleNamespace(**{**vars(runs.time), "monotonic": lambda: now[0]})
+    monkeypatch.setattr(runs, "time", fake_time)
+    seen: dict[int, list[str]] = {}
+
+    class Clock(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            now[0] = 60.0 * trainer.global_step
+            seen[trainer.global_step] = sorted(p.name for p in (tmp_path / "latest").glob("*.ckpt"))
+
+    def fit(**trigger):
+        now[0] = 0.0
+        seen.clear()
+        for old in (tmp_path / "latest").glob("*.ckpt"):
+            old.unlink()
+        latest = LatestCheckpoint(dirpath=str(tmp_path / "latest"), **trigger)
+        images = torch.bernoulli(torch.full((80, 1, 8, 8), 0.3))
+        trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu", default_root_dir=tmp_path, callbacks=[latest, Clock()])
+        trainer.fit(_tiny_module(), DataLoader(TensorDataset(images, torch.zeros(80)), batch_size=8))
+        # (Lightning runs checkpoint callbacks last: Clock sees a step's save at the next step)
+        return [next((s - 1 for s in sorted(seen) if name in seen[s]), None) for name in
+                sorted({n for names in seen.values() for n in names}, key=lambda n: int(n[11:-5]))]
+
+    # every 2.5 minutes = 150 s: due after step 3 (180 s), then 150 s after that save: step 6
+    assert fit(every_n_minutes=2.5) == [3, 6, 9]
+    # and every 2 steps: whichever comes first; each save restarts the clock, so here the steps win
+    assert fit(every_n_minutes=2.5, every_n_train_steps=2) == [2, 4, 6, 8]
+    # every 4 steps: the clock fires at 3 (180 s), the steps at 4, the clock at 7 (4's save at 240 s + 150)
+    assert fit(every_n_minutes=2.5, every_n_train_steps=4) == [3, 4, 7, 8]
+    # neither: the epoch's end only (after step 10, when no later step can see it)
+    assert fit(every_n_minutes=None) == [] and sorted(p.name for p in (tmp_path / "latest").glob("*.ckpt")) == [
+        "latest-step10.ckpt"]
+
+    # DDP: only at steps divisible by check_every_n_steps, and by the broadcast verdict
+    latest = LatestCheckpoint(dirpath=str(tmp_path / "ddp"), every_n_minutes=5, check_every_n_steps=4)
+    asked, saved = [], []
+    verdict = {8: True}  # rank 0's clock says "due" at step 8; this rank's says never (now = 0)
+
+    def broadcast(obj, src=0):
+        asked.append((step, obj))
+        return verdict.get(step, False)
+
+    latest._should_skip_saving_checkpoint = lambda trainer: False
+    latest._save_topk_checkpoint = lambda trainer, candidates: saved.append(trainer.global_step)
+    latest._monitor_candidates = lambda trainer: {}
+    now[0] = 0.0
+    for step in range(1, 13):
+        trainer = types.SimpleNamespace(global_step=step, world_size=2,
+                                        strategy=types.SimpleNamespace(broadcast=broadcast))
+        latest.on_train_batch_end(trainer, None, None, None, step)
+    assert asked == [(4, False), (8, False), (12, False)] and saved == [8]
+
+    for bad, fix in [(dict(every_n_minutes=0), "every_n_minutes=0: give a number of minutes > 0, or null"),
+                     (dict(every_n_train_steps=-1), "every_n_train_steps=-1: give a number of steps >= 1"),
+                     (dict(check_every_n_steps=0), "check_every_n_steps=0: give a number of steps >= 1")]:
+        with pytest.raises(ValueError, match=f"callbacks.step_checkpoint.{fix}"):
+            LatestCheckpoint(dirpath=str(tmp_path), **bad)
+
+
 def _tiny_module():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf

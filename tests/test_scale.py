@@ -256,6 +256,23 @@ def test_a_sweep_with_bad_jobs_is_refused_before_any_or_reported_and_its_folder_
     assert proc.returncode != 0 and "1 of the sweep's jobs would fail the config check; nothing has run" in proc.stderr
     assert "job 1 (latent_dim=-3 " in proc.stderr and "latent_dim must be a positive integer, got -3" in proc.stderr
     assert not sweep.exists() or not any(sweep.iterdir())
+    # a config group option that does not exist (a typo), likewise (before: a warning that this check itself
+    # failed, then Hydra's error, and multirun.yaml left in the folder)
+    proc = run_cli("train.py", "-m", "likelihood=bernoulli,gausian", "trainer.max_epochs=1", "logger=none", *FAST,
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
+    assert proc.returncode != 0 and "1 of the sweep's jobs would fail the config check" in proc.stderr
+    assert "job 1 (likelihood=gausian " in proc.stderr and "likelihood/gausian" in proc.stderr, proc.stderr[-2000:]
+    assert not sweep.exists() or not any(sweep.iterdir())
+    # Optuna's search space: every choice and both ends of each interval, before the first trial
+    # (a trial that fails counts as -inf and the search goes on, spending its trials)
+    proc = run_cli("train.py", "-m", "hparams_search=optuna", "latent_dim=choice(8,0)",
+                   "likelihood=choice(bernoulli,gausian)", "optim.optimizer.lr=interval(-1.0,0.001)", "trainer.max_epochs=1",
+                   "logger=none", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
+    assert proc.returncode != 0 and "3 of the search space's values would fail the config check" in proc.stderr
+    assert "latent_dim=0 (of the search space latent_dim=choice(8,0)): latent_dim must be a positive" in proc.stderr
+    assert "likelihood=gausian (of the search space" in proc.stderr and "optim.optimizer.lr=-1.0 (" in proc.stderr
+    assert "latent_dim=8 (" not in proc.stderr and "optim.optimizer.lr=0.001 (" not in proc.stderr
+    assert not sweep.exists() or not any(sweep.iterdir())
     # a job that fails its own check when it starts (its checkpoint is missing): the others run,
     # its summary.json says why, the report lists it, and the sweep exits non-zero naming it
     sweep = tmp_path / "sweep"

@@ -162,32 +162,70 @@ def job_failure(job: Path) -> str | None:
     return None if why is None else why or "failed"
 
 
-def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
-    """Each job of a grid sweep (Hydra's basic sweeper) whose values fail
-    ``vaelab.validation.value_problems``, as ``job N (its overrides): problems``: found before the
-    first job starts instead of when that job's turn comes. Other sweepers choose their values
-    as they go (Optuna), and then each job checks its own."""
-    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
-    if not sweeper.endswith("BasicSweeper"):
-        return []
+def _config_problems(name: str, overrides: list[str]) -> list[str]:
+    """``vaelab.validation.value_problems`` of the config that ``overrides`` compose, or why
+    they do not compose (a config group option that does not exist, a key that is not there)."""
     from hydra import compose
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from vaelab.validation import value_problems
 
+    try:
+        return value_problems(compose(config_name=name, overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        # Hydra's own message, which names the options there are (not where it searched for them)
+        return [" ".join(str(err).split("Config search path")[0].split())]
+
+
+def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
+    """Each job of a grid sweep (Hydra's basic sweeper) whose values fail
+    ``vaelab.validation.value_problems`` or do not compose, as ``job N (its overrides):
+    problems``; for a search that chooses its values as it goes (Optuna), each value of its
+    search space that does, as ``key=value (of the search space): problems`` (every choice,
+    both ends of an interval; each with the sweep's fixed overrides). Found before the first job
+    starts instead of when that job's turn comes (a trial that fails counts as -inf and the
+    search goes on, spending its trials). Each job still checks its own values at its start."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    grid, search = sweeper.endswith("BasicSweeper"), sweeper.endswith("OptunaSweeper")
+    if not (grid or search):
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)
-    jobs = [job for batch in batches for job in batch]
-    if len(jobs) > max_jobs:
-        return []  # composing each would take long; every job still checks its own at its start
-    found = []
+    arguments = [f"{k}={v}" for k, v in params.items() if isinstance(v, str | int | float)]
+    arguments += list(config.hydra.overrides.task)
     name = str(OmegaConf.select(config, "hydra.job.config_name", default=None) or "train")
-    for number, job in enumerate(jobs):
-        problems = value_problems(compose(config_name=name, overrides=list(job)))
-        if problems:
-            found.append(f"job {number} ({' '.join(job)}): {'; '.join(problems)}")
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    if grid:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        if len(jobs) > max_jobs:
+            return []  # composing each would take long; every job still checks its own at its start
+        found = []
+        for number, job in enumerate(jobs):
+            problems = _config_problems(name, list(job))
+            if problems:
+                found.append(f"job {number} ({' '.join(job)}): {'; '.join(problems)}")
+        return found
+    from hydra.core.override_parser.types import IntervalSweep
+
+    # a key given on the command line replaces the search space's entry for it, as in the sweeper
+    last = {o.get_key_element(): o for o in parsed}
+    fixed = [o.input_line for o in last.values() if not o.is_sweep_override()]
+    found = []
+    for override in (o for o in last.values() if o.is_sweep_override()):
+        value = override.value()
+        if isinstance(value, IntervalSweep):
+            values = [str(value.start), str(value.end)]
+        else:  # choice(...), range(...), a,b,c
+            values = list(override.sweep_string_iterator())
+        key = override.get_key_element()
+        for one in values[:max_jobs]:
+            problems = _config_problems(name, [*fixed, f"{key}={one}"])
+            if problems:
+                found.append(f"{key}={one} (of the search space {override.input_line}): {'; '.join(problems)}")
     return found
 
 
@@ -309,7 +347,8 @@ class RunFolders(Callback):
         bad = sweep_value_problems(config) if self.task == "train" else []
         if bad:
             lines = "\n  ".join(bad)
-            self._stop(f"{len(bad)} of the sweep's jobs would fail the config check; nothing has run yet (fix or "
+            what = "the sweep's jobs" if bad[0].startswith("job ") else "the search space's values"
+            self._stop(f"{len(bad)} of {what} would fail the config check; nothing has run yet (fix or "
                        f"drop those options):\n  {lines}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -597,6 +597,11 @@ def test_the_step_checkpoint_saves_by_the_clock_and_under_ddp_by_rank_zeros_cloc
         latest.on_train_batch_end(trainer, None, None, None, step)
     assert asked == [(4, False), (8, False), (12, False)] and saved == [8]
 
+    # the callback's state in a checkpoint of a run from before the time trigger (every 500 steps) is found
+    assert LatestCheckpoint(dirpath=str(tmp_path), every_n_train_steps=500).state_key == (
+        "LatestCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 500, 'every_n_epochs': 0, "
+        "'train_time_interval': None}")
+
     for bad, fix in [(dict(every_n_minutes=0), "every_n_minutes=0: give a number of minutes > 0, or null"),
                      (dict(every_n_train_steps=-1), "every_n_train_steps=-1: give a number of steps >= 1"),
                      (dict(check_every_n_steps=0), "check_every_n_steps=0: give a number of steps >= 1")]:

@@ -422,6 +422,13 @@ class LatestCheckpoint(ModelCheckpoint):
         self.check_every_n_steps = int(check_every_n_steps)
         self._last_save = time.monotonic()
 
+    @property
+    def state_key(self) -> str:
+        # the key Lightning's own step trigger gave it, so that a run saved before the time
+        # trigger existed (every_n_train_steps=500 in its stored config) resumes with its state
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode, every_n_train_steps=self.every_n_steps,
+                                        every_n_epochs=self._every_n_epochs, train_time_interval=None)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_save = time.monotonic()  # (a resumed run too: its clock starts now)

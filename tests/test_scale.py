@@ -326,6 +326,25 @@ def test_the_optuna_search_composes(tmp_path):
     assert "latent_dim" in sweeper.params
 
 
+def test_the_optuna_search_space_is_checked_at_its_ends_and_choices():
+    """sweep_value_problems for Optuna: each choice, both ends of an interval or a range (not
+    every value in between), the command line's entry for a key in place of the config's."""
+    from omegaconf import open_dict, read_write
+
+    from vaelab.runs import sweep_value_problems
+
+    with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)
+        assert sweep_value_problems(cfg) == []  # the search space as shipped
+        with read_write(cfg), open_dict(cfg):
+            cfg.hydra.sweeper.params.latent_dim = "choice(0,8)"  # replaced by the command line's range
+            cfg.hydra.overrides.task = ["hparams_search=optuna", "latent_dim=range(0,40)", "seed=range(-2,5)",
+                                        "data.batch_size=choice(32,0,64)", "optim.optimizer.lr=interval(0.001,0.01)"]
+        problems = sweep_value_problems(cfg)
+    assert [p.split(" (")[0] for p in problems] == ["latent_dim=0", "data.batch_size=0"], problems
+    assert "(of the search space latent_dim=range(0,40))" in problems[0]
+
+
 @pytest.mark.slow
 def test_optuna_search_with_submitit_local_runs_two_trials(tmp_path):
     sweep = tmp_path / "sweep"

@@ -183,7 +183,7 @@ def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
     ``vaelab.validation.value_problems`` or do not compose, as ``job N (its overrides):
     problems``; for a search that chooses its values as it goes (Optuna), each value of its
     search space that does, as ``key=value (of the search space): problems`` (every choice,
-    both ends of an interval; each with the sweep's fixed overrides). Found before the first job
+    both ends of an interval or a range; each with the sweep's fixed overrides). Found before the first job
     starts instead of when that job's turn comes (a trial that fails counts as -inf and the
     search goes on, spending its trials). Each job still checks its own values at its start."""
     sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
@@ -209,7 +209,7 @@ def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
             if problems:
                 found.append(f"job {number} ({' '.join(job)}): {'; '.join(problems)}")
         return found
-    from hydra.core.override_parser.types import IntervalSweep
+    from hydra.core.override_parser.types import IntervalSweep, RangeSweep
 
     # a key given on the command line replaces the search space's entry for it, as in the sweeper
     last = {o.get_key_element(): o for o in parsed}
@@ -219,8 +219,9 @@ def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
         value = override.value()
         if isinstance(value, IntervalSweep):
             values = [str(value.start), str(value.end)]
-        else:  # choice(...), range(...), a,b,c
+        else:  # choice(...), a,b,c: each; range(...): its ends
             values = list(override.sweep_string_iterator())
+            values = values[:1] + values[-1:] if isinstance(value, RangeSweep) and len(values) > 1 else values
         key = override.get_key_element()
         for one in values[:max_jobs]:
             problems = _config_problems(name, [*fixed, f"{key}={one}"])

@@ -385,8 +385,8 @@ def ensure_wandb_id(cfg: DictConfig) -> None:
 # --- resume -----------------------------------------------------------------------------------
 class LatestCheckpoint(ModelCheckpoint):
     """The latest training state in one file, ``latest-step<N>.ckpt``, replaced at the end of
-    every epoch and, within an epoch, once ``every_n_minutes`` of training have passed since
-    the last save, or every ``every_n_train_steps`` steps, whichever comes first (each trigger
+    every epoch and, within an epoch, once ``every_n_minutes`` have passed since the last save
+    (wall clock), or every ``every_n_train_steps`` steps, whichever comes first (each trigger
     is off with ``null``). A run killed at any moment (SIGKILL mid-epoch included) loses at
     most that much.
 

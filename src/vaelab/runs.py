@@ -215,14 +215,15 @@ def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
     last = {o.get_key_element(): o for o in parsed}
     fixed = [o.input_line for o in last.values() if not o.is_sweep_override()]
     found = []
-    for override in (o for o in last.values() if o.is_sweep_override()):
+    for key, override in last.items():
+        if not override.is_sweep_override():
+            continue
         value = override.value()
         if isinstance(value, IntervalSweep):
             values = [str(value.start), str(value.end)]
         else:  # choice(...), a,b,c: each; range(...): its ends
             values = list(override.sweep_string_iterator())
             values = values[:1] + values[-1:] if isinstance(value, RangeSweep) and len(values) > 1 else values
-        key = override.get_key_element()
         for one in values[:max_jobs]:
             problems = _config_problems(name, [*fixed, f"{key}={one}"])
             if problems:
@@ -443,11 +444,14 @@ class LatestCheckpoint(ModelCheckpoint):
                 due = time.monotonic() - self._last_save >= self.interval_s
             elif step % self.check_every_n_steps == 0:
                 due = bool(trainer.strategy.broadcast(time.monotonic() - self._last_save >= self.interval_s, src=0))
-        if due and not self._should_skip_saving_checkpoint(trainer):
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        if due:
+            self._save_latest(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):  # after this epoch's validation
+        self._save_latest(trainer)  # after this epoch's validation
+
+    def _save_latest(self, trainer: pl.Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # (not twice at one step, not while validating)
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:

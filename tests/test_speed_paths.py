@@ -310,6 +310,16 @@ def test_nan_guard_reads_the_term_sums_and_still_names_the_bad_term():
     inf_loss = SimpleNamespace(loss=torch.tensor(float("inf")), terms=good)
     with pytest.raises(NonFiniteLossError, match="train/loss"):
         NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), inf_loss, torch.stack(list(good.values())).sum(-1))
+    # sums that hold the loss's own (VAEModule's, the loss times the batch size last) need no
+    # second reading of the loss: an infinite loss is caught through its sum, and the loss
+    # itself is not read (here a finite loss beside sums whose loss entry is infinite)
+    with_loss = torch.cat([torch.stack(list(good.values())).sum(-1), torch.tensor([float("inf")])])
+    with pytest.raises(NonFiniteLossError, match="train/loss"):
+        NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), inf_loss, with_loss, sums_include_loss=True)
+    finite_with_loss = torch.cat([torch.stack(list(good.values())).sum(-1), torch.tensor([4.0])])
+    assert not NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), ok, finite_with_loss, sums_include_loss=True)
+    assert not NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), inf_loss, finite_with_loss,
+                                         sums_include_loss=True)  # the loss is read only through the sums
 
 
 def test_nvml_probe_is_skipped_only_where_nvml_cannot_load(monkeypatch):

@@ -57,16 +57,20 @@ class NaNGuard:
     def from_config(cls, config: dict[str, Any]) -> NaNGuard:
         return cls(config.get("nan_policy", "stop") or "stop", config.get("max_skipped_steps", 100))
 
-    def bad_step(self, module: Any, x: torch.Tensor, out: Any, term_sums: torch.Tensor | None = None) -> bool:
+    def bad_step(self, module: Any, x: torch.Tensor, out: Any, term_sums: torch.Tensor | None = None,
+                 sums_include_loss: bool = False) -> bool:
         """True if this step must be skipped; raises ``NonFiniteLossError`` if it must stop.
 
         ``term_sums``: the batch sums of the terms, where the caller has them (a sum is finite
-        exactly when every value in it is, short of float overflow); else the terms are read."""
+        exactly when every value in it is, short of float overflow); else the terms are read.
+        ``sums_include_loss``: one of ``term_sums`` is the loss's (``VAEModule._term_sums``
+        with the loss), which then needs no reading of its own."""
         if term_sums is not None:
             # one number, finite exactly when the loss and every sum are (short of a float
-            # overflow, at ~3e38 nats), read as a Python float and tested on the host: three
-            # operations and the read (torch.isfinite on one number is four more kernels on a GPU)
-            finite = math.isfinite(float(term_sums.sum() + out.loss.detach()))
+            # overflow, at ~3e38 nats), read as a Python float and tested on the host: one or
+            # three operations and the read (torch.isfinite on one number is four more kernels on a GPU)
+            total = term_sums.sum() if sums_include_loss else term_sums.sum() + out.loss.detach()
+            finite = math.isfinite(float(total))
         else:
             values = [out.loss.detach().reshape(-1).float()] + [t.detach().reshape(-1).float() for t in out.terms.values()]
             finite = bool(torch.isfinite(torch.cat(values)).all())

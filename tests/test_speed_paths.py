@@ -310,9 +310,9 @@ def test_nan_guard_reads_the_term_sums_and_still_names_the_bad_term():
     inf_loss = SimpleNamespace(loss=torch.tensor(float("inf")), terms=good)
     with pytest.raises(NonFiniteLossError, match="train/loss"):
         NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), inf_loss, torch.stack(list(good.values())).sum(-1))
-    # sums that hold the loss's own (VAEModule's, the loss times the batch size last) need no
-    # second reading of the loss: an infinite loss is caught through its sum, and the loss
-    # itself is not read (here a finite loss beside sums whose loss entry is infinite)
+    # sums that hold the loss's own entry (VAEModule's: the loss times the batch size, last)
+    # need no second reading of the loss: an infinite loss is caught through that entry, and
+    # with finite sums the loss itself is not read again (the last call)
     with_loss = torch.cat([torch.stack(list(good.values())).sum(-1), torch.tensor([float("inf")])])
     with pytest.raises(NonFiniteLossError, match="train/loss"):
         NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), inf_loss, with_loss, sums_include_loss=True)

@@ -328,8 +328,8 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         """The batch sums of the logged terms in one reduction ([T], or [T + 1] ``with_loss``:
         the loss times the batch size last): the epoch means, the logged step values and the
         NaN guard all read them (per-example terms [B], the objectives' contract)."""
-        # detached first: stacking tensors that carry gradients records an autograd node and a
-        # tracked view per input, about 0.1 ms a step on this project's CPU for numbers only read
+        # detached first: stacking tensors that carry gradients would record an autograd node
+        # and a tracked view per input, for numbers that are only read
         values = [out.terms[term].detach() for term in terms]
         if with_loss:  # the scalar loss as a [B] view: summed with the terms, in the same reduction
             values.append(out.loss.detach().to(values[0].dtype).expand_as(values[0]))

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from vaelab.checkpoint_io import AtomicCheckpointIO
 from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
+from vaelab.report import run_order
 
 log = logging.getLogger("vaelab")
 
@@ -360,8 +361,6 @@ class RunFolders(Callback):
         if self.task == "eval":  # an evaluation writes no summary.json; a failed one stops the sweep
             return
         sweep = Path(str(config.hydra.sweep.dir))
-        from vaelab.report import run_order
-
         jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                       key=lambda p: run_order(p, sweep)) if sweep.is_dir() else []
         failed = [(job, why) for job in jobs if (why := job_failure(job))]

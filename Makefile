@@ -12,6 +12,9 @@ VENV   ?= $(CACHE)/venv-$(KEY)
 PY     := $(VENV)/bin/python
 ARGS   ?=
 PYTEST_ARGS ?=
+# test processes: one per core (pytest-xdist; tests/conftest.py splits the cores' threads
+# between them); PYTEST_WORKERS=0 runs them in this one process (for -s, --pdb)
+PYTEST_WORKERS ?= auto
 
 .PHONY: install train test eval lint clean-venv
 
@@ -38,7 +41,7 @@ eval: install
 	$(PY) eval.py $(ARGS)
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks train.py eval.py

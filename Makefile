@@ -12,8 +12,9 @@ VENV   ?= $(CACHE)/venv-$(KEY)
 PY     := $(VENV)/bin/python
 ARGS   ?=
 PYTEST_ARGS ?=
-# test processes: one per core (pytest-xdist; tests/conftest.py splits the cores' threads
-# between them); PYTEST_WORKERS=0 runs them in this one process (for -s, --pdb)
+# test processes: one per core, at most 8 (pytest-xdist; each, with the train.py run it starts,
+# ~2 GB resident; tests/conftest.py splits the cores' threads between them); PYTEST_WORKERS=4
+# sets the number, PYTEST_WORKERS=0 runs the tests in this one process (for -s, --pdb)
 PYTEST_WORKERS ?= auto
 
 .PHONY: install train test eval lint clean-venv
@@ -41,7 +42,7 @@ eval: install
 	$(PY) eval.py $(ARGS)
 
 test: install
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --maxprocesses 8 --dist worksteal $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check src tests benchmarks train.py eval.py

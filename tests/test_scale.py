@@ -130,7 +130,7 @@ def test_rank_command_repeats_the_job_not_the_sweep(monkeypatch):
     monkeypatch.setattr("hydra.utils.get_original_cwd", lambda: "/start")
     monkeypatch.setattr(sys, "argv", ["train.py", "-m", "latent_dim=2,4", "trainer=ddp_sim"])
     command, cwd, env = distributed.rank_command(1)
-    assert command[1:3] == ["-c", "from vaelab.cli import train_main; train_main()"]
+    assert command[1:3] == ["-c", "from vaelab.cli import train_script; train_script()"]
     assert "latent_dim=4" in command and "latent_dim=2,4" not in command and "-m" not in command
     assert "hydra.run.dir='/s/1'" in command and "hydra.output_subdir=null" in command
     assert "hydra.searchpath=[file:///my/conf]" in command

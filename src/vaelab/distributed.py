@@ -51,7 +51,7 @@ def rank_command(local_rank: int) -> tuple[list[str], str, dict[str, str]]:
     from hydra.utils import get_original_cwd
 
     hc = HydraConfig.get()
-    entry = "eval_main" if hc.job.config_name == "eval" else "train_main"
+    entry = "eval_script" if hc.job.config_name == "eval" else "train_script"  # as eval.py / train.py run them
     command = [sys.executable, "-c", f"from vaelab.cli import {entry}; {entry}()"]
     command += [f"--config-name={hc.job.config_name}"]
     command += list(hc.overrides.task)

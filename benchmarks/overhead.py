@@ -15,7 +15,7 @@ process, interleaved, taking each one's median over rounds:
                DataModule): Lightning's hooks, closure and batch handling
   vaelab-core  vaelab's VAEModule in that bare Trainer: torch.distributions, the objective,
                the epoch metrics and the NaN guard
-  vaelab       vaelab.cli.train as users run it: W&B offline, checkpoints, pictures, progress
+  vaelab       vaelab.jobs.train as users run it: W&B offline, checkpoints, pictures, progress
 
 The differences between consecutive rows are the costs of each layer. Validation is excluded
 from every figure (as in throughput.py). The per-step figures are repeatable to a few per cent
@@ -52,7 +52,7 @@ LATENT = 2
 def _config(root: Path, out: Path, *extra: str):
     from hydra import compose, initialize_config_module
 
-    from vaelab.cli import resolve_data_options
+    from vaelab.jobs import resolve_data_options
 
     overrides = [f"latent_dim={LATENT}", f"data.batch_size={BATCH}", "data=binarized_mnist", f"data.root={root}",
                  f"encoder.hidden={HIDDEN}", f"decoder.hidden={HIDDEN}", "likelihood=bernoulli",
@@ -72,7 +72,7 @@ def _networks(shape):
 def _datamodule(cfg):
     from omegaconf import OmegaConf
 
-    from vaelab.cli import build_datamodule
+    from vaelab.jobs import build_datamodule
 
     config = OmegaConf.to_container(cfg, resolve=True)
     return build_datamodule(cfg.data, config), config
@@ -120,7 +120,7 @@ def run_vaelab_core(root: Path, out: Path, epochs: int) -> list[float]:
 
 
 def run_vaelab(root: Path, out: Path, epochs: int) -> list[float]:
-    from vaelab.cli import train
+    from vaelab.jobs import train
 
     shutil.rmtree(out, ignore_errors=True)
     train(_config(root, out, f"trainer.max_epochs={epochs}"))

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 import vaelab
 from vaelab.build import UnsafeConfigError
-from vaelab.cli import build_callbacks, build_datamodule, build_loggers, resolve_data_options
+from vaelab.jobs import build_callbacks, build_datamodule, build_loggers, resolve_data_options
 from vaelab.module import VAEModule
 from vaelab.networks import MLPDecoder
 

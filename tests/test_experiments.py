@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_config import compose_train
 
-from vaelab.cli import build_datamodule, resolve_data_options
+from vaelab.jobs import build_datamodule, resolve_data_options
 from vaelab.module import VAEModule
 from vaelab.schedules import Burda2015
 

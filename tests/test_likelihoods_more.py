@@ -265,7 +265,7 @@ def _module(tmp_path, *overrides):
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from vaelab.cli import build_datamodule, resolve_data_options
+    from vaelab.jobs import build_datamodule, resolve_data_options
     from vaelab.module import VAEModule
 
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):

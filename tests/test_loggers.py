@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from vaelab.cli import finish_wandb
+from vaelab.jobs import finish_wandb
 from vaelab.loggers import OrderedWorker, WandbLogger
 
 

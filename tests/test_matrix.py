@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 from test_config import CONF, compose_train
 
-from vaelab.cli import build_datamodule, resolve_data_options
 from vaelab.datamodules import Digits
+from vaelab.jobs import build_datamodule, resolve_data_options
 from vaelab.module import VAEModule
 
 GROUPS = ("likelihood", "prior", "posterior", "objective")

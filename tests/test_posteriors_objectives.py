@@ -17,7 +17,7 @@ from scipy.stats import multivariate_normal
 from torch.distributions import Independent, Laplace, MultivariateNormal, Normal, kl_divergence
 from torch.utils.data import DataLoader, TensorDataset
 
-from vaelab.cli import build_datamodule, resolve_data_options
+from vaelab.jobs import build_datamodule, resolve_data_options
 from vaelab.likelihoods import Bernoulli, Gaussian
 from vaelab.module import VAEModule
 from vaelab.networks import MLPDecoder, MLPEncoder

@@ -19,7 +19,7 @@ from scipy import stats
 from torch.distributions import Independent, Normal
 
 from vaelab.build import build_vae
-from vaelab.cli import build_datamodule, resolve_data_options
+from vaelab.jobs import build_datamodule, resolve_data_options
 from vaelab.likelihoods import Bernoulli
 from vaelab.module import VAEModule
 from vaelab.networks import MLPDecoder, MLPEncoder

@@ -340,7 +340,7 @@ def _module_with_memory_limit(tmp_path: Path, limit: int, pass_size="auto", erro
                               hidden: int = 16, chunk_size: int = 100):
     from omegaconf import OmegaConf
 
-    from vaelab.cli import build_datamodule, resolve_data_options
+    from vaelab.jobs import build_datamodule, resolve_data_options
     from vaelab.module import VAEModule
 
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
@@ -831,9 +831,9 @@ def test_eval_never_overwrites_an_earlier_run_or_evaluation(good_run, tmp_path):
 
 @contextlib.contextmanager
 def held_by_another_process(folder: Path):
-    """``folder`` claimed (vaelab.runs.claim_folder) by another live process, as a run writing
+    """``folder`` claimed (vaelab.folders.claim_folder) by another live process, as a run writing
     there holds it; yields that process's pid."""
-    code = ("import sys, time; from vaelab.runs import claim_folder; "
+    code = ("import sys, time; from vaelab.folders import claim_folder; "
             "assert claim_folder(sys.argv[1]) is None; print('held', flush=True); time.sleep(300)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     try:
@@ -845,7 +845,7 @@ def held_by_another_process(folder: Path):
 
 
 def test_a_folder_is_written_by_one_process_at_a_time(tmp_path):
-    from vaelab.runs import LOCK_NAME, claim_folder, folder_claims, release_folder
+    from vaelab.folders import LOCK_NAME, claim_folder, folder_claims, release_folder
 
     folder = tmp_path / "run"
     with held_by_another_process(folder) as pid:

@@ -21,7 +21,7 @@ from conftest import REPO, check, run_cli, snapshot
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from vaelab.cli import resolve_data_options
+from vaelab.jobs import resolve_data_options
 from vaelab.wandb_offline import find_runs, read_run
 
 SRC = str(REPO / "src")
@@ -150,7 +150,7 @@ MATRIX = [
 
 
 def _module(tmp_path: Path, *overrides: str):
-    from vaelab.cli import build_datamodule
+    from vaelab.jobs import build_datamodule
     from vaelab.module import VAEModule
 
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
@@ -331,7 +331,7 @@ def test_the_optuna_search_space_is_checked_at_its_ends_and_choices():
     every value in between), the command line's entry for a key in place of the config's."""
     from omegaconf import open_dict, read_write
 
-    from vaelab.runs import sweep_value_problems
+    from vaelab.folders import sweep_value_problems
 
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
         cfg = compose("train", overrides=["hparams_search=optuna"], return_hydra_config=True)

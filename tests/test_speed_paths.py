@@ -106,7 +106,7 @@ def test_model_compile_keeps_checkpoint_keys_and_computes_the_same_bound(tmp_pat
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from vaelab.cli import build_datamodule, resolve_data_options
+    from vaelab.jobs import build_datamodule, resolve_data_options
     from vaelab.module import VAEModule
 
     def module(*overrides: str) -> VAEModule:
@@ -136,7 +136,7 @@ def test_model_compile_mode_reaches_torch_compile_and_a_wrong_one_names_the_choi
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from vaelab.cli import build_datamodule, resolve_data_options
+    from vaelab.jobs import build_datamodule, resolve_data_options
     from vaelab.module import VAEModule
 
     def config(*overrides: str) -> tuple[dict, dict]:

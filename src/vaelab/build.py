@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from hydra.utils import get_class, instantiate
 
+from vaelab.options import MALLOC_CHOICES  # the config check reads it too
 from vaelab.vae import VAE
 
 #: module prefixes whose classes and functions a config may name in ``_target_``
@@ -110,9 +111,6 @@ def skip_failing_nvml_probe() -> bool:
     return False
 
 
-#: ``malloc`` (top-level config key): ``tuned`` keeps freed memory in the process for reuse
-#: (glibc on Linux; ``keep_freed_memory``), ``system`` leaves the C library's defaults
-MALLOC_CHOICES = ("tuned", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 

@@ -1,6 +1,6 @@
 """Writing checkpoints so that no fault loses one that was already written.
 
-``AtomicCheckpointIO`` is the Lightning ``CheckpointIO`` plugin that ``vaelab.cli.train`` gives
+``AtomicCheckpointIO`` is the Lightning ``CheckpointIO`` plugin that ``vaelab.jobs.train`` gives
 the Trainer (config key ``checkpoint_io``). Every save
 
 1. refuses a state holding NaN or Inf (the last good checkpoint stays the last one on disk),
@@ -24,7 +24,7 @@ queue, so an old file is removed only after the file that replaces it is on disk
 failed write nothing queued behind it runs. A failure is raised by the next save or removal,
 by ``wait()`` and at the end of training (Lightning's ``teardown``), as the same
 ``CheckpointWriteError``; ``EpochCheckpointsWritten`` (a callback that
-``vaelab.cli`` adds) waits for the writes of an epoch's end when the next training epoch
+``vaelab.jobs`` adds) waits for the writes of an epoch's end when the next training epoch
 starts, and raises a failure there. Serialized bytes waiting to be written are bounded
 (``max_pending_mib``): a save waits for earlier writes rather than hold more than that in
 memory, so a checkpoint larger than the bound is serialized only once the one before it is

@@ -33,6 +33,8 @@ from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from torch.utils.data import Dataset, Sampler
 
+from vaelab.folders import quote_override
+
 #: what Lightning's launcher writes into os.environ of the main process
 LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "PL_GLOBAL_SEED",
               "PL_SEED_WORKERS")
@@ -69,12 +71,6 @@ def rank_command(local_rank: int) -> tuple[list[str], str, dict[str, str]]:
     path = os.environ.get("PYTHONPATH", "")
     env = {"PYTHONPATH": os.pathsep.join(p for p in (package_root, path) if p)}
     return command, get_original_cwd(), env
-
-
-def quote_override(value: str) -> str:
-    """A Hydra override value that may hold characters of the override grammar."""
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{escaped}'"
 
 
 class _JobLauncher(_SubprocessScriptLauncher):

@@ -30,14 +30,6 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-
-def is_cuda_graph_choice(value: Any) -> bool:
-    """``model.cuda_graph``: false (eager), true (graphs, and an error where they cannot
-    work), auto (graphs where they work: one CUDA device, no torch.compile). Not 0 or 1,
-    which compare equal to False and True."""
-    return value is True or value is False or value == "auto"
-
-
 StepFunction = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-NAN_POLICIES = ("stop", "skip")
+from vaelab.options import NAN_POLICIES  # the config check reads it too
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -22,10 +22,11 @@ from torchmetrics import MeanMetric, SumMetric
 from vaelab.attributes import PlainAttributes
 from vaelab.build import allowed_prefixes, build_optimizer, build_vae, check_targets
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
-from vaelab.graphs import StepGraph, is_cuda_graph_choice
+from vaelab.graphs import StepGraph
 from vaelab.guards import NaNGuard
 from vaelab.metrics import PendingSumMean, PendingSums, SumMean, bits_per_dim
 from vaelab.objectives import Objective, ObjectiveOutput
+from vaelab.options import is_cuda_graph_choice
 from vaelab.vae import largest_pass, pass_plan
 from vaelab.validation import value_problems
 

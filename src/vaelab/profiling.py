@@ -5,7 +5,7 @@ training step) in ``trainer.profiler.profile(name)``. Its default ``PassThroughP
 inherits a generator-based context manager that still creates and runs a generator each time
 (~1 µs). ``NoProfiler`` profiles nothing either, and returns one reusable null context instead.
 ``trainer.profiler=simple`` (or ``advanced``, ``pytorch``) still chooses a real profiler:
-``vaelab.cli`` gives the Trainer ``NoProfiler`` only where the config names none.
+``vaelab.jobs`` gives the Trainer ``NoProfiler`` only where the config names none.
 
 Empty hooks: Lightning calls each per-batch hook (``BATCH_HOOKS``) on every callback, whether
 or not the callback's class overrides it; one that does not still costs the dispatch: the

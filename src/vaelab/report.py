@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,20 @@ def read_overrides(run: Path) -> dict[str, str]:
         key, _, value = str(item).partition("=")
         out[key.lstrip("+~")] = value
     return out
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """``data`` as ``path`` (summary.json, metrics.json), replaced in one step: a reader sees
+    the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def error_text(error: BaseException) -> str:
+    """An error as summary.json records it: its type and (the start of) its message."""
+    return f"{type(error).__name__}: {str(error)[:2000]}"
 
 
 def read_summary(run: Path) -> dict[str, Any] | None:

@@ -1,8 +1,8 @@
 """One validation pass over a run's config, before anything is built or written.
 
-``validate_train_config`` (called first thing by ``vaelab.cli.train``) collects *every* value
-out of range, the checkpoint given to resume from, and the folders the run will write to, and
-raises one ``ConfigError`` listing each problem with its config key and the fix. The plugins'
+``validate_train_config`` (called first thing by ``vaelab.cli``, before torch and Lightning are
+imported, and by ``vaelab.jobs.train``) collects *every* value out of range, the checkpoint
+given to resume from, and the folders the run will write to, and raises one ``ConfigError`` listing each problem with its config key and the fix. The plugins'
 own checks (``Gaussian(sigma=...)``, ``ELBO(beta=...)``, ...) stay as the second line of
 defence for code that builds them without a config.
 
@@ -23,9 +23,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.build import MALLOC_CHOICES
-from vaelab.graphs import is_cuda_graph_choice
-from vaelab.guards import NAN_POLICIES
+# nothing here imports torch or Lightning at the top: the config check runs before either is
+# imported, so that a refused command ends in about a second (vaelab.cli)
+from vaelab.options import MALLOC_CHOICES, NAN_POLICIES, PRECISIONS, is_cuda_graph_choice
 
 
 class ConfigError(ValueError):
@@ -60,9 +60,10 @@ def _scale(v: Any) -> bool:
     return v in ("learned", "per_pixel") or _positive(v)
 
 
-def _precisions() -> tuple[Any, ...]:
-    """What Lightning's ``Trainer(precision=...)`` accepts (its own lists; empty if this
-    Lightning keeps them elsewhere, and then Lightning's check stands alone)."""
+def lightning_precisions() -> tuple[Any, ...]:
+    """What the installed Lightning's ``Trainer(precision=...)`` accepts (its own lists; empty
+    if this Lightning keeps them elsewhere, and then Lightning's check stands alone). Imports
+    Lightning: only for a value that ``vaelab.options.PRECISIONS`` lacks."""
     import typing
 
     try:
@@ -74,7 +75,11 @@ def _precisions() -> tuple[Any, ...]:
     return tuple(v for n in names if n is not None for v in typing.get_args(n))
 
 
-PRECISIONS = _precisions()
+def _precision(v: Any) -> bool:
+    if v is None or v in PRECISIONS:
+        return True
+    known = lightning_precisions()  # a value vaelab's list lacks: the installed Lightning decides
+    return not known or v in known
 
 
 def _cuda_missing(v: Any) -> bool:
@@ -96,7 +101,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
      "data.binarize=auto"),
     ("data.dequantize", lambda v: v in ("auto", True, False), "auto, true or false", "data.dequantize=auto"),
     ("objective.warmup_unit", lambda v: v in ("steps", "epochs"), "steps or epochs", "objective.warmup_unit=epochs"),
-    ("trainer.precision", lambda v: v is None or not PRECISIONS or v in PRECISIONS,
+    ("trainer.precision", _precision,
      f"one of {', '.join(str(p) for p in PRECISIONS if isinstance(p, str) and '-' in p)}",
      "trainer.precision=bf16-mixed"),
     ("trainer.accumulate_grad_batches", _int_at_least(1), "an integer >= 1 (batches per optimizer step)",
@@ -215,7 +220,7 @@ def checkpoint_problem(ckpt_path: Any) -> str | None:
     """A ``ckpt_path`` to resume from must be a readable vaelab checkpoint naming only allowed
     targets: checked with ``torch.load(weights_only=True)`` before anything is built."""
     if ckpt_path in (None, "last"):
-        return None  # "last": the run's own last checkpoint (resume semantics: vaelab.cli)
+        return None  # "last": the run's own last checkpoint (resume semantics: vaelab.runs.resolve_resume)
     from vaelab.build import UnsafeConfigError
     from vaelab.checkpoints import CheckpointError, load_checkpoint
 
@@ -381,9 +386,11 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
+    if cfg.get("ckpt_path") in (None, "???"):
+        raise ConfigError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
     problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed"]))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
-    # Hydra's own files are checked before it writes them (vaelab.runs.RunFolders); the rest here,
+    # Hydra's own files are checked before it writes them (vaelab.folders.RunFolders); the rest here,
     # also where paths.output_dir is not Hydra's folder
     earlier = None if launched_rank() else earlier_eval_problem(cfg.paths.output_dir, hydra_files=False)
     if earlier:  # (ranks > 0 write nothing; they start once rank zero has begun writing)

@@ -1,0 +1,357 @@
+"""Run and sweep folders, before anything heavy is imported: one writer per folder, no run
+written into an earlier one's folder, a sweep's jobs checked before the first starts and its
+failures listed at its end (``RunFolders``, the Hydra callback in train.yaml and eval.yaml),
+and the ``${vaelab.sweep_group:}`` resolver.
+
+Hydra builds its callbacks before the task function runs, so this module imports no torch,
+Lightning or W&B: a command refused here (a folder that holds an earlier run or that another
+process is writing) ends in about a second (``vaelab.cli``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from vaelab.report import run_order
+
+
+def quote_override(value: str) -> str:
+    """A Hydra override value that may hold characters of the override grammar."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+# --- one writer per folder ---------------------------------------------------------------------
+#: the lock file of a folder that a vaelab process writes into (removed when it is done)
+LOCK_NAME = ".vaelab.lock"
+_claims: dict[Path, tuple[int, bool]] = {}  # folder → (lock file descriptor, whether the claim made the folder)
+
+
+def claim_folder(folder: str | Path) -> str | None:
+    """Hold ``folder`` for this process with an exclusive ``flock`` on ``<folder>/.vaelab.lock``
+    (released by the kernel however the process ends, SIGKILL too), so that two runs started
+    in the same second (whose time-named folders are the same), or two resumes of one run, do
+    not write into one folder. None once this process holds it, or where the file system cannot
+    lock (nothing is held then, as before); else who holds it."""
+    key = Path(folder).expanduser().resolve()  # one key for every path to it (symbolic links)
+    if key in _claims:
+        return None
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on a POSIX system
+        return None
+    created = not key.exists()
+    try:
+        key.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None  # an unwritable folder is the config check's to report
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        return holder or "another process"
+    except OSError:
+        os.close(fd)
+        return None
+    import socket
+
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    _claims[key] = (fd, created)
+    return None
+
+
+def release_folder(folder: str | Path) -> None:
+    """Give up this process's hold on ``folder`` (``claim_folder``) and remove its lock file,
+    and the folder itself where the claim made it and nothing else was written there (a run
+    refused before it started)."""
+    key = Path(folder).expanduser().resolve()
+    held = _claims.pop(key, None)
+    if held is not None:
+        fd, created = held
+        with contextlib.suppress(OSError):
+            (key / LOCK_NAME).unlink()
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                key.rmdir()  # only if empty
+
+
+@contextlib.contextmanager
+def folder_claims() -> Iterator[None]:
+    """Release on leaving the folders claimed inside (those claimed before stay held)."""
+    before = set(_claims)
+    try:
+        yield
+    finally:
+        for key in set(_claims) - before:
+            release_folder(key)
+
+
+def _time_named(node: DictConfig, key: str) -> bool:
+    """Whether ``node[key]`` is named after the time it started (``${now:...}``, Hydra's
+    default), not a folder the user chose."""
+    return "${now:" in str(OmegaConf.to_container(node, resolve=False).get(key, ""))
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+def in_multirun() -> bool:
+    """Whether this process runs one job of a Hydra multirun (a sweep)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover
+        return False
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def sweep_group() -> str | None:
+    """The sweep's name for the W&B group of its jobs: the sweep folder (relative to where the
+    sweep was started when below it), e.g. ``outputs/train/multirun/2026-11-21/08-15-06``;
+    None outside a sweep."""
+    if not in_multirun():
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    sweep_dir = Path(str(hc.sweep.dir))
+    try:
+        sweep_dir = sweep_dir.resolve().relative_to(Path(hc.runtime.cwd).resolve())
+    except ValueError:
+        pass
+    return str(sweep_dir)[-128:]  # W&B's limit on a group name
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("vaelab.sweep_group", sweep_group, replace=True)
+
+
+register_resolvers()
+
+
+def job_failure(job: Path) -> str | None:
+    """Why a sweep job failed (None if it did not): its ``summary.json`` says ``failed``, or it
+    never wrote one (it stopped before training: a config the job alone could check)."""
+    from vaelab.report import failure, read_summary
+
+    try:
+        why = failure(read_summary(job))
+    except (OSError, ValueError) as err:
+        return f"summary.json unreadable ({type(err).__name__})"
+    return None if why is None else why or "failed"
+
+
+def _config_problems(name: str, overrides: list[str]) -> list[str]:
+    """``vaelab.validation.value_problems`` of the config that ``overrides`` compose, or why
+    they do not compose (a config group option that does not exist, a key that is not there)."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vaelab.validation import value_problems
+
+    try:
+        return value_problems(compose(config_name=name, overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        # Hydra's own message, which names the options there are (not where it searched for them)
+        return [" ".join(str(err).split("Config search path")[0].split())]
+
+
+def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
+    """Each job of a grid sweep (Hydra's basic sweeper) whose values fail
+    ``vaelab.validation.value_problems`` or do not compose, as ``job N (its overrides):
+    problems``; for a search that chooses its values as it goes (Optuna), each value of its
+    search space that does, as ``key=value (of the search space): problems`` (every choice,
+    both ends of an interval or a range; each with the sweep's fixed overrides). Found before the first job
+    starts instead of when that job's turn comes (a trial that fails counts as -inf and the
+    search goes on, spending its trials). Each job still checks its own values at its start."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    grid, search = sweeper.endswith("BasicSweeper"), sweeper.endswith("OptunaSweeper")
+    if not (grid or search):
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    arguments = [f"{k}={v}" for k, v in params.items() if isinstance(v, str | int | float)]
+    arguments += list(config.hydra.overrides.task)
+    name = str(OmegaConf.select(config, "hydra.job.config_name", default=None) or "train")
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    if grid:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        if len(jobs) > max_jobs:
+            return []  # composing each would take long; every job still checks its own at its start
+        found = []
+        for number, job in enumerate(jobs):
+            problems = _config_problems(name, list(job))
+            if problems:
+                found.append(f"job {number} ({' '.join(job)}): {'; '.join(problems)}")
+        return found
+    from hydra.core.override_parser.types import IntervalSweep, RangeSweep
+
+    # a key given on the command line replaces the search space's entry for it, as in the sweeper
+    last = {o.get_key_element(): o for o in parsed}
+    fixed = [o.input_line for o in last.values() if not o.is_sweep_override()]
+    found = []
+    for key, override in last.items():
+        if not override.is_sweep_override():
+            continue
+        value = override.value()
+        if isinstance(value, IntervalSweep):
+            values = [str(value.start), str(value.end)]
+        else:  # choice(...), a,b,c: each; range(...): its ends
+            values = list(override.sweep_string_iterator())
+            values = values[:1] + values[-1:] if isinstance(value, RangeSweep) and len(values) > 1 else values
+        for one in values[:max_jobs]:
+            problems = _config_problems(name, [*fixed, f"{key}={one}"])
+            if problems:
+                found.append(f"{key}={one} (of the search space {override.input_line}): {'; '.join(problems)}")
+    return found
+
+
+class RunFolders(Callback):
+    """A Hydra callback (``hydra.callbacks`` in train.yaml) that guards run and sweep folders
+    before Hydra writes into them, and closes a sweep with its failures:
+
+    * a run (no ``ckpt_path``) into a folder that holds an earlier run, or a sweep into a sweep
+      folder whose jobs hold earlier runs, is refused before Hydra saves its ``.hydra`` files
+      there (``vaelab.validation.earlier_run_problem``; ``train()`` checks again itself);
+    * the run or sweep folder is held for this process (``claim_folder``) until it ends: a
+      time-named folder that a run or sweep of the same second holds becomes the next free name
+      (``<folder>-2``, ...); a named one is refused while another process holds it;
+    * after the last job of a sweep, the jobs that failed are listed with their errors and the
+      sweep exits non-zero; the jobs that ran keep their results.
+
+    With ``task: eval`` (eval.yaml) it guards eval.py's folder instead: one that holds an
+    earlier run's or evaluation's config, metrics or pictures is refused before Hydra writes
+    (``vaelab.validation.earlier_eval_problem``).
+
+    Hydra turns an exception in a callback into a warning and goes on, so these print their
+    message and stop the process with ``SystemExit(1)``.
+    """
+
+    def __init__(self, task: str = "train") -> None:
+        if task not in ("train", "eval"):
+            raise ValueError(f"RunFolders(task=...) is train or eval, got {task!r}")
+        self.task = task
+        self._held: Path | None = None  # the folder this process claimed (claim_folder)
+
+    @staticmethod
+    def _stop(message: str) -> None:
+        print(f"vaelab: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+    def _earlier(self, folder: Path, ckpt_path: Any = None) -> str | None:
+        from vaelab.validation import earlier_eval_problem, earlier_run_problem
+
+        if self.task == "eval":
+            return earlier_eval_problem(folder)
+        return earlier_run_problem(OmegaConf.create({"ckpt_path": ckpt_path, "paths": {"output_dir": str(folder)}}))
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from vaelab.validation import launched_rank
+
+        # a DDP job's other processes run in rank zero's folder, after rank zero wrote there
+        # (vaelab.distributed: hydra.output_subdir=null; or a cluster's launcher)
+        if launched_rank() or config.hydra.get("output_subdir") is None:
+            return
+        # the hold first: a run that started a moment ago in this folder is not an earlier one
+        folder, renamed = self._hold(config.hydra.run, "run")
+        if not renamed:
+            problem = self._earlier(folder, config.get("ckpt_path"))
+            if problem:
+                release_folder(folder)
+                self._stop(f"{problem}; nothing has run yet")
+        self._held = folder
+
+    def _hold(self, node: DictConfig, what: str) -> tuple[Path, bool]:
+        """Claim the folder ``node.dir`` (``hydra.run`` or ``hydra.sweep``) for this process;
+        (the folder held, whether it is another than the one asked for). Held by another
+        process: refused where the user named it; where it is named after the second it started
+        (Hydra's default), taken by a run or sweep of the same second (a loop of ``python
+        train.py ... &``), the next free name instead."""
+        folder = Path(str(node.dir))
+        holder = claim_folder(folder)
+        if holder is None:
+            return folder, False
+        key = f"hydra.{what}.dir"
+        if not _time_named(node, "dir"):
+            self._stop(f"{key}={folder} is being written by another {what} right now ({holder}): wait until it has "
+                       f"finished, or give another {key}; nothing has run yet")
+        other = self._next_free(folder)
+        with read_write(node):
+            node.dir = str(other)
+        print(f"vaelab: {folder} is being written by another {what} started in the same second ({holder}); this one "
+              f"writes to {other}", file=sys.stderr, flush=True)
+        return other, True
+
+    def _next_free(self, folder: Path) -> Path:
+        for n in range(2, 1000):
+            other = folder.with_name(f"{folder.name}-{n}")
+            if claim_folder(other) is None:
+                if self._earlier(other) is None:
+                    return other
+                release_folder(other)
+        self._stop(f"{folder} and the 998 names after it are taken; give another folder")
+        raise AssertionError  # (unreachable: _stop exits)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._held is not None:
+            release_folder(self._held)
+            self._held = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # the hold first: the jobs of a sweep that started a moment ago are not earlier ones
+        sweep, renamed = self._hold(config.hydra.sweep, "sweep")
+        if renamed:  # for the jobs too: Hydra composes each job's config again from the overrides
+            with read_write(config.hydra):
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quote_override(str(sweep))}")
+        self._held = sweep
+        try:
+            self._check_sweep(config, sweep)
+        except SystemExit:
+            release_folder(sweep)  # a refused sweep leaves no lock file behind
+            self._held = None
+            raise
+
+    def _check_sweep(self, config: DictConfig, sweep: Path) -> None:
+        # e.g. -m ckpt_path=last ...: a requeued training sweep
+        resumes = self.task == "train" and config.get("ckpt_path") not in (None, "")
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() and not resumes else []
+        held = [job.name for job in jobs if self._earlier(job)]
+        if held:
+            self._stop(f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep (jobs {', '.join(held)}), which "
+                       "this sweep would overwrite: give another hydra.sweep.dir; nothing has run yet")
+        bad = sweep_value_problems(config) if self.task == "train" else []
+        if bad:
+            lines = "\n  ".join(bad)
+            what = "the sweep's jobs" if bad[0].startswith("job ") else "the search space's values"
+            self._stop(f"{len(bad)} of {what} would fail the config check; nothing has run yet (fix or "
+                       f"drop those options):\n  {lines}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._held is not None:
+            release_folder(self._held)
+            self._held = None
+        if self.task == "eval":  # an evaluation writes no summary.json; a failed one stops the sweep
+            return
+        sweep = Path(str(config.hydra.sweep.dir))
+        jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
+                      key=lambda p: run_order(p, sweep)) if sweep.is_dir() else []
+        failed = [(job, why) for job in jobs if (why := job_failure(job))]
+        if failed:
+            lines = "\n  ".join(f"{job}: {why[:300]}" for job, why in failed)
+            self._stop(f"{len(failed)} of {len(jobs)} sweep jobs failed (each folder's summary.json and log say "
+                       f"more; vaelab-report {sweep} lists every job):\n  {lines}")

@@ -1,0 +1,338 @@
+"""Training and evaluation jobs: the Hydra config wired to objects and run by Lightning; no
+math lives here. ``python train.py`` / ``eval.py`` (``vaelab.cli``) check the config before
+importing this module, which imports torch, Lightning and W&B, and then call ``train`` /
+``evaluate`` with ``checked=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vaelab import dashboard
+from vaelab.build import allowed_prefixes, check_targets, keep_freed_memory
+from vaelab.callbacks import ImageLogger
+from vaelab.checkpoint_io import EpochCheckpointsWritten
+from vaelab.checkpoints import load_module
+from vaelab.distributed import RankSeed, job_scope
+from vaelab.folders import claim_folder, folder_claims
+from vaelab.loggers import WandbLogger as BackgroundWandbLogger
+from vaelab.module import VAEModule, check_evaluation
+from vaelab.profiling import default_profiler, skip_empty_batch_hooks
+from vaelab.report import error_text, write_json
+from vaelab.runs import ensure_wandb_id, resolve_resume
+from vaelab.validation import (
+    ConfigError,
+    check_free_space,
+    checkpoint_folders,
+    launched_rank,
+    redact_secrets,
+    validate_eval_config,
+    validate_train_config,
+)
+
+log = logging.getLogger("vaelab")
+
+# Lightning warns when an epoch has fewer batches than trainer.log_every_n_steps; VAEModule then
+# logs once an epoch instead (VAEModule.on_train_start), so the warning would only be noise
+# (the default digits data set has 20 batches an epoch, the default interval is 50 steps)
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+# torch 2.14 deprecates the LeafSpec that Lightning 2.6 builds when it moves a batch; nothing a
+# user of train.py can act on, printed by every run
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# and Lightning's advertisement for its own cloud logger, printed when a Trainer is built
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "litlogger" not in record.getMessage())
+
+
+# --- pieces shared by train and eval ----------------------------------------------------------
+def resolve_data_options(cfg: DictConfig) -> None:
+    """Resolve the data options that depend on the likelihood, so the logged config says what
+    ran: ``binarize=auto`` is dynamic binarization for likelihoods that need binary data, else
+    none; ``dequantize=auto`` is uniform dequantization exactly when the data stay intensities
+    and the likelihood is a density (not one over the integer levels, ``requires_levels``)."""
+    with open_dict(cfg):
+        if cfg.data.get("binarize") == "auto":
+            needs_binary = bool(getattr(get_class(cfg.likelihood._target_), "requires_binary", False))
+            cfg.data.binarize = "dynamic" if needs_binary else "none"
+        if cfg.data.get("dequantize") == "auto":
+            # a likelihood over the integer levels needs them as they are, not dequantized
+            needs_levels = bool(getattr(get_class(cfg.likelihood._target_), "requires_levels", False))
+            cfg.data.dequantize = cfg.data.get("binarize", "none") == "none" and not needs_levels
+
+
+def build_datamodule(data_cfg: Any, config: dict[str, Any]) -> pl.LightningDataModule:
+    check_targets({"data": data_cfg}, allowed_prefixes(config))
+    return instantiate(data_cfg)
+
+
+def prepare_data_first(datamodule: pl.LightningDataModule) -> None:
+    """The data files found (or downloaded) before the loggers are built, so that missing or
+    damaged files stop a run before it creates a W&B run; on the first process of each machine,
+    as Lightning does (the others wait for it inside ``fit``)."""
+    local_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if str(local_rank) == "0":
+        datamodule.prepare_data()
+
+
+def build_each(group_cfg: Any, config: dict[str, Any]) -> list[Any]:
+    """Instantiate every entry of a name → config mapping (the logger and callbacks groups),
+    skipping entries set to null, each checked against the allowed targets first."""
+    built: list[Any] = []
+    for name, entry in (group_cfg or {}).items():
+        if entry is None:
+            continue
+        check_targets({name: entry}, allowed_prefixes(config))
+        built.append(instantiate(entry))
+    return built
+
+
+def build_loggers(logger_cfg: Any, config: dict[str, Any]) -> list[Logger]:
+    return build_each(logger_cfg, config)
+
+
+def build_callbacks(callbacks_cfg: Any, config: dict[str, Any]) -> list[pl.Callback]:
+    return build_each(callbacks_cfg, config)
+
+
+def finish_wandb(loggers: list[Logger], failed: bool) -> None:
+    """Close the W&B run of this job, also when it failed, so a sweep's next job gets its own."""
+    if not any(isinstance(lg, WandbLogger) for lg in loggers):
+        return
+    import wandb
+
+    for lg in loggers:
+        if isinstance(lg, BackgroundWandbLogger):
+            try:
+                lg.stop()  # the values still on their way (vaelab.loggers), then its thread ends
+            except Exception as error:  # noqa: BLE001 - the run's results are kept; the gap is named
+                log.warning("a W&B logging call failed, the W&B run misses what it carried: %s: %s",
+                            type(error).__name__, error)
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def wandb_run_dir(loggers: list[Logger]) -> str | None:
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            return str(Path(lg.experiment.dir).parent)
+    return None
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+# --- training ---------------------------------------------------------------------------------
+def train(cfg: DictConfig, checked: bool = False) -> dict[str, Any]:
+    """Train (and test) one model; returns the summary, which holds ``best_val_elbo``.
+
+    The config is checked first (every bad value, ``ckpt_path`` and unwritable folder, before
+    anything runs; ``checked=True``: the caller has, as ``vaelab.cli`` does). ``ckpt_path``
+    continues a run (``vaelab.runs.resolve_resume``: its folder, config and W&B run). The
+    process is left as found (``job_scope``), so the next job of a sweep can start its own DDP
+    process group."""
+    started = time.time()
+    if not checked:
+        validate_train_config(cfg)
+    with job_scope(), folder_claims():
+        return _train(cfg, started)
+
+
+def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
+    keep_freed_memory(cfg.get("malloc") or "tuned")  # glibc reuses a step's freed memory (vaelab.build)
+    cfg, resume_ckpt = resolve_resume(cfg)
+    resolve_data_options(cfg)
+    ensure_wandb_id(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    config, redacted = redact_secrets(config)  # no secret env value reaches W&B or a checkpoint
+    if redacted:
+        log.warning("vaelab: redacted the value of a secret environment variable from %s", ", ".join(redacted))
+    output_dir = Path(cfg.paths.output_dir)
+    # one writer per run folder (vaelab.folders.claim_folder): also a resumed run's own folder, a
+    # checkpoint folder set outside the run's, and a run started outside Hydra's entry point
+    # (RunFolders holds Hydra's folder from the start)
+    run_root = output_dir.expanduser().resolve()
+    elsewhere = [d for d in (p.resolve() for p in checkpoint_folders(cfg)) if not d.is_relative_to(run_root)]
+    held_here = [] if launched_rank() else [run_root, *elsewhere]  # ranks > 0 write in rank zero's
+    for folder in held_here:
+        holder = claim_folder(folder)
+        if holder is not None:
+            raise ConfigError(f"{folder} is being written by another run right now ({holder}): wait until it has "
+                              "finished (to continue it: the same command then), or write elsewhere; nothing has run "
+                              "yet")
+
+    datamodule = build_datamodule(cfg.data, config)
+    prepare_data_first(datamodule)
+    module = VAEModule(config=config, data_info=datamodule.info)
+    logger_cfg, log_model_by_hand = dashboard.wandb_logger_config(cfg)
+    loggers = build_loggers(logger_cfg, config)
+    callbacks = build_callbacks(cfg.get("callbacks"), config)
+    callbacks.append(RankSeed(int(cfg.seed)))  # under DDP, different noise on every rank
+    # an epoch trains with the last one's checkpoints on disk; first, so that the wait belongs to
+    # the epoch's end and not to the next epoch's training clock (ThroughputMonitor)
+    callbacks.insert(0, EpochCheckpointsWritten())
+    check_targets({"trainer": cfg.trainer}, allowed_prefixes(config))
+    check_free_space(module, checkpoint_folders(cfg))
+    check_targets({"checkpoint_io": cfg.get("checkpoint_io")}, allowed_prefixes(config))
+    checkpoint_io = instantiate(cfg.checkpoint_io) if cfg.get("checkpoint_io") else None  # atomic saves
+    if getattr(checkpoint_io, "background", False) and dashboard.reads_checkpoints_when_saved(logger_cfg, callbacks):
+        checkpoint_io.background = False  # the logger reads each file right after its save: written by then
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                      plugins=[checkpoint_io] if checkpoint_io is not None else None,
+                                      **default_profiler(cfg.trainer))
+    skip_empty_batch_hooks(trainer.callbacks)  # Lightning's own callbacks included
+    for lg in loggers:
+        lg.log_hyperparams(config)
+    dashboard.define_metrics(loggers)
+
+    failed = True
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resume_ckpt) if resume_ckpt else None,
+                               "world_size": trainer.world_size, "precision": str(trainer.precision)}
+    if str(trainer.precision) != str(cfg.trainer.get("precision", trainer.precision)):
+        # Lightning swaps what a device lacks (16-mixed on a CPU runs as bf16-mixed): the stored
+        # config keeps what was asked, summary.json and the W&B summary what ran
+        log.warning("vaelab: trainer.precision=%s runs as %s on this machine; summary.json records %s",
+                    cfg.trainer.precision, trainer.precision, trainer.precision)
+    try:
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None,
+                        weights_only=True)
+        ckpt_cb = trainer.checkpoint_callback
+        best_path = getattr(ckpt_cb, "best_model_path", "") or None
+        best_score = getattr(ckpt_cb, "best_model_score", None)
+        summary.update(
+            best_val_elbo=_as_float(best_score) if best_score is not None else None,
+            best_checkpoint=best_path,
+            last_checkpoint=getattr(ckpt_cb, "last_model_path", "") or None,
+        )
+        if cfg.get("test", True):
+            results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best_path else None,
+                                   verbose=False)
+            summary["test"] = {k: _as_float(v) for k, v in (results[0] if results else {}).items()}
+            summary["tested_checkpoint"] = best_path or summary["last_checkpoint"]
+            summary.update(dashboard.run_facts(module, datamodule.info))
+            dashboard.update_wandb_summary(loggers, summary)
+        if log_model_by_hand:
+            dashboard.log_checkpoint_artifact(loggers, best_path, summary["last_checkpoint"])
+        failed = False
+    except BaseException as error:
+        summary["error"] = error_text(error)  # for report.py and the sweep's end
+        raise
+    finally:
+        summary["wandb_dir"] = wandb_run_dir(loggers)
+        summary["wall_time_s"] = round(time.time() - started, 1)
+        summary["failed"] = failed
+        finish_wandb(loggers, failed)
+        if trainer.is_global_zero:
+            write_json(output_dir / "summary.json", summary)
+    _print_summary(summary, evaluation=config.get("evaluation", {}))
+    return summary
+
+
+def _unit(key: str) -> str:
+    if key.endswith("bpd"):
+        return "bits/dim"
+    if key.endswith("active_units"):
+        return "latent dims"
+    return "examples" if key.endswith("num_examples") else "nats/example"
+
+
+@rank_zero_only
+def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    lines = ["", "vaelab: run finished", f"  output folder   {summary['output_dir']}"]
+    if summary.get("best_checkpoint"):
+        score = summary.get("best_val_elbo")
+        # without a checkpoint callback that monitors val/elbo (callbacks overridden or removed),
+        # Lightning's default one keeps the latest checkpoint and has no score
+        why = f"val/elbo {score:.3f} nats" if score is not None else "the latest: no checkpoint callback monitors val/elbo"
+        lines.append(f"  best checkpoint {summary['best_checkpoint']}  ({why})")
+    if summary.get("last_checkpoint"):
+        lines.append(f"  last checkpoint {summary['last_checkpoint']}")
+    for key, value in sorted(summary.get("test", {}).items()):
+        unit = _unit(key)
+        lines.append(f"  {key:<15} {value:10.4f} {unit}")
+    if "test/nll" in summary.get("test", {}):
+        lines.append(f"                  (test/nll: importance sampling with K={evaluation.get('test_num_samples')})")
+    if summary.get("wandb_dir"):
+        lines.append(f"  W&B run (offline) {summary['wandb_dir']}   upload with: wandb sync {summary['wandb_dir']}")
+    lines.append(f"  wall time       {summary['wall_time_s']} s")
+    if summary.get("best_checkpoint"):
+        lines.append(f"  evaluate again: python eval.py ckpt_path={summary['best_checkpoint']}")
+    print("\n".join(lines), flush=True)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
+    """Evaluate a checkpoint on its data set's test split: test/elbo, test/nll, test/bpd.
+    The config is checked first (``checked=True``: the caller has, as ``vaelab.cli`` does)."""
+    if not checked:
+        validate_eval_config(cfg)
+    keep_freed_memory(cfg.get("malloc") or "tuned")
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ckpt = dashboard.resolve_run_checkpoint(cfg.ckpt_path)
+    module = load_module(ckpt)
+    module.evaluation = check_evaluation({**module.evaluation, **OmegaConf.to_container(cfg.evaluation, resolve=True)})
+    stored = module.config
+    data_cfg = dict(stored["data"])
+    data_cfg.update({k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None})
+    datamodule = build_datamodule(data_cfg, stored)
+    prepare_data_first(datamodule)
+    # the bin width as this vaelab computes it (checkpoints from before 2026-11-28 stored
+    # 1/(L−1) for binarized data, where it is 1: their test/bpd comes out right here)
+    module.data_info = {**module.data_info, "bin_width": datamodule.info["bin_width"]}
+    loggers = build_loggers(cfg.get("logger"), stored)
+    check_targets({"trainer": cfg.trainer}, allowed_prefixes(stored))
+    pictures = ImageLogger(save_dir=str(Path(cfg.paths.output_dir) / "images"), num_samples=0)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[pictures],
+                                      **default_profiler(cfg.trainer))
+    skip_empty_batch_hooks(trainer.callbacks)
+    dashboard.define_metrics(loggers)
+    failed = True
+    try:
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
+        facts = dashboard.run_facts(module, datamodule.info)
+        dashboard.update_wandb_summary(loggers, facts)
+        failed = False
+    finally:
+        finish_wandb(loggers, failed)
+    metrics = {k: _as_float(v) for k, v in results[0].items()}
+    out = {
+        "checkpoint": str(ckpt),
+        "test_num_samples": module.evaluation["test_num_samples"],
+        "data": datamodule.info,
+        "metrics": metrics,
+        "evaluation": facts["evaluation"],
+        "diagnostics": facts["diagnostics"],
+    }
+    if trainer.is_global_zero:
+        write_json(Path(cfg.paths.output_dir) / "metrics.json", out)
+        _print_eval(out, Path(cfg.paths.output_dir) / "metrics.json")
+    return metrics
+
+
+def _print_eval(out: dict[str, Any], path: Path) -> None:
+    info = out["data"]
+    lines = [
+        "",
+        f"vaelab eval: {out['checkpoint']}",
+        f"  data {info['name']} test split, binarize={info['binarize']}, dequantize={info['dequantize']}",
+    ]
+    for key, value in sorted(out["metrics"].items()):
+        unit = _unit(key)
+        lines.append(f"  {key:<12} {value:10.4f} {unit}")
+    lines.append(f"  (test/nll = −log p(x) by importance sampling, K={out['test_num_samples']}; "
+                 "test/elbo is the bound it tightens)")
+    lines.append(f"  written to {path}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,86 @@
+"""train.py and eval.py refuse a bad command before torch, Lightning or W&B is imported.
+
+Each case runs the entry point as train.py does (``vaelab.cli.train_script``) in its own
+process, and reads back which heavy modules that process had imported when it ended."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from vaelab import options
+from vaelab.validation import lightning_precisions, value_problems
+
+HEAVY = ("torch", "lightning", "wandb", "torchvision", "torchmetrics")
+
+PROBE = """
+import atexit, json, sys
+atexit.register(lambda: print("HEAVY=" + json.dumps(sorted(m for m in {heavy!r} if m in sys.modules))))
+sys.argv = [{script!r}, *{args!r}]
+from vaelab.cli import {entry}
+{entry}()
+"""
+
+
+def _entry(tmp_path: Path, script: str, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    entry = "eval_script" if script == "eval.py" else "train_script"
+    code = textwrap.dedent(PROBE).format(heavy=HEAVY, script=script, args=list(args), entry=entry)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("HEAVY=")]
+    assert lines, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return proc, json.loads(lines[-1].removeprefix("HEAVY="))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["latent_dim=0", "objective.beta=-1"], "latent_dim must be a positive integer, got 0"),  # the value check
+    (["experiment=no_such_experiment"], "experiment/no_such_experiment"),  # Hydra: no such option
+    (["trainer.precision=17-mixed"], "trainer.precision must be one of"),  # not in any list: Lightning's asked
+    (["+latent_dimm=8"], "did you mean latent_dim?"),  # an added key that is a typo
+])
+def test_a_refused_run_imports_nothing_heavy(tmp_path, args, message):
+    proc, heavy = _entry(tmp_path, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    allowed = {"lightning", "torch", "torchvision", "torchmetrics"} if "precision" in args[0] else set()
+    assert set(heavy) <= allowed, heavy  # (an unknown precision asks the installed Lightning)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_run_into_an_earlier_runs_folder_is_refused_before_the_heavy_imports(tmp_path):
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+    proc, heavy = _entry(tmp_path, "train.py", f"hydra.run.dir={earlier}")
+    assert proc.returncode == 1 and "holds an earlier run" in proc.stderr, proc.stderr[-2000:]
+    assert heavy == []  # refused by the Hydra callback (vaelab.folders.RunFolders)
+    assert (earlier / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run's checkpoint"
+
+
+def test_an_evaluation_without_a_checkpoint_is_refused_before_the_heavy_imports(tmp_path):
+    proc, heavy = _entry(tmp_path, "eval.py", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert proc.returncode == 1 and "give the checkpoint to evaluate: python eval.py ckpt_path=" in proc.stderr
+    assert heavy == []
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"]])
+def test_help_and_the_composed_config_import_nothing_heavy(tmp_path, args):
+    proc, heavy = _entry(tmp_path, "train.py", *args)
+    assert proc.returncode == 0
+    assert ("Configuration groups" in proc.stdout) if args == ["--help"] else ("latent_dim: 16" in proc.stdout)
+    assert heavy == []
+
+
+def test_the_precisions_accepted_without_lightning_are_lightnings():
+    """options.PRECISIONS spares the config check Lightning's import; each of them must be one
+    that the installed Lightning's Trainer accepts."""
+    installed = lightning_precisions()
+    assert installed, "Lightning keeps its precision lists elsewhere: update vaelab.validation.lightning_precisions"
+    assert set(options.PRECISIONS) <= set(installed), set(options.PRECISIONS) - set(installed)
+    assert value_problems({"trainer": {"precision": "bf16-mixed"}}) == []
+    (problem,) = value_problems({"trainer": {"precision": "17-mixed"}})
+    assert "bf16-mixed" in problem and "16-mixed" in problem

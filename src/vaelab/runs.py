@@ -14,7 +14,8 @@ Resume (``ckpt_path``):
   every restart after a preemption (SLURM requeue).
 
 Sweeps: every job of a Hydra multirun is its own W&B run in the group named after the sweep
-(``logger.wandb.group``, by default the sweep folder; ``${vaelab.sweep_group:}``).
+(``logger.wandb.group``, by default the sweep folder; ``${vaelab.sweep_group:}``, registered
+by ``vaelab.folders``).
 """
 
 from __future__ import annotations

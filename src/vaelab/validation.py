@@ -2,9 +2,10 @@
 
 ``validate_train_config`` (called first thing by ``vaelab.cli``, before torch and Lightning are
 imported, and by ``vaelab.jobs.train``) collects *every* value out of range, the checkpoint
-given to resume from, and the folders the run will write to, and raises one ``ConfigError`` listing each problem with its config key and the fix. The plugins'
-own checks (``Gaussian(sigma=...)``, ``ELBO(beta=...)``, ...) stay as the second line of
-defence for code that builds them without a config.
+given to resume from, and the folders the run will write to, and raises one ``ConfigError``
+listing each problem with its config key and the fix. The plugins' own checks
+(``Gaussian(sigma=...)``, ``ELBO(beta=...)``, ...) stay as the second line of defence for code
+that builds them without a config.
 
 Also here: ``check_free_space`` (a disk that cannot hold the checkpoints fails before
 training) and ``redact_secrets`` (no value of a secret environment variable reaches the logged

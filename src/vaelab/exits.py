@@ -22,6 +22,11 @@ that report at teardown, such as ``-X dev``'s unclosed-resource warnings).
 Only a ``main`` that returns or raises ``SystemExit`` (Hydra's way of ending with an error:
 it prints the error and exits with status 1) ends this way; any other exception propagates,
 with Python's own ending, as before.
+
+Two differences remain. Open files are flushed, not closed: a compressed stream that its owner
+left unclosed gets no trailer (nor is it promised one by the teardown, whose order of freeing
+is not fixed). A standard output whose reader has gone (``python train.py | head``) ends the
+process with its status, where CPython's failed final flush would make it 120.
 """
 
 from __future__ import annotations

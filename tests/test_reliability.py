@@ -24,7 +24,7 @@ import torch
 from conftest import REPO, SHARED_DATA, check, poisoned_checkpoint, run_cli, snapshot
 from hydra import compose, initialize_config_module
 
-from vaelab.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, NonFiniteStateError
+from vaelab.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, NonFiniteStateError, link_file
 from vaelab.checkpoints import CheckpointError, load_checkpoint, load_module
 from vaelab.datamodules import MNIST, DataCorruptError, DataNotFoundError
 from vaelab.validation import redact_secrets, value_problems
@@ -529,6 +529,71 @@ def test_a_failed_background_write_is_raised_at_teardown_but_not_over_another_er
     assert not list(tmp_path.iterdir())
 
 
+def test_a_second_name_of_a_checkpoint_is_a_hard_link_or_else_a_copy(tmp_path, monkeypatch):
+    """link_file: the checkpoint's bytes under a second name without writing them again (a
+    hard link), put in place by a rename like a write (the old file stays whole until then);
+    a copy where the file system has no hard links; a failure is the CheckpointWriteError of
+    a write, naming the fix, with the old file and no temporary file left."""
+    best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
+    best.write_bytes(b"state at step 20")
+    last.write_bytes(b"state at step 10")
+    link_file(best, last)
+    assert os.path.samefile(best, last) and last.read_bytes() == b"state at step 20"
+    link_file(best, last)  # already that file: nothing to do
+    best.unlink()  # (Lightning's top-k removes the old best once a better one is written)
+    assert last.read_bytes() == b"state at step 20"  # the second name keeps the bytes
+
+    other, elsewhere = tmp_path / "best2.ckpt", tmp_path / "not-yet" / "latest-step30.ckpt"
+    other.write_bytes(b"state at step 30")
+    link_file(other, elsewhere)  # a folder not made yet (the latest state's, apart from the best's)
+    assert os.path.samefile(other, elsewhere)
+    shutil.rmtree(elsewhere.parent)
+    for errno_ in (errno.EPERM, errno.EXDEV):  # no hard links on this file system; another file system
+        monkeypatch.setattr(os, "link", lambda *a, e=errno_: (_ for _ in ()).throw(OSError(e, os.strerror(e))))
+        link_file(other, last)
+        assert last.read_bytes() == b"state at step 30" and not os.path.samefile(other, last)  # a copy
+        last.write_bytes(b"state at step 10")
+    link_file(other, last)
+
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(CheckpointWriteError, match="the disk is full") as err:
+        link_file(other, tmp_path / "latest-step30.ckpt")
+    assert err.value.errno == errno.ENOSPC and str(tmp_path) in str(err.value)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointWriteError, match=r"could not write the checkpoint .*last\.ckpt"):
+        link_file(tmp_path / "gone.ckpt", last)
+    assert last.read_bytes() == b"state at step 30"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best2.ckpt", "last.ckpt"]
+
+
+def test_a_link_is_made_after_the_write_of_its_file_and_not_after_a_failed_one(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()  # writes in the background
+    release = threading.Event()
+    write = io._write
+    monkeypatch.setattr(io, "_write", lambda f, data: (release.wait(timeout=30), write(f, data)))
+    best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
+    io.save_checkpoint(_state(1.0), best)
+    io.link_checkpoint(best, last)
+    time.sleep(0.1)
+    assert not best.exists() and not last.exists()  # queued behind the write of its file
+    release.set()
+    io.wait()
+    assert os.path.samefile(best, last) and io.load_checkpoint(last)["global_step"] == 1
+
+    monkeypatch.setattr(io, "_write", lambda f, data: (_ for _ in ()).throw(OSError(errno.EROFS, "read-only")))
+    io.save_checkpoint(_state(2.0), tmp_path / "best2.ckpt")
+    io.link_checkpoint(tmp_path / "best2.ckpt", last)
+    with pytest.raises(CheckpointWriteError, match="read-only"):
+        io.wait()
+    assert io.load_checkpoint(last)["global_step"] == 1  # the link behind the failed write was not made
+    io.teardown()
+
+    sync = AtomicCheckpointIO(background=False)  # at once, in the caller
+    sync.save_checkpoint(_state(3.0), tmp_path / "best3.ckpt")
+    sync.link_checkpoint(tmp_path / "best3.ckpt", last)
+    assert os.path.samefile(tmp_path / "best3.ckpt", last)
+
+
 EPOCH_PROBE = """
 import json, os, time, lightning.pytorch as pl
 from vaelab.checkpoint_io import AtomicCheckpointIO
@@ -575,15 +640,16 @@ import os, pathlib, time
 from vaelab.checkpoint_io import AtomicCheckpointIO
 
 class SlowIO(AtomicCheckpointIO):
-    '''Hangs half-way through the second save of last.ckpt, so a test can kill it there.'''
-    last_saves = 0
+    '''Hangs half-way through the second checkpoint file it writes (the second epoch's end: the
+    first wrote the best one, and last.ckpt and the latest state became links to it), so a
+    test can kill it there.'''
+    writes = 0
     def _write(self, f, data):
-        if os.path.basename(f.name).startswith('.last.ckpt'):
-            SlowIO.last_saves += 1
-            if SlowIO.last_saves == 2:
-                f.write(data[: len(data) // 2]); f.flush()
-                pathlib.Path(os.environ['SLOW_MARKER']).write_text(f.name)
-                time.sleep(300)
+        SlowIO.writes += 1
+        if SlowIO.writes == 2:
+            f.write(data[: len(data) // 2]); f.flush()
+            pathlib.Path(os.environ['SLOW_MARKER']).write_text(f.name)
+            time.sleep(300)
         f.write(data)
 """
 

@@ -9,6 +9,7 @@ a researcher could see in the numbers.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -617,6 +618,128 @@ def test_the_step_checkpoint_saves_by_the_clock_and_under_ddp_by_rank_zeros_cloc
                      (dict(check_every_n_steps=0), "check_every_n_steps=0: give a number of steps >= 1")]:
         with pytest.raises(ValueError, match=f"callbacks.step_checkpoint.{fix}"):
             LatestCheckpoint(dirpath=str(tmp_path), **bad)
+
+
+def _fit_with_checkpoints(folder, best_cls, save_last, epochs=3, ckpt_path=None, mode="max"):
+    """The tiny module on 80 binary 8×8 images for ``epochs`` epochs (10 steps each), with
+    train.py's best and latest-state checkpoints in ``folder``; returns the checkpoint plugin,
+    which records what it was asked to serialize and to link."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vaelab.checkpoint_io import AtomicCheckpointIO
+    from vaelab.runs import LatestCheckpoint
+
+    class Recording(AtomicCheckpointIO):
+        def __init__(self):
+            super().__init__()
+            self.serialized, self.linked = [], []
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            self.serialized.append((checkpoint["global_step"], Path(path).name))
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+        def link_checkpoint(self, source, path):
+            self.linked.append((Path(source).name, Path(path).name))
+            super().link_checkpoint(source, path)
+
+    pl.seed_everything(0, verbose=False)
+    images = torch.bernoulli(torch.full((80, 1, 8, 8), 0.3), generator=torch.Generator().manual_seed(0))
+    data = DataLoader(TensorDataset(images, torch.zeros(80)), batch_size=8)
+    best = best_cls(dirpath=str(folder), filename="best-epoch{epoch:03d}-step{step}", auto_insert_metric_name=False,
+                    monitor="val/elbo", mode=mode, save_top_k=1, save_last=save_last)
+    latest = LatestCheckpoint(dirpath=str(folder), every_n_minutes=None)
+    io = Recording()
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=folder, callbacks=[best, latest], plugins=[io],
+                         num_sanity_val_steps=0)
+    trainer.fit(_tiny_module(), data, data, ckpt_path=ckpt_path)
+    io.wait()
+    return io
+
+
+def _same(a, b) -> bool:
+    """Whether two checkpoint values are equal, tensors by value."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("mode", ["max", "min"])  # min: the ELBO rises, so later epochs save no best one
+def test_an_epoch_ends_state_is_serialized_once_and_linked_under_its_other_names(tmp_path, mode):
+    """train.py's checkpoints at an epoch's end: the best one (when val/elbo improved),
+    last.ckpt and latest-step<N>.ckpt hold the same training state. It is serialized and
+    written once; the other two names are hard links to that file. The state they hold is the
+    one their own saves would have written: Lightning's ModelCheckpoint with save_last=true
+    (three serializations, the same seed) gives the same weights, optimizer state, loops and
+    step, in files that differ only in the two callbacks' records of their file names."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vaelab.runs import BestCheckpoint
+
+    ours, theirs = tmp_path / "linked", tmp_path / "written"
+    io = _fit_with_checkpoints(ours, BestCheckpoint, "link", mode=mode)
+    reference = _fit_with_checkpoints(theirs, ModelCheckpoint, True, mode=mode)
+
+    steps = (10, 20, 30)
+    improved = {step for step, name in reference.serialized if name.startswith("best-")}
+    assert improved == ({10, 20, 30} if mode == "max" else {10})  # (what this seed's ELBO does)
+    # one serialization a step: the best checkpoint where val/elbo improved, else the latest state
+    assert [step for step, _ in io.serialized] == list(steps)
+    for step, name in io.serialized:
+        assert name.startswith("best-" if step in improved else "latest-step"), (step, name)
+    # Lightning's own: three where it improved (best, last, latest), one elsewhere
+    assert len(reference.serialized) == sum(3 if s in improved else 1 for s in steps)
+    for step, name in io.serialized:
+        if step in improved:
+            assert (name, "last.ckpt") in io.linked and (name, f"latest-step{step}.ckpt") in io.linked
+
+    files = {p.name: p for p in ours.glob("*.ckpt")}
+    assert sorted(files) == sorted(p.name for p in theirs.glob("*.ckpt"))
+    best = next(p for n, p in files.items() if n.startswith("best-"))
+    assert os.path.samefile(best, files["last.ckpt"])
+    assert os.path.samefile(best, files["latest-step30.ckpt"]) == (30 in improved)
+
+    for name in files:
+        mine = torch.load(ours / name, weights_only=True)
+        written = torch.load(theirs / name, weights_only=True)
+        for key in ("state_dict", "optimizer_states", "loops", "global_step", "epoch", "lr_schedulers"):
+            assert _same(mine[key], written[key]), (name, key)
+        assert mine["callbacks"].keys() == written["callbacks"].keys()  # BestCheckpoint keeps ModelCheckpoint's key
+        for key, state in mine["callbacks"].items():
+            paths = ("best_model_path", "last_model_path", "kth_best_model_path", "best_k_models", "dirpath")
+            assert _same({k: v for k, v in state.items() if k not in paths},
+                         {k: v for k, v in written["callbacks"][key].items() if k not in paths}), (name, key)
+
+
+def test_training_resumes_from_a_linked_latest_state_and_from_modelcheckpoints_record(tmp_path):
+    """The linked latest-state file is a checkpoint like any other: training continues from it
+    at its step; and a checkpoint written by Lightning's ModelCheckpoint (runs from before
+    BestCheckpoint) gives BestCheckpoint its record of the best score."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vaelab.runs import BestCheckpoint
+
+    folder = tmp_path / "run"
+    _fit_with_checkpoints(folder, BestCheckpoint, "link", epochs=2)
+    latest = folder / "latest-step20.ckpt"
+    io = _fit_with_checkpoints(folder, BestCheckpoint, "link", epochs=3, ckpt_path=str(latest))
+    assert [step for step, _ in io.serialized] == [30]
+    assert torch.load(folder / "latest-step30.ckpt", weights_only=True)["global_step"] == 30
+
+    old = tmp_path / "old"
+    _fit_with_checkpoints(old, ModelCheckpoint, True, epochs=1)
+    record = torch.load(old / "last.ckpt", weights_only=True)["callbacks"]
+    key = next(k for k in record if k.startswith("ModelCheckpoint"))
+    best = BestCheckpoint(dirpath=str(old), monitor="val/elbo", mode="max", save_top_k=1, save_last="link",
+                          filename="best-epoch{epoch:03d}-step{step}", auto_insert_metric_name=False)
+    assert best.state_key == key
+    best.load_state_dict(record[key])
+    assert best.best_model_score is not None and torch.equal(best.best_model_score, record[key]["best_model_score"])
 
 
 def _tiny_module():

@@ -30,6 +30,12 @@ starts, and raises a failure there. Serialized bytes waiting to be written are b
 memory, so a checkpoint larger than the bound is serialized only once the one before it is
 written, never two in memory at once, as with the synchronous save. ``background=false``
 writes in the caller, as before.
+
+Checkpoints of one moment are written once: where several files hold the training state of
+the same moment (at an epoch's end the best checkpoint, ``last.ckpt`` and the latest-state
+checkpoint, ``vaelab.runs``), the first is serialized and written, and the others become
+second names of it (``link_checkpoint``: a hard link, put in place by the same rename; a copy
+where the file system has no hard links), in the same queue after its write.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import errno
 import io
 import logging
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -74,6 +81,56 @@ def nonfinite_tensors(state: Mapping[str, Any]) -> list[str]:
     """Names of the floating-point tensors of a state dict holding NaN or Inf."""
     return [k for k, v in state.items()
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def write_error(err: OSError, path: Path) -> CheckpointWriteError:
+    """The ``CheckpointWriteError`` for a failed write of the checkpoint ``path``, with the fix."""
+    folder = path.parent
+    fix = _WRITE_FIXES.get(err.errno or 0, "check that the folder exists and is writable")
+    return CheckpointWriteError(
+        err.errno or 0,
+        f"could not write the checkpoint {path} ({os.strerror(err.errno) if err.errno else err}): "
+        f"{fix} (the checkpoint folder is callbacks.model_checkpoint.dirpath={folder}). The "
+        f"checkpoints already in {folder} are intact; resume from one with ckpt_path=<it>.",
+    )
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def link_file(source: Path, path: Path) -> None:
+    """Make ``path`` a second name of the checkpoint file ``source``: a hard link (no bytes
+    written), or a copy where the file system has no hard links; put in place of ``path`` by
+    a rename, as a write is, so that a kill leaves the old ``path`` or the new one. Nothing to
+    do where ``path`` is already that file. A failure is a ``CheckpointWriteError``."""
+    source, path = Path(source), Path(path)
+    folder = path.parent
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        if path.exists() and os.path.samefile(source, path):
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        _discard(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError as err:
+            if not source.is_file() or err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+                raise
+            # another file system (the two callbacks' folders apart), or one without hard links
+            # (some network and FUSE ones): a copy
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 2**20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _discard(tmp)
+        raise write_error(err, path) from err
+    _fsync_dir(folder)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -150,6 +207,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """Remove ``path`` once every write asked for before has been done (at once when
         writing in the caller); not at all if one of them failed."""
         self.after_writes(lambda: super(AtomicCheckpointIO, self).remove_checkpoint(path))
+
+    def link_checkpoint(self, source: Any, path: Any) -> None:
+        """Make ``path`` a second name of the checkpoint file ``source`` (``link_file``: a hard
+        link, no bytes written again) once every write asked for before is done, ``source``'s
+        among them; not if one of them failed. At once when writing in the caller."""
+        self.after_writes(lambda: link_file(Path(source), Path(path)))
 
     def after_writes(self, job: Callable[[], None]) -> None:
         """Run ``job`` (e.g. removing files that a new checkpoint replaces) once every write
@@ -237,17 +300,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as err:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            fix = _WRITE_FIXES.get(err.errno or 0, "check that the folder exists and is writable")
-            raise CheckpointWriteError(
-                err.errno or 0,
-                f"could not write the checkpoint {path} ({os.strerror(err.errno) if err.errno else err}): "
-                f"{fix} (the checkpoint folder is callbacks.model_checkpoint.dirpath={folder}). The "
-                f"checkpoints already in {folder} are intact; resume from one with ckpt_path=<it>.",
-            ) from err
+            _discard(tmp)
+            raise write_error(err, path) from err
         finally:
             data.release()
             buffer.close()

@@ -26,12 +26,13 @@ import string
 import time
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from vaelab.checkpoint_io import AtomicCheckpointIO
+from vaelab.checkpoint_io import AtomicCheckpointIO, link_file
 from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger("vaelab")
@@ -47,6 +48,54 @@ def ensure_wandb_id(cfg: DictConfig) -> None:
     alphabet = string.ascii_lowercase + string.digits  # W&B's own id alphabet and length
     with open_dict(cfg):
         cfg.logger.wandb.id = "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def link_checkpoint(trainer: pl.Trainer, source: str, path: str) -> None:
+    """``path`` as a second name of the checkpoint file ``source`` (``vaelab.checkpoint_io.link_file``:
+    a hard link, a copy where the file system has none), made by rank zero after the writes
+    queued before it; every rank waits for it, as for a save."""
+    if trainer.is_global_zero:
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, AtomicCheckpointIO):
+            io.link_checkpoint(source, path)
+        else:
+            link_file(Path(source), Path(path))
+    trainer.strategy.barrier("vaelab.link_checkpoint")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (the same arguments), with two changes that write each
+    state once:
+
+    * ``save_last="link"`` (callbacks/default.yaml) makes ``last.ckpt`` a hard link to the
+      checkpoint saved last (``link_checkpoint``) rather than Lightning's symbolic link. With
+      ``save_last=true`` Lightning writes ``last.ckpt`` only when it saves a best checkpoint,
+      and at the same moment, so the file it wrote was a second copy of that one; the link
+      holds the same bytes without writing them again, survives the removal of the best
+      file it was made from, and is read like any file (a copied folder included).
+    * the file saved at an epoch's end (``epoch_end_save``), so that ``LatestCheckpoint``,
+      which saves right after it, can link to it rather than serialize the same state again.
+    """
+
+    #: (global step, epoch, file) of the checkpoint saved by this epoch's ``on_train_epoch_end``
+    epoch_end_save: tuple[int, int, str] | None = None
+
+    @property
+    def state_key(self) -> str:
+        # the key of Lightning's ModelCheckpoint with these settings, under which runs saved
+        # before this class (train.py used ModelCheckpoint itself) hold its record of the best
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        before = self._last_global_step_saved
+        super().on_train_epoch_end(trainer, pl_module)
+        # (Lightning saves at most once a step: a save at this step now is one made by this call)
+        saved = self._last_global_step_saved == trainer.global_step != before and self._last_checkpoint_saved
+        self.epoch_end_save = (trainer.global_step, trainer.current_epoch, saved) if saved else None
+
+    def _link_checkpoint(self, trainer: pl.Trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]
+        link_checkpoint(trainer, filepath, linkpath)
 
 
 # --- resume -----------------------------------------------------------------------------------
@@ -69,7 +118,11 @@ class LatestCheckpoint(ModelCheckpoint):
     verdict (Lightning's ``train_time_interval`` broadcasts after every step).
 
     Lightning's ``last.ckpt`` cannot serve: since Lightning 2.6 it is written only when a
-    top-k (best) checkpoint is, so it can be epochs behind the training."""
+    top-k (best) checkpoint is, so it can be epochs behind the training.
+
+    At an epoch's end where the ``BestCheckpoint`` just before it in the callbacks saved a
+    best checkpoint (the same state), the latest-state file is a hard link to that file
+    (``link_checkpoint``) rather than a third serialization and write of it."""
 
     def __init__(self, dirpath: str, every_n_minutes: float | None = 5.0, every_n_train_steps: int | None = None,
                  check_every_n_steps: int = 50, filename: str = "latest-step{step}"):
@@ -89,6 +142,7 @@ class LatestCheckpoint(ModelCheckpoint):
         self.interval_s = None if every_n_minutes is None else 60.0 * float(every_n_minutes)
         self.check_every_n_steps = int(check_every_n_steps)
         self._last_save = time.monotonic()
+        self._same_state: str | None = None  # during an epoch's end: a file that holds its state already
 
     @property
     def state_key(self) -> str:
@@ -114,14 +168,43 @@ class LatestCheckpoint(ModelCheckpoint):
             self._save_latest(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save_latest(trainer)  # after this epoch's validation
+        self._same_state = self._saved_just_before(trainer)
+        try:
+            self._save_latest(trainer)  # after this epoch's validation
+        finally:
+            self._same_state = None
+
+    def _saved_just_before(self, trainer: pl.Trainer) -> str | None:
+        """The file that the checkpoint callback right before this one saved in this same
+        ``on_train_epoch_end`` (so: the same training state, the same weights), if it did.
+        Lightning runs the checkpoint callbacks last and one after another, so nothing else
+        ran between that save and this one; what differs is the two callbacks' own record of
+        their file names, which the linked file holds as of the first save."""
+        callbacks = trainer.callbacks
+        at = next((i for i, cb in enumerate(callbacks) if cb is self), 0)
+        before = callbacks[at - 1] if at > 0 else None
+        if isinstance(before, BestCheckpoint) and before.epoch_end_save:
+            step, epoch, path = before.epoch_end_save
+            if (step, epoch) == (trainer.global_step, trainer.current_epoch):
+                return path
+        return None
 
     def _save_latest(self, trainer: pl.Trainer) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # (not twice at one step, not while validating)
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
+        source = self._same_state
+        if source:
+            # the state of this moment is on disk (or queued) already: a second name, not a second copy
+            link_checkpoint(trainer, source, filepath)
+            self._last_global_step_saved = trainer.global_step
+            self._last_checkpoint_saved = filepath
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.after_save_checkpoint(proxy(self))
+        else:
+            super()._save_checkpoint(trainer, filepath)
         self._last_save = time.monotonic()  # the next time trigger counts from here, an epoch's end included
         # one file: also the one a resumed run started from (its stored state names an older one)
         if trainer.is_global_zero and self.dirpath and self.filename:

@@ -24,7 +24,12 @@ import torch
 from conftest import REPO, SHARED_DATA, check, poisoned_checkpoint, run_cli, snapshot
 from hydra import compose, initialize_config_module
 
-from vaelab.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError, NonFiniteStateError, link_file
+from vaelab.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    NonFiniteStateError,
+    link_file,
+)
 from vaelab.checkpoints import CheckpointError, load_checkpoint, load_module
 from vaelab.datamodules import MNIST, DataCorruptError, DataNotFoundError
 from vaelab.validation import redact_secrets, value_problems

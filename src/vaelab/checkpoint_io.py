@@ -40,6 +40,7 @@ where the file system has no hard links), in the same queue after its write.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -47,7 +48,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,19 +103,36 @@ def _discard(tmp: Path) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _put_in_place(path: Path) -> Iterator[Path]:
+    """A temporary name in ``path``'s folder (made if missing) for the body to write; renamed
+    over ``path`` when the body ends, and the folder fsync'd. A failure removes the temporary
+    file and is raised as the ``CheckpointWriteError`` naming the fix; ``path`` is untouched."""
+    folder = path.parent
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        _discard(tmp)
+        raise write_error(err, path) from err
+    _fsync_dir(folder)
+
+
 def link_file(source: Path, path: Path) -> None:
     """Make ``path`` a second name of the checkpoint file ``source``: a hard link (no bytes
     written), or a copy where the file system has no hard links; put in place of ``path`` by
     a rename, as a write is, so that a kill leaves the old ``path`` or the new one. Nothing to
     do where ``path`` is already that file. A failure is a ``CheckpointWriteError``."""
     source, path = Path(source), Path(path)
-    folder = path.parent
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
     try:
         if path.exists() and os.path.samefile(source, path):
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        _discard(tmp)
+    except OSError as err:
+        raise write_error(err, path) from err
+    with _put_in_place(path) as tmp:
+        _discard(tmp)  # (one a killed process left: a link does not replace it)
         try:
             os.link(source, tmp)
         except OSError as err:
@@ -126,11 +144,6 @@ def link_file(source: Path, path: Path) -> None:
                 shutil.copyfileobj(src, dst, 2**20)
                 dst.flush()
                 os.fsync(dst.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        _discard(tmp)
-        raise write_error(err, path) from err
-    _fsync_dir(folder)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -290,22 +303,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def _write_file(self, buffer: io.BytesIO, path: Path) -> None:
         data = buffer.getbuffer()
-        folder = path.parent
-        tmp = folder / f".{path.name}.tmp-{os.getpid()}"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with _put_in_place(path) as tmp, open(tmp, "wb") as f:
                 self._write(f, data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            _discard(tmp)
-            raise write_error(err, path) from err
         finally:
             data.release()
             buffer.close()
-        _fsync_dir(folder)
 
     def _write(self, f: Any, data: memoryview) -> None:
         """Write the serialized bytes (a seam for tests that need a slow save)."""

@@ -587,8 +587,8 @@ def test_a_link_is_made_after_the_write_of_its_file_and_not_after_a_failed_one(t
 
     monkeypatch.setattr(io, "_write", lambda f, data: (_ for _ in ()).throw(OSError(errno.EROFS, "read-only")))
     io.save_checkpoint(_state(2.0), tmp_path / "best2.ckpt")
-    io.link_checkpoint(tmp_path / "best2.ckpt", last)
     with pytest.raises(CheckpointWriteError, match="read-only"):
+        io.link_checkpoint(tmp_path / "best2.ckpt", last)  # (raised here where the write failed already)
         io.wait()
     assert io.load_checkpoint(last)["global_step"] == 1  # the link behind the failed write was not made
     io.teardown()

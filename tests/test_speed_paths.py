@@ -825,3 +825,27 @@ def test_keep_freed_memory_makes_a_step_reuse_the_memory_the_last_step_freed(cou
     if applied != "True":
         pytest.skip("not glibc on Linux: the C library's own defaults apply")
     assert float(faults) < count * mib * 256 / 10, faults  # under a tenth of the pages each step writes
+
+
+@pytest.mark.parametrize("shape", [(64, 1, 8, 8), (5, 3, 7, 9), (2, 1, 32, 32)])
+def test_pictures_have_the_pixels_of_torchvisions_path(tmp_path, shape):
+    """The pictures' fast path: upscaling by repeated pixels is nearest-neighbour
+    interpolation; save_png's file holds save_image's pixels (one grey channel where the
+    three are equal, three channels otherwise)."""
+    import torch.nn.functional as F
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    from vaelab import pictures as pics
+
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    factor = max(1, -(-32 // shape[-1]))
+    expected = F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+    assert torch.equal(pics.upscale(images, 32), expected)
+
+    grid = pics.grid(images, nrow=4)
+    pics.save_png(grid, tmp_path / "fast.png")
+    save_image(grid, tmp_path / "torchvision.png")
+    fast, reference = Image.open(tmp_path / "fast.png"), Image.open(tmp_path / "torchvision.png")
+    assert fast.mode == ("L" if shape[1] == 1 else "RGB") and reference.mode == "RGB"
+    assert np.array_equal(np.asarray(fast.convert("RGB")), np.asarray(reference))

@@ -142,7 +142,6 @@ class LatestCheckpoint(ModelCheckpoint):
         self.interval_s = None if every_n_minutes is None else 60.0 * float(every_n_minutes)
         self.check_every_n_steps = int(check_every_n_steps)
         self._last_save = time.monotonic()
-        self._same_state: str | None = None  # during an epoch's end: a file that holds its state already
 
     @property
     def state_key(self) -> str:
@@ -168,18 +167,15 @@ class LatestCheckpoint(ModelCheckpoint):
             self._save_latest(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._same_state = self._saved_just_before(trainer)
-        try:
-            self._save_latest(trainer)  # after this epoch's validation
-        finally:
-            self._same_state = None
+        self._save_latest(trainer)  # after this epoch's validation
 
     def _saved_just_before(self, trainer: pl.Trainer) -> str | None:
-        """The file that the checkpoint callback right before this one saved in this same
-        ``on_train_epoch_end`` (so: the same training state, the same weights), if it did.
-        Lightning runs the checkpoint callbacks last and one after another, so nothing else
-        ran between that save and this one; what differs is the two callbacks' own record of
-        their file names, which the linked file holds as of the first save."""
+        """The file that the checkpoint callback right before this one saved in this epoch's
+        ``on_train_epoch_end`` at this step (so: the same training state, the same weights),
+        if it did; never for a save within an epoch (another step or epoch). Lightning runs
+        the checkpoint callbacks last and one after another, so nothing else ran between that
+        save and this one; what differs is the two callbacks' own record of their file names,
+        which the linked file holds as of the first save."""
         callbacks = trainer.callbacks
         at = next((i for i, cb in enumerate(callbacks) if cb is self), 0)
         before = callbacks[at - 1] if at > 0 else None
@@ -194,7 +190,7 @@ class LatestCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        source = self._same_state
+        source = self._saved_just_before(trainer)
         if source:
             # the state of this moment is on disk (or queued) already: a second name, not a second copy
             link_checkpoint(trainer, source, filepath)

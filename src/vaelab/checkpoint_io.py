@@ -321,8 +321,9 @@ class EpochCheckpointsWritten(pl.Callback):
     """Waits, when a training epoch starts, for the checkpoint writes still in the background
     (those of the previous epoch's end: best, last, latest) and raises a failed one there.
 
-    An epoch's end saves three checkpoints one after the other; in the background their files
-    are written while the rest of the epoch's end runs (pictures, logging), so most of that
+    An epoch's end saves its checkpoints one after the other (best, last, latest: one file and
+    two links to it where they hold the same state); in the background their files are
+    written while the rest of the epoch's end runs (pictures, logging), so most of that
     time is not waited for. What is left would otherwise be written during the next epoch's
     first steps, and on a machine with few cores compete with them for the CPU. So: every
     training epoch starts with the checkpoints of the one before on disk, and a write that

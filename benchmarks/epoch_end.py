@@ -14,6 +14,7 @@ pictures every epoch; no test split), with one more callback that times, per epo
   pictures     ImageLogger's pictures of the epoch (on_validation_epoch_end)
   saves        the checkpoint callbacks' saves (their on_train_epoch_end / on_validation_end)
   wait         the wait for the background checkpoint writes when the next epoch starts
+               (commits before the nineteenth session's; since then training does not wait)
   epoch end    all of it: the last step's end to the next epoch's first step
 
 and, after the run, the checkpoint folder's size (files sharing their bytes counted once).
@@ -60,7 +61,7 @@ class EpochEndTimer(pl.Callback):
             name = type(callback).__name__
             if name == "ImageLogger":
                 self._wrap(callback, "on_validation_epoch_end", "pictures")
-            elif name == "EpochCheckpointsWritten":
+            elif name == "EpochCheckpointsWritten":  # (a baseline from before the nineteenth session)
                 self._wrap(callback, "on_train_epoch_start", "wait")
             elif isinstance(callback, Checkpoint):
                 self._wrap(callback, "on_train_epoch_end", "saves")

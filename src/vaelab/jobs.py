@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vaelab import dashboard
 from vaelab.build import allowed_prefixes, check_targets, keep_freed_memory
 from vaelab.callbacks import ImageLogger
-from vaelab.checkpoint_io import EpochCheckpointsWritten
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RankSeed, job_scope
 from vaelab.folders import claim_folder, folder_claims
@@ -180,9 +179,6 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     loggers = build_loggers(logger_cfg, config)
     callbacks = build_callbacks(cfg.get("callbacks"), config)
     callbacks.append(RankSeed(int(cfg.seed)))  # under DDP, different noise on every rank
-    # an epoch trains with the last one's checkpoints on disk; first, so that the wait belongs to
-    # the epoch's end and not to the next epoch's training clock (ThroughputMonitor)
-    callbacks.insert(0, EpochCheckpointsWritten())
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(config))
     check_free_space(module, checkpoint_folders(cfg))
     check_targets({"checkpoint_io": cfg.get("checkpoint_io")}, allowed_prefixes(config))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import SHARED_DATA, shared_copy
@@ -123,14 +125,230 @@ def test_missing_files_without_download_say_where_to_put_them(tmp_path):
 
 
 @pytest.mark.data
+@pytest.mark.parametrize("download", [True, False])
 @pytest.mark.parametrize(("cls", "folder", "mean"), [(MNIST, "MNIST", 0.1307), (FashionMNIST, "FashionMNIST", 0.286)])
-def test_real_data_through_torchvision(tmp_path, cls, folder, mean):
+def test_real_data_through_torchvision(tmp_path, cls, folder, mean, download, monkeypatch):
+    """The four .gz files as downloaded (all the shared folder holds) are used with either
+    setting of data.download, unpacked next to themselves, and nothing is fetched."""
+    _no_downloads(monkeypatch)
     root = shared_copy(folder, tmp_path)
-    dm = setup(cls(root=root, download=True, binarize="none", val_size=10000))
+    raw = root / folder / "raw"
+    assert not (raw / "t10k-images-idx3-ubyte").exists()  # only the .gz files are there
+    dm = setup(cls(root=root, download=download, binarize="none", val_size=10000))
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (50000, 10000, 10000)
     assert dm.train_set.images.shape[1:] == (1, 28, 28)
     full_mean = torch.cat([dm.train_set.images, dm.val_set.images]).float().mean() / 255
     assert full_mean.item() == pytest.approx(mean, abs=2e-3)
+    assert (raw / "t10k-images-idx3-ubyte").stat().st_size == 16 + 10000 * 28 * 28
+    assert sorted(p.name for p in raw.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+# --- files as downloaded, used without a download ------------------------------------------------
+def _no_downloads(monkeypatch):
+    """Make any download torchvision starts fail the test (the socket guard stops it too)."""
+    import torchvision.datasets.cifar as tvc
+    import torchvision.datasets.mnist as tvm
+    import torchvision.datasets.utils as tvu
+
+    def fetch(*args, **kwargs):
+        raise AssertionError(f"a download was started: {args}")
+
+    for module in (tvm, tvc, tvu):
+        monkeypatch.setattr(module, "download_and_extract_archive", fetch)
+    monkeypatch.setattr(tvu, "download_url", fetch)
+
+
+def _md5(path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _fake_mnist(raw, n_train=30, n_test=12):
+    """Small idx files (MNIST's format: big-endian header, then uint8 values), gzipped as
+    downloaded into ``raw``: {name: (md5, array)}."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    raw.mkdir(parents=True)
+    out = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        for kind, arr, magic in (("images-idx3", images, 0x803), ("labels-idx1", labels, 0x801)):
+            head = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+            gz = raw / f"{split}-{kind}-ubyte.gz"
+            gz.write_bytes(gzip.compress(head + arr.tobytes(), mtime=0))
+            out[gz.name] = (_md5(gz), arr)
+    return out
+
+
+@pytest.mark.parametrize("cls", [MNIST, FashionMNIST])
+def test_mnist_gz_files_as_downloaded_are_used_without_download(tmp_path, monkeypatch, cls):
+    """data.download=false with only the .gz files in raw/ (what the missing-data message asks
+    for): each is checked against its published MD5 and unpacked there, offline, as torchvision
+    does after a download. Small files stand in for the real ones, with their MD5s published."""
+    import torchvision.datasets as tvd
+
+    tv = getattr(tvd, cls.torchvision_class)
+    raw = tmp_path / tv.__name__ / "raw"
+    files = _fake_mnist(raw)
+    assert sorted(files) == sorted(name for name, _ in tv.resources)  # torchvision's own names
+    monkeypatch.setattr(tv, "resources", [(name, files[name][0]) for name, _ in tv.resources])
+    _no_downloads(monkeypatch)
+    dm = cls(root=tmp_path, download=False)
+    dm.prepare_data()
+    for train, split in ((True, "train"), (False, "t10k")):
+        images, labels = dm.load(train)
+        assert images.shape == (len(files[f"{split}-labels-idx1-ubyte.gz"][1]), 1, 28, 28)
+        assert torch.equal(images[:, 0], torch.from_numpy(files[f"{split}-images-idx3-ubyte.gz"][1]))
+        assert labels.tolist() == files[f"{split}-labels-idx1-ubyte.gz"][1].tolist()
+    # the .gz files stay; the unpacked ones are next to them, nothing else is
+    names = sorted(p.name for p in raw.iterdir())
+    assert names == sorted([*files, *(name.removesuffix(".gz") for name in files)])
+    # a second data module reads the unpacked files (the .gz may go)
+    for name in files:
+        (raw / name).unlink()
+    assert torch.equal(cls(root=tmp_path, download=False).load(False)[0], images)
+
+
+def test_mnist_gz_with_the_wrong_md5_is_not_unpacked_but_named(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    from vaelab.datamodules import DataCorruptError
+
+    raw = tmp_path / "MNIST" / "raw"
+    files = _fake_mnist(raw)
+    published = {name: md5 for name, (md5, _) in files.items()}
+    published["t10k-labels-idx1-ubyte.gz"] = "0" * 32  # this file is not the published one
+    monkeypatch.setattr(tvd.MNIST, "resources", list(published.items()))
+    _no_downloads(monkeypatch)
+    with pytest.raises(DataCorruptError) as err:
+        MNIST(root=tmp_path, download=False).prepare_data()
+    bad = raw / "t10k-labels-idx1-ubyte.gz"
+    assert f"{bad} (its MD5 is not the published one" in str(err.value) and f"rm {bad}" in str(err.value)
+    assert not (raw / "t10k-labels-idx1-ubyte").exists()  # never unpacked
+    assert (raw / "t10k-images-idx3-ubyte").is_file()  # the intact ones are
+
+
+def test_an_archive_that_cannot_be_unpacked_says_why_and_what_to_do(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    raw = tmp_path / "MNIST" / "raw"
+    files = _fake_mnist(raw)
+    monkeypatch.setattr(tvd.MNIST, "resources", [(name, md5) for name, (md5, _) in files.items()])
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(raw))
+
+    monkeypatch.setattr("torchvision.datasets.utils.extract_archive", read_only)
+    with pytest.raises(DataNotFoundError) as err:
+        MNIST(root=tmp_path, download=False).prepare_data()
+    msg = str(err.value)
+    assert f"{raw / 'train-images-idx3-ubyte.gz'} is there but could not be unpacked into {raw}" in msg
+    assert "Permission denied" in msg and "writable" in msg
+    assert sorted(p.name for p in raw.iterdir()) == sorted(files)  # nothing half-written left
+
+
+def _fake_cifar10(monkeypatch, tmp_path, n=4):
+    """A small cifar-10-python.tar.gz made as the real one is (pickled batches under
+    cifar-10-batches-py/), with its MD5 and those of its files published in torchvision's
+    CIFAR10 in place of the real ones. Returns (the tarball, train images [N, 3, 32, 32],
+    train labels, test images)."""
+    import hashlib
+    import io
+    import pickle
+    import tarfile
+
+    import numpy as np
+    import torchvision.datasets as tvd
+
+    tv = tvd.CIFAR10
+    rng = np.random.default_rng(1)
+    members, batches = {}, {}
+    for name, _ in (*tv.train_list, *tv.test_list):
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        batches[name] = (data.reshape(n, 3, 32, 32), labels)
+        members[name] = pickle.dumps({"data": data, "labels": labels})
+    members[tv.meta["filename"]] = pickle.dumps({tv.meta["key"]: [f"class{i}" for i in range(10)]})
+    tarball = tmp_path / "made" / tv.filename
+    tarball.parent.mkdir()
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(f"{tv.base_folder}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    md5 = {name: hashlib.md5(blob).hexdigest() for name, blob in members.items()}
+    monkeypatch.setattr(tv, "tgz_md5", _md5(tarball))
+    monkeypatch.setattr(tv, "train_list", [[name, md5[name]] for name, _ in tv.train_list])
+    monkeypatch.setattr(tv, "test_list", [[name, md5[name]] for name, _ in tv.test_list])
+    monkeypatch.setattr(tv, "meta", {**tv.meta, "md5": md5[tv.meta["filename"]]})
+    train = [batches[name] for name, _ in tv.train_list]
+    test = batches[tv.test_list[0][0]]
+    return (tarball, torch.from_numpy(np.concatenate([b[0] for b in train])),
+            [y for b in train for y in b[1]], torch.from_numpy(test[0]))
+
+
+def test_cifar10_missing_data_message_names_where_the_tarball_goes_and_that_works(tmp_path, monkeypatch):
+    """The message names torchvision's own file and folder names, and putting the tarball
+    exactly where it says is enough with data.download=false: it is unpacked there, offline."""
+    import re
+    import shutil
+
+    import torchvision.datasets as tvd
+
+    from vaelab.datamodules import CIFAR10
+
+    tv = tvd.CIFAR10
+    tarball, train_images, train_labels, test_images = _fake_cifar10(monkeypatch, tmp_path)
+    _no_downloads(monkeypatch)
+    root = tmp_path / "root"
+    with pytest.raises(DataNotFoundError) as err:
+        CIFAR10(root=root, download=False).prepare_data()
+    msg = str(err.value)
+    assert f"Put {tv.filename} into {root} " in msg and f"into {root / tv.base_folder}" not in msg
+    assert f"unpacked there into {tv.base_folder}/" in msg and "MD5" in msg
+    assert not root.exists()  # a failed look leaves nothing behind
+    # follow the message to the letter
+    name, folder = re.search(r"Put (\S+) into (\S+) ", msg).groups()
+    Path(folder).mkdir(parents=True)
+    shutil.copy(tarball, Path(folder) / name)
+    dm = CIFAR10(root=root, download=False)
+    images, labels = dm.load(train=True)
+    assert images.shape == (len(train_labels), 3, 32, 32) and torch.equal(images, train_images)
+    assert labels.tolist() == train_labels
+    assert torch.equal(dm.load(train=False)[0], test_images)
+    assert sorted(p.name for p in (root / tv.base_folder).iterdir()) == sorted(
+        [*(n for n, _ in (*tv.train_list, *tv.test_list)), tv.meta["filename"]])
+
+
+def test_cifar10_tarball_inside_its_folder_is_used_too_and_a_damaged_one_named(tmp_path, monkeypatch):
+    """Where vaelab's message used to send it (root/cifar-10-batches-py/): found there as well.
+    A tarball that is not the published one is never unpacked; the error names it."""
+    import shutil
+
+    import torchvision.datasets as tvd
+
+    from vaelab.datamodules import CIFAR10, DataCorruptError
+
+    tv = tvd.CIFAR10
+    tarball, train_images, _, _ = _fake_cifar10(monkeypatch, tmp_path)
+    _no_downloads(monkeypatch)
+    inside = tmp_path / "root" / tv.base_folder / tv.filename
+    inside.parent.mkdir(parents=True)
+    shutil.copy(tarball, inside)
+    assert torch.equal(CIFAR10(root=tmp_path / "root", download=False).load(True)[0], train_images)
+
+    damaged = tmp_path / "bad" / tv.base_folder / tv.filename
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(tarball.read_bytes()[:-100])
+    with pytest.raises(DataCorruptError) as err:
+        CIFAR10(root=tmp_path / "bad", download=False).prepare_data()
+    assert f"{damaged} (its MD5 is not the published one" in str(err.value)
+    assert sorted(p.name for p in damaged.parent.iterdir()) == [tv.filename]  # nothing unpacked
 
 
 @pytest.mark.data

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,40 @@ def _idx_problem(path: Path) -> str | None:
     return None if size == want else f"{size} bytes where its header promises {want}"
 
 
+def archives(tv_class: Any, root: Path, folder: str) -> list[tuple[Path, str, Path, list[Path]]]:
+    """The archives of a torchvision data set as its download leaves them under ``root``, each
+    as (where it may lie, its published MD5, the folder it unpacks into, the files unpacking it
+    gives): MNIST's (and Fashion-MNIST's) four ``.gz`` files in ``root/folder``; CIFAR's
+    tarball in ``root``, where torchvision downloads it, or inside the folder it unpacks to."""
+    found: list[tuple[Path, str, Path, list[Path]]] = []
+    for name, md5 in getattr(tv_class, "resources", ()):
+        gz = root / folder / name
+        found.append((gz, md5, gz.parent, [gz.with_suffix("")]))
+    if hasattr(tv_class, "tgz_md5"):
+        unpacked = root / tv_class.base_folder
+        gives = [unpacked / name for name, _ in (*tv_class.train_list, *tv_class.test_list)]
+        gives.append(unpacked / tv_class.meta["filename"])
+        for place in (root, unpacked):
+            found.append((place / tv_class.filename, tv_class.tgz_md5, root, gives))
+    return found
+
+
+def _unpack(archive: Path, into: Path) -> None:
+    """Unpack ``archive`` into ``into`` with torchvision's own ``extract_archive`` (what its
+    ``download_and_extract_archive`` does after a download), by way of a temporary folder in
+    ``into``: an interrupted unpacking leaves no half-written file under a name that torchvision
+    would read, and two runs unpacking at once do not write into each other's files."""
+    from torchvision.datasets.utils import extract_archive
+
+    with tempfile.TemporaryDirectory(dir=into, prefix=".unpacking-") as tmp:
+        extract_archive(str(archive), tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                dest = into / path.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, dest)
+
+
 def damaged_files(tv_class: Any, root: Path, folder: str) -> list[tuple[Path, str]]:
     """The files of a torchvision data set under ``root`` that are there but damaged: a
     download whose MD5 is not the published one, or an idx file cut short. Run only after a
@@ -81,13 +116,14 @@ def damaged_files(tv_class: Any, root: Path, folder: str) -> list[tuple[Path, st
     from torchvision.datasets.utils import check_integrity
 
     expected: list[tuple[Path, str | None]] = []
-    for name, md5 in getattr(tv_class, "resources", ()):
-        gz = root / folder / name
-        expected += [(gz, md5), (gz.with_suffix(""), None)]
+    for archive, md5, _, _ in archives(tv_class, root, folder):
+        expected.append((archive, md5))
+    for name, _ in getattr(tv_class, "resources", ()):
+        expected.append(((root / folder / name).with_suffix(""), None))
     if hasattr(tv_class, "tgz_md5"):
-        expected.append((root / tv_class.filename, tv_class.tgz_md5))
         for name, md5 in (*tv_class.train_list, *tv_class.test_list):
             expected.append((root / tv_class.base_folder / name, md5))
+        expected.append((root / tv_class.base_folder / tv_class.meta["filename"], tv_class.meta["md5"]))
     bad = []
     for path, md5 in expected:
         if not path.is_file():
@@ -469,18 +505,48 @@ class Digits(ImageDataModule):
 
 
 class TorchvisionImages(ImageDataModule):
-    """A torchvision data set, read from ``root`` and downloaded there when missing."""
+    """A torchvision data set, read from ``root`` and downloaded there when missing. Archives
+    that are there as downloaded (MNIST's ``.gz`` files, CIFAR's tarball) are unpacked there
+    first, offline, if their MD5 is the published one, whatever ``download`` says: torchvision
+    itself unpacks them only on its way through a download, so with ``download=false`` it
+    refused the very files that a download leaves."""
 
     #: the torchvision class name
     torchvision_class: str = ""
-    #: the folder under root that torchvision uses, and the files it needs there
+    #: the folder under root that torchvision reads
     folder: str = ""
-    files: tuple[str, ...] = ()
+
+    def _unpack_archives(self, cls: Any) -> None:
+        """Unpack each intact archive whose unpacked files are not all there. One whose MD5 is
+        not the published one is left alone, for the damaged-file check to name."""
+        from torchvision.datasets.utils import check_integrity
+
+        for archive, md5, into, gives in archives(cls, self.root, self.folder):
+            if all(p.is_file() for p in gives) or not archive.is_file():
+                continue
+            if not check_integrity(str(archive), md5):
+                continue
+            try:
+                _unpack(archive, into)
+            except OSError as err:
+                raise DataNotFoundError(
+                    f"{self.name}: {archive} is there but could not be unpacked into {into} "
+                    f"({type(err).__name__}: {err}). Make {into} writable, or copy "
+                    f"{archive.name} into a writable folder and point data.root at it (data.root="
+                    f"{self.root}), or unpack it there yourself."
+                ) from err
+
+    def _where_files_go(self, cls: Any) -> str:
+        """What the missing-data message asks for: which files, and into which folder."""
+        names = ", ".join(name for name, _ in cls.resources)
+        return (f"Put {names} into {self.root / self.folder} (as downloaded: each is checked against "
+                "its published MD5 and unpacked there, offline)")
 
     def _dataset(self, train: bool) -> Any:
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, self.torchvision_class)
+        self._unpack_archives(cls)
         # the folders torchvision makes before it finds out it cannot download: root/folder and
         # those above it, down from root (deepest first)
         target = self.root / self.folder
@@ -497,9 +563,10 @@ class TorchvisionImages(ImageDataModule):
                 listing = "; ".join(f"{p} ({why})" for p, why in bad)
                 raise DataCorruptError(
                     f"{self.name}: damaged data file(s): {listing}. Delete {'it' if len(bad) == 1 else 'them'} "
-                    f"(rm {' '.join(str(p) for p, _ in bad)}) and run again: with data.download=true "
-                    "and network access it is fetched afresh (an intact .gz next to it is unpacked "
-                    "again without network), or copy a good file there."
+                    f"(rm {' '.join(str(p) for p, _ in bad)}) and run again: an intact archive of it "
+                    "there (the .gz or .tar.gz as downloaded) is unpacked again without network, "
+                    "whatever data.download says; else with data.download=true and network access "
+                    "it is fetched afresh, or copy a good file there."
                 ) from err
             how = (
                 "the download failed (no network access?)" if self.download
@@ -507,9 +574,9 @@ class TorchvisionImages(ImageDataModule):
             )
             raise DataNotFoundError(
                 f"{self.name}: the files are not under {where} and {how} ({type(err).__name__}: "
-                f"{err}). Put {', '.join(self.files)} into {where} (data.root={self.root}), or "
-                f"point data.root at the folder that holds {self.folder}, or run once with "
-                "data.download=true on a machine with network access."
+                f"{err}). {self._where_files_go(cls)} (data.root={self.root}), or point data.root "
+                f"at the folder that holds {self.folder}, or run once with data.download=true on a "
+                "machine with network access."
             ) from err
 
     def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -532,8 +599,6 @@ class MNIST(TorchvisionImages):
     name = "mnist"
     torchvision_class = "MNIST"
     folder = "MNIST/raw"
-    files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
     image_shape = (1, 28, 28)
 
@@ -552,9 +617,14 @@ class CIFAR10(TorchvisionImages):
     name = "cifar10"
     torchvision_class = "CIFAR10"
     folder = "cifar-10-batches-py"
-    files = ("cifar-10-python.tar.gz (or its unpacked cifar-10-batches-py/)",)
 
     image_shape = (3, 32, 32)
+
+    def _where_files_go(self, cls: Any) -> str:
+        # torchvision downloads the tarball into root, and it unpacks into its folder there
+        return (f"Put {cls.filename} into {self.root} (as downloaded: it is checked against its "
+                f"published MD5 and unpacked there into {cls.base_folder}/, offline), or the "
+                f"{cls.base_folder}/ folder unpacked from it into {self.root}")
 
 
 class BinarizedMNIST(ImageDataModule):

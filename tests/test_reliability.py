@@ -811,6 +811,72 @@ def test_a_resume_that_would_change_the_model_data_or_optimizer_is_refused(good_
         "config"]["latent_dim"] == 16  # the stored model, not the experiment's 50
 
 
+def test_a_resumed_run_keeps_what_the_run_wrote_before(good_run, tmp_path):
+    """Resuming (in the run's folder, as a job script does, and from elsewhere) adds to the
+    run's files and replaces none of its records: Hydra's files of the command that started it
+    (also when the resume is refused), the CSV metrics, the throughput figures, and
+    ``last.ckpt`` (which a resume after the first epoch used to leave behind, writing
+    ``last-v1.ckpt``)."""
+    import csv
+
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)  # (a copied folder, too: the checkpoints' paths move with it)
+    started_with = (run / ".hydra" / "overrides.yaml").read_bytes()
+    before = {p: b for p, b in snapshot(run).items() if p.name != "cli.log"}
+
+    # refused (another model): nothing of the run changes, its .hydra/ files included
+    proc = run_cli("train.py", f"hydra.run.dir={run}", "ckpt_path=last", "latent_dim=32", cwd=REPO)
+    assert proc.returncode != 0 and "ResumeConfigError" in proc.stderr
+    assert {p: b for p, b in snapshot(run).items() if p.name != "cli.log"} == before
+
+    # in the run's folder, then from another one, each with logger=csv given again
+    check(run_cli("train.py", f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_epochs=2", "logger=[wandb,csv]",
+                  *QUICK[1:], cwd=REPO))
+    here = tmp_path / "command"
+    check(run_cli("train.py", f"ckpt_path={run}", "trainer.max_epochs=3", "logger=[wandb,csv]", *QUICK[1:],
+                  f"hydra.run.dir={here}", cwd=REPO))
+
+    assert (run / ".hydra" / "overrides.yaml").read_bytes() == started_with
+    summary = json.loads((run / "summary.json").read_text())
+    assert "trainer.max_epochs=3" in summary["resumed_with"] and not summary["failed"]
+    # every epoch's means once, in the run's metrics.csv; none in the resuming command's folder
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows if r.get("train/elbo_epoch")] == [0, 1, 2]
+    assert sum(1 for r in rows if r.get("test/nll")) == 3  # each command's test
+    assert not (here / "csv").exists()
+    assert [e["epoch"] for e in json.loads((run / "throughput.json").read_text())["epochs"]] == [0, 1, 2]
+    # last.ckpt follows the training; the best one is this folder's, not the original's
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert not [n for n in checkpoints if n.startswith("last-v")], checkpoints
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
+    assert last["global_step"] == 3 * STEPS_PER_EPOCH
+    assert Path(summary["best_checkpoint"]).parent == run / "checkpoints"
+
+
+def test_the_checkpoint_callbacks_state_moves_with_a_copied_run_folder(tmp_path):
+    """``BestCheckpoint`` restores its best score and files in a moved or copied folder (Lightning
+    keeps the old folder's best path and drops the rest), and takes its folder's ``last.ckpt``
+    as its own where the state records none (saved at the first epoch's end)."""
+    from vaelab.runs import BestCheckpoint
+
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    new.mkdir(parents=True)
+    (new / "last.ckpt").write_bytes(b"")
+    state = {"monitor": "val/elbo", "best_model_score": torch.tensor(-30.0), "best_model_path": f"{old}/best-1.ckpt",
+             "current_score": torch.tensor(-30.0), "dirpath": str(old), "best_k_models": {f"{old}/best-1.ckpt": -30.0},
+             "kth_best_model_path": f"{old}/best-1.ckpt", "kth_value": torch.tensor(-30.0), "last_model_path": ""}
+    cb = BestCheckpoint(dirpath=str(new), monitor="val/elbo", mode="max", save_last="link")
+    cb.load_state_dict(dict(state))
+    assert cb.best_model_path == cb.kth_best_model_path == f"{new}/best-1.ckpt"
+    assert cb.best_k_models == {f"{new}/best-1.ckpt": -30.0} and float(cb.best_model_score) == -30.0
+    assert cb.last_model_path == str(new / "last.ckpt")
+    # where the folder did not move and the state names its last.ckpt, Lightning's restore as it is
+    cb = BestCheckpoint(dirpath=str(old), monitor="val/elbo", mode="max", save_last="link")
+    cb.load_state_dict(dict(state, last_model_path=f"{old}/last.ckpt"))
+    assert cb.best_model_path == f"{old}/best-1.ckpt" and cb.last_model_path == f"{old}/last.ckpt"
+
+
 def test_what_counts_as_an_earlier_run_in_a_folder(tmp_path):
     from omegaconf import OmegaConf
 

@@ -428,3 +428,13 @@ def test_a_run_killed_mid_epoch_resumes_in_the_same_wandb_run(tmp_path):
     assert len(second.values("val/elbo")) == epochs - resumed_step // 20
     assert [p.name for p in (run_dir / "checkpoints").glob("latest-step*.ckpt")] == [f"latest-step{epochs * 20}.ckpt"]
     assert summary["best_checkpoint"] and not summary["failed"]
+    # the interrupted epoch, which Lightning resumes without its on_train_epoch_start: its means
+    # (over the steps trained since the resume) and its throughput, timed from the resume
+    resumed_epoch = resumed_step // 20
+    assert [int(r["epoch"]) for r in second.history if "train/elbo_epoch" in r] == list(range(resumed_epoch, epochs))
+    figures = json.loads((run_dir / "throughput.json").read_text())["epochs"]
+    assert [e["epoch"] for e in figures] == list(range(resumed_epoch, epochs))
+    first_figure, left = figures[0], 20 * (resumed_epoch + 1) - resumed_step  # batches left in that epoch
+    # those steps' images: 64 each (the epoch's last batch has 41, where the resumed loader reaches it)
+    assert first_figure["images"] in (left * 64, (left - 1) * 64 + 1257 - 19 * 64), (first_figure, left)
+    assert 0 < first_figure["seconds"] < 60 and first_figure["images_per_sec"] > 10, first_figure

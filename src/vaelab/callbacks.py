@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import resource
 import sys
 import time
@@ -266,6 +267,11 @@ class ProgressBar(TQDMProgressBar):
             items["train/elbo"] = f"{elbo:.3f}"
         return items
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # a run resumed within an epoch gets no on_train_epoch_start for it: its clock starts here
+        self._epoch_started = time.time()
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.time()
         super().on_train_epoch_start(trainer, pl_module)
@@ -285,7 +291,9 @@ class ThroughputMonitor(pl.Callback):
     """Training throughput: images per second over each epoch's training batches (validation
     excluded), logged as ``perf/train_images_per_sec``, and the peak resident memory. With
     ``save_path`` the per-epoch figures are also written as JSON when training ends (the
-    benchmarks in ``benchmarks/`` read them)."""
+    benchmarks in ``benchmarks/`` read them); a resumed run keeps the epochs the file holds
+    from before the epoch it resumes in. An epoch resumed within it counts from the resume:
+    its images and seconds are those trained and spent in this process."""
 
     def __init__(self, save_path: str | None = None):
         super().__init__()
@@ -297,6 +305,16 @@ class ThroughputMonitor(pl.Callback):
     def _sync(self, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_path is not None and self.save_path.is_file() and trainer.is_global_zero:
+            try:
+                before = json.loads(self.save_path.read_text()).get("epochs", [])
+            except (OSError, ValueError, AttributeError):
+                before = []  # (unreadable: this run's figures replace it, as before)
+            self.epochs = [e for e in before if isinstance(e, dict) and e.get("epoch", math.inf) < trainer.current_epoch]
+        # a run resumed within an epoch gets no on_train_epoch_start for it: the clock starts here
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module)

@@ -274,6 +274,15 @@ class RunFolders(Callback):
             if problem:
                 release_folder(folder)
                 self._stop(f"{problem}; nothing has run yet")
+        if self.task == "train" and config.get("ckpt_path") not in (None, "") and (folder / ".hydra").is_dir():
+            # a run continued in its own folder (hydra.run.dir=<run> ckpt_path=last): Hydra would
+            # replace the .hydra/ files that record the command that started the run (and that
+            # report.py reads), even for a resume refused a moment later. They stay; the
+            # resume's own overrides go to the run's summary.json (resumed_with)
+            with read_write(config.hydra):
+                config.hydra.output_subdir = None
+            print(f"vaelab: continuing the run in {folder}; its .hydra/ files keep the command that started it",
+                  file=sys.stderr, flush=True)
         self._held = folder
 
     def _hold(self, node: DictConfig, what: str) -> tuple[Path, bool]:

@@ -35,6 +35,7 @@ from vaelab.validation import (
     ConfigError,
     check_free_space,
     checkpoint_folders,
+    command_line_overrides,
     launched_rank,
     redact_secrets,
     validate_eval_config,
@@ -196,6 +197,8 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     failed = True
     summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resume_ckpt) if resume_ckpt else None,
                                "world_size": trainer.world_size, "precision": str(trainer.precision)}
+    if resume_ckpt:  # (the run's .hydra/ files keep the command that started it: vaelab.folders)
+        summary["resumed_with"] = [str(o.input_line) for o in command_line_overrides()]
     if str(trainer.precision) != str(cfg.trainer.get("precision", trainer.precision)):
         # Lightning swaps what a device lacks (16-mixed on a CPU runs as bf16-mixed): the stored
         # config keeps what was asked, summary.json and the W&B summary what ran

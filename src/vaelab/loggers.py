@@ -18,6 +18,7 @@ W&B's own Python and process still take their CPU time (on 2 cores, from the ste
 
 from __future__ import annotations
 
+import csv
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -25,7 +26,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -132,3 +136,37 @@ class WandbLogger(LightningWandbLogger):
     def finalize(self, status: str) -> None:
         self.stop()
         super().finalize(status)
+
+
+class _KeptMetricsWriter(ExperimentWriter):
+    """Lightning's CSV writer, without removing the ``metrics.csv`` it finds: its rows stay,
+    and new rows are appended under the union of the columns."""
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            header = next(csv.reader(file), [])
+        # the file's columns, so that a row with other ones rewrites the file with all of them
+        # (Lightning's ``save``) rather than with the new ones only
+        self.metrics_keys = sorted(set(header))
+
+
+class CSVLogger(LightningCSVLogger):
+    """Lightning's CSV logger (``logger=csv``: ``<run folder>/csv/metrics.csv``), continued
+    rather than replaced when a run is resumed in its folder. Lightning's writer removes a
+    ``metrics.csv`` it finds (with a warning that previous logs will be deleted), so a resume
+    lost every value logged before it. Here the file is kept and the resumed run's rows follow
+    it; after a resume from a checkpoint saved within an epoch, the steps between that
+    checkpoint and the kill appear twice, the killed run's rows first (the later row of a step
+    is the one the run continued from). A run folder holds one run (``vaelab.folders``), so a
+    ``metrics.csv`` found there is this run's."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeptMetricsWriter(log_dir=self.log_dir)
+        return self._experiment
+

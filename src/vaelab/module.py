@@ -150,6 +150,8 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         # out (stop or skip); a NaN in validation or test shows as NaN in the epoch mean
         # instead of being silently dropped.
         self.train_sums = PendingSums()
+        #: whether this epoch's means are registered with Lightning yet (training_step)
+        self._epoch_means_logged = False
         self.metrics = torch.nn.ModuleDict(
             {f"train_{name}": PendingSumMean(self.train_sums) for name in self.train_sum_names}
             | {f"{stage}_{term}": SumMean() for stage in ("val", "test") for term in TERMS}
@@ -239,15 +241,22 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         if self.nan_guard.bad_step(self, x, out, sums, sums_include_loss=True):
             return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)
         self.train_sums.add(sums, x.shape[0])
-        if batch_idx == 0:
+        if not self._epoch_means_logged:
             # the epoch means are torchmetrics objects that accumulate every example (see
             # __init__); registering them once an epoch is enough: Lightning computes (reduced
-            # across processes) and resets them at the epoch's end
+            # across processes) and resets them at the epoch's end. At the epoch's first step
+            # trained, which is not batch 0 where that step was skipped (nan_policy=skip) or
+            # where a run resumed within the epoch (then the means are over the examples
+            # trained since the resume: the metrics' sums are not part of a checkpoint)
+            self._epoch_means_logged = True
             for name in self.train_sum_names:
                 self.log(f"train/{name}_epoch", self.metrics[f"train_{name}"], on_step=False, on_epoch=True)
         if self._logging_step():
             self._log_step_values(out.scalars)
         return out.loss
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_means_logged = False  # (registered again at the next epoch's first step)
 
     def on_train_start(self) -> None:
         """Step values at least once an epoch: where an epoch has fewer optimizer steps than

@@ -64,6 +64,20 @@ def link_checkpoint(trainer: pl.Trainer, source: str, path: str) -> None:
     trainer.strategy.barrier("vaelab.link_checkpoint")
 
 
+def moved_checkpoint_state(state_dict: dict[str, Any], dirpath: str | None) -> dict[str, Any]:
+    """A ``ModelCheckpoint`` state saved with another ``dirpath`` (the run folder was moved or
+    copied since), with its files' paths moved to ``dirpath``, as the run's config is
+    (``continue_config``); unchanged where the folder is the same."""
+    saved = state_dict.get("dirpath")
+    if not dirpath or not saved or saved == dirpath:
+        return state_dict
+    old, new = str(saved), str(dirpath)
+    moved = dict(_rebase(state_dict, old, new), dirpath=dirpath)
+    if isinstance(moved.get("best_k_models"), dict):  # {path: score}: the paths are its keys
+        moved["best_k_models"] = {_rebase(k, old, new): v for k, v in moved["best_k_models"].items()}
+    return moved
+
+
 class BestCheckpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` (the same arguments), with two changes that write each
     state once:
@@ -96,6 +110,27 @@ class BestCheckpoint(ModelCheckpoint):
 
     def _link_checkpoint(self, trainer: pl.Trainer, filepath: str, linkpath: str) -> None:  # type: ignore[override]
         link_checkpoint(trainer, filepath, linkpath)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's restore, in a run folder that was moved or copied too, and ``last.ckpt``
+        taken back as this callback's own.
+
+        A resumed run continues in its folder wherever it now is (``resolve_resume``), but
+        Lightning restores the best score and the files' paths only where ``dirpath`` is the
+        one saved, and the best file's path even where it is not: in a copied folder the run
+        would then test the original folder's best checkpoint, and take any validation for a
+        new best. The paths are moved to this ``dirpath`` first, as the config's are.
+
+        A state saved at the first epoch's end records no ``last_model_path`` (the best
+        checkpoint's state is collected before ``last.ckpt`` is linked to it); Lightning then
+        takes the ``last.ckpt`` it finds for another run's and writes ``last-v1.ckpt``, leaving
+        ``last.ckpt`` at the state before the resume. A run folder holds one run
+        (``vaelab.folders``), so the ``last.ckpt`` in this ``dirpath`` is this run's."""
+        super().load_state_dict(moved_checkpoint_state(state_dict, self.dirpath))
+        if self.save_last and not self.last_model_path and self.dirpath:
+            last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            if last.is_file():
+                self.last_model_path = str(last)
 
 
 # --- resume -----------------------------------------------------------------------------------
@@ -149,6 +184,9 @@ class LatestCheckpoint(ModelCheckpoint):
         # trigger existed (every_n_train_steps=500 in its stored config) resumes with its state
         return self._generate_state_key(monitor=self.monitor, mode=self.mode, every_n_train_steps=self.every_n_steps,
                                         every_n_epochs=self._every_n_epochs, train_time_interval=None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(moved_checkpoint_state(state_dict, self.dirpath))  # (BestCheckpoint's)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -250,7 +288,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
     ckpt = ckpt.resolve()
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else output_dir.resolve()
     stored = load_checkpoint(ckpt)["hyper_parameters"]["config"]
-    resumed = continue_config(stored, cfg, run_dir, ckpt)
+    resumed = continue_config(stored, cfg, run_dir, ckpt, command_dir=output_dir)
     if run_dir != output_dir.resolve():
         log.info("vaelab: continuing the run in %s (this command's Hydra files are in %s)", run_dir, output_dir)
     return resumed, ckpt
@@ -292,11 +330,15 @@ def _fixed_on_resume(key: str) -> bool:
     return any(under(p) for p in FIXED_ON_RESUME) and not any(under(p) for p in FREE_ON_RESUME)
 
 
-def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt: Path) -> DictConfig:
+def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt: Path,
+                    command_dir: Path | None = None) -> DictConfig:
     """The stored (resolved) config of the run, moved to ``run_dir`` if the folder moved, with
     this command line's overrides on top. An override that changes the model, the data set or
     the optimizer (``FIXED_ON_RESUME``) is refused: the checkpoint's weights and optimizer
-    state belong to the stored ones (repeating a stored value is fine)."""
+    state belong to the stored ones (repeating a stored value is fine). An override's paths
+    under this command's own folder (``command_dir``: ``logger=csv`` given again puts its
+    files under ``${paths.output_dir}``) are moved to ``run_dir`` too: the run's files stay
+    in the run's folder."""
     old_dir = (stored.get("paths") or {}).get("output_dir")
     config = _rebase(stored, str(old_dir), str(run_dir)) if old_dir else dict(stored)
     new = OmegaConf.create(config)
@@ -326,6 +368,8 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
             continue  # a group that is no key of the config
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value, resolve=True)
+        if command_dir is not None:
+            value = _rebase(value, str(command_dir), str(run_dir))
         if _fixed_on_resume(key) and _comparable(key, _resolved_auto(key, value, before)) != _comparable(key, before):
             changed.append(_describe_change(key, _comparable(key, before), _comparable(key, value)))
             continue

@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,109 @@ def test_pictures_in_wandb_and_as_files_with_their_sizes(sweep):
     assert math.isfinite(run.summary["test/active_units"])
     table = run.values("test/kl_per_dim_table")
     assert len(table) == 1 and table[0]["nrows"] == 16
+
+
+def test_eval_on_a_copied_run_folder_uses_the_copy_s_own_checkpoint(sweep, tmp_path):
+    """summary.json records absolute paths; a copy of the run folder still names the original's
+    checkpoint there, and ``ckpt_path=<copy>`` must evaluate the copy's file, not that one."""
+    folder, _ = sweep
+    copy = tmp_path / "copy"
+    shutil.copytree(folder / "0", copy)
+    recorded = Path(summary_of(copy)["tested_checkpoint"])
+    assert recorded.is_file() and recorded.parent == folder / "0" / "checkpoints"
+    own = copy / "checkpoints" / recorded.name
+    proc = check(run_cli("eval.py", f"ckpt_path={copy}", f"evaluation.test_num_samples={K}",
+                         f"hydra.run.dir={tmp_path}/eval", cwd=REPO))
+    out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert out["checkpoint"] == str(own), proc.stdout
+    # cut the copy's checkpoint short: the evaluation stops, naming that file (the original's
+    # intact one is not a stand-in), and writes no numbers
+    own.write_bytes(own.read_bytes()[: own.stat().st_size // 2])
+    proc = run_cli("eval.py", f"ckpt_path={copy}", f"evaluation.test_num_samples={K}",
+                   f"hydra.run.dir={tmp_path}/eval2", cwd=REPO)
+    assert proc.returncode != 0, proc.stdout
+    assert str(own) in proc.stdout + proc.stderr and "truncated" in proc.stdout + proc.stderr
+    assert not (tmp_path / "eval2" / "metrics.json").exists()
+
+
+def _run_folder(folder: Path, recorded: Path | None, files: tuple[str, ...] = ()) -> Path:
+    """A run folder whose summary.json names ``recorded`` as its tested and best checkpoint,
+    holding empty stand-ins for ``files`` under checkpoints/ (the resolver only looks for them)."""
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (folder / "checkpoints" / name).write_bytes(b"")
+    s = {"tested_checkpoint": str(recorded), "best_checkpoint": str(recorded)} if recorded else {}
+    (folder / "summary.json").write_text(json.dumps(s))
+    return folder
+
+
+def test_a_run_folder_resolves_to_the_checkpoint_inside_it(tmp_path, caplog):
+    from vaelab.dashboard import resolve_run_checkpoint
+
+    best = "best-epoch=001-val_elbo=-40.0000.ckpt"
+    base = _run_folder(tmp_path / "base", tmp_path / "base" / "checkpoints" / best, (best, "last.ckpt"))
+    # the folder itself: the recorded file, as recorded (eval's metrics.json names what summary.json does)
+    assert resolve_run_checkpoint(base) == base / "checkpoints" / best
+    # a copy (or a moved run) names the original's file: its own file of that name is taken
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    assert resolve_run_checkpoint(copy) == copy / "checkpoints" / best
+    assert resolve_run_checkpoint(str(copy)) == copy / "checkpoints" / best
+    # a copy without that file but with checkpoints of its own: its last.ckpt, not the original's
+    # best, and the log says so, naming both
+    (copy / "checkpoints" / best).unlink()
+    with caplog.at_level("WARNING", logger="vaelab"):
+        assert resolve_run_checkpoint(copy) == copy / "checkpoints" / "last.ckpt"
+    assert best in caplog.text and str(base / "checkpoints" / best) in caplog.text and "last.ckpt" in caplog.text
+    # a run that kept its checkpoints elsewhere (a checkpoint dirpath outside the folder): the
+    # recorded file is used, and the log says it lies outside the folder
+    caplog.clear()
+    elsewhere = _run_folder(tmp_path / "elsewhere", base / "checkpoints" / best)
+    with caplog.at_level("WARNING", logger="vaelab"):
+        assert resolve_run_checkpoint(elsewhere) == base / "checkpoints" / best
+    assert "outside" in caplog.text and str(base / "checkpoints" / best) in caplog.text
+    # checkpoints of its own, but neither the named one nor a last.ckpt: refused, naming both
+    from vaelab.checkpoints import CheckpointError
+
+    (copy / "checkpoints" / "last.ckpt").rename(copy / "checkpoints" / "other.ckpt")
+    with pytest.raises(CheckpointError, match=f"has no {re.escape(best)}.*other\\.ckpt"):
+        resolve_run_checkpoint(copy)
+    (copy / "checkpoints" / "other.ckpt").rename(copy / "checkpoints" / "last.ckpt")
+    # a summary.json that cannot be read: the folder's last.ckpt, and the log names the file
+    caplog.clear()
+    (copy / "summary.json").write_text('{"tested_checkpoint": "/x/che')
+    with caplog.at_level("WARNING", logger="vaelab"):
+        assert resolve_run_checkpoint(copy) == copy / "checkpoints" / "last.ckpt"
+    assert str(copy / "summary.json") in caplog.text
+    # a checkpoint file is taken as it is
+    assert resolve_run_checkpoint(base / "checkpoints" / "last.ckpt") == base / "checkpoints" / "last.ckpt"
+
+
+def test_report_marks_a_damaged_summary_and_still_lists_every_other_run(sweep, tmp_path):
+    """A truncated summary.json is that job's row, failed with the file named; the other rows
+    stay, NaN and ±inf (which Python's json writes) are printed as such, seconds as seconds."""
+    folder, _ = sweep
+    copy = tmp_path / "sweep"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("*.ckpt", "wandb", "images", "report.*"))
+    s0 = summary_of(copy / "0")
+    s0["best_val_elbo"] = float("-inf")
+    s0["test"]["test/nll"] = float("nan")
+    s0["test"]["test/bpd"] = float("inf")
+    s0["wall_time_s"] = 2.1
+    (copy / "0" / "summary.json").write_text(json.dumps(s0))  # NaN, -Infinity, Infinity
+    text = (copy / "1" / "summary.json").read_text()
+    (copy / "1" / "summary.json").write_text(text[: len(text) // 2])
+    proc = check(run_cli("report.py", str(copy), cwd=REPO))  # failed jobs are rows, not an error
+    assert "Traceback" not in proc.stderr
+    md = proc.stdout.splitlines()
+    row0, row1 = md[2], md[3]
+    cells0 = [c.strip() for c in row0.strip("|").split("|")]
+    assert cells0[0] == "0" and "bernoulli" in cells0
+    assert cells0[-6:] == ["-inf", "nan", "inf", str(s0["diagnostics"]["active_units"]), "2.1", "ok"], row0
+    assert row1.startswith("| 1 |") and "continuous_bernoulli" in row1
+    assert "failed" in row1 and str(Path("1") / "summary.json") in row1 and "JSONDecodeError" in row1, row1
+    rows = list(csv.DictReader(open(copy / "report.csv")))
+    assert [r["run"] for r in rows] == ["0", "1"]
+    assert math.isinf(float(rows[0]["best val/elbo"])) and math.isnan(float(rows[0]["test/nll"]))
+    assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("failed")
+    assert rows[1]["test/nll"] == "" and rows[1]["wall time (s)"] == ""

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.checkpoints import resolve_checkpoint
+from vaelab.checkpoints import CheckpointError, resolve_checkpoint
 
 log = logging.getLogger("vaelab")
 
@@ -134,20 +134,53 @@ def log_checkpoint_artifact(loggers: list[Logger], best: str | None, last: str |
 
 def resolve_run_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as it is; a run folder: the checkpoint its test numbers came from
-    (``tested_checkpoint`` / ``best_checkpoint`` in its summary.json, looked up in its
-    ``checkpoints/`` folder if the run was moved), else ``checkpoints/last.ckpt``."""
+    (``tested_checkpoint`` / ``best_checkpoint`` in its summary.json), else
+    ``checkpoints/last.ckpt``.
+
+    summary.json records absolute paths, and a copied (or moved) run folder still names the
+    original folder's files there. A folder is taken to mean *its* checkpoints: the recorded
+    file's name is looked up in ``<folder>/checkpoints/`` (its own copy, damaged or not), and the
+    recorded path itself only where it lies inside the folder. A recorded file outside the
+    folder is used only when the folder holds no checkpoint at all (a run whose checkpoint
+    ``dirpath`` was elsewhere), with a warning naming it; a folder that has checkpoints of its own,
+    but not the named one, gives its ``last.ckpt`` with a warning instead: the original's file
+    may have been replaced since (a resumed run), and silently evaluating another folder's
+    weights is how a copy's damaged or deleted checkpoint went unnoticed.
+    """
     p = Path(path).expanduser()
     summary_file = p / "summary.json"
-    if p.is_dir() and summary_file.is_file():
-        try:
-            summary = json.loads(summary_file.read_text())
-        except (OSError, ValueError):
-            summary = {}
-        for key in ("tested_checkpoint", "best_checkpoint"):
-            name = summary.get(key)
-            if not name:
-                continue
-            for candidate in (Path(name), p / "checkpoints" / Path(name).name):
-                if candidate.is_file():
-                    return candidate
-    return resolve_checkpoint(p)
+    if not (p.is_dir() and summary_file.is_file()):
+        return resolve_checkpoint(p)
+    try:
+        summary = json.loads(summary_file.read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        log.warning("vaelab: %s cannot be read (%s: %s), so the checkpoint its test numbers came from is not "
+                    "known: evaluating the folder's last checkpoint; give the .ckpt file to evaluate another one",
+                    summary_file, type(err).__name__, str(err)[:200])
+        return resolve_checkpoint(p)
+    names = [Path(str(summary[key])) for key in ("tested_checkpoint", "best_checkpoint") if summary.get(key)]
+    if not names:  # a run that failed before its first checkpoint
+        return resolve_checkpoint(p)
+    folder = p.resolve()
+    for recorded in names:
+        inside = p / "checkpoints" / recorded.name
+        if recorded.is_file() and recorded.resolve().is_relative_to(folder):
+            return recorded  # the run folder itself: the path as summary.json (and eval's metrics.json) name it
+        if inside.is_file():
+            return inside
+    elsewhere = [r for r in names if r.is_absolute() and r.is_file()]
+    if elsewhere and not any(p.rglob("*.ckpt")):
+        log.warning("vaelab: %s holds no checkpoint; its summary.json names %s, outside the folder (the run kept "
+                    "its checkpoints elsewhere, or this is a copy without them), which is evaluated", p, elsewhere[0])
+        return elsewhere[0]
+    also = (f"; {elsewhere[0]}, outside the folder, is not used (give it as ckpt_path to evaluate it)"
+            if elsewhere else "")
+    missing = f"{p / 'checkpoints'} has no {names[0].name}, the checkpoint its summary.json says its test numbers came from"
+    try:
+        ckpt = resolve_checkpoint(p)  # its last.ckpt
+    except CheckpointError as err:
+        raise CheckpointError(f"{missing}{also}; and {err}") from err
+    log.warning("vaelab: %s: evaluating %s instead%s", missing, ckpt, also)
+    return ckpt

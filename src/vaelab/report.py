@@ -57,9 +57,16 @@ def error_text(error: BaseException) -> str:
 
 
 def read_summary(run: Path) -> dict[str, Any] | None:
-    """The run's ``summary.json``; None where it wrote none."""
+    """The run's ``summary.json``; None where it wrote none. A file that cannot be read raises
+    ``OSError``, or ``ValueError`` (``json.JSONDecodeError``: cut short, not JSON, or JSON but no
+    object). NaN and ±Infinity, which Python's json writes for non-finite numbers, are read."""
     path = run / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if not isinstance(summary, dict):
+        raise ValueError(f"it holds a JSON {type(summary).__name__}, not an object")
+    return summary
 
 
 def failure(summary: dict[str, Any] | None) -> str | None:
@@ -91,29 +98,42 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     # keys every run sets alike (the sweep's constants) stay: they say how the numbers were got
     rows = []
     for run in runs:
-        summary = read_summary(run)
-        row: dict[str, Any] = {"run": str(run.relative_to(root)) or "."}
+        rel = str(run.relative_to(root)) or "."
+        try:
+            summary = read_summary(run)
+            why = failure(summary)
+        except (OSError, ValueError) as err:  # one damaged file is that row's, not the table's
+            summary = None
+            message = (str(err).splitlines() or [""])[0][:120]
+            hint = ": cut short, or not JSON" if isinstance(err, json.JSONDecodeError) else ""
+            why = f"{Path(rel) / 'summary.json'} cannot be read ({type(err).__name__}: {message}){hint}"
+        row: dict[str, Any] = {"run": rel}
         row.update({k: overrides[run].get(k, "") for k in keys})
         row.update({name: get(summary or {}) for name, get in NUMBERS})
-        why = failure(summary)
         row["status"] = "ok" if why is None else f"failed: {why[:300]}" if why else "failed"
         rows.append(row)
     columns = ["run", *keys, *(name for name, _ in NUMBERS), "status"]
     return columns, rows
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, column: str = "") -> str:
+    """A cell of the markdown table: 4 decimals (4 significant digits from 10⁴ on), seconds to
+    0.1 s, and ``nan`` / ``inf`` / ``-inf`` as such."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+        if not math.isfinite(value):
+            return str(value)  # nan, inf, -inf
+        if column == "wall time (s)":
+            return f"{value:.1f}"
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
     return str(value)
 
 
 def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)).replace("|", "\\|") for c in columns) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(c), c).replace("|", "\\|") for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

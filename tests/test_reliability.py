@@ -322,6 +322,24 @@ def test_nan_policy_skip_skips_and_counts(tmp_path):
     assert "a larger max_skipped_steps" in proc.stderr and "or nan_policy=skip" not in proc.stderr
 
 
+def test_a_diverged_model_stops_at_validation_whatever_the_nan_policy(tmp_path):
+    """One finite step at a huge learning rate, then only non-finite ones: nan_policy=skip skips
+    them all, but the model itself is broken. The validation pass stops the run with the reason
+    and the fixes, before any picture is drawn from NaN parameters (which torch refused with
+    "Expected p_in >= 0 && p_in <= 1") and before the epoch's checkpoints are saved."""
+    out = tmp_path / "run"
+    proc = run_cli("train.py", *QUICK, "logger=csv", "optim.optimizer.lr=1e6", "nan_policy=skip",
+                   f"hydra.run.dir={out}", cwd=REPO)
+    assert proc.returncode != 0
+    assert f"NonFiniteValidationError: val/elbo is nan at step {STEPS_PER_EPOCH} (epoch 0)" in proc.stderr
+    assert "training steps were skipped so far (nan_policy=skip)" in proc.stderr
+    assert "No checkpoint had been written yet" in proc.stderr and "a lower optim.optimizer.lr" in proc.stderr
+    assert "no pictures this time" in proc.stderr and "p_in" not in proc.stderr
+    assert not (out / "checkpoints").exists() and not list((out / "images").rglob("*.png"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] and summary["error"].startswith("NonFiniteValidationError")
+
+
 # --- faults: importance sampling out of device memory -----------------------------------------
 class _MemoryLimit(torch.nn.Module):
     """A decoder that runs out of device memory (as CUDA would) on a pass of more than

@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from vaelab import pictures as pics
 from vaelab.diagnostics import most_active_dims, posterior_mean
@@ -54,6 +54,16 @@ def _seeded(device: torch.device, seed: int) -> Iterator[None]:
             index = device.index if device.index is not None else torch.cuda.current_device()
             torch.cuda.default_generators[index].manual_seed(seed)
         yield
+
+
+def _finite_pictures(mean: torch.Tensor) -> bool:
+    """Whether the decoder's outputs can be drawn: a diverged model's are not, and sampling
+    from a distribution whose parameters are NaN fails in torch with a message about its
+    arguments (validation then stops the run with the reason: ``NaNGuard.check_validation``)."""
+    if bool(torch.isfinite(mean).all()):
+        return True
+    rank_zero_warn("vaelab: no pictures this time: the decoder's outputs are not finite (the model has diverged)")
+    return False
 
 
 class ImageLogger(pl.Callback):
@@ -180,6 +190,8 @@ class ImageLogger(pl.Callback):
                 if self.num_images > 0:
                     shown = x[: self.num_images]
                     px = vae.reconstruct(shown)
+                    if not _finite_pictures(px.mean):
+                        return out
                     out["test/reconstructions"] = (
                         pics.grid(torch.cat([shown, px.mean, px.sample()]), nrow=len(shown), min_pixels=self.min_pixels),
                         "top: test inputs x; middle: mean of p(x|z); bottom: a sample x ~ p(x|z); z = mean of q(z|x)")
@@ -227,7 +239,10 @@ class ImageLogger(pl.Callback):
                 x = dm.to_float(val.images[: self.num_images].to(pl_module.device))
                 with _seeded(pl_module.device, self.seed + 1):
                     px = vae.reconstruct(x)
-                    rows = torch.cat([x, px.mean, px.sample()])
+                    mean = px.mean
+                    if not _finite_pictures(mean):
+                        return out  # (the module's guard stops the run right after this hook)
+                    rows = torch.cat([x, mean, px.sample()])
                 out["val/reconstructions"] = (
                     pics.grid(rows, nrow=len(x), min_pixels=self.min_pixels),
                     "top: inputs x; middle: mean of p(x|z); bottom: a sample x ~ p(x|z); z = mean of q(z|x)")

@@ -32,6 +32,23 @@ class NonFiniteLossError(FloatingPointError):
     """A training step produced a NaN or Inf loss (``nan_policy=stop``)."""
 
 
+class NonFiniteValidationError(NonFiniteLossError):
+    """A validation pass gave a NaN or Inf ``val/elbo``: the model diverged (any ``nan_policy``)."""
+
+
+#: what to change when a run's numbers stop being finite
+FIXES = ("a lower optim.optimizer.lr, trainer.gradient_clip_val=1.0, a larger likelihood.min_sigma / min_scale "
+         "or posterior.min_scale, objective.warmup>0")
+
+
+def _last_good_checkpoint(module: Any) -> str:
+    trainer = getattr(module, "_trainer", None)
+    ckpt_cb = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+    last = getattr(ckpt_cb, "last_model_path", "") or getattr(ckpt_cb, "best_model_path", "") or ""
+    return (f"The last good checkpoint is {last}; nothing from this step on was saved."
+            if last else "No checkpoint had been written yet.")
+
+
 def _describe(name: str, value: torch.Tensor) -> str | None:
     value = value.detach()
     if bool(torch.isfinite(value).all()):
@@ -89,11 +106,7 @@ class NaNGuard:
                 module.print(f"vaelab: skipped {where}: {'; '.join(problems)} "
                              f"({self.skipped} skipped so far, nan_policy=skip)")
                 return True
-        trainer = getattr(module, "_trainer", None)
-        ckpt_cb = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
-        last = getattr(ckpt_cb, "last_model_path", "") or getattr(ckpt_cb, "best_model_path", "") or ""
-        kept = (f"The last good checkpoint is {last}; nothing from this step on was saved."
-                if last else "No checkpoint had been written yet.")
+        kept = _last_good_checkpoint(module)
         why = (f"{self.skipped} steps skipped, more than max_skipped_steps={self.max_skipped_steps}"
                if self.policy == "skip" else "nan_policy=stop")
         skipping = ("a larger max_skipped_steps (or null: never stop) to skip more of them"
@@ -101,7 +114,22 @@ class NaNGuard:
                     "(train/skipped_steps)")
         raise NonFiniteLossError(
             f"non-finite training loss at {where}: {'; '.join(problems)}. Stopped ({why}). {kept} "
-            "Fixes: a lower optim.optimizer.lr, trainer.gradient_clip_val=1.0, a larger "
-            "likelihood.min_sigma / min_scale or posterior.min_scale, objective.warmup>0; or "
-            f"{skipping}."
+            f"Fixes: {FIXES}; or {skipping}."
+        )
+
+    def check_validation(self, module: Any, elbo: float) -> None:
+        """Stop the run if a validation pass's ``val/elbo`` (the mean over the whole split,
+        reduced across processes: the same verdict on every rank) is not finite, whatever
+        ``nan_policy`` says: the model itself gives non-finite bounds, which no skipped step
+        mends (e.g. one finite step at a huge learning rate, then only skipped ones). Called at
+        the validation epoch's end, before that epoch's checkpoints are saved."""
+        if math.isfinite(elbo):
+            return
+        where = f"step {module.global_step} (epoch {module.current_epoch})"
+        skipped = (f"; {self.skipped} training steps were skipped so far (nan_policy=skip)"
+                   if self.policy == "skip" and self.skipped else "")
+        raise NonFiniteValidationError(
+            f"val/elbo is {elbo} at {where}: the model's bound on the validation data is not finite, so the "
+            f"model has diverged{skipped}. Stopped before this epoch's checkpoints were saved. "
+            f"{_last_good_checkpoint(module)} Fixes: {FIXES}."
         )

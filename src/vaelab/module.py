@@ -393,6 +393,13 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             self.metrics["val_iwae"].update(self.log_likelihood(x, k))
             self.log("val/iwae", self.metrics["val_iwae"], on_epoch=True)
 
+    def on_validation_epoch_end(self) -> None:
+        # a diverged model stops here, before this epoch's checkpoints (and whatever else an
+        # epoch's end does with its numbers) take a non-finite val/elbo for a result
+        metric = self.metrics["val_elbo"]
+        if metric.update_count:
+            self.nan_guard.check_validation(self, float(metric.compute()))
+
     def log_likelihood(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         """``VAE.log_likelihood`` with the run's ``evaluation`` settings. With ``pass_size:
         auto`` a pass that runs out of device memory is not the end of the run: the batch starts

@@ -795,7 +795,7 @@ def test_a_checkpoint_damaged_after_its_save_is_named_not_loaded(good_run, tmp_p
     damaged.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="is damaged") as err:
         load_module(damaged)
-    assert part.filename in str(err.value) and "last.ckpt or best-" in str(err.value)
+    assert part.filename in str(err.value) and "its folder holds no other checkpoint file" in str(err.value)
     out = tmp_path / "eval"
     proc = run_cli("eval.py", f"ckpt_path={damaged}", "evaluation.test_num_samples=2", f"hydra.run.dir={out}", cwd=REPO)
     assert proc.returncode != 0 and "is damaged" in proc.stderr and not (out / "metrics.json").exists()
@@ -946,6 +946,33 @@ def test_ckpt_path_last_refuses_to_start_over_when_its_checkpoints_are_damaged(g
     assert "best-" in proc.stderr.split("no last.ckpt")[-1]  # names an intact one to continue from
     changed = [p for p, data in files.items() if ".hydra" not in p.parts and p.suffix != ".log" and p.read_bytes() != data]
     assert not changed and not list((copy / "checkpoints").glob("*-v1.ckpt"))
+
+
+def test_a_damaged_checkpoint_is_not_answered_with_its_own_hard_links(good_run, tmp_path):
+    """An epoch's best checkpoint, last.ckpt and latest-step<N>.ckpt are one file under three
+    names: when it is damaged, the errors do not send the user to the other two names."""
+    copy = tmp_path / "copy"
+    shutil.copytree(good_run, copy)  # (copytree makes three files of the three names: linked again below)
+    folder = copy / "checkpoints"
+    (best,) = folder.glob("best-*.ckpt")
+    for name in ("last.ckpt", *(p.name for p in folder.glob("latest-step*.ckpt"))):
+        (folder / name).unlink()
+        os.link(best, folder / name)
+    with open(best, "r+b") as f:  # cut short: all three names
+        f.truncate(1000)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(best)
+    assert "its folder holds no other checkpoint file" in str(err.value)
+    assert "last.ckpt, latest-step20.ckpt are this same file under another name" in str(err.value)
+    assert "use another checkpoint" not in str(err.value)
+    proc = run_cli("train.py", *QUICK, "ckpt_path=last", f"hydra.run.dir={copy}", cwd=REPO)
+    assert proc.returncode != 0 and "no last.ckpt or latest-step*.ckpt there can be read" in proc.stderr
+    assert f"{best.name} is the same file under another name (a hard link), damaged alike" in proc.stderr
+    assert "Continue from another one" not in proc.stderr
+    # with an intact file of another state beside them, that one is named
+    shutil.copy(good_run / "checkpoints" / best.name, folder / "best-epoch000-copy.ckpt")
+    with pytest.raises(CheckpointError, match=r"use another checkpoint of the run: best-epoch000-copy\.ckpt \("):
+        load_checkpoint(best)
 
 
 def test_a_new_run_into_the_folder_of_an_earlier_one_is_refused(good_run, tmp_path):

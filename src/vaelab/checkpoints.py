@@ -48,6 +48,34 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def other_copies(damaged: list[Path], candidates: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Of ``candidates`` (checkpoint files of a run), (those that are other files than every
+    ``damaged`` one, those that are one of them under another name). An epoch's best checkpoint,
+    ``last.ckpt`` and ``latest-step<N>.ckpt`` are often hard links to one file (``vaelab.runs``):
+    damaged alike, so naming them as the way out would send a user in a circle."""
+    others, same = [], []
+    for q in candidates:
+        if q in damaged:
+            continue
+        try:
+            alias = any(q.exists() and d.exists() and q.samefile(d) for d in damaged)
+        except OSError:
+            alias = False
+        (same if alias else others).append(q)
+    return others, same
+
+
+def _what_else(p: Path) -> str:
+    """Where to turn when the checkpoint ``p`` cannot be used: its run's other files, if any."""
+    others, same = other_copies([p], sorted(p.parent.glob("*.ckpt")))
+    text = (f"use another checkpoint of the run: {', '.join(q.name for q in others[:4])}" if others else
+            "its folder holds no other checkpoint file: start afresh, or use a copy of the run made before")
+    if same:
+        text += (f" ({', '.join(q.name for q in same)} {'is' if len(same) == 1 else 'are'} this same file "
+                 "under another name, a hard link: damaged alike)")
+    return text
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a vaelab checkpoint onto the CPU, refusing anything that is not one."""
     p = resolve_checkpoint(path)
@@ -57,15 +85,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
         raise CheckpointError(
             f"{p} cannot be read as a checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:300]}). "
-            "It may be truncated (a copy or a save that was cut off) or not a PyTorch file; "
-            "use another checkpoint of the run, e.g. last.ckpt or best-*.ckpt."
+            f"It may be truncated (a copy or a save that was cut off) or not a PyTorch file; {_what_else(p)}."
         ) from err
     damaged = _damaged_member(p)
     if damaged:
         raise CheckpointError(
             f"{p} is damaged: its part {damaged!r} does not match the checksum written with it (the file "
-            "was changed after it was saved: a failing disk, or a copy that went wrong); use another "
-            "checkpoint of the run, e.g. last.ckpt or best-*.ckpt."
+            f"was changed after it was saved: a failing disk, or a copy that went wrong); {_what_else(p)}."
         )
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "config" not in hp or "data_info" not in hp or "state_dict" not in ckpt:

@@ -265,15 +265,22 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
     output_dir = Path(str(cfg.paths.output_dir))
     if str(ckpt_path) == "last":
         ckpt = newest_checkpoint(output_dir)
-        others = sorted((output_dir / "checkpoints").glob("*.ckpt"))
-        if ckpt is None and others:
-            from vaelab.checkpoints import CheckpointError
+        found = sorted((output_dir / "checkpoints").glob("*.ckpt"))
+        if ckpt is None and found:
+            from vaelab.checkpoints import CheckpointError, other_copies
 
+            unread = [p for p in found if p.name.startswith(("last", "latest-step"))]
+            others, same = other_copies(unread, found)
+            way = (f"Continue from another one: ckpt_path=<file>, e.g. one of {', '.join(p.name for p in others[:3])}; "
+                   "or start afresh elsewhere (another hydra.run.dir)" if others else
+                   f"{', '.join(p.name for p in same)} {'is' if len(same) == 1 else 'are'} the same file under "
+                   "another name (a hard link), damaged alike, and there is no other: start afresh elsewhere "
+                   "(another hydra.run.dir), or continue from a copy of the run made before"
+                   if same else "Start afresh elsewhere (another hydra.run.dir)")
             raise CheckpointError(
                 f"ckpt_path=last: {output_dir / 'checkpoints'} holds checkpoints, but no last.ckpt or "
-                f"latest-step*.ckpt there can be read (damaged or cut short; see the warnings above). Continue "
-                f"from another one: ckpt_path=<file>, e.g. one of {', '.join(p.name for p in others[:3])}; or "
-                "start afresh elsewhere (another hydra.run.dir). Nothing has run yet.")
+                f"latest-step*.ckpt there can be read (damaged or cut short; see the warnings above). {way}. "
+                "Nothing has run yet.")
         if ckpt is None:
             log.warning(
                 "ckpt_path=last: %s has no checkpoints/last.ckpt yet, so training starts from scratch "

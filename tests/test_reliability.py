@@ -848,8 +848,10 @@ def test_a_resumed_run_keeps_what_the_run_wrote_before(good_run, tmp_path):
     assert {p: b for p, b in snapshot(run).items() if p.name != "cli.log"} == before
 
     # in the run's folder, then from another one, each with logger=csv given again
-    check(run_cli("train.py", f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_epochs=2", "logger=[wandb,csv]",
-                  *QUICK[1:], cwd=REPO))
+    proc = check(run_cli("train.py", f"hydra.run.dir={run}", "ckpt_path=last", "trainer.max_epochs=2",
+                         "logger=[wandb,csv]", *QUICK[1:], cwd=REPO))
+    # (the test takes the best checkpoint by its path: Lightning's "best" warned of two checkpoint callbacks)
+    assert 'ckpt_path="best"' not in proc.stderr and "Restoring states from the checkpoint path" in proc.stderr
     here = tmp_path / "command"
     check(run_cli("train.py", f"ckpt_path={run}", "trainer.max_epochs=3", "logger=[wandb,csv]", *QUICK[1:],
                   f"hydra.run.dir={here}", cwd=REPO))

@@ -217,7 +217,9 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
             last_checkpoint=getattr(ckpt_cb, "last_model_path", "") or None,
         )
         if cfg.get("test", True):
-            results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best_path else None,
+            # the best checkpoint's path, which is what Lightning's "best" means here, given as
+            # such: "best" warned on every run that the step checkpoint is a second callback
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path,
                                    verbose=False)
             summary["test"] = {k: _as_float(v) for k, v in (results[0] if results else {}).items()}
             summary["tested_checkpoint"] = best_path or summary["last_checkpoint"]

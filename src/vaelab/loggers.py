@@ -169,4 +169,3 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _KeptMetricsWriter(log_dir=self.log_dir)
         return self._experiment
-

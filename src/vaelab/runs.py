@@ -271,12 +271,15 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
 
             unread = [p for p in found if p.name.startswith(("last", "latest-step"))]
             others, same = other_copies(unread, found)
-            way = (f"Continue from another one: ckpt_path=<file>, e.g. one of {', '.join(p.name for p in others[:3])}; "
-                   "or start afresh elsewhere (another hydra.run.dir)" if others else
-                   f"{', '.join(p.name for p in same)} {'is' if len(same) == 1 else 'are'} the same file under "
-                   "another name (a hard link), damaged alike, and there is no other: start afresh elsewhere "
-                   "(another hydra.run.dir), or continue from a copy of the run made before"
-                   if same else "Start afresh elsewhere (another hydra.run.dir)")
+            afresh = "start afresh elsewhere (another hydra.run.dir)"
+            if others:
+                way = f"Continue from another one: ckpt_path=<file>, e.g. one of {', '.join(p.name for p in others[:3])}; or {afresh}"
+            elif same:
+                way = (f"{', '.join(p.name for p in same)} {'is' if len(same) == 1 else 'are'} the same file under "
+                       f"another name (a hard link), damaged alike, and there is no other: {afresh}, or continue "
+                       "from a copy of the run made before")
+            else:
+                way = afresh[0].upper() + afresh[1:]
             raise CheckpointError(
                 f"ckpt_path=last: {output_dir / 'checkpoints'} holds checkpoints, but no last.ckpt or "
                 f"latest-step*.ckpt there can be read (damaged or cut short; see the warnings above). {way}. "

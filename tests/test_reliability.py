@@ -164,6 +164,12 @@ def test_unwritable_output_folder_fails_before_training(tmp_path):
     assert f"paths.output_dir={blocker}/sub: not writable: {blocker} is a file, not a folder" in proc.stderr
     assert "callbacks.model_checkpoint.dirpath" in proc.stderr
     assert blocker.read_text() == "not a folder" and not find_runs(out)
+    # Hydra's own folder (the run's, or a sweep's) under the file: named with its key, no traceback
+    for key, extra in (("hydra.run.dir", ()), ("hydra.sweep.dir", ("-m", "latent_dim=2,3"))):
+        proc = run_cli("train.py", *extra, *QUICK, f"{key}={blocker}/sub", cwd=REPO)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"{key}={blocker}/sub cannot be made (NotADirectoryError" in proc.stderr
+    assert blocker.read_text() == "not a folder"
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -1010,6 +1016,13 @@ def test_eval_never_overwrites_an_earlier_run_or_evaluation(good_run, tmp_path):
     assert (out / "metrics.json").is_file() and (out / "images" / "traversals.png").is_file()
     proc = run_cli("eval.py", f"ckpt_path={copy}", "evaluation.test_num_samples=3", f"hydra.run.dir={out}", cwd=REPO)
     assert proc.returncode != 0 and ".hydra/config.yaml, metrics.json, images/" in proc.stderr
+    # an evaluation that stopped before writing anything (a missing checkpoint) leaves only Hydra's
+    # files: the folder is not an earlier evaluation, and the same command fixed runs there
+    failed = tmp_path / "failed"
+    proc = run_cli("eval.py", f"ckpt_path={tmp_path}/missing.ckpt", f"hydra.run.dir={failed}", cwd=REPO)
+    assert proc.returncode != 0 and (failed / ".hydra" / "config.yaml").is_file()
+    check(run_cli("eval.py", f"ckpt_path={copy}", "evaluation.test_num_samples=2", f"hydra.run.dir={failed}", cwd=REPO))
+    assert (failed / "metrics.json").is_file()
     proc = run_cli("train.py", *QUICK, f"hydra.run.dir={out}", cwd=REPO)
     assert proc.returncode != 0 and f"paths.output_dir={out} holds an earlier evaluation (metrics.json)" in proc.stderr
     assert snapshot(out) == evaluated

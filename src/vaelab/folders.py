@@ -292,10 +292,16 @@ class RunFolders(Callback):
         (Hydra's default), taken by a run or sweep of the same second (a loop of ``python
         train.py ... &``), the next free name instead."""
         folder = Path(str(node.dir))
+        key = f"hydra.{what}.dir"
         holder = claim_folder(folder)
         if holder is None:
+            if not folder.is_dir():  # (claim_folder could not make it) Hydra would fail with a bare traceback
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    self._stop(f"{key}={folder} cannot be made ({type(err).__name__}: {err.strerror or err}): give "
+                               "a folder that can be written; nothing has run yet")
             return folder, False
-        key = f"hydra.{what}.dir"
         if not _time_named(node, "dir"):
             self._stop(f"{key}={folder} is being written by another {what} right now ({holder}): wait until it has "
                        f"finished, or give another {key}; nothing has run yet")

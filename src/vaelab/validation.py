@@ -278,11 +278,14 @@ def earlier_eval_problem(folder: str | Path, hydra_files: bool = True) -> str | 
     (``images/*.png``, the names a training run's test pictures have) into its folder: one where
     any of these already is (an earlier evaluation, or a training run: ``python eval.py
     ckpt_path=R hydra.run.dir=R``) is refused, not overwritten. ``hydra_files``: count
-    ``.hydra/`` too (not once this job's Hydra has written its own there)."""
+    ``.hydra/`` too (not once this job's Hydra has written its own there). A folder with Hydra's
+    files and nothing else is a command that stopped before it wrote anything (a missing
+    checkpoint, a bad value): nothing to protect there, as for a training run."""
     folder = Path(str(folder)).expanduser()
-    found = [".hydra/config.yaml"] if hydra_files and (folder / ".hydra" / "config.yaml").is_file() else []
-    found += ["metrics.json"] if (folder / "metrics.json").is_file() else []
     pictures = sorted((folder / "images").glob("*.png"))
+    results = [p for p in ("metrics.json", "summary.json", "checkpoints") if (folder / p).exists()] or pictures
+    found = [".hydra/config.yaml"] if hydra_files and results and (folder / ".hydra" / "config.yaml").is_file() else []
+    found += ["metrics.json"] if (folder / "metrics.json").is_file() else []
     found += [f"images/{p.name}" for p in pictures[:3]] + (["..."] if len(pictures) > 3 else [])
     if not found:
         return None

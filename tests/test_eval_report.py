@@ -268,6 +268,12 @@ def test_report_marks_a_damaged_summary_and_still_lists_every_other_run(sweep, t
     assert "failed" in row1 and str(Path("1") / "summary.json") in row1 and "JSONDecodeError" in row1, row1
     rows = list(csv.DictReader(open(copy / "report.csv")))
     assert [r["run"] for r in rows] == ["0", "1"]
+    # a damaged overrides.yaml: that row's settings are blank and its status says why
+    (copy / "0" / ".hydra" / "overrides.yaml").write_text("- likelihood=bern\n- [unclosed")
+    check(run_cli("report.py", str(copy), cwd=REPO))
+    (row0,) = [r for r in csv.DictReader(open(copy / "report.csv")) if r["run"] == "0"]
+    assert row0["status"].startswith("ok; ") and "0/.hydra/overrides.yaml cannot be read" in row0["status"]
+    assert math.isnan(float(row0["test/nll"]))  # its numbers are still there
     assert math.isinf(float(rows[0]["best val/elbo"])) and math.isnan(float(rows[0]["test/nll"]))
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("failed")
     assert rows[1]["test/nll"] == "" and rows[1]["wall time (s)"] == ""

@@ -91,7 +91,14 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     found = {p.parent for p in root.rglob("summary.json")}
     found |= {p.parent for p in root.rglob(".hydra") if p.is_dir() and (p.parent.parent / "multirun.yaml").is_file()}
     runs = sorted(found, key=lambda r: run_order(r, root))
-    overrides = {run: read_overrides(run) for run in runs}
+    overrides: dict[Path, dict[str, str]] = {}
+    unread: dict[Path, str] = {}  # runs whose overrides cannot be read: their settings' cells stay empty
+    for run in runs:
+        try:
+            overrides[run] = read_overrides(run)
+        except Exception as err:  # noqa: BLE001 - yaml's errors, OSError: that row's, not the table's
+            overrides[run] = {}
+            unread[run] = f"{Path(str(run.relative_to(root)) or '.') / '.hydra' / 'overrides.yaml'} cannot be read ({type(err).__name__})"
     keys: list[str] = []
     for ov in overrides.values():
         keys += [k for k in ov if k not in keys]
@@ -111,6 +118,8 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
         row.update({k: overrides[run].get(k, "") for k in keys})
         row.update({name: get(summary or {}) for name, get in NUMBERS})
         row["status"] = "ok" if why is None else f"failed: {why[:300]}" if why else "failed"
+        if run in unread:
+            row["status"] += f"; {unread[run]}: its settings are not shown"
         rows.append(row)
     columns = ["run", *keys, *(name for name, _ in NUMBERS), "status"]
     return columns, rows

@@ -122,7 +122,10 @@ def test_wandb_run_names_summary_and_checkpoint_artifact(sweep):
             records.append(rec)
         (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         assert info.run_group == str(folder) and info.job_type == "train"
-        assert info.display_name.startswith(f"{i}:") and f"likelihood={lik}" in info.display_name
+        # the swept setting first (W&B keeps 128 characters of a name), then the others, sorted
+        assert info.display_name.startswith(f"{i}:likelihood={lik},evaluation.test_num_samples={K},"), info.display_name
+        rest = info.display_name.split(",")[1:]
+        assert rest == sorted(rest) and rest[-1] == f"trainer.max_epochs={EPOCHS}"
         models = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"]
         assert {a for m in models for a in m.aliases} == {"best", "latest"}
         assert all(m.manifest.contents[0].path == "model.ckpt" for m in models)

@@ -5,6 +5,7 @@ checkpoint as an artifact. Every W&B call here runs on the rank-zero process onl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -70,10 +71,33 @@ def _multirun_name_and_group() -> tuple[str | None, str | None]:
         if hc.mode != RunMode.MULTIRUN:
             return None, None
         group = str(hc.sweep.dir)[-128:]
-        name = hc.job.override_dirname or f"job{hc.job.num}"
+        name = _job_name(hc) or f"job{hc.job.num}"
         return f"{hc.job.num}:{name}"[:128], group
     except Exception:  # noqa: BLE001 - naming is a convenience, never a reason to fail
         return None, None
+
+
+def _job_name(hc: Any) -> str:
+    """A sweep job's overrides as Hydra's ``override_dirname`` lists them (``key=value``,
+    sorted, joined by commas), with the settings the sweep varies first: W&B keeps 128
+    characters of a name, and a long command line cut there dropped the very setting that
+    tells the sweep's runs apart."""
+    items = sorted(str(o) for o in hc.overrides.task)
+    swept = _swept_keys(hc)
+    return ",".join(sorted(items, key=lambda item: item.split("=", 1)[0].lstrip("+~") not in swept))
+
+
+def _swept_keys(hc: Any) -> set[str]:
+    """The keys a sweep varies: its sweeper's search space (``hydra.sweeper.params``) and the
+    command line's sweep overrides (``a=1,2``, ``range(...)``), read from the sweep folder's
+    ``multirun.yaml``, which the launcher writes before the first job."""
+    keys = {str(k) for k in (hc.sweeper.get("params") or {})}
+    with contextlib.suppress(Exception):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        task = OmegaConf.load(Path(str(hc.sweep.dir)) / "multirun.yaml").hydra.overrides.task
+        keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(list(task)) if o.is_sweep_override()}
+    return keys
 
 
 def _wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:

@@ -91,6 +91,7 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     found = {p.parent for p in root.rglob("summary.json")}
     found |= {p.parent for p in root.rglob(".hydra") if p.is_dir() and (p.parent.parent / "multirun.yaml").is_file()}
     runs = sorted(found, key=lambda r: run_order(r, root))
+    rel = {run: str(run.relative_to(root)) or "." for run in runs}  # each row's name
     overrides: dict[Path, dict[str, str]] = {}
     unread: dict[Path, str] = {}  # runs whose overrides cannot be read: their settings' cells stay empty
     for run in runs:
@@ -98,14 +99,13 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
             overrides[run] = read_overrides(run)
         except Exception as err:  # noqa: BLE001 - yaml's errors, OSError: that row's, not the table's
             overrides[run] = {}
-            unread[run] = f"{Path(str(run.relative_to(root)) or '.') / '.hydra' / 'overrides.yaml'} cannot be read ({type(err).__name__})"
+            unread[run] = f"{Path(rel[run]) / '.hydra' / 'overrides.yaml'} cannot be read ({type(err).__name__})"
     keys: list[str] = []
     for ov in overrides.values():
         keys += [k for k in ov if k not in keys]
     # keys every run sets alike (the sweep's constants) stay: they say how the numbers were got
     rows = []
     for run in runs:
-        rel = str(run.relative_to(root)) or "."
         try:
             summary = read_summary(run)
             why = failure(summary)
@@ -113,8 +113,8 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
             summary = None
             message = (str(err).splitlines() or [""])[0][:120]
             hint = ": cut short, or not JSON" if isinstance(err, json.JSONDecodeError) else ""
-            why = f"{Path(rel) / 'summary.json'} cannot be read ({type(err).__name__}: {message}){hint}"
-        row: dict[str, Any] = {"run": rel}
+            why = f"{Path(rel[run]) / 'summary.json'} cannot be read ({type(err).__name__}: {message}){hint}"
+        row: dict[str, Any] = {"run": rel[run]}
         row.update({k: overrides[run].get(k, "") for k in keys})
         row.update({name: get(summary or {}) for name, get in NUMBERS})
         row["status"] = "ok" if why is None else f"failed: {why[:300]}" if why else "failed"

@@ -475,6 +475,128 @@ def test_lightning_rebuilds_the_batch_sampler_around_its_distributed_sampler():
     assert set(shards[0]) | set(shards[1]) == set(range(n)) and len(set(shards[0]) & set(shards[1])) == 1
 
 
+class _Numbered(Digits):
+    """Digits whose labels name the images (0, 1, ... over the training file), so that a test
+    can tell which images a batch holds."""
+
+    def load(self, train):
+        images, labels = super().load(train)
+        return images, torch.arange(len(labels))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_run_resumed_inside_an_epoch_trains_on_the_rest_of_that_epochs_order(tmp_path, num_workers):
+    """Stopped at step 40 of 26-batch epochs, resumed from the checkpoint of step 33 under
+    another seed: steps 33-51 take the batches the uninterrupted run took there (the rest of
+    epoch 1's order, every training image once over the epoch), and Lightning does not warn
+    that the loader cannot resume. DataLoader workers read the sampler ahead of training; the
+    place saved is the batches training took."""
+    import warnings
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Recorder(pl.LightningModule):
+        def __init__(self, stop_at=None):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen, self.stop_at = [], stop_at
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == self.stop_at:
+                raise RuntimeError("stopped")
+            self.seen.append(batch[1].clone())
+            return self.w * batch[0].mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(module, name, seed, **kwargs):
+        pl.seed_everything(seed, verbose=False)
+        trainer = pl.Trainer(max_epochs=2, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path / name, **kwargs.pop("trainer", {}))
+        trainer.fit(module, _Numbered(batch_size=50, num_workers=num_workers), **kwargs)
+
+    whole = Recorder()
+    fit(whole, "whole", 7)
+    assert len(whole.seen) == 2 * 26
+    stopped = Recorder(stop_at=40)
+    saves = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=33, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit(stopped, "stopped", 7, trainer={"callbacks": [saves]})
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert "step=33" in ckpt.name and len(stopped.seen) == 40
+    resumed = Recorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(resumed, "resumed", 12345, ckpt_path=str(ckpt))
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    assert len(resumed.seen) == 52 - 33
+    got = stopped.seen[:33] + resumed.seen
+    assert all(torch.equal(a, b) for a, b in zip(got, whole.seen, strict=True))
+    epoch_1 = torch.cat(got[26:])
+    assert len(epoch_1) == len(set(epoch_1.tolist())) == 1257  # every training image once
+
+
+def test_a_resumed_loader_continues_its_shard_of_the_epoch_under_ddp():
+    """Lightning's DistributedSampler under DDP: each rank's loader, given the state rank 0
+    saved at the 7th batch of epoch 3, takes the rest of its shard of epoch 3, whatever epoch
+    its fresh sampler was at when the iterator was made."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    dm = setup(_Numbered(batch_size=32))
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = dm.train_dataloader()
+
+    def shard(rank):
+        return _update_dataloader(loader, DistributedSampler(dm.train_set, num_replicas=2, rank=rank, seed=0))
+
+    saving = shard(0)
+    saving.batch_sampler.sampler.set_epoch(3)
+    batches = iter(saving)
+    for _ in range(7):
+        next(batches)
+    state = saving.state_dict()
+    assert state["batches_done"] == 7 and state["sampler_epoch"] == 3 and state["num_batches"] == 20
+    for rank in (0, 1):
+        resumed = shard(rank)
+        resumed.load_state_dict(state)
+        rest = [y for _, y in resumed]
+        epoch_3 = DistributedSampler(dm.train_set, num_replicas=2, rank=rank, seed=0)
+        epoch_3.set_epoch(3)
+        assert torch.equal(torch.cat(rest), dm.train_set.labels[list(epoch_3)[7 * 32:]])
+        assert resumed.state_dict()["batches_done"] == 20
+        # the next pass is a whole epoch again
+        assert len([y for _, y in resumed]) == 20
+
+
+def test_a_loader_state_it_cannot_continue_gives_a_whole_fresh_epoch():
+    """A state from an epoch's end (or start) resumes nothing; one from another batch size or
+    number of processes cannot be continued and says so, and the epoch is whole and fresh."""
+    dm = setup(_Numbered(batch_size=50))
+    loader = dm.train_dataloader()
+    torch.manual_seed(0)
+    first = [y for _, y in loader]
+    state = loader.state_dict()
+    assert state["batches_done"] == len(first) == 26 and isinstance(state["order_key"], int)
+    for done in (0, 26):
+        resumed = dm.train_dataloader()
+        resumed.load_state_dict({**state, "batches_done": done})
+        assert len([y for _, y in resumed]) == 26
+    other = setup(_Numbered(batch_size=64)).train_dataloader()
+    with pytest.warns(UserWarning, match="had 26 batches a process, this run's has 20"):
+        other.load_state_dict({**state, "batches_done": 5})
+    again = [y for _, y in other]
+    assert len(again) == 20 and not torch.equal(torch.cat(again), torch.cat(first)[:1257])
+    # within an epoch, the same order from the key, whatever torch's seed now
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict({**state, "batches_done": 5})
+    torch.manual_seed(99)
+    assert all(torch.equal(a, b) for a, b in zip([y for _, y in resumed], first[5:], strict=True))
+
+
 class _Trainer:
     """What ``data_device`` reads of a trainer: its strategy's root device."""
 

@@ -193,16 +193,28 @@ class ShuffledOrder(RandomSampler):
     order a ``DataLoader(shuffle=True)`` gives. ``order()`` hands the epoch's order over as one
     tensor, where iterating builds a list of Python ints first: 50,000 of them and a tensor
     made from them cost ~5 ms at every epoch's first batch on this project's CPU machine, ~0.2 %
-    of an MLP epoch. A ``RandomSampler`` still, so Lightning shuffles its DistributedSampler."""
+    of an MLP epoch. A ``RandomSampler`` still, so Lightning shuffles its DistributedSampler.
+
+    ``key`` is what the latest order was drawn from (the seed; with a ``generator`` of one's own,
+    its state before the draw): ``order(key)`` draws that order again, which is how a run
+    resumed inside an epoch gets the rest of that epoch's order.
+    """
 
     def __init__(self, data_source: Sized, generator: torch.Generator | None = None):
         super().__init__(data_source, generator=generator)
+        self.key: int | torch.Tensor | None = None
 
-    def order(self) -> torch.Tensor:
-        generator = self.generator
-        if generator is None:
+    def order(self, key: int | torch.Tensor | None = None) -> torch.Tensor:
+        if self.generator is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item()) if key is None else int(key)
             generator = torch.Generator()
-            generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+            generator.manual_seed(seed)
+            self.key = seed
+        else:
+            generator = self.generator
+            if key is not None:
+                generator.set_state(key)
+            self.key = generator.get_state()
         return torch.randperm(len(self.data_source), generator=generator)
 
     def __iter__(self) -> Iterator[int]:
@@ -217,22 +229,82 @@ class TensorBatchSampler(BatchSampler):
 
     A ``BatchSampler`` with its ``(sampler, batch_size, drop_last)`` signature, so that
     Lightning can rebuild it around the ``DistributedSampler`` it injects under DDP.
+
+    ``resume_at(key, batches_done)`` makes the next pass take the order drawn from ``key`` (see
+    ``ShuffledOrder``; other samplers list theirs again, which for Lightning's
+    ``DistributedSampler`` is the epoch's order) and start after its first ``batches_done``
+    batches.
     """
 
     def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool,
                  device: torch.device | str = "cpu"):
         super().__init__(sampler, batch_size, drop_last)
         self.device = torch.device(device)
+        self.pending: tuple[int | torch.Tensor | None, int] | None = None
+
+    def resume_at(self, key: int | torch.Tensor | None, batches_done: int) -> None:
+        self.pending = (key, int(batches_done))
+
+    @property
+    def key(self) -> int | torch.Tensor | None:
+        """What the latest pass's order was drawn from (``None`` for a sampler without one)."""
+        return getattr(self.sampler, "key", None)
 
     def __iter__(self):
+        (key, batches_done), self.pending = self.pending or (None, 0), None
         if isinstance(self.sampler, ShuffledOrder):
-            order = self.sampler.order()
+            order = self.sampler.order(key)
         else:  # any other sampler (Lightning's DistributedSampler under DDP) lists its order
             order = torch.as_tensor(list(self.sampler), dtype=torch.long)
         order = _indices_to(self.device, order)
         n = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        for start in range(0, n, self.batch_size):
+        for start in range(batches_done * self.batch_size, n, self.batch_size):
             yield order[start:start + self.batch_size]
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: a ``DataLoader`` over a ``TensorBatchSampler`` whose place in the
+    epoch Lightning saves in every checkpoint and gives back on resume (the ``state_dict`` /
+    ``load_state_dict`` pair it looks for on a loader). The place is the epoch's order (its
+    ``key``), the sampler's epoch (a ``DistributedSampler``'s, under DDP) and the batches this
+    loader has handed to training so far: counted here, where Lightning takes them, not in the
+    sampler, which DataLoader workers read ahead of training. So a run resumed from a
+    checkpoint saved inside an epoch trains on the rest of that epoch's order, every example
+    once, as the uninterrupted run would have.
+    """
+
+    batch_sampler: TensorBatchSampler
+    _handed_out = 0
+
+    def __iter__(self):
+        pending = self.batch_sampler.pending
+        self._handed_out = pending[1] if pending else 0
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_done": self._handed_out, "num_batches": len(self), "order_key": self.batch_sampler.key,
+                "sampler_epoch": getattr(self.batch_sampler.sampler, "epoch", None)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        done, num_batches = int(state["batches_done"]), int(state["num_batches"])
+        if num_batches != len(self):
+            rank_zero_warn(f"The checkpoint's training epoch had {num_batches} batches a process, this run's has "
+                           f"{len(self)} (another batch size or number of processes): the rest of the interrupted "
+                           "epoch takes a fresh order, so over that epoch some examples are seen twice and others "
+                           "not at all. Resume with the run's own settings to continue its order.")
+            return
+        if not 0 < done < num_batches:  # the checkpoint is at an epoch's start or end: a fresh order
+            return
+        epoch = state.get("sampler_epoch")
+        if epoch is not None and hasattr(self.batch_sampler.sampler, "set_epoch"):
+            # Lightning sets it before the epoch's first batch, but DataLoader workers may list
+            # the order as soon as the iterator exists
+            self.batch_sampler.sampler.set_epoch(epoch)
+        self.batch_sampler.resume_at(state["order_key"], done)
 
 
 def _batch_collate(batch: Any) -> Any:
@@ -427,8 +499,8 @@ class ImageDataModule(pl.LightningDataModule):
             # sampler around its DistributedSampler
             batches = TensorBatchSampler(ShuffledOrder(dataset), self.batch_size, self.drop_last,
                                          device=dataset.device)
-            return DataLoader(dataset, batch_sampler=batches, collate_fn=_batch_collate,
-                              pin_memory=self.pin_memory and on_host, **workers)
+            return ResumableLoader(dataset, batch_sampler=batches, collate_fn=_batch_collate,
+                                   pin_memory=self.pin_memory and on_host, **workers)
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,

@@ -753,9 +753,10 @@ def test_full_disk_before_and_during_training(tmp_path, tiny_disk):
         "    def __init__(self, folder): self.folder = folder\n"
         "    def on_train_epoch_start(self, trainer, module):\n"
         "        if trainer.current_epoch == 1:\n"
-        "            with open(f'{self.folder}/filler', 'wb') as f:\n"
+        # unbuffered: a buffered file's close would retry its last partial write, and fail
+        "            with open(f'{self.folder}/filler', 'wb', buffering=0) as f:\n"
         "                try:\n"
-        "                    while True: f.write(b'x' * 65536); f.flush()\n"
+        "                    while True: f.write(b'x' * 65536)\n"
         "                except OSError: pass\n"))
     ckpts = disk / "ckpts"
     proc = run_cli("train.py", "trainer.max_epochs=2", "evaluation.test_num_samples=5", "logger=none",

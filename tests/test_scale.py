@@ -360,6 +360,87 @@ def test_optuna_search_with_submitit_local_runs_two_trials(tmp_path):
 
 
 # --- resume -------------------------------------------------------------------------------------
+def test_random_streams_continue_from_a_checkpoint_or_are_seeded_afresh_with_a_warning():
+    """The state a checkpoint holds is set again at the resumed run's start; one from another
+    number of processes (or none, from an older checkpoint) cannot be, and each process is
+    seeded from the seed, its rank and the step: not the run's start's draws again."""
+    from types import SimpleNamespace
+
+    from vaelab.distributed import RandomStreams
+
+    def trainer(world_size=1, rank=0, ckpt_path="x.ckpt"):
+        return SimpleNamespace(world_size=world_size, global_rank=rank, ckpt_path=ckpt_path, global_step=28,
+                               strategy=SimpleNamespace(root_device=torch.device("cpu")))
+
+    torch.manual_seed(5)
+    streams = RandomStreams(seed=5)
+    streams.setup(trainer(), None, "fit")
+    saved = streams.state_dict()
+    assert len(saved["ranks"]) == 1
+    want = torch.rand(4)
+    torch.manual_seed(5)  # what the resumed run's own seeding gives: the run's first draws
+    first_draws = torch.rand(4)
+    resumed = RandomStreams(seed=5)
+    resumed.load_state_dict(saved)
+    resumed.on_train_start(trainer(), None)
+    assert torch.equal(torch.rand(4), want)
+    for state in ({"ranks": saved["ranks"] * 2}, None):
+        fresh = RandomStreams(seed=5)
+        if state is not None:
+            fresh.load_state_dict(state)
+        torch.manual_seed(5)
+        with pytest.warns(UserWarning, match="seeded from seed=5, its rank and the step"):
+            fresh.on_train_start(trainer(), None)
+        got = torch.rand(4)
+        assert not torch.equal(got, first_draws) and not torch.equal(got, want)
+    torch.manual_seed(5)
+    RandomStreams(seed=5).on_train_start(trainer(ckpt_path=None), None)  # a fresh run: left alone
+    assert torch.equal(torch.rand(4), first_draws)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", ["one", "ddp_sim"])
+def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_runs_weights(tmp_path, processes):
+    """Stopped by an error at step 31 of 60 (20 a epoch, a step checkpoint every 7), resumed
+    with ``ckpt_path=<run folder>`` from step 28: the rest of epoch 1 takes that epoch's order
+    (the training loader's place) and every process draws what the uninterrupted run drew (its
+    random streams), so the final weights are the uninterrupted run's bit for bit, and so are
+    the validation and test numbers. Under DDP (two CPU processes) each rank continues its own
+    shard and its own streams."""
+    (tmp_path / "stop.py").write_text(
+        "from pathlib import Path\nimport lightning.pytorch as pl\n"
+        "class StopOnce(pl.Callback):\n"
+        "    def __init__(self, step, marker):\n        self.step, self.marker = step, Path(marker)\n"
+        "    def on_train_batch_start(self, trainer, *args):\n"
+        "        if trainer.global_step == self.step and not self.marker.exists():\n"
+        "            self.marker.touch()\n            raise RuntimeError('stopped on purpose')\n"
+    )
+    common = ["trainer.max_epochs=3", "callbacks.step_checkpoint.every_n_train_steps=7", "logger=csv", *FAST]
+    if processes == "ddp_sim":
+        common += ["trainer=ddp_sim", "data.batch_size=32"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    check(run_cli("train.py", *common, f"hydra.run.dir={whole}", cwd=tmp_path, env=_env(tmp_path)))
+    stopped = run_cli("train.py", *common, "allowed_targets=[stop.]", "+callbacks.stop._target_=stop.StopOnce",
+                      "+callbacks.stop.step=31", f"+callbacks.stop.marker={tmp_path / 'stopped'}",
+                      f"hydra.run.dir={cut}", cwd=tmp_path, env=_env(tmp_path))
+    assert stopped.returncode != 0 and "stopped on purpose" in stopped.stderr
+    assert sorted(p.name for p in (cut / "checkpoints").glob("latest-step*.ckpt")) == ["latest-step28.ckpt"]
+    resumed = check(run_cli("train.py", f"ckpt_path={cut}", f"hydra.run.dir={tmp_path / 'resume'}", cwd=tmp_path,
+                            env=_env(tmp_path)))
+    assert "not resumable" not in resumed.stderr and "random streams" not in resumed.stderr
+
+    def final(run):
+        summary = json.loads((run / "summary.json").read_text())
+        weights = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        return summary, weights
+
+    (a, weights_a), (b, weights_b) = final(whole), final(cut)
+    assert Path(b["resumed_from"]).name == "latest-step28.ckpt" and not b["failed"]
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert b["best_val_elbo"] == a["best_val_elbo"] and b["test"] == a["test"]
+
+
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_in_the_same_wandb_run(tmp_path):
     """SIGKILL once a step checkpoint exists (mid-epoch: 20 steps per epoch, one every 7), then

@@ -279,7 +279,15 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         pending = self.batch_sampler.pending
         self._handed_out = pending[1] if pending else 0
-        for batch in super().__iter__():
+        if pending:
+            # a new iterator draws its workers' base seed from torch's generator; the
+            # uninterrupted run drew it at the epoch's start, before the state that the resumed
+            # run's random streams continue from (vaelab.distributed.RandomStreams)
+            with torch.random.fork_rng(devices=[]):
+                batches = super().__iter__()
+        else:
+            batches = super().__iter__()
+        for batch in batches:
             self._handed_out += 1
             yield batch
 

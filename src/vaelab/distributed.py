@@ -9,8 +9,9 @@
 * ``job_scope``: a sweep runs its jobs one after another in one process; Lightning leaves the
   process group and ``LOCAL_RANK``/``MASTER_PORT``/... in ``os.environ`` behind, and the next
   job would then believe that another program started its processes, and wait for ever.
-* ``RankSeed``: every rank draws different noise (reparameterization ε, dynamic binarization),
-  while the data split (``DistributedSampler``, seeded by ``PL_GLOBAL_SEED``) stays shared.
+* ``RandomStreams``: every rank draws different noise (reparameterization ε, dynamic
+  binarization), while the data split (``DistributedSampler``, seeded by ``PL_GLOBAL_SEED``)
+  stays shared; a resumed run continues each rank's streams from its checkpoint.
 * ``eval_sampler``: validation and test shards without the padding ``DistributedSampler`` adds
   (which would count some examples twice in ``val/elbo`` and ``test/nll``).
 """
@@ -24,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -122,22 +124,77 @@ def job_scope() -> Iterator[None]:
                 os.environ[key] = value
 
 
-class RankSeed(pl.Callback):
-    """Re-seeds the random streams of rank r > 0 with ``seed + r`` once the process group
-    exists. The model is built before (the same on every rank, and DDP broadcasts rank zero's
-    weights anyway); the data split is not affected (its sampler is seeded by PL_GLOBAL_SEED,
-    which is left alone). A single process keeps ``seed`` exactly."""
+class RandomStreams(pl.Callback):
+    """Every process's random streams: torch's CPU generator and its CUDA device's, which is all
+    that training draws from (reparameterization ε, dynamic binarization, dequantization, the
+    epoch's data order).
+
+    * Start: rank r > 0 re-seeds with ``seed + r`` once the process group exists, so that every
+      rank draws different noise. The model is built before (the same on every rank, and DDP
+      broadcasts rank zero's weights anyway); the data split is not affected (its sampler is
+      seeded by PL_GLOBAL_SEED, which is left alone). A single process keeps ``seed`` exactly.
+    * Resume: a checkpoint holds every rank's streams as they stood at its save (under DDP
+      gathered from all ranks, which all take part in a save), and a run resumed from it sets
+      them again just before its first training step, after its sanity check. It then draws
+      what the uninterrupted run would have drawn: on one process with deterministic kernels,
+      the same numbers. Without this, a resume would seed from ``seed`` again and draw the noise
+      of the run's first steps again (and, from an epoch's end, its first epoch's data order).
+      A checkpoint without them, or from another number of processes, seeds each rank from
+      ``seed``, its rank and the checkpoint's step instead: fresh draws, and a warning.
+    """
 
     def __init__(self, seed: int):
         self.seed = int(seed)
+        self._trainer: pl.Trainer | None = None
+        self._loaded: list[dict[str, torch.Tensor]] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
         rank = trainer.global_rank
         if trainer.world_size > 1 and rank > 0:
             seed = (self.seed + rank) % 2**32
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
+
+    def _cuda_index(self) -> int | None:
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if device.type != "cuda":
+            return None
+        return device.index if device.index is not None else torch.cuda.current_device()
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = {"cpu": torch.get_rng_state()}
+        if (index := self._cuda_index()) is not None:
+            mine["cuda"] = torch.cuda.get_rng_state(index)
+        ranks = [mine]
+        if self._trainer is not None and self._trainer.world_size > 1:
+            ranks = [None] * self._trainer.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = list(state_dict.get("ranks") or [])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is None and not trainer.ckpt_path:
+            return  # a fresh run: the streams seeded at the start
+        rank = trainer.global_rank
+        if loaded is not None and len(loaded) == trainer.world_size:
+            mine = loaded[rank]
+            torch.set_rng_state(mine["cpu"])
+            if (index := self._cuda_index()) is not None and "cuda" in mine:
+                torch.cuda.set_rng_state(mine["cuda"], index)
+            return
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        saved = "holds no random streams" if loaded is None else f"holds those of {len(loaded)} processes"
+        rank_zero_warn(f"The checkpoint {saved}, this run has {trainer.world_size}: each process's random streams "
+                       f"are seeded from seed={self.seed}, its rank and the step ({trainer.global_step}), so the "
+                       "resumed run draws fresh noise, not what the uninterrupted run would have drawn.")
+        seed = (self.seed + 1_000_003 * (trainer.global_step + 1) + rank) % 2**32
+        torch.manual_seed(seed)
 
 
 def eval_sampler(dataset: Dataset) -> Sampler | None:

@@ -24,7 +24,7 @@ from vaelab import dashboard
 from vaelab.build import allowed_prefixes, check_targets, keep_freed_memory
 from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
-from vaelab.distributed import RankSeed, job_scope
+from vaelab.distributed import RandomStreams, job_scope
 from vaelab.folders import claim_folder, folder_claims
 from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
@@ -179,7 +179,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     logger_cfg, log_model_by_hand = dashboard.wandb_logger_config(cfg)
     loggers = build_loggers(logger_cfg, config)
     callbacks = build_callbacks(cfg.get("callbacks"), config)
-    callbacks.append(RankSeed(int(cfg.seed)))  # under DDP, different noise on every rank
+    callbacks.append(RandomStreams(int(cfg.seed)))  # different noise on every rank; continued on resume
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(config))
     check_free_space(module, checkpoint_folders(cfg))
     check_targets({"checkpoint_io": cfg.get("checkpoint_io")}, allowed_prefixes(config))

@@ -122,6 +122,36 @@ def test_a_misspelled_setting_added_with_plus_is_refused_with_the_right_name(goo
     assert not (tmp_path / "eval" / "metrics.json").exists()
 
 
+def test_an_explained_error_prints_its_message_alone_and_a_bug_its_traceback(tmp_path):
+    """As a user runs the scripts (without the tests' HYDRA_FULL_ERROR=1): a refused config, a
+    missing checkpoint or data set is its class and message, with no traceback to read past;
+    any other error (a bug: here a plugin's) keeps its traceback; HYDRA_FULL_ERROR=1 shows
+    the explained error's traceback too."""
+    env = user_env(tmp_path, HYDRA_FULL_ERROR="0")
+    cases = [
+        ("train.py", ["data.batch_size=-3"], "ConfigError: the config has 1 problem; nothing has run yet:\n"
+                                             "  data.batch_size must be a positive integer, got -3"),
+        ("eval.py", [f"ckpt_path={tmp_path}/nowhere"], f"CheckpointError: no checkpoint at {tmp_path}/nowhere"),
+        ("train.py", ["data=mnist", f"data.root={tmp_path}/nodata", "data.download=false"],
+         f"DataNotFoundError: mnist: the files are not under {tmp_path}/nodata/MNIST/raw"),
+    ]
+    for i, (script, overrides, message) in enumerate(cases):
+        proc = run_cli(script, *overrides, f"hydra.run.dir={tmp_path}/{i}", cwd=REPO, env=env)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    proc = run_cli("train.py", "data.batch_size=-3", f"hydra.run.dir={tmp_path}/full", cwd=REPO,
+                   env=user_env(tmp_path, HYDRA_FULL_ERROR="1"))
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "validate_train_config" in proc.stderr
+    write_plugin(tmp_path, "buggy", "import lightning.pytorch as pl\n"
+                                    "class Buggy(pl.Callback):\n"
+                                    "    def on_fit_start(self, trainer, module):\n"
+                                    "        raise KeyError('a bug')\n")
+    proc = run_cli("train.py", *QUICK, "allowed_targets=[buggy.]", "+callbacks.buggy._target_=buggy.Buggy",
+                   f"hydra.run.dir={tmp_path}/bug", cwd=REPO, env=env)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'a bug'" in proc.stderr
+    assert "on_fit_start" in proc.stderr
+
+
 def test_bad_values_fail_at_once_before_anything_is_written(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from hydra.utils import get_class, instantiate
 
+from vaelab.errors import ExplainedError
 from vaelab.options import MALLOC_CHOICES  # the config check reads it too
 from vaelab.vae import VAE
 
@@ -39,7 +40,7 @@ ALLOWED_TARGET_PREFIXES: tuple[str, ...] = (
 )
 
 
-class UnsafeConfigError(ValueError):
+class UnsafeConfigError(ValueError, ExplainedError):
     """A config names a ``_target_`` outside the allowed modules."""
 
 

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from vaelab.errors import ExplainedError
 from vaelab.loggers import OrderedWorker
 
 log = logging.getLogger("vaelab")
@@ -71,11 +72,11 @@ _WRITE_FIXES = {
 }
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(OSError, ExplainedError):
     """A checkpoint could not be written; the ones already on disk are untouched."""
 
 
-class NonFiniteStateError(RuntimeError):
+class NonFiniteStateError(RuntimeError, ExplainedError):
     """Refused to save a checkpoint whose weights hold NaN or Inf."""
 
 

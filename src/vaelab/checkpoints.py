@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from vaelab.build import allowed_prefixes, check_targets
+from vaelab.errors import ExplainedError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, ExplainedError):
     """The file given as a checkpoint cannot be used: missing, truncated or not vaelab's."""
 
 

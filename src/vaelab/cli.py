@@ -16,8 +16,10 @@ import math
 from pathlib import Path
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from vaelab.errors import ExplainedError
 from vaelab.exits import exit_when_done
 from vaelab.folders import (
     in_multirun,  # (importing it registers the ${vaelab.sweep_group:} resolver)
@@ -28,6 +30,15 @@ from vaelab.validation import validate_eval_config, validate_train_config
 log = logging.getLogger("vaelab")
 
 
+class _Explained(CompactHydraException):
+    """An ``ExplainedError`` as Hydra reports it: its message alone, without a traceback (which
+    ``HYDRA_FULL_ERROR=1`` shows, with the error itself as the cause)."""
+
+
+def _explained(error: ExplainedError) -> _Explained:
+    return _Explained(f"{type(error).__name__}: {error}")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train_main(cfg: DictConfig) -> float:
     try:
@@ -35,9 +46,11 @@ def train_main(cfg: DictConfig) -> float:
         from vaelab.jobs import train
 
         summary = train(cfg, checked=True)
-    except Exception:
-        if not in_multirun():
-            raise  # a single run exits non-zero with the error
+    except Exception as error:
+        if not in_multirun():  # a single run exits non-zero with the error
+            if isinstance(error, ExplainedError):
+                raise _explained(error) from error
+            raise
         # one job of a sweep: its W&B run is finished with exit code 1 and its summary.json says
         # failed (written here if the job stopped before training); the sweep goes on, Optuna
         # records a trial as bad as can be, and the sweep's end lists the failures (RunFolders)
@@ -66,10 +79,13 @@ def _write_failed_job_summary(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def eval_main(cfg: DictConfig) -> None:
-    validate_eval_config(cfg)  # a refused evaluation ends here, before the imports of vaelab.jobs
-    from vaelab.jobs import evaluate
+    try:
+        validate_eval_config(cfg)  # a refused evaluation ends here, before the imports of vaelab.jobs
+        from vaelab.jobs import evaluate
 
-    evaluate(cfg, checked=True)
+        evaluate(cfg, checked=True)
+    except ExplainedError as error:
+        raise _explained(error) from error
 
 
 def train_script() -> None:

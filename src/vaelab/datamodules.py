@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from vaelab.distributed import eval_sampler
+from vaelab.errors import ExplainedError
 
 BINARIZE_MODES = ("none", "dynamic", "static", "auto")
 ON_DEVICE_MODES = ("auto", True, False)
@@ -52,11 +53,11 @@ ON_DEVICE_MODES = ("auto", True, False)
 ON_DEVICE_SHARE = 0.25
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(FileNotFoundError, ExplainedError):
     """The data files are not where the config says, and could not be downloaded."""
 
 
-class DataCorruptError(OSError):
+class DataCorruptError(OSError, ExplainedError):
     """A data file is there but damaged or truncated (its checksum or size is wrong)."""
 
 

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
+from vaelab.errors import ExplainedError
 from vaelab.options import NAN_POLICIES  # the config check reads it too
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(FloatingPointError, ExplainedError):
     """A training step produced a NaN or Inf loss (``nan_policy=stop``)."""
 
 

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from vaelab.checkpoint_io import AtomicCheckpointIO, link_file
 from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
+from vaelab.errors import ExplainedError
 
 log = logging.getLogger("vaelab")
 
@@ -329,7 +330,7 @@ FREE_ON_RESUME = ("data.root", "data.download", "data.num_workers", "data.pin_me
                   "data.eval_batch_size")
 
 
-class ResumeConfigError(ValueError):
+class ResumeConfigError(ValueError, ExplainedError):
     """A resumed run's command line changes what its checkpoint fixes."""
 
 

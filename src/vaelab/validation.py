@@ -26,10 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 
 # nothing here imports torch or Lightning at the top: the config check runs before either is
 # imported, so that a refused command ends in about a second (vaelab.cli)
+from vaelab.errors import ExplainedError
 from vaelab.options import MALLOC_CHOICES, NAN_POLICIES, PRECISIONS, is_cuda_graph_choice
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, ExplainedError):
     """The config cannot run; the message lists every problem with its key and fix."""
 
 

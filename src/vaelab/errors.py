@@ -1,0 +1,15 @@
+"""``ExplainedError``: the mark of an error whose message is the whole story.
+
+A refused config, a data set that is missing or damaged, a checkpoint that cannot be used or
+written, a run whose numbers stopped being finite: each of these errors says what happened and
+what to change. ``python train.py`` and ``eval.py`` print such a message alone (Hydra prints it
+without a traceback; ``HYDRA_FULL_ERROR=1`` shows the traceback too), where any other error,
+a bug, keeps its traceback. Light on purpose: the command-line entry points import it before
+torch.
+"""
+
+from __future__ import annotations
+
+
+class ExplainedError(Exception):
+    """An error whose message says what happened and what to change (see the module)."""

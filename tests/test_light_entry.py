@@ -46,6 +46,7 @@ LIGHTNING = {"lightning", "torch", "torchvision", "torchmetrics"}
     # in no list: the installed Lightning's own lists are asked, so Lightning is imported
     (["trainer.precision=17-mixed"], "trainer.precision must be one of", LIGHTNING),
     (["+latent_dimm=8"], "did you mean latent_dim?", set()),  # an added key that is a typo
+    (["prior=flow", "prior.flow=xyz"], "prior.flow must be one of maf, nsf, got 'xyz'", set()),  # a plugin's choice
 ])
 def test_a_refused_run_imports_nothing_heavy(tmp_path, args, message, allowed):
     proc, heavy = _entry(tmp_path, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}")
@@ -91,3 +92,26 @@ def test_the_precisions_accepted_without_lightning_are_lightnings():
     assert value_problems({"trainer": {"precision": "bf16-mixed"}}) == []
     (problem,) = value_problems({"trainer": {"precision": "17-mixed"}})
     assert "bf16-mixed" in problem and "16-mixed" in problem
+
+
+def test_a_plugins_settings_are_checked_where_the_group_is_that_plugin():
+    """prior.flow, prior.squash, posterior.num_transforms, ... are checked for vaelab's own
+    plugins (the values its classes accept), and left alone for another plugin that gives the
+    same name another meaning."""
+    from vaelab.posteriors import IAF
+    from vaelab.priors import Flow, VampPrior
+
+    assert Flow.FLOWS == options.FLOW_PRIORS and VampPrior.SQUASHES == options.VAMP_SQUASHES
+    flow = {"_target_": "vaelab.priors.Flow", "latent_dim": 2, "flow": "xyz", "transforms": 0}
+    assert value_problems({"prior": flow}) == [
+        "prior.flow must be one of maf, nsf, got 'xyz' (e.g. prior.flow=maf)",
+        "prior.transforms must be an integer >= 1, got 0 (e.g. prior.transforms=3)"]
+    assert value_problems({"prior": {**flow, "_target_": "mine.Prior"}}) == []
+    assert value_problems({"prior": {**flow, "flow": "nsf", "transforms": 2}}) == []
+    vamp = {"_target_": "vaelab.priors.VampPrior", "squash": "tanh", "init_std": -1}
+    assert [p.split(" must")[0] for p in value_problems({"prior": vamp})] == ["prior.squash", "prior.init_std"]
+    iaf = {"_target_": "vaelab.posteriors.IAF", "num_transforms": 0, "context_features": -1}
+    assert [p.split(" must")[0] for p in value_problems({"posterior": iaf})] == [
+        "posterior.num_transforms", "posterior.context_features"]
+    with pytest.raises(ValueError, match="num_transforms"):  # what the check spares a run from
+        IAF(latent_dim=2, num_transforms=0)

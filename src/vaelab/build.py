@@ -44,6 +44,11 @@ class UnsafeConfigError(ValueError, ExplainedError):
     """A config names a ``_target_`` outside the allowed modules."""
 
 
+class ModelConfigError(ValueError, ExplainedError):
+    """The model's parts do not fit each other or the data (shapes, latent sizes): the message
+    says which, and what to change."""
+
+
 def iter_targets(cfg: Any, path: str = "") -> Iterable[tuple[str, str]]:
     """Yield ``(key path, target)`` for every ``_target_`` in a nested config."""
     if isinstance(cfg, Mapping):
@@ -191,14 +196,14 @@ def build_vae(config: Mapping[str, Any], data_shape: Sequence[int], num_levels: 
     data_shape = tuple(int(s) for s in data_shape)
     latent_dim = int(config["latent_dim"])
     if latent_dim <= 0:
-        raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        raise ModelConfigError(f"latent_dim must be a positive integer, got {latent_dim}")
 
     likelihood = instantiate(parts["likelihood"])
     likelihood.set_num_levels(num_levels)
     posterior = instantiate(parts["posterior"])
     prior = instantiate(parts["prior"])
     if prior.latent_dim != latent_dim:
-        raise ValueError(f"prior.latent_dim={prior.latent_dim} differs from latent_dim={latent_dim}")
+        raise ModelConfigError(f"prior.latent_dim={prior.latent_dim} differs from latent_dim={latent_dim}")
     encoder = instantiate(parts["encoder"], _partial_=True)(
         data_shape=data_shape, out_features=posterior.num_params(latent_dim)
     )
@@ -223,11 +228,11 @@ def _check_shapes(vae: VAE, data_shape: tuple[int, ...], out_channels: int) -> N
         try:
             h = vae.encoder(x)
         except RuntimeError as err:
-            raise ValueError(f"the encoder cannot take data of shape {data_shape}: {err}") from err
+            raise ModelConfigError(f"the encoder cannot take data of shape {data_shape}: {err}") from err
         params = vae.decoder(torch.zeros(2, vae.latent_dim))
     want = (2, out_channels, *data_shape[1:])
     if tuple(params.shape) != want:
-        raise ValueError(
+        raise ModelConfigError(
             f"the decoder produces {tuple(params.shape[1:])} per example but the likelihood "
             f"needs {want[1:]} for data of shape {data_shape}: choose a decoder for this "
             "image size (decoder=mlp works for any size)"
@@ -235,8 +240,8 @@ def _check_shapes(vae: VAE, data_shape: tuple[int, ...], out_channels: int) -> N
     with torch.no_grad():
         event_shape = tuple(vae.prior_distribution().event_shape)
     if event_shape != (vae.latent_dim,):
-        raise ValueError(f"the prior {type(vae.prior).__name__} gives event shape {event_shape}, "
+        raise ModelConfigError(f"the prior {type(vae.prior).__name__} gives event shape {event_shape}, "
                          f"not (latent_dim,) = ({vae.latent_dim},)")
     if h.shape[-1] != vae.posterior.num_params(vae.latent_dim):
-        raise ValueError(f"the encoder gives {h.shape[-1]} features, the posterior needs "
+        raise ModelConfigError(f"the encoder gives {h.shape[-1]} features, the posterior needs "
                          f"{vae.posterior.num_params(vae.latent_dim)}")

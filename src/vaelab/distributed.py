@@ -189,10 +189,11 @@ class RandomStreams(pl.Callback):
             return
         from lightning.pytorch.utilities import rank_zero_warn
 
-        saved = "holds no random streams" if loaded is None else f"holds those of {len(loaded)} processes"
-        rank_zero_warn(f"The checkpoint {saved}, this run has {trainer.world_size}: each process's random streams "
-                       f"are seeded from seed={self.seed}, its rank and the step ({trainer.global_step}), so the "
-                       "resumed run draws fresh noise, not what the uninterrupted run would have drawn.")
+        why = ("holds no random streams (saved before vaelab kept them)" if loaded is None else
+               f"holds the random streams of {len(loaded)} processes, this run has {trainer.world_size}")
+        rank_zero_warn(f"The checkpoint {why}: each process's random streams are seeded from seed={self.seed}, its "
+                       f"rank and the step ({trainer.global_step}), so the resumed run draws fresh noise, not what "
+                       "the uninterrupted run would have drawn.")
         seed = (self.seed + 1_000_003 * (trainer.global_step + 1) + rank) % 2**32
         torch.manual_seed(seed)
 

@@ -15,6 +15,14 @@ MALLOC_CHOICES = ("tuned", "system")
 #: ``nan_policy``: a non-finite loss stops the run, or its step is skipped (``vaelab.guards``)
 NAN_POLICIES = ("stop", "skip")
 
+#: ``prior.flow`` of ``prior=flow`` (``vaelab.priors.Flow``): zuko's masked autoregressive
+#: flow or its neural spline flow
+FLOW_PRIORS = ("maf", "nsf")
+
+#: ``prior.squash`` of ``prior=vamp`` (``vaelab.priors.VampPrior``): what maps the learned
+#: pseudo-inputs into the data's range
+VAMP_SQUASHES = ("hardtanh", "sigmoid", "none")
+
 #: ``trainer.precision``: what Lightning 2's ``Trainer(precision=...)`` accepts
 #: (``lightning.fabric.connector``'s lists; a test compares them). A value not here is looked up
 #: in the installed Lightning's own lists, which decide (``vaelab.validation``)

@@ -23,6 +23,8 @@ from torch.distributions import (
 )
 from torch.distributions.kl import _kl_independent_independent
 
+from vaelab.options import FLOW_PRIORS, VAMP_SQUASHES
+
 
 class Prior(nn.Module):
     """Base class of the priors p(z)."""
@@ -182,7 +184,7 @@ class VampPrior(Prior):
     works. The pseudo-inputs are created at bind time, when the data shape is known.
     """
 
-    SQUASHES = ("hardtanh", "sigmoid", "none")
+    SQUASHES = VAMP_SQUASHES
 
     def __init__(
         self,
@@ -266,7 +268,7 @@ class Flow(Prior):
     further keyword arguments go to the zuko flow (e.g. ``bins`` for NSF, ``randperm``).
     """
 
-    FLOWS = ("maf", "nsf")
+    FLOWS = FLOW_PRIORS
 
     def __init__(
         self,

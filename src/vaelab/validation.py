@@ -27,7 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 # nothing here imports torch or Lightning at the top: the config check runs before either is
 # imported, so that a refused command ends in about a second (vaelab.cli)
 from vaelab.errors import ExplainedError
-from vaelab.options import MALLOC_CHOICES, NAN_POLICIES, PRECISIONS, is_cuda_graph_choice
+from vaelab.options import (
+    FLOW_PRIORS,
+    MALLOC_CHOICES,
+    NAN_POLICIES,
+    PRECISIONS,
+    VAMP_SQUASHES,
+    is_cuda_graph_choice,
+)
 
 
 class ConfigError(ValueError, ExplainedError):
@@ -151,6 +158,23 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("checkpoint_io.max_pending_mib", _non_negative, ">= 0 MiB", "checkpoint_io.max_pending_mib=256"),
 )
 
+#: (group, the plugin's ``_target_``, its setting, test, what it must be, an example of a fix):
+#: settings of one plugin, checked where the group is that plugin (another plugin may give the
+#: same name another meaning)
+PLUGIN_RULES: tuple[tuple[str, str, str, Callable[[Any], bool], str, str], ...] = (
+    ("prior", "vaelab.priors.Flow", "flow", lambda v: v in FLOW_PRIORS, f"one of {', '.join(FLOW_PRIORS)}",
+     "prior.flow=maf"),
+    ("prior", "vaelab.priors.Flow", "transforms", _int_at_least(1), "an integer >= 1", "prior.transforms=3"),
+    ("prior", "vaelab.priors.VampPrior", "squash", lambda v: v in VAMP_SQUASHES,
+     f"one of {', '.join(VAMP_SQUASHES)}", "prior.squash=hardtanh"),
+    ("prior", "vaelab.priors.VampPrior", "init_std", _non_negative, ">= 0", "prior.init_std=0.01"),
+    ("prior", "vaelab.priors.MixtureOfGaussians", "init_spread", _non_negative, ">= 0", "prior.init_spread=1.0"),
+    ("posterior", "vaelab.posteriors.IAF", "num_transforms", _int_at_least(1), "an integer >= 1",
+     "posterior.num_transforms=2"),
+    ("posterior", "vaelab.posteriors.IAF", "context_features", _int_at_least(0), "an integer >= 0",
+     "posterior.context_features=32"),
+)
+
 _MISSING = object()
 
 
@@ -168,6 +192,15 @@ def value_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
             continue
         if not ok(value):
             problems.append(f"{key} must be {what}, got {value!r} (e.g. {fix})")
+    for group, target, name, ok, what, fix in PLUGIN_RULES:
+        try:
+            if OmegaConf.select(cfg, f"{group}._target_", default=None) != target:
+                continue
+            value = OmegaConf.select(cfg, f"{group}.{name}", default=_MISSING, throw_on_missing=False)
+        except Exception:  # noqa: BLE001 - as above
+            continue
+        if value is not _MISSING and not ok(value):
+            problems.append(f"{group}.{name} must be {what}, got {value!r} (e.g. {fix})")
     return problems
 
 

@@ -742,6 +742,42 @@ def test_training_resumes_from_a_linked_latest_state_and_from_modelcheckpoints_r
     assert best.best_model_score is not None and torch.equal(best.best_model_score, record[key]["best_model_score"])
 
 
+def test_the_step_checkpoint_waits_for_the_optimizer_step_of_an_accumulation(tmp_path, monkeypatch):
+    """With trainer.accumulate_grad_batches=3 and the clock due in the middle of an
+    accumulation (4 minutes, 1 minute a batch: due at batch 4 of 12), the save waits for the
+    batch whose optimizer step takes the gathered gradients (batch 6): a checkpoint holds no
+    gradients, so a save between would lose those batches' share of the next step on resume."""
+    import types
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import vaelab.runs as runs
+    from vaelab.runs import LatestCheckpoint
+
+    now = [0.0]
+    monkeypatch.setattr(runs, "time", types.SimpleNamespace(**{**vars(runs.time), "monotonic": lambda: now[0]}))
+    saved_after = []  # batches of the epoch trained at each save
+
+    class Recording(LatestCheckpoint):
+        def _save_checkpoint(self, trainer, filepath):
+            saved_after.append((trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.global_step))
+            super()._save_checkpoint(trainer, filepath)
+
+    class Clock(pl.Callback):  # a minute a batch, before the checkpoint callbacks (Lightning runs those last)
+        def on_train_batch_end(self, *args):
+            now[0] += 60.0
+
+    images = torch.bernoulli(torch.full((96, 1, 8, 8), 0.3))
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path, accumulate_grad_batches=3,
+                         callbacks=[Recording(dirpath=str(tmp_path / "latest"), every_n_minutes=4), Clock()])
+    trainer.fit(_tiny_module(), DataLoader(TensorDataset(images, torch.zeros(96)), batch_size=8))
+    # due from batch 4 (240 s); saved at batch 6 (step 2), then due again at 10 (240 s later), saved at 12
+    # (step 4, the epoch's last batch, whose end-of-epoch save is then the same state and skipped)
+    assert saved_after == [(6, 2), (12, 4)]
+
+
 def _tiny_module():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf

@@ -178,6 +178,7 @@ class LatestCheckpoint(ModelCheckpoint):
         self.interval_s = None if every_n_minutes is None else 60.0 * float(every_n_minutes)
         self.check_every_n_steps = int(check_every_n_steps)
         self._last_save = time.monotonic()
+        self._step_seen = 0  # the optimizer step count at the previous batch's end
 
     @property
     def state_key(self) -> str:
@@ -192,10 +193,17 @@ class LatestCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_save = time.monotonic()  # (a resumed run too: its clock starts now)
+        self._step_seen = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
+        stepped, self._step_seen = step != self._step_seen, step
+        if not stepped:
+            # inside a gradient accumulation (trainer.accumulate_grad_batches), or a step that
+            # nan_policy=skip skipped: the gradients gathered so far are in no checkpoint, so a
+            # save waits for the batch whose optimizer step takes them
+            return
         due = self.every_n_steps > 0 and step % self.every_n_steps == 0
         if not due and self.interval_s is not None:
             if trainer.world_size == 1:

@@ -406,7 +406,8 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
     (the training loader's place) and every process draws what the uninterrupted run drew (its
     random streams), so the final weights are the uninterrupted run's bit for bit, and so are
     the validation and test numbers. Under DDP (two CPU processes) each rank continues its own
-    shard and its own streams."""
+    shard and its own streams. On one process also a run trained for 2 epochs and resumed from
+    its end with trainer.max_epochs=3 ends as the 3-epoch run."""
     (tmp_path / "stop.py").write_text(
         "from pathlib import Path\nimport lightning.pytorch as pl\n"
         "class StopOnce(pl.Callback):\n"
@@ -439,6 +440,17 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert b["best_val_elbo"] == a["best_val_elbo"] and b["test"] == a["test"]
+    if processes == "one":
+        # "train longer" (README): 2 epochs, then resumed from the end with trainer.max_epochs=3
+        longer = tmp_path / "longer"
+        check(run_cli("train.py", *common, "trainer.max_epochs=2", f"hydra.run.dir={longer}", cwd=tmp_path,
+                      env=_env(tmp_path)))
+        check(run_cli("train.py", f"ckpt_path={longer}", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'r2'}",
+                      cwd=tmp_path, env=_env(tmp_path)))
+        c, weights_c = final(longer)
+        assert Path(c["resumed_from"]).name == "latest-step40.ckpt"
+        assert all(torch.equal(weights_a[k], weights_c[k]) for k in weights_a)
+        assert c["best_val_elbo"] == a["best_val_elbo"] and c["test"] == a["test"]
 
 
 @pytest.mark.slow

@@ -190,7 +190,8 @@ class RandomStreams(pl.Callback):
         from lightning.pytorch.utilities import rank_zero_warn
 
         why = ("holds no random streams (saved before vaelab kept them)" if loaded is None else
-               f"holds the random streams of {len(loaded)} processes, this run has {trainer.world_size}")
+               f"holds the random streams of {len(loaded)} process{'es' * (len(loaded) != 1)}, this run has "
+               f"{trainer.world_size}")
         rank_zero_warn(f"The checkpoint {why}: each process's random streams are seeded from seed={self.seed}, its "
                        f"rank and the step ({trainer.global_step}), so the resumed run draws fresh noise, not what "
                        "the uninterrupted run would have drawn.")

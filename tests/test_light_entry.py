@@ -115,3 +115,12 @@ def test_a_plugins_settings_are_checked_where_the_group_is_that_plugin():
         "posterior.num_transforms", "posterior.context_features"]
     with pytest.raises(ValueError, match="num_transforms"):  # what the check spares a run from
         IAF(latent_dim=2, num_transforms=0)
+
+
+def test_a_number_must_be_finite():
+    """inf passes ">= 0" and "> 0"; as objective.beta or likelihood.sigma it would end the run
+    at its first step with a non-finite loss, whose message blames the learning rate."""
+    problems = value_problems({"objective": {"beta": float("inf")}, "likelihood": {"sigma": float("inf")},
+                               "optim": {"optimizer": {"lr": float("nan")}}})
+    assert [p.split(" must")[0] for p in problems] == ["optim.optimizer.lr", "objective.beta", "likelihood.sigma"]
+    assert value_problems({"objective": {"beta": 1e30}, "likelihood": {"sigma": "learned"}}) == []

@@ -134,6 +134,12 @@ def test_an_explained_error_prints_its_message_alone_and_a_bug_its_traceback(tmp
         ("eval.py", [f"ckpt_path={tmp_path}/nowhere"], f"CheckpointError: no checkpoint at {tmp_path}/nowhere"),
         ("train.py", ["data=mnist", f"data.root={tmp_path}/nodata", "data.download=false"],
          f"DataNotFoundError: mnist: the files are not under {tmp_path}/nodata/MNIST/raw"),
+        # checked where the value is used (a network's widths)
+        ("train.py", ["encoder.hidden=abc"], "SettingError: encoder.hidden must be a list of positive layer widths, "
+                                             "got 'abc' (e.g. encoder.hidden=[512,512])"),
+        ("eval.py", [f"ckpt_path={tmp_path}/nowhere", "data.eval_batch_size=0"],
+         "ConfigError: the config has 1 problem; nothing has run yet:\n  data.eval_batch_size must be null or a "
+         "positive integer, got 0"),
     ]
     for i, (script, overrides, message) in enumerate(cases):
         proc = run_cli(script, *overrides, f"hydra.run.dir={tmp_path}/{i}", cwd=REPO, env=env)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from hydra.utils import get_class, instantiate
 
-from vaelab.errors import ExplainedError
+from vaelab.errors import ExplainedError, SettingError
 from vaelab.options import MALLOC_CHOICES  # the config check reads it too
 from vaelab.vae import VAE
 
@@ -149,7 +149,7 @@ def keep_freed_memory(mode: str = "tuned") -> bool:
     jemalloc/tcmalloc preloaded (PyTorch's CPU performance guide); this needs neither.
     """
     if mode not in MALLOC_CHOICES:
-        raise ValueError(f"malloc={mode!r} is not an option: choose one of {MALLOC_CHOICES}")
+        raise SettingError(f"malloc={mode!r} is not an option: choose one of {MALLOC_CHOICES}")
     if mode == "system" or not sys.platform.startswith("linux"):
         return False
     try:
@@ -176,7 +176,7 @@ def build_optimizer(optimizer_cfg: Mapping[str, Any], params: Iterable[torch.nn.
     params = list(params)
     fused = cfg.pop("fused", None)
     if fused not in (*FUSED_CHOICES, None):
-        raise ValueError(f"optim.optimizer.fused must be auto, true or false, got {fused!r}")
+        raise SettingError(f"optim.optimizer.fused must be auto, true or false, got {fused!r}")
     if fused == "auto":
         takes_fused = "fused" in inspect.signature(get_class(cfg["_target_"])).parameters
         # an explicit foreach=true is the user's choice of kernel (torch refuses both at once)

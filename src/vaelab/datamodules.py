@@ -43,7 +43,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from vaelab.distributed import eval_sampler
-from vaelab.errors import ExplainedError
+from vaelab.errors import ExplainedError, SettingError
 
 BINARIZE_MODES = ("none", "dynamic", "static", "auto")
 ON_DEVICE_MODES = ("auto", True, False)
@@ -355,16 +355,19 @@ class ImageDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if binarize not in BINARIZE_MODES:
-            raise ValueError(f"data.binarize={binarize!r} is not an option: choose one of {BINARIZE_MODES}")
+            raise SettingError(f"data.binarize={binarize!r} is not an option: choose one of {BINARIZE_MODES}")
         if binarize == "auto":
             raise ValueError("data.binarize=auto must be resolved before the data module is built")
         if int(batch_size) <= 0:
-            raise ValueError(f"data.batch_size must be a positive integer, got {batch_size}")
+            raise SettingError(f"data.batch_size must be a positive integer, got {batch_size}")
         if dequantize not in (True, False):
-            raise ValueError(f"data.dequantize must be true or false once resolved (train.py resolves auto "
+            raise SettingError(f"data.dequantize must be true or false once resolved (train.py resolves auto "
                              f"from the likelihood), got {dequantize!r}")
         if binarize != "none" and dequantize:
-            raise ValueError("data.dequantize=true applies to intensities; it cannot be combined with binarize")
+            raise SettingError(f"data.dequantize=true adds uniform noise to intensities, which data.binarize={binarize} "
+                               "replaces by 0/1 (binarize=auto binarizes for a likelihood of binary data, such as the "
+                               "default bernoulli): give data.dequantize=false, or a likelihood of intensities (e.g. "
+                               "likelihood=gaussian, which binarize=auto leaves as they are)")
         self.root = Path(root).expanduser()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
@@ -378,12 +381,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.drop_last = bool(drop_last)
         if int(pad) < 0:
-            raise ValueError(f"data.pad must be >= 0 pixels, got {pad}")
+            raise SettingError(f"data.pad must be >= 0 pixels, got {pad}")
         self.pad = int(pad)
         if on_device not in ON_DEVICE_MODES:
-            raise ValueError(f"data.on_device={on_device!r} is not an option: choose auto, true or false")
+            raise SettingError(f"data.on_device={on_device!r} is not an option: choose auto, true or false")
         if on_device is True and self.num_workers > 0:
-            raise ValueError(
+            raise SettingError(
                 "data.on_device=true holds the data on the GPU, which DataLoader worker processes "
                 f"cannot index: set data.num_workers=0 (got {self.num_workers}), or data.on_device=false"
             )
@@ -495,7 +498,7 @@ class ImageDataModule(pl.LightningDataModule):
         v = self.val_size
         n_val = int(round(v * n)) if isinstance(v, float) and v < 1 else int(v)
         if not 0 < n_val < n:
-            raise ValueError(f"data.val_size={v} leaves no training or no validation data out of {n} images")
+            raise SettingError(f"data.val_size={v} leaves no training or no validation data out of {n} images")
         return n_val
 
     def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
@@ -575,7 +578,7 @@ class Digits(ImageDataModule):
             images = torch.from_numpy(digits.images.astype(np.uint8)).unsqueeze(1)
             labels = torch.from_numpy(digits.target.astype(np.int64))
             if not 0 < self.test_size < len(images):
-                raise ValueError(f"data.test_size must be between 1 and {len(images) - 1}")
+                raise SettingError(f"data.test_size must be between 1 and {len(images) - 1}")
             # a different stream from the validation split's, so the splits do not correlate
             gen = torch.Generator().manual_seed(self.split_seed + 10_000)
             perm = torch.randperm(len(images), generator=gen)
@@ -727,7 +730,7 @@ class BinarizedMNIST(ImageDataModule):
 
     def __init__(self, binarize: str = "none", **kwargs: Any):
         if binarize not in ("none", "static"):
-            raise ValueError(
+            raise SettingError(
                 "binarized_mnist is binarized already (statically, Larochelle's split): leave "
                 f"data.binarize=none (got {binarize!r}); for dynamic binarization use data=mnist"
             )

@@ -13,3 +13,8 @@ from __future__ import annotations
 
 class ExplainedError(Exception):
     """An error whose message says what happened and what to change (see the module)."""
+
+
+class SettingError(ValueError, ExplainedError):
+    """A setting's value that the code using it refuses (checked where the value is used, when
+    the config check before the run cannot know it): the message names the key and the fix."""

@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric, SumMetric
 from vaelab.attributes import PlainAttributes
 from vaelab.build import allowed_prefixes, build_optimizer, build_vae, check_targets
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
+from vaelab.errors import SettingError
 from vaelab.graphs import StepGraph
 from vaelab.guards import NaNGuard
 from vaelab.metrics import PendingSumMean, PendingSums, SumMean, bits_per_dim
@@ -59,7 +60,7 @@ def check_evaluation(settings: dict[str, Any]) -> dict[str, Any]:
     settings from a checkpoint or eval.py. A key left out counts as null."""
     problems = value_problems({"evaluation": {key: settings.get(key) for key in DEFAULT_EVALUATION}})
     if problems:
-        raise ValueError("; ".join(problems))
+        raise SettingError("; ".join(problems))
     return settings
 
 
@@ -116,13 +117,13 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         model = config.get("model") or {}
         mode = model.get("compile_mode") or "default"
         if mode not in COMPILE_MODES:
-            raise ValueError(f"model.compile_mode={mode!r} is not an option: choose one of {COMPILE_MODES}")
+            raise SettingError(f"model.compile_mode={mode!r} is not an option: choose one of {COMPILE_MODES}")
         compiled = bool(model.get("compile", False))
         cuda_graph = model.get("cuda_graph", False)
         if not is_cuda_graph_choice(cuda_graph):
-            raise ValueError(f"model.cuda_graph={cuda_graph!r} is not an option: choose one of false, true, auto")
+            raise SettingError(f"model.cuda_graph={cuda_graph!r} is not an option: choose one of false, true, auto")
         if cuda_graph is True and compiled:
-            raise ValueError("model.cuda_graph=true and model.compile=true: choose one (model.compile_mode="
+            raise SettingError("model.cuda_graph=true and model.compile=true: choose one (model.compile_mode="
                              "reduce-overhead graphs the compiled networks; model.cuda_graph the whole step)")
         #: false | true | auto (vaelab.graphs); auto stays eager where graphs cannot work
         self.cuda_graph = False if cuda_graph == "auto" and compiled else cuda_graph
@@ -175,7 +176,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
     def _check_likelihood_fits_data(self) -> None:
         lik = self.vae.likelihood
         if lik.requires_binary and not self.data_info["binary"]:
-            raise ValueError(
+            raise SettingError(
                 f"likelihood={type(lik).__name__} needs binary data, but data={self.data_info['name']} "
                 f"has {self.data_info['num_levels']} grey levels and data.binarize="
                 f"{self.data_info['binarize']}. Use data.binarize=dynamic (or static), or "
@@ -192,7 +193,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             if lik.num_levels != self.data_info["num_levels"]:
                 fixes.append(f"likelihood.{'num_bins' if hasattr(lik, 'num_bins') else 'num_classes'}=null "
                              f"(the data's {self.data_info['num_levels']} levels)")
-            raise ValueError(
+            raise SettingError(
                 f"likelihood={type(lik).__name__} is a distribution over {lik.num_levels} intensity "
                 f"levels x = k/{lik.num_levels - 1}, but data={self.data_info['name']} has "
                 f"{self.data_info['num_levels']} levels, data.binarize={self.data_info['binarize']} and "
@@ -200,7 +201,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             )
         lo, hi = lik.support
         if lo > 0.0 or hi < 1.0:
-            raise ValueError(f"likelihood {type(lik).__name__} has support {lik.support}, but data lie in [0, 1]")
+            raise SettingError(f"likelihood {type(lik).__name__} has support {lik.support}, but data lie in [0, 1]")
 
     # --- training -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor):
@@ -285,7 +286,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         if obstacle:
             self._graph_off = True
             if self.cuda_graph is True:
-                raise ValueError(f"model.cuda_graph=true cannot record this run's training step: {obstacle}. "
+                raise SettingError(f"model.cuda_graph=true cannot record this run's training step: {obstacle}. "
                                  "Use model.cuda_graph=auto (graphs where they work) or false.")
             if x.is_cuda:  # (on a CPU, auto quietly means eager)
                 rank_zero_info(f"model.cuda_graph=auto: eager training steps ({obstacle})")

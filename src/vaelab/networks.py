@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vaelab.errors import SettingError
+
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "elu": nn.ELU,
@@ -30,7 +32,7 @@ def activation(name: str) -> nn.Module:
     try:
         return _ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(
+        raise SettingError(
             f"activation {name!r} is not known: choose one of {sorted(_ACTIVATIONS)}"
         ) from None
 
@@ -46,10 +48,14 @@ def _check_shape(data_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def _widths(hidden: Sequence[int], what: str) -> list[int]:
-    widths = [int(h) for h in hidden]
-    if any(h <= 0 for h in widths):
-        raise ValueError(f"{what} must be positive layer widths, got {list(hidden)}")
-    return widths
+    def fix() -> SettingError:
+        return SettingError(f"{what} must be a list of positive layer widths, got {hidden!r} (e.g. {what}=[512,512])")
+
+    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence):
+        raise fix()
+    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+        raise fix()
+    return [int(h) for h in hidden]
 
 
 def _mlp(sizes: Sequence[int], act: str) -> nn.Sequential:
@@ -145,7 +151,7 @@ class ConvEncoder(nn.Module):
         c, h, w = _check_shape(data_shape)
         chans = _widths(channels, "encoder.channels")
         if not chans:
-            raise ValueError("encoder.channels needs at least one convolution")
+            raise SettingError("encoder.channels needs at least one convolution")
         layers: list[nn.Module] = []
         for a, b in zip([c, *chans[:-1]], chans, strict=True):
             layers += [nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1), _act(activation)]
@@ -182,7 +188,7 @@ class ConvDecoder(nn.Module):
         _, h, w = _check_shape(data_shape)
         chans = _widths(channels, "decoder.channels")
         if not chans:
-            raise ValueError("decoder.channels needs at least one transposed convolution")
+            raise SettingError("decoder.channels needs at least one transposed convolution")
         hs, ws = _spatial_sizes(h, len(chans)), _spatial_sizes(w, len(chans))
         self.start = (chans[0], hs[-1], ws[-1])
         self.project = nn.Sequential(nn.Linear(int(latent_dim), math.prod(self.start)), _act(activation))

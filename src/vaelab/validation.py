@@ -14,6 +14,7 @@ config, the W&B run or a checkpoint).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -50,7 +51,9 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A finite number: inf (``objective.beta=inf``, ``likelihood.sigma=inf``, ...) would end the
+    run at its first step with a non-finite loss, blamed on the learning rate."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _int_at_least(low: int) -> Callable[[Any], bool]:
@@ -426,7 +429,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") in (None, "???"):
         raise ConfigError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
-    problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed"]))
+    problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed", "data", "malloc"]))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
     # Hydra's own files are checked before it writes them (vaelab.folders.RunFolders); the rest here,
     # also where paths.output_dir is not Hydra's folder

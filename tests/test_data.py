@@ -597,6 +597,23 @@ def test_a_loader_state_it_cannot_continue_gives_a_whole_fresh_epoch():
     assert all(torch.equal(a, b) for a, b in zip([y for _, y in resumed], first[5:], strict=True))
 
 
+def test_an_evaluation_loader_with_persistent_workers_leaves_torchs_random_stream_alone():
+    """Its workers' base seed is drawn outside torch's stream: an uninterrupted run makes the
+    iterator in its sanity check, a run resumed inside an epoch at its first validation, and
+    the training's draws after that must not depend on which (found by comparing the two)."""
+    from vaelab.datamodules import PersistentEvalLoader
+
+    dm = setup(Digits(batch_size=50, num_workers=1))
+    loader = dm.val_dataloader()
+    assert isinstance(loader, PersistentEvalLoader) and loader.persistent_workers
+    assert type(setup(Digits(batch_size=50)).val_dataloader()) is not PersistentEvalLoader  # no workers: as before
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for _ in range(2):
+        assert sum(len(x) for x, _ in loader) == 180
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 class _Trainer:
     """What ``data_device`` reads of a trainer: its strategy's root device."""
 

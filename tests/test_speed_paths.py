@@ -778,6 +778,20 @@ def test_the_step_checkpoint_waits_for_the_optimizer_step_of_an_accumulation(tmp
     assert saved_after == [(6, 2), (12, 4)]
 
 
+def test_the_count_of_skipped_steps_is_kept_in_the_checkpoint():
+    """nan_policy=skip stops after max_skipped_steps skips: a resumed run counts the skips
+    before its checkpoint too (a checkpoint from before this counts from 0)."""
+    module = _tiny_module()
+    module.nan_guard.skipped = 7
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = _tiny_module()
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.nan_guard.skipped == 7
+    resumed.on_load_checkpoint({})
+    assert resumed.nan_guard.skipped == 0
+
+
 def _tiny_module():
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf

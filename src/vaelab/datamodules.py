@@ -316,6 +316,20 @@ class ResumableLoader(DataLoader):
         self.batch_sampler.resume_at(state["order_key"], done)
 
 
+class PersistentEvalLoader(DataLoader):
+    """A validation or test loader whose worker processes persist from one pass to the next
+    (``data.num_workers > 0``). A DataLoader draws its workers' base seed from torch's random
+    stream when it makes its iterator; with persistent workers that is once, at the first
+    pass, which an uninterrupted run makes in its sanity check and a run resumed inside an
+    epoch (which Lightning runs without one) at its first validation, one draw after the
+    random state it continued from (``vaelab.distributed.RandomStreams``). Drawn outside the
+    stream, the training's draws do not depend on it."""
+
+    def __iter__(self):
+        with torch.random.fork_rng(devices=[]):
+            return super().__iter__()
+
+
 def _batch_collate(batch: Any) -> Any:
     """The batch is already stacked by ``__getitems__``."""
     return batch
@@ -513,7 +527,7 @@ class ImageDataModule(pl.LightningDataModule):
                                          device=dataset.device)
             return ResumableLoader(dataset, batch_sampler=batches, collate_fn=_batch_collate,
                                    pin_memory=self.pin_memory and on_host, **workers)
-        return DataLoader(
+        return (PersistentEvalLoader if workers.get("persistent_workers") else DataLoader)(
             dataset,
             batch_size=self.eval_batch_size,
             # under DDP, validation and test shards without padded duplicates, so that val/elbo

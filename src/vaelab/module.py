@@ -203,6 +203,14 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         if lo > 0.0 or hi < 1.0:
             raise SettingError(f"likelihood {type(lik).__name__} has support {lik.support}, but data lie in [0, 1]")
 
+    # --- checkpoints ----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the steps nan_policy=skip has skipped, so that max_skipped_steps counts a resumed run's too
+        checkpoint["nan_guard"] = {"skipped": int(self.nan_guard.skipped)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nan_guard.skipped = int((checkpoint.get("nan_guard") or {}).get("skipped", 0))
+
     # --- training -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor):
         return self.objective(self.vae, x)

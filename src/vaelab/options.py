@@ -29,6 +29,12 @@ VAMP_SQUASHES = ("hardtanh", "sigmoid", "none")
 PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
               "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16", 64, 32, 16)
 
+#: of those, the ones that run the whole model in one dtype other than float32 ("64" is
+#: "64-true"): vaelab's densities and KLs take float32 (in a mixed precision the networks run
+#: in half precision and the densities in float32), so these stop at the first step with a
+#: dtype mismatch; refused before the run instead
+WHOLE_MODEL_PRECISIONS = ("16-true", "bf16-true", "64-true", "64", 64)
+
 
 def is_cuda_graph_choice(value: Any) -> bool:
     """``model.cuda_graph``: false (eager), true (graphs, and an error where they cannot

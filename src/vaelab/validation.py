@@ -34,6 +34,7 @@ from vaelab.options import (
     NAN_POLICIES,
     PRECISIONS,
     VAMP_SQUASHES,
+    WHOLE_MODEL_PRECISIONS,
     is_cuda_graph_choice,
 )
 
@@ -88,6 +89,8 @@ def lightning_precisions() -> tuple[Any, ...]:
 
 
 def _precision(v: Any) -> bool:
+    if v in WHOLE_MODEL_PRECISIONS:
+        return False
     if v is None or v in PRECISIONS:
         return True
     known = lightning_precisions()  # a value vaelab's list lacks: the installed Lightning decides
@@ -114,7 +117,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("data.dequantize", lambda v: v in ("auto", True, False), "auto, true or false", "data.dequantize=auto"),
     ("objective.warmup_unit", lambda v: v in ("steps", "epochs"), "steps or epochs", "objective.warmup_unit=epochs"),
     ("trainer.precision", _precision,
-     f"one of {', '.join(str(p) for p in PRECISIONS if isinstance(p, str) and '-' in p)}",
+     f"one of {', '.join(str(p) for p in PRECISIONS if isinstance(p, str) and '-' in p and p not in WHOLE_MODEL_PRECISIONS)}"
+     " (vaelab runs densities in float32: not 16-true, bf16-true or 64-true)",
      "trainer.precision=bf16-mixed"),
     ("trainer.accumulate_grad_batches", _int_at_least(1), "an integer >= 1 (batches per optimizer step)",
      "trainer.accumulate_grad_batches=1"),

@@ -137,6 +137,8 @@ def test_an_explained_error_prints_its_message_alone_and_a_bug_its_traceback(tmp
         # checked where the value is used (a network's widths)
         ("train.py", ["encoder.hidden=abc"], "SettingError: encoder.hidden must be a list of positive layer widths, "
                                              "got 'abc' (e.g. encoder.hidden=[512,512])"),
+        ("train.py", ["+encoder.hiddn=[64]"], "ModelConfigError: encoder.hiddn is not a setting of "
+                                              "vaelab.networks.MLPEncoder; did you mean encoder.hidden?"),
         ("eval.py", [f"ckpt_path={tmp_path}/nowhere", "data.eval_batch_size=0"],
          "ConfigError: the config has 1 problem; nothing has run yet:\n  data.eval_batch_size must be null or a "
          "positive integer, got 0"),

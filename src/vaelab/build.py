@@ -12,6 +12,7 @@ it (``os.system``, say): such a config is refused before anything is built.
 from __future__ import annotations
 
 import ctypes
+import difflib
 import inspect
 import os
 import sys
@@ -193,6 +194,9 @@ def build_vae(config: Mapping[str, Any], data_shape: Sequence[int], num_levels: 
     their count null (``likelihood=categorical``, ``discretized_logistic_mixture``)."""
     parts = {k: config[k] for k in ("encoder", "decoder", "posterior", "likelihood", "prior")}
     check_targets(parts, allowed_prefixes(config))
+    unknown = [problem for group, part in parts.items() for problem in _unknown_settings(group, part)]
+    if unknown:
+        raise ModelConfigError("; ".join(unknown))
     data_shape = tuple(int(s) for s in data_shape)
     latent_dim = int(config["latent_dim"])
     if latent_dim <= 0:
@@ -219,6 +223,27 @@ def build_vae(config: Mapping[str, Any], data_shape: Sequence[int], num_levels: 
         bind(vae, data_shape)
     _check_shapes(vae, data_shape, out_channels)
     return vae
+
+
+def _unknown_settings(group: str, part: Mapping[str, Any]) -> list[str]:
+    """Settings of a plugin's config that its class does not take (``+encoder.hiddn=[64]``),
+    each with the names it does take: otherwise a TypeError from deep inside the build."""
+    try:
+        cls = get_class(part["_target_"])
+        params = inspect.signature(cls.__init__).parameters
+    except Exception:  # noqa: BLE001 - not a class with a signature: instantiate will say what is wrong
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    known = [name for name in params if name != "self"]
+    problems = []
+    for key in part:
+        if str(key).startswith("_") or key in known:
+            continue
+        near = difflib.get_close_matches(str(key), known, n=1)
+        problems.append(f"{group}.{key} is not a setting of {part['_target_']}"
+                        f"{f'; did you mean {group}.{near[0]}?' if near else ''} (its settings: {', '.join(known)})")
+    return problems
 
 
 def _check_shapes(vae: VAE, data_shape: tuple[int, ...], out_channels: int) -> None:

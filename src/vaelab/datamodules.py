@@ -40,6 +40,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from vaelab.distributed import eval_sampler
@@ -280,13 +281,10 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         pending = self.batch_sampler.pending
         self._handed_out = pending[1] if pending else 0
-        if pending:
-            # a new iterator draws its workers' base seed from torch's generator; the
-            # uninterrupted run drew it at the epoch's start, before the state that the resumed
-            # run's random streams continue from (vaelab.distributed.RandomStreams)
-            with torch.random.fork_rng(devices=[]):
-                batches = super().__iter__()
-        else:
+        # a new iterator draws its workers' base seed from torch's generator; for a resumed
+        # epoch the uninterrupted run drew it at the epoch's start, before the state that the
+        # resumed run's random streams continue from (vaelab.distributed.RandomStreams)
+        with torch.random.fork_rng(devices=[]) if pending else contextlib.nullcontext():
             batches = super().__iter__()
         for batch in batches:
             self._handed_out += 1
@@ -297,8 +295,6 @@ class ResumableLoader(DataLoader):
                 "sampler_epoch": getattr(self.batch_sampler.sampler, "epoch", None)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from lightning.pytorch.utilities import rank_zero_warn
-
         done, num_batches = int(state["batches_done"]), int(state["num_batches"])
         if num_batches != len(self):
             rank_zero_warn(f"The checkpoint's training epoch had {num_batches} batches a process, this run's has "

@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies import DDPStrategy as _LightningDDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset, Sampler
 
 from vaelab.folders import quote_override
@@ -157,16 +158,15 @@ class RandomStreams(pl.Callback):
             np.random.seed(seed)
             torch.manual_seed(seed)
 
-    def _cuda_index(self) -> int | None:
-        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        if device.type != "cuda":
-            return None
-        return device.index if device.index is not None else torch.cuda.current_device()
+    def _cuda_device(self) -> torch.device | None:
+        """The training's CUDA device (torch's RNG calls take one without an index as the current one)."""
+        device = self._trainer.strategy.root_device if self._trainer is not None else None
+        return device if device is not None and device.type == "cuda" else None
 
     def state_dict(self) -> dict[str, Any]:
         mine = {"cpu": torch.get_rng_state()}
-        if (index := self._cuda_index()) is not None:
-            mine["cuda"] = torch.cuda.get_rng_state(index)
+        if (device := self._cuda_device()) is not None:
+            mine["cuda"] = torch.cuda.get_rng_state(device)
         ranks = [mine]
         if self._trainer is not None and self._trainer.world_size > 1:
             ranks = [None] * self._trainer.world_size
@@ -184,11 +184,9 @@ class RandomStreams(pl.Callback):
         if loaded is not None and len(loaded) == trainer.world_size:
             mine = loaded[rank]
             torch.set_rng_state(mine["cpu"])
-            if (index := self._cuda_index()) is not None and "cuda" in mine:
-                torch.cuda.set_rng_state(mine["cuda"], index)
+            if (device := self._cuda_device()) is not None and "cuda" in mine:
+                torch.cuda.set_rng_state(mine["cuda"], device)
             return
-        from lightning.pytorch.utilities import rank_zero_warn
-
         why = ("holds no random streams (saved before vaelab kept them)" if loaded is None else
                f"holds the random streams of {len(loaded)} process{'es' * (len(loaded) != 1)}, this run has "
                f"{trainer.world_size}")

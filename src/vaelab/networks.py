@@ -48,13 +48,9 @@ def _check_shape(data_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def _widths(hidden: Sequence[int], what: str) -> list[int]:
-    def fix() -> SettingError:
-        return SettingError(f"{what} must be a list of positive layer widths, got {hidden!r} (e.g. {what}=[512,512])")
-
-    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence):
-        raise fix()
-    if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-        raise fix()
+    widths = isinstance(hidden, Sequence) and not isinstance(hidden, str | bytes)
+    if not widths or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+        raise SettingError(f"{what} must be a list of positive layer widths, got {hidden!r} (e.g. {what}=[512,512])")
     return [int(h) for h in hidden]
 
 

@@ -189,26 +189,23 @@ def value_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
     """One line per value out of range: ``key must be ..., got value (e.g. fix)``."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
+    plugins = [(f"{group}.{name}", ok, what, fix) for group, target, name, ok, what, fix in PLUGIN_RULES
+               if _select(cfg, f"{group}._target_") == target]
     problems = []
-    for key, ok, what, fix in RULES:
-        try:
-            value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
-        except Exception:  # noqa: BLE001 - an interpolation this context cannot resolve (${hydra:...}): the job checks it
-            continue
-        if value is _MISSING:
-            continue
-        if not ok(value):
-            problems.append(f"{key} must be {what}, got {value!r} (e.g. {fix})")
-    for group, target, name, ok, what, fix in PLUGIN_RULES:
-        try:
-            if OmegaConf.select(cfg, f"{group}._target_", default=None) != target:
-                continue
-            value = OmegaConf.select(cfg, f"{group}.{name}", default=_MISSING, throw_on_missing=False)
-        except Exception:  # noqa: BLE001 - as above
-            continue
+    for key, ok, what, fix in (*RULES, *plugins):
+        value = _select(cfg, key)
         if value is not _MISSING and not ok(value):
-            problems.append(f"{group}.{name} must be {what}, got {value!r} (e.g. {fix})")
+            problems.append(f"{key} must be {what}, got {value!r} (e.g. {fix})")
     return problems
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    """The value at ``key``; ``_MISSING`` where there is none, or where it is an interpolation
+    this context cannot resolve (``${hydra:...}``: the job checks it)."""
+    try:
+        return OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - see above
+        return _MISSING
 
 
 def output_folders(cfg: DictConfig) -> dict[str, str]:

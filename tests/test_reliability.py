@@ -919,6 +919,31 @@ def test_a_resumed_run_keeps_what_the_run_wrote_before(good_run, tmp_path):
     assert Path(summary["best_checkpoint"]).parent == run / "checkpoints"
 
 
+def test_a_finished_run_continued_with_its_limits_is_left_as_it_is(good_run, tmp_path):
+    """The same command again on a finished run (a requeued sweep's finished job, or a resume
+    without a larger trainer.max_epochs) trains and tests nothing and rewrites nothing: its
+    summary.json kept the test numbers of the run, and a second test, with other noise, replaced
+    them. A run whose summary does not record that finish (killed during its test) is tested."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    before = {p: b for p, b in snapshot(run).items() if p.name != "cli.log"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trained"] == {"epochs": 1, "global_step": STEPS_PER_EPOCH, "max_epochs": 1, "max_steps": -1}
+
+    for args in (("ckpt_path=last", f"hydra.run.dir={run}"), (f"ckpt_path={run}", f"hydra.run.dir={tmp_path}/c")):
+        proc = check(run_cli("train.py", *args, cwd=REPO))
+        assert f"the run in {run} has finished: trained to epoch 1, step {STEPS_PER_EPOCH}" in proc.stdout, proc.stdout
+        assert f"train it longer: python train.py ckpt_path={run} trainer.max_epochs=<more than 1>" in proc.stdout
+        assert "Restoring states" not in proc.stderr
+        assert {p: b for p, b in snapshot(run).items() if p.name != "cli.log"} == before
+
+    (run / "summary.json").unlink()  # as a run killed during its test leaves it
+    proc = check(run_cli("train.py", f"ckpt_path={run}", *QUICK[1:], f"hydra.run.dir={tmp_path}/d", cwd=REPO))
+    assert "has finished" not in proc.stdout
+    tested = json.loads((run / "summary.json").read_text())
+    assert tested["test"]["test/nll"] > 0 and tested["trained"] == summary["trained"] and not tested["failed"]
+
+
 def test_the_checkpoint_callbacks_state_moves_with_a_copied_run_folder(tmp_path):
     """``BestCheckpoint`` restores its best score and files in a moved or copied folder (Lightning
     keeps the old folder's best path and drops the rest), and takes its folder's ``last.ckpt``

@@ -30,7 +30,7 @@ from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
 from vaelab.profiling import default_profiler, skip_empty_batch_hooks
 from vaelab.report import error_text, write_json
-from vaelab.runs import ensure_wandb_id, resolve_resume
+from vaelab.runs import ensure_wandb_id, finished_run, resolve_resume
 from vaelab.validation import (
     ConfigError,
     check_free_space,
@@ -152,6 +152,10 @@ def train(cfg: DictConfig, checked: bool = False) -> dict[str, Any]:
 def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     keep_freed_memory(cfg.get("malloc") or "tuned")  # glibc reuses a step's freed memory (vaelab.build)
     cfg, resume_ckpt = resolve_resume(cfg)
+    done = finished_run(cfg, resume_ckpt) if resume_ckpt else None
+    if done is not None:
+        _print_finished(done, cfg)
+        return done
     resolve_data_options(cfg)
     ensure_wandb_id(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -208,6 +212,11 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         if cfg.get("train", True):
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None,
                         weights_only=True)
+            # where training ended, under which limits: a later resume of the finished run with
+            # these has nothing to do (vaelab.runs.finished_run)
+            summary["trained"] = {"epochs": trainer.fit_loop.epoch_progress.current.processed,
+                                  "global_step": trainer.global_step, "max_epochs": trainer.max_epochs,
+                                  "max_steps": trainer.max_steps}
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or None
         best_score = getattr(ckpt_cb, "best_model_score", None)
@@ -271,6 +280,22 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     lines.append(f"  wall time       {summary['wall_time_s']} s")
     if summary.get("best_checkpoint"):
         lines.append(f"  evaluate again: python eval.py ckpt_path={summary['best_checkpoint']}")
+    print("\n".join(lines), flush=True)
+
+
+@rank_zero_only
+def _print_finished(summary: dict[str, Any], cfg: DictConfig) -> None:
+    trained = summary["trained"]
+    run = cfg.paths.output_dir
+    tested = summary.get("tested_checkpoint") or summary.get("best_checkpoint")
+    lines = [
+        "", f"vaelab: the run in {run} has finished: trained to epoch {trained['epochs']}, step "
+        f"{trained['global_step']} (trainer.max_epochs={cfg.trainer.get('max_epochs')}), and tested. Nothing "
+        "ran; its folder is as it was, and its summary.json holds its numbers.",
+        f"  train it longer: python train.py ckpt_path={run} trainer.max_epochs=<more than {trained['epochs']}>",
+    ]
+    if tested:
+        lines.append(f"  test it again:   python eval.py ckpt_path={tested}")
     print("\n".join(lines), flush=True)
 
 

@@ -313,6 +313,55 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
     return resumed, ckpt
 
 
+def finished_run(cfg: DictConfig, ckpt: Path) -> dict[str, Any] | None:
+    """The run's ``summary.json`` where continuing it from ``ckpt`` has nothing to do, else None.
+
+    Nothing to do: the run's ``summary.json`` records a finished run (not failed; tested where
+    this command tests) whose training ended at the checkpoint's step, and this command's
+    ``trainer.max_epochs`` / ``max_steps`` are those it ended under or are reached by the
+    checkpoint (as Lightning's fit loop judges it). A requeued sweep (``-m ckpt_path=last ...``)
+    thus leaves its finished jobs as they are, instead of testing them again and replacing their
+    summaries; a run killed after its training but before its summary is still tested."""
+    import torch
+
+    from vaelab.report import read_summary
+
+    if not cfg.get("train", True):
+        return None  # train=false: the command asks for the test
+    run_dir = str(cfg.paths.output_dir)  # (resolve_resume's: the checkpoint's run, moved or copied too)
+    try:
+        summary = read_summary(Path(run_dir))
+    except (OSError, ValueError):
+        return None
+    trained = (summary or {}).get("trained")
+    if (not isinstance(trained, dict) or summary.get("failed") is not False
+            or (cfg.get("test", True) and not summary.get("test"))):
+        return None
+    # (read whole and checked by resolve_resume already; memory-mapped, the loop counters only)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    step = state.get("global_step")
+    epochs = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
+    if trained.get("global_step") != step or not isinstance(epochs, int):
+        return None
+    max_epochs, max_steps = fit_limits(cfg.trainer)
+    reached = (max_steps != -1 and step >= max_steps) or (max_epochs != -1 and epochs >= max_epochs)
+    same = (trained.get("max_epochs"), trained.get("max_steps")) == (max_epochs, max_steps)  # an early stop
+    if not (reached or same):
+        return None
+    old_dir = summary.get("output_dir")
+    return _rebase(summary, str(old_dir), run_dir) if old_dir else summary
+
+
+def fit_limits(trainer_cfg: Any) -> tuple[int, int]:
+    """``(max_epochs, max_steps)`` as Lightning's Trainer resolves them (-1: no limit)."""
+    max_steps = trainer_cfg.get("max_steps")
+    max_steps = -1 if max_steps is None else int(max_steps)
+    max_epochs = trainer_cfg.get("max_epochs")
+    if max_epochs is None:
+        max_epochs = 1000 if max_steps == -1 and trainer_cfg.get("max_time") is None else -1
+    return int(max_epochs), max_steps
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The run's latest training state: of ``checkpoints/last.ckpt`` (end of a validation
     epoch) and ``checkpoints/latest-step*.ckpt`` (every N steps), the one furthest on."""

@@ -47,6 +47,9 @@ LIGHTNING = {"lightning", "torch", "torchvision", "torchmetrics"}
     (["trainer.precision=17-mixed"], "trainer.precision must be one of", LIGHTNING),
     (["+latent_dimm=8"], "did you mean latent_dim?", set()),  # an added key that is a typo
     (["prior=flow", "prior.flow=xyz"], "prior.flow must be one of maf, nsf, got 'xyz'", set()),  # a plugin's choice
+    (["posterior=iaf", "posterior.hidden_features=[0]"], "posterior.hidden_features must be a list of positive", set()),
+    (["callbacks.model_checkpoint.monitor=val/elob"], "did you mean callbacks.model_checkpoint.monitor=val/elbo?",
+     set()),  # Lightning's own check comes at the end of the first epoch
 ])
 def test_a_refused_run_imports_nothing_heavy(tmp_path, args, message, allowed):
     proc, heavy = _entry(tmp_path, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}")
@@ -119,6 +122,67 @@ def test_a_plugins_settings_are_checked_where_the_group_is_that_plugin():
         "posterior.num_transforms", "posterior.context_features"]
     with pytest.raises(ValueError, match="num_transforms"):  # what the check spares a run from
         IAF(latent_dim=2, num_transforms=0)
+
+
+def test_the_networks_settings_are_checked_as_the_networks_check_them():
+    """Layer widths, channels and activations of vaelab's networks (and the MLP widths of its
+    flows) are refused before torch loads, in the terms of the networks' own checks."""
+    from vaelab import networks
+    from vaelab.errors import SettingError
+
+    assert tuple(networks._ACTIVATIONS) == options.ACTIVATIONS
+    mlp = {"_target_": "vaelab.networks.MLPEncoder", "hidden": [512, 0], "activation": "relu6"}
+    conv = {"_target_": "vaelab.networks.ConvDecoder", "channels": [], "activation": "gelu"}
+    assert value_problems({"encoder": mlp, "decoder": conv}) == [
+        "encoder.hidden must be a list of positive layer widths, got [512, 0] (e.g. encoder.hidden=[512,512])",
+        "decoder.channels must be a list of positive channel counts, one per convolution, got [] "
+        "(e.g. decoder.channels=[128,64,32])",
+        f"encoder.activation must be one of {', '.join(options.ACTIVATIONS)}, got 'relu6' (e.g. encoder.activation=relu)"]
+    with pytest.raises(SettingError, match="encoder.hidden must be a list of positive layer widths"):
+        networks.MLPEncoder(data_shape=(1, 8, 8), out_features=4, hidden=[512, 0])
+    with pytest.raises(SettingError, match="decoder.channels needs at least one"):
+        networks.ConvDecoder(latent_dim=2, data_shape=(1, 8, 8), out_channels=1, channels=[])
+    with pytest.raises(SettingError, match="'relu6' is not known"):
+        networks.activation("relu6")
+    # an MLP without hidden layers is a linear map: allowed; another plugin's "hidden" is its own
+    assert value_problems({"encoder": {**mlp, "hidden": [], "activation": "tanh"}}) == []
+    assert value_problems({"encoder": {**mlp, "_target_": "mine.Encoder"}}) == []
+    for group, target in (("posterior", "vaelab.posteriors.IAF"), ("prior", "vaelab.priors.Flow")):
+        (problem,) = value_problems({group: {"_target_": target, "hidden_features": [0]}})
+        assert problem.startswith(f"{group}.hidden_features must be a list of positive layer widths, got [0]")
+
+
+def test_the_trainer_data_optimizer_and_monitor_settings_are_checked_before_torch_loads():
+    ok = {"trainer": {"devices": "auto"}, "data": {"val_size": 0.1}, "optim": {"scheduler": None}}
+    assert value_problems(ok) == []
+    for devices in (1, 4, -1, "-1", "2", "0,1", [0, 1], "auto"):
+        assert value_problems({"trainer": {"devices": devices}}) == [], devices
+    for devices in (0, "0", [], [-1], "a", True, "0,-1"):
+        (problem,) = value_problems({"trainer": {"devices": devices}})
+        assert problem.startswith("trainer.devices must be auto, a number of devices >= 1"), devices
+    for val_size in (1, 5000, 0.5):
+        assert value_problems({"data": {"val_size": val_size}}) == []
+    for val_size in (0, 1.0, 1.5, -3, "all"):
+        (problem,) = value_problems({"data": {"val_size": val_size}})
+        assert problem.startswith("data.val_size must be a number of images >= 1 or a fraction"), val_size
+    cosine = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 100}
+    assert value_problems({"optim": {"scheduler": cosine, "scheduler_interval": "step"}}) == []
+    problems = value_problems({"optim": {"scheduler": "cosine", "scheduler_interval": "batch"}})
+    assert [p.split(" must")[0] for p in problems] == ["optim.scheduler", "optim.scheduler_interval"]
+    assert "'optim.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:100}'" in problems[0]
+
+    def monitor(name: str, val_num_samples: int = 10) -> list[str]:
+        return value_problems({"evaluation": {"val_num_samples": val_num_samples},
+                               "callbacks": {"model_checkpoint": {"monitor": name}, "images": {"num_images": 4}}})
+
+    for fine in ("val/elbo", "val/kl", "val/recon", "val/iwae", "train/elbo_epoch", "my/metric"):
+        assert monitor(fine) == [], fine
+    (typo,) = monitor("val/elob")
+    assert typo.endswith("did you mean callbacks.model_checkpoint.monitor=val/elbo?")
+    (nll,) = monitor("val/nll")
+    assert "did you mean callbacks.model_checkpoint.monitor=val/iwae? (a bound on log p(x): higher is better" in nll
+    (off,) = monitor("val/iwae", val_num_samples=0)
+    assert "logged only with evaluation.val_num_samples > 0" in off
 
 
 def test_a_number_must_be_finite():

@@ -27,13 +27,12 @@ from vaelab.graphs import StepGraph
 from vaelab.guards import NaNGuard
 from vaelab.metrics import PendingSumMean, PendingSums, SumMean, bits_per_dim
 from vaelab.objectives import Objective, ObjectiveOutput
-from vaelab.options import is_cuda_graph_choice
+from vaelab.options import TERMS, is_cuda_graph_choice
 from vaelab.vae import largest_pass, pass_plan
 from vaelab.validation import value_problems
 
 log = logging.getLogger("vaelab")
 
-TERMS = ("elbo", "recon", "kl")
 
 #: torch.compile's modes (``model.compile_mode``); reduce-overhead replays CUDA graphs on a GPU
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

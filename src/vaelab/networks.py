@@ -16,16 +16,11 @@ import torch
 from torch import nn
 
 from vaelab.errors import SettingError
+from vaelab.options import ACTIVATIONS
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "elu": nn.ELU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "tanh": nn.Tanh,
-    "leaky_relu": nn.LeakyReLU,
-    "softplus": nn.Softplus,
-}
+#: (the names are ``vaelab.options.ACTIVATIONS``, which the config check reads before torch loads)
+_ACTIVATIONS: dict[str, type[nn.Module]] = dict(zip(
+    ACTIVATIONS, (nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.LeakyReLU, nn.Softplus), strict=True))
 
 
 def activation(name: str) -> nn.Module:

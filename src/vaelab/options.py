@@ -23,6 +23,13 @@ FLOW_PRIORS = ("maf", "nsf")
 #: pseudo-inputs into the data's range
 VAMP_SQUASHES = ("hardtanh", "sigmoid", "none")
 
+#: the ELBO's terms, logged in validation as ``val/<term>`` and in testing as ``test/<term>``
+#: (``vaelab.module``); the names a checkpoint callback may monitor (``val/elbo``)
+TERMS = ("elbo", "recon", "kl")
+
+#: ``encoder.activation`` / ``decoder.activation`` of the networks in ``vaelab.networks``
+ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh", "leaky_relu", "softplus")
+
 #: ``trainer.precision``: what Lightning 2's ``Trainer(precision=...)`` accepts
 #: (``lightning.fabric.connector``'s lists; a test compares them). A value not here is looked up
 #: in the installed Lightning's own lists, which decide (``vaelab.validation``)

@@ -14,12 +14,13 @@ config, the W&B run or a checkpoint).
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 # imported, so that a refused command ends in about a second (vaelab.cli)
 from vaelab.errors import ExplainedError
 from vaelab.options import (
+    ACTIVATIONS,
     FLOW_PRIORS,
     MALLOC_CHOICES,
     NAN_POLICIES,
     PRECISIONS,
+    TERMS,
     VAMP_SQUASHES,
     WHOLE_MODEL_PRECISIONS,
     is_cuda_graph_choice,
@@ -108,6 +111,25 @@ def _cuda_missing(v: Any) -> bool:
     return not (torch.cuda.is_available() or mps)
 
 
+def _widths(v: Any) -> bool:
+    """A list of layer widths (channels), each a positive integer (vaelab.networks._widths)."""
+    return isinstance(v, Sequence) and not isinstance(v, str) and all(_int_at_least(1)(h) for h in v)
+
+
+def _devices(v: Any) -> bool:
+    """What Lightning's ``Trainer(devices=...)`` takes: auto, a count >= 1 or -1 (all), a list
+    of device indices, or such a list as text ("0,1"). Whether the machine has them is checked
+    once torch is loaded."""
+    if v == "auto" or v == -1 or _int_at_least(1)(v):
+        return True
+    if isinstance(v, str):
+        parts = [p.strip() for p in v.strip().strip(",").split(",")]
+        if len(parts) == 1:
+            return bool(re.fullmatch(r"-1|\d+", parts[0])) and int(parts[0]) != 0
+        return all(p.isdigit() for p in parts)
+    return isinstance(v, Sequence) and len(v) > 0 and all(_int_at_least(0)(d) for d in v)
+
+
 #: (config key, test, what it must be, an example of a fix); checked where the key exists
 RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("latent_dim", _int_at_least(1), "a positive integer", "latent_dim=16"),
@@ -128,10 +150,19 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
      "an accelerator this machine has: it needs a GPU, and torch sees none", "trainer=default (auto) or trainer=cpu"),
     ("model.compile", lambda v: isinstance(v, bool), "true or false", "model.compile=true"),
     ("model.cuda_graph", is_cuda_graph_choice, "true, false or auto", "model.cuda_graph=auto"),
+    ("trainer.devices", _devices, "auto, a number of devices >= 1, -1 (all) or a list of device indices",
+     "trainer.devices=1"),
     ("data.batch_size", _int_at_least(1), "a positive integer", "data.batch_size=64"),
+    ("data.val_size", lambda v: _int_at_least(1)(v) or (_is_num(v) and 0 < v < 1),
+     "a number of images >= 1 or a fraction of the training files between 0 and 1", "data.val_size=0.1"),
     ("data.eval_batch_size", lambda v: v is None or _int_at_least(1)(v), "null or a positive integer",
      "data.eval_batch_size=500"),
     ("optim.optimizer.lr", _positive, "a learning rate > 0", "optim.optimizer.lr=1e-3"),
+    ("optim.scheduler", lambda v: v is None or (isinstance(v, Mapping) and "_target_" in v),
+     "null or a scheduler's config with its _target_",
+     "'optim.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:100}'"),
+    ("optim.scheduler_interval", lambda v: v in ("epoch", "step"), "epoch or step (when the scheduler steps)",
+     "optim.scheduler_interval=epoch"),
     ("optim.optimizer.weight_decay", _non_negative, ">= 0", "optim.optimizer.weight_decay=0"),
     ("optim.optimizer.fused", lambda v: v in ("auto", True, False), "auto, true or false",
      "optim.optimizer.fused=auto"),
@@ -168,7 +199,18 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
 #: (group, the plugin's ``_target_``, its setting, test, what it must be, an example of a fix):
 #: settings of one plugin, checked where the group is that plugin (another plugin may give the
 #: same name another meaning)
-PLUGIN_RULES: tuple[tuple[str, str, str, Callable[[Any], bool], str, str], ...] = (
+MLP_NETWORKS = ("vaelab.networks.MLPEncoder", "vaelab.networks.MLPDecoder")
+CONV_NETWORKS = ("vaelab.networks.ConvEncoder", "vaelab.networks.ConvDecoder")
+PLUGIN_RULES: tuple[tuple[str, str | tuple[str, ...], str, Callable[[Any], bool], str, str], ...] = (
+    *((net, MLP_NETWORKS, "hidden", _widths, "a list of positive layer widths", f"{net}.hidden=[512,512]")
+      for net in ("encoder", "decoder")),
+    *((net, CONV_NETWORKS, "channels", lambda v: _widths(v) and len(v) > 0,
+       "a list of positive channel counts, one per convolution", f"{net}.channels={example}")
+      for net, example in (("encoder", "[32,64,128]"), ("decoder", "[128,64,32]"))),
+    *((net, (*MLP_NETWORKS, *CONV_NETWORKS), "activation", lambda v: v in ACTIVATIONS,
+       f"one of {', '.join(ACTIVATIONS)}", f"{net}.activation=relu") for net in ("encoder", "decoder")),
+    ("prior", "vaelab.priors.Flow", "hidden_features", _widths, "a list of positive layer widths",
+     "prior.hidden_features=[64,64]"),
     ("prior", "vaelab.priors.Flow", "flow", lambda v: v in FLOW_PRIORS, f"one of {', '.join(FLOW_PRIORS)}",
      "prior.flow=maf"),
     ("prior", "vaelab.priors.Flow", "transforms", _int_at_least(1), "an integer >= 1", "prior.transforms=3"),
@@ -180,6 +222,8 @@ PLUGIN_RULES: tuple[tuple[str, str, str, Callable[[Any], bool], str, str], ...] 
      "posterior.num_transforms=2"),
     ("posterior", "vaelab.posteriors.IAF", "context_features", _int_at_least(0), "an integer >= 0",
      "posterior.context_features=32"),
+    ("posterior", "vaelab.posteriors.IAF", "hidden_features", _widths, "a list of positive layer widths",
+     "posterior.hidden_features=[64,64]"),
 )
 
 _MISSING = object()
@@ -189,13 +233,42 @@ def value_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
     """One line per value out of range: ``key must be ..., got value (e.g. fix)``."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
-    plugins = [(f"{group}.{name}", ok, what, fix) for group, target, name, ok, what, fix in PLUGIN_RULES
-               if _select(cfg, f"{group}._target_") == target]
+    plugins = [(f"{group}.{name}", ok, what, fix) for group, targets, name, ok, what, fix in PLUGIN_RULES
+               if _select(cfg, f"{group}._target_") in ((targets,) if isinstance(targets, str) else targets)]
     problems = []
     for key, ok, what, fix in (*RULES, *plugins):
         value = _select(cfg, key)
         if value is not _MISSING and not ok(value):
             problems.append(f"{key} must be {what}, got {value!r} (e.g. {fix})")
+    return problems + monitor_problems(cfg)
+
+
+#: names a user may expect for vaelab's validation metrics (``val/iwae``: the importance-weighted
+#: bound on log p(x), the validation estimate of -NLL; ``val/elbo``: what training maximizes)
+_MONITOR_HINTS = {"val/nll": "val/iwae", "val/ll": "val/iwae", "val/loss": "val/elbo"}
+
+
+def monitor_problems(cfg: DictConfig) -> list[str]:
+    """A callback's ``monitor`` (a checkpoint's, an early stop's) that names a validation metric
+    vaelab does not log: Lightning finds out only at the end of the first epoch. Names outside
+    ``val/`` may come from a user's own code, and pass."""
+    iwae = _select(cfg, "evaluation.val_num_samples")
+    logged = [f"val/{term}" for term in TERMS] + ["val/iwae"]
+    callbacks = _select(cfg, "callbacks")
+    problems = []
+    for name, entry in callbacks.items() if isinstance(callbacks, Mapping) else ():
+        monitor = entry.get("monitor") if isinstance(entry, Mapping) else None
+        key = f"callbacks.{name}.monitor"
+        if not isinstance(monitor, str) or not monitor.startswith("val/"):
+            continue
+        if monitor not in logged:
+            near = [_MONITOR_HINTS[monitor]] if monitor in _MONITOR_HINTS else difflib.get_close_matches(monitor, logged, n=1)
+            problems.append(f"{key}={monitor} is not a metric vaelab logs in validation "
+                            f"({', '.join(logged)}){f'; did you mean {key}={near[0]}?' if near else ''}"
+                            f"{' (a bound on log p(x): higher is better, mode=max)' if near == ['val/iwae'] else ''}")
+        elif monitor == "val/iwae" and _is_int(iwae) and iwae == 0:
+            problems.append(f"{key}=val/iwae is logged only with evaluation.val_num_samples > 0, got 0 (e.g. "
+                            "evaluation.val_num_samples=10)")
     return problems
 
 

@@ -246,6 +246,18 @@ def test_a_run_folder_resolves_to_the_checkpoint_inside_it(tmp_path, caplog):
     assert resolve_run_checkpoint(base / "checkpoints" / "last.ckpt") == base / "checkpoints" / "last.ckpt"
 
 
+def test_report_on_a_path_that_is_no_folder_says_so(tmp_path, capsys):
+    from vaelab.report import main
+
+    (tmp_path / "summary.json").write_text("{}")
+    for path, what in ((tmp_path / "missing", "does not exist"), (tmp_path / "summary.json", "is a file")):
+        assert main([str(path)]) == 1
+        assert f"vaelab report: {path} {what}: give the folder of a sweep" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 1
+    assert "no runs under" in capsys.readouterr().err
+
+
 def test_report_marks_a_damaged_summary_and_still_lists_every_other_run(sweep, tmp_path):
     """A truncated summary.json is that job's row, failed with the file named; the other rows
     stay, NaN and ±inf (which Python's json writes) are printed as such, seconds as seconds."""

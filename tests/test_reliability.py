@@ -847,6 +847,27 @@ def test_a_checkpoint_damaged_after_its_save_is_named_not_loaded(good_run, tmp_p
     load_module(source)  # the intact file loads
 
 
+def test_a_file_that_is_no_checkpoint_is_named_with_what_to_give_instead(good_run, tmp_path):
+    """summary.json, a picture or a plain torch file given as ckpt_path is said to be no
+    checkpoint, with the run folder to give instead; not sent to look for a damaged save."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    for path, kind in ((run / "summary.json", "a text file"), (next((run / "images").rglob("*.png")), "another kind of file")):
+        with pytest.raises(CheckpointError, match=f"is not a checkpoint: it is {kind}") as err:
+            load_checkpoint(path)
+        assert f"Give the run folder, ckpt_path={run} " in str(err.value) and "truncated" not in str(err.value)
+    (tmp_path / "notes.txt").write_text("epoch 3 looked good")
+    with pytest.raises(CheckpointError, match="a text file.*a training run writes <run folder>/checkpoints/last.ckpt"):
+        load_checkpoint(tmp_path / "notes.txt")
+    torch.save({"weights": torch.zeros(2)}, run / "checkpoints" / "mine.pt")
+    with pytest.raises(CheckpointError, match=f"not a vaelab checkpoint .*ckpt_path={run} "):
+        load_checkpoint(run / "checkpoints" / "mine.pt")
+    data = (run / "checkpoints" / "last.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 3])  # a save cut short stays one
+    with pytest.raises(CheckpointError, match="It may be truncated"):
+        load_checkpoint(tmp_path / "cut.ckpt")
+
+
 def test_a_resume_that_would_change_the_model_data_or_optimizer_is_refused(good_run, tmp_path):
     last = good_run / "checkpoints" / "last.ckpt"
     before = last.read_bytes()

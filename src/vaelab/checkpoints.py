@@ -77,6 +77,29 @@ def _what_else(p: Path) -> str:
     return text
 
 
+def _not_a_checkpoint(p: Path) -> str | None:
+    """What ``p`` is where its first bytes are those of no file torch.save writes (a zip archive,
+    or the legacy format's pickle), else None: then it is a checkpoint cut short or damaged."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    if not head or head.startswith(b"PK") or head[:1] == b"\x80":
+        return None
+    return "a text file" if b"\0" not in head else "another kind of file"
+
+
+def _instead(p: Path) -> str:
+    """What to give as ``ckpt_path`` instead of ``p``, which is no vaelab checkpoint."""
+    run = next((d for d in p.absolute().parents[:3] if (d / "checkpoints").is_dir()), None)  # (images/samples/x.png)
+    if run is not None:
+        return (f"Give the run folder, ckpt_path={run} (train.py: its latest state; eval.py: the checkpoint its "
+                f"summary.json was tested on), or a file of {run / 'checkpoints'}.")
+    return ("Give a run folder or one of its checkpoints: a training run writes <run folder>/checkpoints/last.ckpt "
+            "and best-*.ckpt.")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a vaelab checkpoint onto the CPU, refusing anything that is not one."""
     p = resolve_checkpoint(path)
@@ -84,6 +107,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # memory-mapped: validating or reading the config does not read every weight into memory
         ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        kind = _not_a_checkpoint(p)
+        if kind:  # (summary.json, a config, an image, ... given as ckpt_path)
+            raise CheckpointError(f"{p} is not a checkpoint: it is {kind}, where torch.save writes a zip archive. "
+                                  f"{_instead(p)}") from err
         raise CheckpointError(
             f"{p} cannot be read as a checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:300]}). "
             f"It may be truncated (a copy or a save that was cut off) or not a PyTorch file; {_what_else(p)}."
@@ -96,7 +123,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "config" not in hp or "data_info" not in hp or "state_dict" not in ckpt:
-        raise CheckpointError(f"{p} is a PyTorch file but not a vaelab checkpoint (no config or weights in it)")
+        raise CheckpointError(f"{p} is a PyTorch file but not a vaelab checkpoint (no config or weights in it). "
+                              f"{_instead(p)}")
     check_targets(hp["config"], allowed_prefixes(hp["config"]))
     return ckpt
 

@@ -149,6 +149,10 @@ def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
 def write_report(folder: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """Write ``report.md`` and ``report.csv`` into ``folder``; returns the markdown and rows."""
     root = Path(folder)
+    if not root.is_dir():
+        what = "is a file" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"{root} {what}: give the folder of a sweep (outputs/train/multirun/<date>/<time>) "
+                                "or of a run (outputs/train/<date>/<time>)")
     columns, rows = collect(root)
     if not rows:
         raise FileNotFoundError(f"no runs under {root}: a run folder holds summary.json (written by train.py)")

@@ -17,6 +17,7 @@ from torch import nn
 
 from vaelab.errors import SettingError
 from vaelab.options import ACTIVATIONS
+from vaelab.validation import are_widths
 
 #: (the names are ``vaelab.options.ACTIVATIONS``, which the config check reads before torch loads)
 _ACTIVATIONS: dict[str, type[nn.Module]] = dict(zip(
@@ -43,8 +44,7 @@ def _check_shape(data_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def _widths(hidden: Sequence[int], what: str) -> list[int]:
-    widths = isinstance(hidden, Sequence) and not isinstance(hidden, str | bytes)
-    if not widths or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+    if not are_widths(hidden):
         raise SettingError(f"{what} must be a list of positive layer widths, got {hidden!r} (e.g. {what}=[512,512])")
     return [int(h) for h in hidden]
 

@@ -111,8 +111,8 @@ def _cuda_missing(v: Any) -> bool:
     return not (torch.cuda.is_available() or mps)
 
 
-def _widths(v: Any) -> bool:
-    """A list of layer widths (channels), each a positive integer (vaelab.networks._widths)."""
+def are_widths(v: Any) -> bool:
+    """A list of layer widths (channels), each a positive integer (also vaelab.networks' check)."""
     return isinstance(v, Sequence) and not isinstance(v, str) and all(_int_at_least(1)(h) for h in v)
 
 
@@ -196,20 +196,20 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("checkpoint_io.max_pending_mib", _non_negative, ">= 0 MiB", "checkpoint_io.max_pending_mib=256"),
 )
 
-#: (group, the plugin's ``_target_``, its setting, test, what it must be, an example of a fix):
-#: settings of one plugin, checked where the group is that plugin (another plugin may give the
-#: same name another meaning)
 MLP_NETWORKS = ("vaelab.networks.MLPEncoder", "vaelab.networks.MLPDecoder")
 CONV_NETWORKS = ("vaelab.networks.ConvEncoder", "vaelab.networks.ConvDecoder")
+#: (group, the plugin's ``_target_`` (or a tuple of them), its setting, test, what it must be, an
+#: example of a fix): settings of one plugin, checked where the group is that plugin (another
+#: plugin may give the same name another meaning)
 PLUGIN_RULES: tuple[tuple[str, str | tuple[str, ...], str, Callable[[Any], bool], str, str], ...] = (
-    *((net, MLP_NETWORKS, "hidden", _widths, "a list of positive layer widths", f"{net}.hidden=[512,512]")
+    *((net, MLP_NETWORKS, "hidden", are_widths, "a list of positive layer widths", f"{net}.hidden=[512,512]")
       for net in ("encoder", "decoder")),
-    *((net, CONV_NETWORKS, "channels", lambda v: _widths(v) and len(v) > 0,
+    *((net, CONV_NETWORKS, "channels", lambda v: are_widths(v) and len(v) > 0,
        "a list of positive channel counts, one per convolution", f"{net}.channels={example}")
       for net, example in (("encoder", "[32,64,128]"), ("decoder", "[128,64,32]"))),
     *((net, (*MLP_NETWORKS, *CONV_NETWORKS), "activation", lambda v: v in ACTIVATIONS,
        f"one of {', '.join(ACTIVATIONS)}", f"{net}.activation=relu") for net in ("encoder", "decoder")),
-    ("prior", "vaelab.priors.Flow", "hidden_features", _widths, "a list of positive layer widths",
+    ("prior", "vaelab.priors.Flow", "hidden_features", are_widths, "a list of positive layer widths",
      "prior.hidden_features=[64,64]"),
     ("prior", "vaelab.priors.Flow", "flow", lambda v: v in FLOW_PRIORS, f"one of {', '.join(FLOW_PRIORS)}",
      "prior.flow=maf"),
@@ -222,7 +222,7 @@ PLUGIN_RULES: tuple[tuple[str, str | tuple[str, ...], str, Callable[[Any], bool]
      "posterior.num_transforms=2"),
     ("posterior", "vaelab.posteriors.IAF", "context_features", _int_at_least(0), "an integer >= 0",
      "posterior.context_features=32"),
-    ("posterior", "vaelab.posteriors.IAF", "hidden_features", _widths, "a list of positive layer widths",
+    ("posterior", "vaelab.posteriors.IAF", "hidden_features", are_widths, "a list of positive layer widths",
      "posterior.hidden_features=[64,64]"),
 )
 

@@ -103,5 +103,7 @@ def test_the_standard_prior_is_made_once_and_again_after_a_move():
     assert prior() is p  # the same buffers: the same distribution
     prior.double()  # new buffers (as .to(device) makes): a new distribution on them
     q = prior()
-    assert q is not p and q.base_dist.loc.dtype == torch.float32  # densities stay float32
+    assert q is not p and q.base_dist.loc.dtype == torch.float64  # 64-true: densities in float64
     assert prior() is q
+    prior.half()
+    assert prior().base_dist.loc.dtype == torch.float32  # half precision: densities in float32

@@ -6,6 +6,7 @@ folders, offline W&B runs, summary.json."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -193,6 +194,63 @@ def test_bf16_mixed_stays_finite_over_the_plugin_matrix(tmp_path, likelihood, pr
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ll = module.vae.log_likelihood(dm.to_float(images[:4]), 8, 4)  # the IWAE logsumexp
     assert ll.dtype == torch.float32 and torch.isfinite(ll).all()
+
+
+#: every plugin once, under float64
+FLOAT64 = sorted({next(m for m in MATRIX if m[i] == choice) for i in range(4) for choice in {m[i] for m in MATRIX}})
+
+
+@pytest.mark.parametrize(("likelihood", "prior", "posterior", "objective"), FLOAT64, ids=["-".join(m) for m in FLOAT64])
+def test_64_true_keeps_every_density_in_float64(tmp_path, likelihood, prior, posterior, objective):
+    """What Lightning's 64-true does (the module in float64, the batch converted): the loss,
+    every term, the gradients and the IWAE bound come out in float64, and each density (p(x|z),
+    p(z), q(z|x)) at the same z agrees with the float32 module's on the same weights."""
+    from lightning.pytorch.plugins.precision import DoublePrecision
+
+    extra = ["data.binarize=none", "data.dequantize=false"] if likelihood in ("categorical", "discretized_logistic_mixture") else []
+    extra += ["encoder.hidden=[32]", "decoder.hidden=[32]"]
+    extra += ["prior.num_components=10"] if prior in ("vamp", "mog") else []
+    module, dm = _module(tmp_path, f"likelihood={likelihood}", f"prior={prior}", f"posterior={posterior}",
+                         f"objective={objective}", "objective.num_samples=2", *extra)
+    images, _ = dm.train_set[list(range(16))]
+    x32 = dm.to_float(images)
+    double = DoublePrecision()
+    module64 = double.convert_module(copy.deepcopy(module))
+    x64 = double.convert_input(x32)
+    out64 = module64(x64)
+    for name, term in {"loss": out64.loss, **out64.terms}.items():
+        assert term.dtype == torch.float64 and torch.isfinite(term).all(), name
+    out64.loss.backward()
+    assert all(p.grad is None or (p.grad.dtype == torch.float64 and torch.isfinite(p.grad).all())
+               for p in module64.parameters())
+    # each density at the same z in float64 and float32: the same numbers but for float32's rounding
+    z64 = torch.randn(16, 4, dtype=torch.float64)
+    with torch.no_grad():
+        ll = module64.vae.log_likelihood(x64, 8, 4)
+        assert ll.dtype == torch.float64 and torch.isfinite(ll).all()
+        for vae, x, z in ((module64.vae, x64, z64), (module.vae, x32, z64.float())):
+            densities = torch.stack([vae.decode(z).log_prob(x), vae.prior_distribution().log_prob(z),
+                                     vae.encode(x).log_prob(z)])
+            assert densities.dtype == z.dtype
+            if z.dtype == torch.float64:
+                in_float64 = densities
+    torch.testing.assert_close(densities.double(), in_float64, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_64_true_trains_and_evaluates_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    check(run_cli("train.py", "trainer.precision=64-true", "trainer.max_epochs=1", "+trainer.limit_train_batches=5",
+                  *FAST, "logger=none", f"hydra.run.dir={out}", cwd=tmp_path, env=_env()))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == "64-true" and all(math.isfinite(v) for v in summary["test"].values())
+    state = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float64}
+    for precision in ("64-true", "32-true"):
+        ev = tmp_path / f"eval-{precision}"
+        check(run_cli("eval.py", f"ckpt_path={out}", f"trainer.precision={precision}", "evaluation.test_num_samples=5",
+                      f"hydra.run.dir={ev}", cwd=tmp_path, env=_env()))
+        assert math.isfinite(json.loads((ev / "metrics.json").read_text())["metrics"]["test/nll"])
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from vaelab import pictures as pics
 from vaelab.diagnostics import most_active_dims, posterior_mean
+from vaelab.precision import upcast
 
 
 @contextlib.contextmanager
@@ -185,7 +186,7 @@ class ImageLogger(pl.Callback):
                 labels = test.labels[:n]
                 bs = getattr(dm, "eval_batch_size", 256)
                 xs = [dm.to_float(test.images[i:i + bs].to(pl_module.device)) for i in range(0, n, bs)]
-                means = torch.cat([posterior_mean(vae.encode(x)) for x in xs]).float()
+                means = upcast(torch.cat([posterior_mean(vae.encode(x)) for x in xs]))
                 x = xs[0]
                 if self.num_images > 0:
                     shown = x[: self.num_images]

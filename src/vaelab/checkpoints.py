@@ -142,13 +142,16 @@ def _damaged_member(path: Path) -> str | None:
             return f"({type(err).__name__}: {err})"
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild the ``VAEModule`` a checkpoint was saved from, with its trained weights."""
+def load_module(path: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Rebuild the ``VAEModule`` a checkpoint was saved from, with its trained weights (in
+    ``dtype`` if given: float64 keeps the weights of a ``64-true`` run as they are)."""
     from vaelab.module import VAEModule
 
     ckpt = load_checkpoint(path)
     hp = ckpt["hyper_parameters"]
     module = VAEModule(config=hp["config"], data_info=hp["data_info"])
+    if dtype is not None:
+        module.to(dtype)
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -548,17 +548,20 @@ class ImageDataModule(pl.LightningDataModule):
         return self.to_float(images), labels
 
     def to_float(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 levels → x in [0, 1], binarized or dequantized as configured."""
+        """uint8 levels → x in [0, 1], binarized or dequantized as configured; in float64 under
+        ``trainer.precision=64-true`` (Lightning converts a batch's floating tensors before its
+        transfer, where this one is still uint8), else float32."""
         if self.dequantize:
-            return (images.float() + torch.rand(images.shape, device=images.device)) / self.num_levels
-        x = images.float()
-        if self.num_levels != 2:  # stored binary data are {0, 1} already
-            x = x / (self.num_levels - 1)
-        if self.binarize == "dynamic":
-            # fresh for training batches; validation/test are stored as {0, 1} already, which
-            # Bernoulli sampling leaves unchanged
-            x = torch.bernoulli(x)
-        return x
+            x = (images.float() + torch.rand(images.shape, device=images.device)) / self.num_levels
+        else:
+            x = images.float()
+            if self.num_levels != 2:  # stored binary data are {0, 1} already
+                x = x / (self.num_levels - 1)
+            if self.binarize == "dynamic":
+                # fresh for training batches; validation/test are stored as {0, 1} already, which
+                # Bernoulli sampling leaves unchanged
+                x = torch.bernoulli(x)
+        return x if self.trainer is None else self.trainer.precision_plugin.convert_input(x)
 
 
 class Digits(ImageDataModule):

@@ -308,7 +308,8 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     keep_freed_memory(cfg.get("malloc") or "tuned")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt = dashboard.resolve_run_checkpoint(cfg.ckpt_path)
-    module = load_module(ckpt)
+    # under 64-true the weights are loaded as float64 (a 64-true run's stay as they were saved)
+    module = load_module(ckpt, dtype=torch.float64 if str(cfg.trainer.get("precision")) in ("64-true", "64") else None)
     module.evaluation = check_evaluation({**module.evaluation, **OmegaConf.to_container(cfg.evaluation, resolve=True)})
     stored = module.config
     data_cfg = dict(stored["data"])

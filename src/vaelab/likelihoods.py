@@ -46,6 +46,8 @@ from torch.distributions import (
     Laplace as _Laplace,
 )
 
+from vaelab.precision import upcast
+
 DataShape = tuple[int, int, int]
 
 
@@ -107,7 +109,7 @@ class Likelihood(nn.Module):
     @staticmethod
     def _split(params: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
         """Split ``[*batch, n*C, H, W]`` into ``n`` tensors ``[*batch, C, H, W]`` in float32."""
-        params = params.float()
+        params = upcast(params)
         if params.shape[-3] % n:
             raise ValueError(
                 f"the decoder gave {params.shape[-3]} channels, not a multiple of the "
@@ -401,7 +403,7 @@ class _LocationScale(Likelihood):
         return self.min_scale + nn.functional.softplus(raw)
 
     def _raw_scale(self) -> torch.Tensor:
-        return getattr(self, f"raw_{self._scale_name}").float()
+        return upcast(getattr(self, f"raw_{self._scale_name}"))
 
     def _shared_scale(self) -> torch.Tensor | None:
         """The shared scale (fixed or learned); None when the decoder predicts it per pixel."""
@@ -524,7 +526,7 @@ class LevelCategorical(_LevelDistribution):
 
     def __init__(self, logits: torch.Tensor):
         """``logits``: ``[*batch, C, H, W, L]``."""
-        logits = logits.float()
+        logits = upcast(logits)
         self.base = Independent(_Categorical(logits=logits, validate_args=False), 3)
         super().__init__(logits.shape[:-4], logits.shape[-4:-1], logits.shape[-1])
 
@@ -603,9 +605,9 @@ class LogisticMixtureLevels(_LevelDistribution):
 
     def __init__(self, logit_probs: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor,
                  num_levels: int):
-        self.log_weights = torch.log_softmax(logit_probs.float(), dim=-1)
-        self.means = means.float()
-        self.log_scales = log_scales.float()
+        self.log_weights = torch.log_softmax(upcast(logit_probs), dim=-1)
+        self.means = upcast(means)
+        self.log_scales = upcast(log_scales)
         super().__init__(means.shape[:-4], means.shape[-4:-1], num_levels)
 
     @property

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from vaelab.precision import upcast
 from vaelab.vae import VAE, float32, kl_or_monte_carlo, rsample_and_log_prob
 
 
@@ -140,7 +141,7 @@ class ELBO(Objective):
             # a view: the same numbers without a reduction; squeeze rather than [0], whose
             # backward fills a zero tensor and copies into it, two more operations a step)
             recon = log_px.squeeze(0) if self.num_samples == 1 else log_px.mean(0)
-            kl, analytic = kl_or_monte_carlo(q, p, z.float(), log_q)
+            kl, analytic = kl_or_monte_carlo(q, p, upcast(z), log_q)
             elbo = recon - kl
             if self.free_bits == 0:
                 # −(recon − β·kl); for β = 1 written kl − recon, which is the same floating-point
@@ -194,8 +195,8 @@ class IWAE(Objective):
             z, log_q = rsample_and_log_prob(q, (k,))  # [K, B, Z]
         px = vae.decode(z)  # batch shape [K, B]
         with float32(x.device):
-            z = z.float()
-            log_q = q.log_prob(z) if log_q is None else log_q.float()
+            z = upcast(z)
+            log_q = q.log_prob(z) if log_q is None else upcast(log_q)
             p = vae.prior_distribution()
             log_px_z = px.log_prob(x)  # [K, B]
             log_ratio = p.log_prob(z) - log_q  # log p(z_k) − log q(z_k|x)  [K, B]

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, register_kl
 
+from vaelab.precision import upcast
+
 try:  # the flow library behind posterior=iaf; everything else works without it
     import zuko
 except ImportError:  # pragma: no cover
@@ -53,7 +55,7 @@ class DiagonalGaussian(Posterior):
         return 2 * int(latent_dim)
 
     def forward(self, params: torch.Tensor) -> Distribution:
-        loc, raw = params.float().chunk(2, dim=-1)
+        loc, raw = upcast(params).chunk(2, dim=-1)
         scale = self.positive(raw)
         return Independent(Normal(loc, scale, validate_args=False), 1)
 
@@ -88,7 +90,7 @@ class FullGaussian(Posterior):
 
     def scale_tril(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(μ, L) from the encoder features ``[..., num_params]``."""
-        params = params.float()
+        params = upcast(params)
         z = self.latent_dim_of(params.shape[-1])
         loc, raw_diag, off = params.split([z, z, z * (z - 1) // 2], dim=-1)
         rows, cols = torch.tril_indices(z, z, offset=-1, device=params.device)
@@ -207,7 +209,7 @@ class IAF(Posterior):
 
     def forward(self, params: torch.Tensor) -> Distribution:
         z = self.latent_dim
-        loc, raw, context = params.float().split([z, z, self.context_features], dim=-1)
+        loc, raw, context = upcast(params).split([z, z, self.context_features], dim=-1)
         scale = self.positive(raw)
         base = Independent(Normal(loc, scale, validate_args=False), 1)
         # zuko's NormalizingFlow(f, base) samples with f⁻¹ and evaluates densities with f;

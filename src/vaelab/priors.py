@@ -24,6 +24,7 @@ from torch.distributions import (
 from torch.distributions.kl import _kl_independent_independent
 
 from vaelab.options import FLOW_PRIORS, VAMP_SQUASHES
+from vaelab.precision import upcast
 
 
 class Prior(nn.Module):
@@ -96,7 +97,7 @@ class StandardNormal(Prior):
     def forward(self) -> Distribution:
         made = self._made
         if made is None or made[0] is not self.loc or made[1] is not self.scale:
-            base = Normal(self.loc.float(), self.scale.float(), validate_args=False)
+            base = Normal(upcast(self.loc), upcast(self.scale), validate_args=False)
             dist = StandardNormalDistribution(base, 1, validate_args=False)
             made = self._made = (self.loc, self.scale, dist)
         return made[2]
@@ -120,7 +121,7 @@ class LearnedGaussian(Prior):
         self.log_scale = nn.Parameter(torch.zeros(self.latent_dim))
 
     def forward(self) -> Distribution:
-        return Independent(Normal(self.loc.float(), self.log_scale.float().exp(), validate_args=False), 1)
+        return Independent(Normal(upcast(self.loc), upcast(self.log_scale).exp(), validate_args=False), 1)
 
 
 class MixtureOfGaussians(Prior):
@@ -151,10 +152,10 @@ class MixtureOfGaussians(Prior):
 
     def forward(self) -> Distribution:
         components = Independent(
-            Normal(self.loc.float(), self.log_scale.float().exp(), validate_args=False), 1
+            Normal(upcast(self.loc), upcast(self.log_scale).exp(), validate_args=False), 1
         )
         return MixtureSameFamily(
-            Categorical(logits=self.logits.float(), validate_args=False), components, validate_args=False
+            Categorical(logits=upcast(self.logits), validate_args=False), components, validate_args=False
         )
 
 

@@ -18,6 +18,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from vaelab.likelihoods import Likelihood
 from vaelab.posteriors import Posterior
+from vaelab.precision import upcast
 from vaelab.priors import Prior
 
 _NO_SWITCH = contextlib.nullcontext()
@@ -164,10 +165,10 @@ class VAE(nn.Module):
             z, log_q = rsample_and_log_prob(q, (num_samples,))
         px = self.decode(z)
         with float32(x.device):
-            z = z.float()
+            z = upcast(z)
             if log_q is None:
                 log_q = q.log_prob(z)
-            return px.log_prob(x) + self.prior_distribution().log_prob(z) - log_q.float()
+            return px.log_prob(x) + self.prior_distribution().log_prob(z) - upcast(log_q)
 
     @torch.no_grad()
     def log_likelihood(

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -358,11 +359,18 @@ def test_a_requeued_sweep_continues_its_jobs_in_its_folder(tmp_path):
     sweep = tmp_path / "sweep"
     args = ("-m", "ckpt_path=last", "latent_dim=4,8", "logger=none", *FAST, f"hydra.sweep.dir={sweep}")
     check(run_cli("train.py", *args, "trainer.max_epochs=1", cwd=tmp_path, env=_env(), timeout=400))
-    # the same command after a requeue (one more epoch): each job continues its own run
+    started = {p: p.read_bytes() for p in [sweep / "multirun.yaml", *sweep.glob("0/.hydra/*")]}
+    assert len(started) == 4
+    shutil.rmtree(sweep / "1")  # a job that never ran before the requeue
+    # the same command after a requeue (one more epoch): each job continues its own run, and the
+    # files of the command that started the sweep stay as they were (Hydra rewrote them)
     check(run_cli("train.py", *args, "trainer.max_epochs=2", cwd=tmp_path, env=_env(), timeout=400))
-    for job in ("0", "1"):
-        summary = json.loads((sweep / job / "summary.json").read_text())
-        assert summary["resumed_from"] and not summary["failed"]
+    assert {p: p.read_bytes() for p in started} == started
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert summary["resumed_from"] and not summary["failed"] and summary["trained"]["epochs"] == 2
+    assert "ckpt_path=last" in summary["resumed_with"]
+    fresh = json.loads((sweep / "1" / "summary.json").read_text())  # from scratch: with its own Hydra files
+    assert not fresh["resumed_from"] and (sweep / "1" / ".hydra" / "overrides.yaml").is_file()
 
 
 def test_a_single_run_that_fails_still_exits_nonzero(tmp_path):

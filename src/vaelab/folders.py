@@ -133,8 +133,27 @@ def sweep_group() -> str | None:
     return str(sweep_dir)[-128:]  # W&B's limit on a group name
 
 
+def job_output_subdir(ckpt_path: Any = None) -> str | None:
+    """``hydra.output_subdir`` of a training job (train.yaml): none where the job continues a
+    run in its own folder (``ckpt_path`` given, the folder holds ``.hydra/``), so that those
+    files keep the command that started the run, else ``.hydra``. Resolved by Hydra when it
+    saves a job's files, once the job's folder is known; in a sweep (``-m ckpt_path=last ...``)
+    that is before any callback of the job runs (``RunFolders.on_run_start`` does the same
+    for a single run, and says so)."""
+    if ckpt_path in (None, ""):
+        return ".hydra"
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        folder = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - not known yet (a callback reading the config early)
+        folder = None
+    return None if folder and (Path(str(folder)) / ".hydra").is_dir() else ".hydra"
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("vaelab.sweep_group", sweep_group, replace=True)
+    OmegaConf.register_new_resolver("vaelab.job_output_subdir", job_output_subdir, replace=True)
 
 
 register_resolvers()
@@ -247,6 +266,7 @@ class RunFolders(Callback):
             raise ValueError(f"RunFolders(task=...) is train or eval, got {task!r}")
         self.task = task
         self._held: Path | None = None  # the folder this process claimed (claim_folder)
+        self._multirun_yaml: bytes | None = None  # a continued sweep's multirun.yaml, as it started
 
     @staticmethod
     def _stop(message: str) -> None:
@@ -265,7 +285,9 @@ class RunFolders(Callback):
 
         # a DDP job's other processes run in rank zero's folder, after rank zero wrote there
         # (vaelab.distributed: hydra.output_subdir=null; or a cluster's launcher)
-        if launched_rank() or config.hydra.get("output_subdir") is None:
+        # (train.yaml's output_subdir is an interpolation, job_output_subdir: not resolved here)
+        no_files = not OmegaConf.is_interpolation(config.hydra, "output_subdir") and config.hydra.output_subdir is None
+        if launched_rank() or no_files:
             return
         # the hold first: a run that started a moment ago in this folder is not an earlier one
         folder, renamed = self._hold(config.hydra.run, "run")
@@ -340,6 +362,23 @@ class RunFolders(Callback):
             release_folder(sweep)  # a refused sweep leaves no lock file behind
             self._held = None
             raise
+        # a sweep continued in its folder (-m ckpt_path=last ...): Hydra's sweeper saves its
+        # multirun.yaml again, with this command; the one of the command that started the sweep
+        # is put back (at the first job's start, and at the sweep's end for launchers whose jobs
+        # run elsewhere). Each job's .hydra/ files are kept by job_output_subdir
+        started = sweep / "multirun.yaml"
+        resumes = self.task == "train" and config.get("ckpt_path") not in (None, "")
+        self._multirun_yaml = started.read_bytes() if resumes and started.is_file() else None
+
+    def _keep_multirun_yaml(self) -> None:
+        if self._multirun_yaml is not None and self._held is not None:
+            path = self._held / "multirun.yaml"
+            with contextlib.suppress(OSError):
+                if not path.is_file() or path.read_bytes() != self._multirun_yaml:
+                    path.write_bytes(self._multirun_yaml)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._keep_multirun_yaml()
 
     def _check_sweep(self, config: DictConfig, sweep: Path) -> None:
         # e.g. -m ckpt_path=last ...: a requeued training sweep
@@ -357,6 +396,7 @@ class RunFolders(Callback):
                        f"drop those options):\n  {lines}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._keep_multirun_yaml()
         if self._held is not None:
             release_folder(self._held)
             self._held = None

@@ -92,11 +92,35 @@ def test_decoder_width_follows_the_likelihood(tmp_path):
 
 
 def test_bernoulli_on_grey_levels_names_the_fix(tmp_path):
-    cfg = compose_train(tmp_path, "likelihood=bernoulli", "data.binarize=none")
+    cfg = compose_train(tmp_path, "likelihood=bernoulli", "data.binarize=none", "data.dequantize=false")
     config = OmegaConf.to_container(cfg, resolve=True)
     with pytest.raises(ValueError, match="data.binarize=dynamic") as err:
         VAEModule(config=config, data_info=build_datamodule(cfg.data, config).info)
     assert "continuous_bernoulli" in str(err.value)
+
+
+@pytest.mark.parametrize(("overrides", "dequantized"), [
+    (("likelihood=gaussian",), True),  # the default, auto: a density on intensities is dequantized
+    (("likelihood=laplace", "data.dequantize=true"), True),
+    (("likelihood=gaussian", "data.dequantize=false"), False),  # read at the grid points: warned
+    (("likelihood=continuous_bernoulli", "data.binarize=static"), False),  # on binary values: warned
+    (("likelihood=bernoulli",), False),  # discrete: its bits/dim need no bin width
+    (("likelihood=categorical",), False),
+])
+def test_bits_per_dim_of_a_density_bound_the_data_or_are_warned_of(tmp_path, recwarn, overrides, dequantized):
+    cfg = compose_train(tmp_path, *overrides)
+    resolve_data_options(cfg)
+    assert cfg.data.dequantize is dequantized
+    config = OmegaConf.to_container(cfg, resolve=True)
+    dm = build_datamodule(cfg.data, config)
+    module = VAEModule(config=config, data_info=dm.info)
+    module.on_test_start()
+    warned = [str(w.message) for w in recwarn if "test/bpd converts" in str(w.message)]
+    density = not module.vae.likelihood.discrete
+    assert bool(warned) is (density and not dequantized), warned
+    if warned:
+        assert "not a bound on the discrete data's bits/dim" in warned[0]
+        assert ("data.dequantize=true" in warned[0]) is ("data.binarize=static" not in overrides)
 
 
 class HalfSizeDecoder(MLPDecoder):

@@ -88,7 +88,9 @@ def test_summaries_hold_gap_diagnostics_and_how_the_numbers_were_obtained(sweep)
         assert t["test/gap"] > -0.1  # log p̂(x) ≥ ELBO up to noise
         assert s["evaluation"] == {"test_num_samples": K, "val_num_samples": 10, "chunk_size": 100, "pass_size": "auto"}
         assert s["data"]["binarize"] == ("dynamic" if lik == "bernoulli" else "none")
-        assert s["data"]["dequantize"] is False
+        # dequantize=auto: the continuous Bernoulli's density on dequantized data, so test/bpd bounds the levels'
+        assert s["data"]["dequantize"] is (lik != "bernoulli")
+        assert s["data"]["bin_width"] == (1 / 17 if lik != "bernoulli" else 1.0)
         d = s["diagnostics"]
         assert d["num_examples"] == 360 and len(d["kl_per_dim"]) == 16
         assert sum(d["kl_per_dim"]) == pytest.approx(t["test/kl"], abs=1e-3)  # analytic KL splits exactly
@@ -113,7 +115,8 @@ def test_wandb_run_names_summary_and_checkpoint_artifact(sweep):
         assert run.summary["test/nll"] == pytest.approx(s["test"]["test/nll"], abs=1e-4)
         assert run.summary["test/gap"] == pytest.approx(s["test"]["test/gap"], abs=1e-4)
         assert run.summary["evaluation/test_num_samples"] == K and run.summary["evaluation/chunk_size"] == 100
-        assert run.summary["data/binarize"] == s["data"]["binarize"] and run.summary["data/dequantize"] is False
+        assert run.summary["data/binarize"] == s["data"]["binarize"]
+        assert run.summary["data/dequantize"] is s["data"]["dequantize"]
         assert run.summary["diagnostics/active_units"] == s["diagnostics"]["active_units"]
         records = []
         for payload in iter_record_bytes(path):

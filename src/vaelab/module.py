@@ -456,6 +456,17 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         self.log("test/nll", self.metrics["test_nll"], on_epoch=True)
         self.log("test/gap", self.metrics["test_gap"], on_epoch=True)
 
+    def on_test_start(self) -> None:
+        lik, info = self.vae.likelihood, self.data_info
+        if not lik.discrete and not info.get("dequantize"):
+            rank_zero_warn(
+                f"test/bpd converts {type(lik).__name__}'s density at the data's "
+                f"{'binary values' if info.get('binary') else 'grid points'} with the bin width "
+                f"{info['bin_width']:.4g}: not a bound on the discrete data's bits/dim and not comparable with the "
+                "papers' tables (a density can grow without bound there). "
+                + ("data.dequantize=true (or auto) makes it one." if not info.get("binary") else
+                   "A discrete likelihood (bernoulli) gives the bits/dim of binary data."))
+
     def on_test_epoch_end(self) -> None:
         nll = self.metrics["test_nll"].compute()
         bpd = bits_per_dim(nll, self.num_dims, self.vae.likelihood.discrete, self.data_info["bin_width"])

@@ -249,6 +249,39 @@ def test_a_run_folder_resolves_to_the_checkpoint_inside_it(tmp_path, caplog):
     assert resolve_run_checkpoint(base / "checkpoints" / "last.ckpt") == base / "checkpoints" / "last.ckpt"
 
 
+def test_report_tells_a_running_an_evaluated_and_a_killed_job_from_one_that_failed(tmp_path):
+    """Jobs without summary.json: one running now (its lock file names a live process), one of an
+    eval.py sweep (metrics.json, whose numbers are shown), one killed after its first checkpoint
+    (continue it), one that stopped before training; a lock file left by a killed process is
+    not a running job."""
+    import os
+    import socket
+
+    from vaelab.report import collect
+
+    sweep = tmp_path / "sweep"
+    (sweep).mkdir()
+    (sweep / "multirun.yaml").write_text("{}")
+    for job in "01234":
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+    host = socket.gethostname()
+    (sweep / "0" / ".vaelab.lock").write_text(f"pid {os.getpid()} on {host}, since 2026-11-28 10:00:00\n")
+    (sweep / "1" / "metrics.json").write_text(json.dumps(
+        {"metrics": {"test/nll": 25.5, "test/bpd": 0.57}, "diagnostics": {"active_units": 7}}))
+    (sweep / "2" / "checkpoints").mkdir()
+    (sweep / "2" / "checkpoints" / "latest-step40.ckpt").write_bytes(b"state")
+    dead = 2**22 + 12345  # above Linux's pid limit: no such process
+    (sweep / "2" / ".vaelab.lock").write_text(f"pid {dead} on {host}, since 2026-11-28 10:00:00\n")
+    _, rows = collect(sweep)
+    status = {r["run"]: r["status"] for r in rows}
+    assert status["0"] == f"running (pid {os.getpid()} on {host}, since 2026-11-28 10:00:00)"
+    assert status["1"] == "ok (eval.py)"
+    assert [rows[1][k] for k in ("test/nll", "test/bpd", "active units")] == [25.5, 0.57, 7]
+    assert status["2"].startswith("failed: stopped after its training began") and f"ckpt_path={sweep / '2'}" in status["2"]
+    assert status["3"] == status["4"] == "failed: no summary.json: it stopped before training (see its log)"
+
+
 def test_report_on_a_path_that_is_no_folder_says_so(tmp_path, capsys):
     from vaelab.report import main
 

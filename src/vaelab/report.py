@@ -1,7 +1,7 @@
 """One table for a multirun: ``python report.py <multirun folder>`` (or ``vaelab-report``).
 
 Every run under the folder (a folder holding ``summary.json``, or a sweep job's folder without
-one: it failed before training) becomes one row: its overrides
+one: running now, an evaluation, killed, or failed before training) becomes one row: its overrides
 (one column per overridden key, from ``<run>/.hydra/overrides.yaml``), best ``val/elbo``,
 ``test/nll``, ``test/bpd``, active units and wall time. The table is printed as markdown and
 written to ``report.md`` and ``report.csv`` in the folder: what the W&B runs table shows online,
@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,45 @@ def failure(summary: dict[str, Any] | None) -> str | None:
     return " ".join(str(summary.get("error") or "").split()) if summary.get("failed") else None
 
 
+def writer(run: Path) -> str | None:
+    """The process writing into ``run`` right now, from the lock file that ``vaelab.folders``
+    keeps there while it runs ("pid N on host, since ..."); None where there is none, or where
+    its process on this machine has ended (a kill leaves the file). Read, not locked: a report
+    never stands in the way of a job starting."""
+    try:
+        text = (run / ".vaelab.lock").read_text(errors="replace").strip()
+    except OSError:
+        return None
+    words = text.split()
+    if len(words) >= 4 and words[0] == "pid" and words[1].isdigit() and words[3].rstrip(",") == socket.gethostname():
+        try:
+            os.kill(int(words[1]), 0)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            pass  # (another user's process: it exists)
+    return text or None
+
+
+def without_summary(run: Path) -> tuple[str, dict[str, Any] | None]:
+    """The status of a run folder without ``summary.json``, and what stands in for it: a job
+    running now, an evaluation (``eval.py``'s ``metrics.json``), a training run stopped after
+    its first checkpoint (killed: continue it), or a job that stopped before training."""
+    busy = writer(run)
+    if busy:
+        return f"running ({busy})", None
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = None
+    if isinstance(metrics, dict) and isinstance(metrics.get("metrics"), dict):
+        return "ok (eval.py)", {"test": metrics["metrics"], "diagnostics": metrics.get("diagnostics")}
+    if any((run / "checkpoints").glob("*.ckpt")):
+        return (f"failed: stopped after its training began, without a summary.json (killed?); continue it: "
+                f"python train.py ckpt_path={run}"), None
+    return f"failed: {failure(None)}", None
+
+
 def run_order(run: Path, root: Path) -> tuple:
     """Sort key of a run folder under ``root``: job numbers as numbers (2 before 10)."""
     rel = run.relative_to(root).parts
@@ -90,6 +130,7 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     # folder (in a sweep folder, which holds Hydra's multirun.yaml)
     found = {p.parent for p in root.rglob("summary.json")}
     found |= {p.parent for p in root.rglob(".hydra") if p.is_dir() and (p.parent.parent / "multirun.yaml").is_file()}
+    found |= {p.parent for p in root.rglob("metrics.json")}  # eval.py's
     runs = sorted(found, key=lambda r: run_order(r, root))
     rel = {run: str(run.relative_to(root)) or "." for run in runs}  # each row's name
     overrides: dict[Path, dict[str, str]] = {}
@@ -106,9 +147,12 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     # keys every run sets alike (the sweep's constants) stay: they say how the numbers were got
     rows = []
     for run in runs:
+        status = None
         try:
             summary = read_summary(run)
             why = failure(summary)
+            if summary is None:
+                status, summary = without_summary(run)
         except (OSError, ValueError) as err:  # one damaged file is that row's, not the table's
             summary = None
             message = (str(err).splitlines() or [""])[0][:120]
@@ -117,7 +161,7 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
         row: dict[str, Any] = {"run": rel[run]}
         row.update({k: overrides[run].get(k, "") for k in keys})
         row.update({name: get(summary or {}) for name, get in NUMBERS})
-        row["status"] = "ok" if why is None else f"failed: {why[:300]}" if why else "failed"
+        row["status"] = status or ("ok" if why is None else f"failed: {why[:300]}" if why else "failed")
         if run in unread:
             row["status"] += f"; {unread[run]}: its settings are not shown"
         rows.append(row)

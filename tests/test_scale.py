@@ -339,6 +339,7 @@ def test_a_sweep_with_bad_jobs_is_refused_before_any_or_reported_and_its_folder_
     proc = run_cli("train.py", "-m", f"ckpt_path=null,{missing}", "trainer.max_epochs=1", "logger=none", *FAST,
                    f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=_env(), timeout=400)
     assert proc.returncode != 0 and "1 of 2 sweep jobs failed" in proc.stderr and f"no checkpoint at {missing}" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr  # an explained error: its message alone, as a single run prints it
     summaries = [json.loads((sweep / j / "summary.json").read_text()) for j in ("0", "1")]
     assert [s["failed"] for s in summaries] == [False, True]
     assert f"no checkpoint at {missing}" in summaries[1]["error"]

@@ -54,7 +54,11 @@ def train_main(cfg: DictConfig) -> float:
         # one job of a sweep: its W&B run is finished with exit code 1 and its summary.json says
         # failed (written here if the job stopped before training); the sweep goes on, Optuna
         # records a trial as bad as can be, and the sweep's end lists the failures (RunFolders)
-        log.exception("vaelab: this sweep job failed; the sweep continues with the next job")
+        if isinstance(error, ExplainedError):  # its message names the fix: no traceback before it
+            log.error("vaelab: this sweep job failed; the sweep continues with the next job\n%s: %s",
+                      type(error).__name__, error)
+        else:
+            log.exception("vaelab: this sweep job failed; the sweep continues with the next job")
         _write_failed_job_summary(cfg)
         return float("-inf")
     best = summary.get("best_val_elbo")

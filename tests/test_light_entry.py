@@ -126,6 +126,17 @@ def test_a_plugins_settings_are_checked_where_the_group_is_that_plugin():
         IAF(latent_dim=2, num_transforms=0)
 
 
+def test_eval_takes_where_and_how_the_data_are_read_not_other_data(tmp_path):
+    """eval.py's data.* overrides: where and how the stored data are read; a setting that
+    would change the test split (split_seed, test_size, pad, binarize) is refused, a typo named."""
+    proc, heavy = _entry(tmp_path, "eval.py", "ckpt_path=/nowhere.ckpt", "+data.split_seed=7", "+data.eval_batch_szie=10",
+                         "data.num_workers=2", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert proc.returncode == 1 and heavy == []
+    assert "data.split_seed cannot be set in eval.py: the test data are the run's" in proc.stderr
+    assert "data.eval_batch_szie cannot be set in eval.py (did you mean data.eval_batch_size?)" in proc.stderr
+    assert "data.num_workers cannot be set" not in proc.stderr and "2 problems" in proc.stderr
+
+
 def test_the_networks_settings_are_checked_as_the_networks_check_them():
     """Layer widths, channels and activations of vaelab's networks (and the MLP widths of its
     flows) are refused before torch loads, in the terms of the networks' own checks."""

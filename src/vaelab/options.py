@@ -23,6 +23,10 @@ FLOW_PRIORS = ("maf", "nsf")
 #: pseudo-inputs into the data's range
 VAMP_SQUASHES = ("hardtanh", "sigmoid", "none")
 
+#: the data settings that say where and how the data are read, not which data: free on resume
+#: (``vaelab.runs.FREE_ON_RESUME``) and the only ones eval.py takes (the test split is the run's)
+DATA_READ_KEYS = ("root", "download", "num_workers", "pin_memory", "on_device", "eval_batch_size")
+
 #: the ELBO's terms, logged in validation as ``val/<term>`` and in testing as ``test/<term>``
 #: (``vaelab.module``); the names a checkpoint callback may monitor (``val/elbo``)
 TERMS = ("elbo", "recon", "kl")

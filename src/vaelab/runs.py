@@ -35,6 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from vaelab.checkpoint_io import AtomicCheckpointIO, link_file
 from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
 from vaelab.errors import ExplainedError
+from vaelab.options import DATA_READ_KEYS
 
 log = logging.getLogger("vaelab")
 
@@ -383,8 +384,7 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 #: override of optim.* would be stored in the config but not applied)
 FIXED_ON_RESUME = ("latent_dim", "encoder", "decoder", "posterior", "likelihood", "prior", "optim", "data")
 #: ... except where the data are read from and how they are loaded
-FREE_ON_RESUME = ("data.root", "data.download", "data.num_workers", "data.pin_memory", "data.on_device",
-                  "data.eval_batch_size")
+FREE_ON_RESUME = tuple(f"data.{key}" for key in DATA_READ_KEYS)
 
 
 class ResumeConfigError(ValueError, ExplainedError):

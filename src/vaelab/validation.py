@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from vaelab.errors import ExplainedError
 from vaelab.options import (
     ACTIVATIONS,
+    DATA_READ_KEYS,
     FLOW_PRIORS,
     MALLOC_CHOICES,
     NAN_POLICIES,
@@ -504,6 +505,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") in (None, "???"):
         raise ConfigError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
     problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed", "data", "malloc"]))
+    problems += eval_data_problems(cfg.get("data"))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
     # Hydra's own files are checked before it writes them (vaelab.folders.RunFolders); the rest here,
     # also where paths.output_dir is not Hydra's folder
@@ -512,6 +514,23 @@ def validate_eval_config(cfg: DictConfig) -> None:
         problems.append(earlier)
     problems += added_key_problems("eval")
     raise_problems(problems)
+
+
+def eval_data_problems(data: Any) -> list[str]:
+    """eval.py's ``data.*`` overrides other than where and how the data are read
+    (``DATA_READ_KEYS``): the test split, its size, binarization, padding, ... are the run's,
+    stored in its checkpoint (``+data.split_seed=7`` drew another test split, with training
+    images in it; ``+data.pad=2`` failed inside the model)."""
+    problems = []
+    for key in data or {}:
+        if key in DATA_READ_KEYS:
+            continue
+        near = difflib.get_close_matches(str(key), DATA_READ_KEYS, n=1)
+        hint = f" (did you mean data.{near[0]}?)" if near else ""
+        problems.append(f"data.{key} cannot be set in eval.py{hint}: the test data are the run's, as its checkpoint "
+                        f"stores them (eval.py takes {', '.join(f'data.{k}' for k in DATA_READ_KEYS)}); to test on "
+                        "other data, train a run on them")
+    return problems
 
 
 def raise_problems(problems: list[str]) -> None:

@@ -167,3 +167,17 @@ def test_latent_projection_is_the_means_in_2d_and_pca_otherwise():
     points, xl, _ = project_2d(plane)
     assert points.shape == (50, 2) and "PC 1" in xl
     assert points.var(0, ddof=1).sum() == pytest.approx(plane.double().var(0).sum().item(), rel=1e-6)
+
+
+def test_the_pictured_examples_are_spread_over_a_split_stored_by_class():
+    """Binarized MNIST's test file is stored by class: its first 16 examples are all zeros, and
+    its first 5,000 half the classes. The pictures take a fixed subset drawn over the split."""
+    from vaelab.callbacks import spread_examples
+
+    labels = torch.arange(10).repeat_interleave(1000)  # sorted by class, as that file
+    picked = spread_examples(len(labels), 16, seed=0)
+    assert len(picked) == 16 and torch.equal(picked, picked.sort().values) and len(set(picked.tolist())) == 16
+    assert len(set(labels[picked].tolist())) >= 6
+    assert len(set(labels[spread_examples(len(labels), 5000, seed=0)].tolist())) == 10
+    assert torch.equal(picked, spread_examples(len(labels), 16, seed=0))  # the same examples every epoch
+    assert torch.equal(spread_examples(12, 16, seed=0), torch.arange(12))

@@ -182,10 +182,11 @@ class ImageLogger(pl.Callback):
         out: dict[str, tuple[torch.Tensor, str]] = {}
         try:
             with _seeded(pl_module.device, self.seed):
-                n = min(len(test), self.max_latent_points)
-                labels = test.labels[:n]
+                picked = spread_examples(len(test), self.max_latent_points, self.seed)
+                labels = test.labels[picked.to(test.labels.device)]
                 bs = getattr(dm, "eval_batch_size", 256)
-                xs = [dm.to_float(test.images[i:i + bs].to(pl_module.device)) for i in range(0, n, bs)]
+                images = test.images[picked.to(test.images.device)]
+                xs = [dm.to_float(images[i:i + bs].to(pl_module.device)) for i in range(0, len(picked), bs)]
                 means = upcast(torch.cat([posterior_mean(vae.encode(x)) for x in xs]))
                 x = xs[0]
                 if self.num_images > 0:
@@ -237,7 +238,8 @@ class ImageLogger(pl.Callback):
             dm = trainer.datamodule
             val = getattr(dm, "val_set", None)
             if val is not None and self.num_images > 0:
-                x = dm.to_float(val.images[: self.num_images].to(pl_module.device))
+                picked = spread_examples(len(val), self.num_images, self.seed)
+                x = dm.to_float(val.images[picked.to(val.images.device)].to(pl_module.device))
                 with _seeded(pl_module.device, self.seed + 1):
                     px = vae.reconstruct(x)
                     mean = px.mean
@@ -255,6 +257,15 @@ class ImageLogger(pl.Callback):
         finally:
             vae.train(was_training)
         return out
+
+
+def spread_examples(total: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of ``min(n, total)`` examples drawn once with ``seed`` from the whole split, in
+    order: the same every epoch, and spread over it (a split stored by class, such as binarized
+    MNIST's test file, showed only zeros in its first examples)."""
+    if n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 class ProgressBar(TQDMProgressBar):

@@ -40,6 +40,7 @@ def test_training_raises_val_elbo_and_writes_checkpoints(trained):
     assert len(val) == EPOCHS
     assert max(val) > val[0] + 1.0, val  # nats per example
     assert summary["best_val_elbo"] == pytest.approx(max(val), abs=1e-4)
+    assert summary["best_monitor"] == "val/elbo" and summary["best_score"] == summary["best_val_elbo"]
     assert Path(summary["best_checkpoint"]).is_file() and (trained / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -169,7 +170,7 @@ def test_without_the_callbacks_group_the_run_still_ends_cleanly(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert not summary["failed"] and summary["best_val_elbo"] is None
     assert Path(summary["best_checkpoint"]).is_file() and "test/nll" in summary["test"]
-    assert "no checkpoint callback monitors val/elbo" in proc.stdout
+    assert "the latest: no checkpoint callback monitors a metric" in proc.stdout and summary["best_score"] is None
 
 
 def test_bernoulli_on_grey_levels_fails_before_training(tmp_path):

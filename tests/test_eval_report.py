@@ -282,6 +282,19 @@ def test_report_tells_a_running_an_evaluated_and_a_killed_job_from_one_that_fail
     assert status["3"] == status["4"] == "failed: no summary.json: it stopped before training (see its log)"
 
 
+def test_report_shows_the_best_val_iwae_of_runs_that_monitor_it(tmp_path):
+    from vaelab.report import collect, write_json
+
+    for run, monitor, score in (("elbo", "val/elbo", -90.5), ("iwae", "val/iwae", -88.25)):
+        write_json(tmp_path / run / "summary.json", {"failed": False, "best_score": score, "best_monitor": monitor,
+                                                      "best_val_elbo": score if monitor == "val/elbo" else None})
+    columns, rows = collect(tmp_path)
+    assert [(r["best val/elbo"], r["best val/iwae"]) for r in rows] == [(-90.5, None), (None, -88.25)]
+    (tmp_path / "iwae" / "summary.json").unlink()
+    columns, rows = collect(tmp_path)
+    assert "best val/iwae" not in columns and "best val/iwae" not in rows[0]  # no empty column
+
+
 def test_report_on_a_path_that_is_no_folder_says_so(tmp_path, capsys):
     from vaelab.report import main
 

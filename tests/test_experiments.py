@@ -36,6 +36,9 @@ def test_burda_vae_and_iwae(tmp_path, experiment, objective, k):
     assert [m.out_features for m in linears] == [200, 200, 100]  # 2 × 50 for μ and σ
     assert any(isinstance(m, torch.nn.Tanh) for m in module.vae.encoder.modules())
     assert cfg.evaluation.test_num_samples == 5000 and cfg.trainer.max_epochs == 3280
+    # the best checkpoint by the bound the model is trained on
+    assert cfg.callbacks.model_checkpoint.monitor == ("val/iwae" if objective == "IWAE" else "val/elbo")
+    assert cfg.evaluation.val_num_samples > 0
     opt = module.configure_optimizers()
     assert opt["optimizer"].defaults["eps"] == 1e-4
     sched = opt["lr_scheduler"]["scheduler"]

@@ -61,8 +61,8 @@ def train_main(cfg: DictConfig) -> float:
             log.exception("vaelab: this sweep job failed; the sweep continues with the next job")
         _write_failed_job_summary(cfg)
         return float("-inf")
-    best = summary.get("best_val_elbo")
-    # returned to Hydra's sweepers (Optuna maximizes val/elbo)
+    best = summary.get("best_score", summary.get("best_val_elbo"))  # (a finished run's older summary)
+    # returned to Hydra's sweepers: Optuna maximizes the checkpoint callback's monitor (val/elbo)
     return float(best) if best is not None and math.isfinite(best) else float("-inf")
 
 

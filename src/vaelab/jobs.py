@@ -135,7 +135,8 @@ def _as_float(value: Any) -> float:
 
 # --- training ---------------------------------------------------------------------------------
 def train(cfg: DictConfig, checked: bool = False) -> dict[str, Any]:
-    """Train (and test) one model; returns the summary, which holds ``best_val_elbo``.
+    """Train (and test) one model; returns the summary, which holds ``best_score`` (of the
+    checkpoint callback's ``best_monitor``, val/elbo by default) and ``best_val_elbo``.
 
     The config is checked first (every bad value, ``ckpt_path`` and unwritable folder, before
     anything runs; ``checked=True``: the caller has, as ``vaelab.cli`` does). ``ckpt_path``
@@ -220,8 +221,13 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or None
         best_score = getattr(ckpt_cb, "best_model_score", None)
+        score = _as_float(best_score) if best_score is not None else None
+        monitor = getattr(ckpt_cb, "monitor", None) if score is not None else None
         summary.update(
-            best_val_elbo=_as_float(best_score) if best_score is not None else None,
+            # what "best" means: the checkpoint callback's monitor (val/elbo; val/iwae for IWAE)
+            best_score=score,
+            best_monitor=monitor,
+            best_val_elbo=score if monitor == "val/elbo" else None,
             best_checkpoint=best_path,
             last_checkpoint=getattr(ckpt_cb, "last_model_path", "") or None,
         )
@@ -263,10 +269,12 @@ def _unit(key: str) -> str:
 def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     lines = ["", "vaelab: run finished", f"  output folder   {summary['output_dir']}"]
     if summary.get("best_checkpoint"):
-        score = summary.get("best_val_elbo")
-        # without a checkpoint callback that monitors val/elbo (callbacks overridden or removed),
+        score = summary.get("best_score")
+        # without a checkpoint callback that monitors a metric (callbacks overridden or removed),
         # Lightning's default one keeps the latest checkpoint and has no score
-        why = f"val/elbo {score:.3f} nats" if score is not None else "the latest: no checkpoint callback monitors val/elbo"
+        why = (f"{summary.get('best_monitor')} {score:.3f}" + (" nats" if str(summary.get("best_monitor")).startswith("val/")
+                                                               else "")
+               if score is not None else "the latest: no checkpoint callback monitors a metric")
         lines.append(f"  best checkpoint {summary['best_checkpoint']}  ({why})")
     if summary.get("last_checkpoint"):
         lines.append(f"  last checkpoint {summary['last_checkpoint']}")

@@ -22,6 +22,8 @@ from typing import Any
 
 NUMBERS = (
     ("best val/elbo", lambda s: s.get("best_val_elbo")),
+    # runs whose checkpoint callback monitors val/iwae (experiment=iwae_mnist); a column where any has it
+    ("best val/iwae", lambda s: s.get("best_score") if s.get("best_monitor") == "val/iwae" else None),
     ("test/nll", lambda s: (s.get("test") or {}).get("test/nll")),
     ("test/bpd", lambda s: (s.get("test") or {}).get("test/bpd")),
     ("active units", lambda s: (s.get("diagnostics") or {}).get("active_units")),
@@ -165,7 +167,12 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
         if run in unread:
             row["status"] += f"; {unread[run]}: its settings are not shown"
         rows.append(row)
-    columns = ["run", *keys, *(name for name, _ in NUMBERS), "status"]
+    numbers = [name for name, _ in NUMBERS]
+    if all(row["best val/iwae"] is None for row in rows):  # no run monitors it: no empty column
+        numbers.remove("best val/iwae")
+        for row in rows:
+            del row["best val/iwae"]
+    columns = ["run", *keys, *numbers, "status"]
     return columns, rows
 
 

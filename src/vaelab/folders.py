@@ -387,7 +387,8 @@ class RunFolders(Callback):
         held = [job.name for job in jobs if self._earlier(job)]
         if held:
             self._stop(f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep (jobs {', '.join(held)}), which "
-                       "this sweep would overwrite: give another hydra.sweep.dir; nothing has run yet")
+                       "this sweep would overwrite: give another hydra.sweep.dir, or continue that sweep with its "
+                       "command and -m ckpt_path=last; nothing has run yet")
         bad = sweep_value_problems(config) if self.task == "train" else []
         if bad:
             lines = "\n  ".join(bad)

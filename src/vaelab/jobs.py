@@ -366,7 +366,7 @@ def _print_eval(out: dict[str, Any], path: Path) -> None:
     ]
     for key, value in sorted(out["metrics"].items()):
         unit = _unit(key)
-        lines.append(f"  {key:<12} {value:10.4f} {unit}")
+        lines.append(f"  {key:<17} {value:10.4f} {unit}")
     lines.append(f"  (test/nll = −log p(x) by importance sampling, K={out['test_num_samples']}; "
                  "test/elbo is the bound it tightens)")
     lines.append(f"  written to {path}")

@@ -134,9 +134,12 @@ def test_an_explained_error_prints_its_message_alone_and_a_bug_its_traceback(tmp
         ("eval.py", [f"ckpt_path={tmp_path}/nowhere"], f"CheckpointError: no checkpoint at {tmp_path}/nowhere"),
         ("train.py", ["data=mnist", f"data.root={tmp_path}/nodata", "data.download=false"],
          f"DataNotFoundError: mnist: the files are not under {tmp_path}/nodata/MNIST/raw"),
-        # checked where the value is used (a network's widths)
-        ("train.py", ["encoder.hidden=abc"], "SettingError: encoder.hidden must be a list of positive layer widths, "
-                                             "got 'abc' (e.g. encoder.hidden=[512,512])"),
+        ("train.py", ["encoder.hidden=abc"], "ConfigError: the config has 1 problem; nothing has run yet:\n  "
+                                             "encoder.hidden must be a list of positive layer widths, got 'abc' (e.g. "
+                                             "encoder.hidden=[512,512])"),
+        # checked where the value is used (the split's size against the data's)
+        ("train.py", ["data.val_size=5000"], "SettingError: data.val_size=5000 leaves no training or no validation "
+                                             "data out of"),
         ("train.py", ["+encoder.hiddn=[64]"], "ModelConfigError: encoder.hiddn is not a setting of "
                                               "vaelab.networks.MLPEncoder; did you mean encoder.hidden?"),
         ("eval.py", [f"ckpt_path={tmp_path}/nowhere", "data.eval_batch_size=0"],

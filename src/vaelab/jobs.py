@@ -269,12 +269,11 @@ def _unit(key: str) -> str:
 def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     lines = ["", "vaelab: run finished", f"  output folder   {summary['output_dir']}"]
     if summary.get("best_checkpoint"):
-        score = summary.get("best_score")
+        score, monitor = summary.get("best_score"), summary.get("best_monitor")
         # without a checkpoint callback that monitors a metric (callbacks overridden or removed),
         # Lightning's default one keeps the latest checkpoint and has no score
-        why = (f"{summary.get('best_monitor')} {score:.3f}" + (" nats" if str(summary.get("best_monitor")).startswith("val/")
-                                                               else "")
-               if score is not None else "the latest: no checkpoint callback monitors a metric")
+        unit = " nats" if str(monitor).startswith("val/") else ""
+        why = f"{monitor} {score:.3f}{unit}" if score is not None else "the latest: no checkpoint callback monitors a metric"
         lines.append(f"  best checkpoint {summary['best_checkpoint']}  ({why})")
     if summary.get("last_checkpoint"):
         lines.append(f"  last checkpoint {summary['last_checkpoint']}")

@@ -296,15 +296,18 @@ def test_epoch_means_are_exact_and_reset_every_epoch(every_step):
 
 
 def test_step_values_are_means_over_their_logging_interval(every_step, tmp_path):
-    """With log_every_n_steps=7 the same training (same seed) logs at steps 6, 13, ..., 55, and
-    each value is the example-weighted mean of the every-step run's values since the previous
-    point: no step is left out, also where an interval spans the end of an epoch (steps 14-20)."""
+    """With log_every_n_steps=7 the same training (same seed) logs at steps 6, 13, 20, ..., 55,
+    and at each epoch's last step (19, 39, 59) the steps since the previous point; each value is
+    the example-weighted mean of the every-step run's values over its steps: no step is left
+    out (an epoch's last ones, training's last ones), and no point mixes two epochs."""
     sparse = _three_digits_epochs(tmp_path / "run", 7)
     logged = [r for r in sparse.history if "train/elbo" in r]
-    assert [int(r["trainer/global_step"]) for r in logged] == list(range(6, 60, 7))
+    at = [int(r["trainer/global_step"]) for r in logged]
+    assert at == sorted([*range(6, 60, 7), 19, 39, 59])
+    assert [int(r["epoch"]) for r in logged] == [s // 20 for s in at]
     for term in ("elbo", "recon", "kl", "loss"):
         steps = torch.tensor(every_step.values(f"train/{term}"), dtype=torch.float64)
-        for r in logged:
-            window = slice(int(r["trainer/global_step"]) - 6, int(r["trainer/global_step"]) + 1)
+        for r, start in zip(logged, [0, *(s + 1 for s in at[:-1])], strict=True):
+            window = slice(start, int(r["trainer/global_step"]) + 1)
             expected = float((steps[window] * BATCH_SIZES[window]).sum() / BATCH_SIZES[window].sum())
             assert r[f"train/{term}"] == pytest.approx(expected, abs=1e-3), (term, r["trainer/global_step"])

@@ -88,6 +88,10 @@ class PendingSums:
             self.sums.add_(sums)
         self.count += count
 
+    def pending(self) -> int:
+        """The number of examples added since ``interval()`` was last called."""
+        return self.count - self._mark[1]
+
     def interval(self) -> tuple[torch.Tensor | None, int]:
         """The sums ``[T]`` and the number of examples added since the previous call (the
         first call: since the start), across flushes: the step values of a logging interval,

@@ -171,6 +171,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         self.auto_pass_size: int | None = None
         #: the step values last sent to the loggers (floats), for the progress bar
         self.last_step_values: dict[str, float] = {}
+        self._step_scalars: dict[str, Any] = {}  # the last training step's train/beta, ...
 
     def _check_likelihood_fits_data(self) -> None:
         lik = self.vae.likelihood
@@ -259,12 +260,18 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             self._epoch_means_logged = True
             for name in self.train_sum_names:
                 self.log(f"train/{name}_epoch", self.metrics[f"train_{name}"], on_step=False, on_epoch=True)
+        self._step_scalars = out.scalars
         if self._logging_step():
             self._log_step_values(out.scalars)
         return out.loss
 
     def on_train_epoch_end(self) -> None:
         self._epoch_means_logged = False  # (registered again at the next epoch's first step)
+        # the steps since the epoch's last point, in a point of their own: no step is left out of
+        # the curves (an epoch's last steps, training's last ones), and no point mixes two epochs
+        if self.train_sums.pending() and self._trainer is not None and self._trainer.loggers:
+            # at the step of the epoch's last batch, as a point logged in its training_step would be
+            self._log_step_values(self._step_scalars, step=self._trainer.fit_loop.epoch_loop._batches_that_stepped - 1)
 
     def on_train_start(self) -> None:
         """Step values at least once an epoch: where an epoch has fewer optimizer steps than
@@ -362,7 +369,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         connector = getattr(self._trainer, "_logger_connector", None)
         return bool(getattr(connector, "should_update_logs", True))
 
-    def _log_step_values(self, scalars: dict[str, float]) -> None:
+    def _log_step_values(self, scalars: dict[str, float], step: int | None = None) -> None:
         """The ``train/*`` step values, sent to the loggers the way Lightning's logger connector
         sends what ``self.log(on_step=True)`` collected: the same step counter, with ``epoch``
         added, on the same steps (every ``trainer.log_every_n_steps``), from rank zero's values.
@@ -387,8 +394,9 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         self.last_step_values = values
         connector = getattr(self._trainer, "_logger_connector", None)
         if connector is not None and hasattr(connector, "log_metrics"):
-            connector.log_metrics(dict(values))
-        else:  # a Lightning without that method: the ordinary (slower) way
+            # (Lightning adds "epoch" where it chooses the step itself)
+            connector.log_metrics(dict(values) if step is None else {**values, "epoch": self.current_epoch}, step=step)
+        elif step is None:  # a Lightning without that method: the ordinary (slower) way
             self.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -63,10 +63,15 @@ def test_eval_on_a_run_folder_reproduces_its_numbers(sweep, tmp_path):
     folder, _ = sweep
     run = folder / "0"
     s = summary_of(run)
-    proc = check(run_cli("eval.py", f"ckpt_path={run}", f"evaluation.test_num_samples={K}",
+    proc = check(run_cli("eval.py", f"ckpt_path={run}", f"evaluation.test_num_samples={K}", "logger=wandb",
                          f"hydra.run.dir={tmp_path}/eval", cwd=REPO))
     out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert out["checkpoint"] == s["tested_checkpoint"] == s["best_checkpoint"]  # not last.ckpt
+    # its W&B run says what it evaluated: the checkpoint, the run's model and data, its own K
+    config = read_run(find_runs(tmp_path / "eval")[0]).config
+    assert config["ckpt_path"] == out["checkpoint"] and config["task_name"] == "eval"
+    assert config["latent_dim"] == 16 and config["likelihood"]["_target_"].endswith("Bernoulli")
+    assert config["evaluation"]["test_num_samples"] == K and config["data"]["binarize"] == "dynamic"
     assert str(s["best_checkpoint"]) in proc.stdout
     m, t = out["metrics"], s["test"]
     assert m["test/nll"] == pytest.approx(t["test/nll"], abs=0.2)  # K=20, 360 examples: MC noise only

@@ -327,6 +327,13 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     # 1/(L−1) for binarized data, where it is 1: their test/bpd comes out right here)
     module.data_info = {**module.data_info, "bin_width": datamodule.info["bin_width"]}
     loggers = build_loggers(cfg.get("logger"), stored)
+    # the evaluation's W&B run (logger=wandb) says what it evaluated: the run's stored config
+    # (the same keys as the training runs', to compare them), with this command's settings on top
+    here = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams({**stored, **{k: here[k] for k in ("task_name", "seed", "trainer", "logger", "paths")
+                                         if k in here},
+                            "ckpt_path": str(ckpt), "evaluation": module.evaluation, "data": data_cfg})
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(stored))
     pictures = ImageLogger(save_dir=str(Path(cfg.paths.output_dir) / "images"), num_samples=0)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[pictures],

@@ -330,10 +330,11 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     # the evaluation's W&B run (logger=wandb) says what it evaluated: the run's stored config
     # (the same keys as the training runs', to compare them), with this command's settings on top
     here = OmegaConf.to_container(cfg, resolve=True)
+    evaluated, _ = redact_secrets({**stored, **{k: here[k] for k in ("task_name", "seed", "trainer", "logger", "paths")
+                                                if k in here},
+                                   "ckpt_path": str(ckpt), "evaluation": module.evaluation, "data": data_cfg})
     for lg in loggers:
-        lg.log_hyperparams({**stored, **{k: here[k] for k in ("task_name", "seed", "trainer", "logger", "paths")
-                                         if k in here},
-                            "ckpt_path": str(ckpt), "evaluation": module.evaluation, "data": data_cfg})
+        lg.log_hyperparams(evaluated)
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(stored))
     pictures = ImageLogger(save_dir=str(Path(cfg.paths.output_dir) / "images"), num_samples=0)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[pictures],

@@ -12,7 +12,6 @@ it (``os.system``, say): such a config is refused before anything is built.
 from __future__ import annotations
 
 import ctypes
-import difflib
 import inspect
 import os
 import sys
@@ -25,6 +24,7 @@ from hydra.utils import get_class, instantiate
 from vaelab.errors import ExplainedError, SettingError
 from vaelab.options import MALLOC_CHOICES  # the config check reads it too
 from vaelab.vae import VAE
+from vaelab.validation import nearest
 
 #: module prefixes whose classes and functions a config may name in ``_target_``
 ALLOWED_TARGET_PREFIXES: tuple[str, ...] = (
@@ -240,9 +240,9 @@ def _unknown_settings(group: str, part: Mapping[str, Any]) -> list[str]:
     for key in part:
         if str(key).startswith("_") or key in known:
             continue
-        near = difflib.get_close_matches(str(key), known, n=1)
+        near = nearest(key, known)
         problems.append(f"{group}.{key} is not a setting of {part['_target_']}"
-                        f"{f'; did you mean {group}.{near[0]}?' if near else ''} (its settings: {', '.join(known)})")
+                        f"{f'; did you mean {group}.{near}?' if near else ''} (its settings: {', '.join(known)})")
     return problems
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -64,12 +65,30 @@ def claim_folder(folder: str | Path) -> str | None:
     except OSError:
         os.close(fd)
         return None
-    import socket
-
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _claims[key] = (fd, created)
     return None
+
+
+def writer(folder: str | Path) -> str | None:
+    """The process writing into ``folder`` right now, as ``claim_folder`` wrote it in the lock
+    file ("pid N on host, since ..."); None where there is none, or where its process on this
+    machine has ended (a kill leaves the file). Read, not locked: a reader (report.py) never
+    stands in the way of a run claiming the folder."""
+    try:
+        text = (Path(folder) / LOCK_NAME).read_text(errors="replace").strip()
+    except OSError:
+        return None
+    words = text.split()
+    if len(words) >= 4 and words[0] == "pid" and words[1].isdigit() and words[3].rstrip(",") == socket.gethostname():
+        try:
+            os.kill(int(words[1]), 0)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            pass  # (another user's process: it exists)
+    return text or None
 
 
 def release_folder(folder: str | Path) -> None:
@@ -138,8 +157,8 @@ def job_output_subdir(ckpt_path: Any = None) -> str | None:
     run in its own folder (``ckpt_path`` given, the folder holds ``.hydra/``), so that those
     files keep the command that started the run, else ``.hydra``. Resolved by Hydra when it
     saves a job's files, once the job's folder is known; in a sweep (``-m ckpt_path=last ...``)
-    that is before any callback of the job runs (``RunFolders.on_run_start`` does the same
-    for a single run, and says so)."""
+    that is before any callback of the job runs (``RunFolders.on_run_start`` says so for a
+    single run)."""
     if ckpt_path in (None, ""):
         return ".hydra"
     from hydra.core.hydra_config import HydraConfig
@@ -297,12 +316,10 @@ class RunFolders(Callback):
                 release_folder(folder)
                 self._stop(f"{problem}; nothing has run yet")
         if self.task == "train" and config.get("ckpt_path") not in (None, "") and (folder / ".hydra").is_dir():
-            # a run continued in its own folder (hydra.run.dir=<run> ckpt_path=last): Hydra would
-            # replace the .hydra/ files that record the command that started the run (and that
-            # report.py reads), even for a resume refused a moment later. They stay; the
-            # resume's own overrides go to the run's summary.json (resumed_with)
-            with read_write(config.hydra):
-                config.hydra.output_subdir = None
+            # a run continued in its own folder (hydra.run.dir=<run> ckpt_path=last): its .hydra/
+            # files, which record the command that started the run (and that report.py reads),
+            # stay, also for a resume refused a moment later (train.yaml's hydra.output_subdir:
+            # job_output_subdir); the resume's own overrides go to summary.json (resumed_with)
             print(f"vaelab: continuing the run in {folder}; its .hydra/ files keep the command that started it",
                   file=sys.stderr, flush=True)
         self._held = folder

@@ -15,7 +15,6 @@ import csv
 import json
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,30 +79,12 @@ def failure(summary: dict[str, Any] | None) -> str | None:
     return " ".join(str(summary.get("error") or "").split()) if summary.get("failed") else None
 
 
-def writer(run: Path) -> str | None:
-    """The process writing into ``run`` right now, from the lock file that ``vaelab.folders``
-    keeps there while it runs ("pid N on host, since ..."); None where there is none, or where
-    its process on this machine has ended (a kill leaves the file). Read, not locked: a report
-    never stands in the way of a job starting."""
-    try:
-        text = (run / ".vaelab.lock").read_text(errors="replace").strip()
-    except OSError:
-        return None
-    words = text.split()
-    if len(words) >= 4 and words[0] == "pid" and words[1].isdigit() and words[3].rstrip(",") == socket.gethostname():
-        try:
-            os.kill(int(words[1]), 0)
-        except ProcessLookupError:
-            return None
-        except OSError:
-            pass  # (another user's process: it exists)
-    return text or None
-
-
 def without_summary(run: Path) -> tuple[str, dict[str, Any] | None]:
     """The status of a run folder without ``summary.json``, and what stands in for it: a job
     running now, an evaluation (``eval.py``'s ``metrics.json``), a training run stopped after
     its first checkpoint (killed: continue it), or a job that stopped before training."""
+    from vaelab.folders import writer  # (folders imports this module)
+
     busy = writer(run)
     if busy:
         return f"running ({busy})", None

@@ -253,7 +253,7 @@ def monitor_problems(cfg: DictConfig) -> list[str]:
     """A callback's ``monitor`` (a checkpoint's, an early stop's) that names a validation metric
     vaelab does not log: Lightning finds out only at the end of the first epoch. Names outside
     ``val/`` may come from a user's own code, and pass."""
-    iwae = _select(cfg, "evaluation.val_num_samples")
+    val_num_samples = _select(cfg, "evaluation.val_num_samples")
     logged = [f"val/{term}" for term in TERMS] + ["val/iwae"]
     callbacks = _select(cfg, "callbacks")
     problems = []
@@ -263,14 +263,20 @@ def monitor_problems(cfg: DictConfig) -> list[str]:
         if not isinstance(monitor, str) or not monitor.startswith("val/"):
             continue
         if monitor not in logged:
-            near = [_MONITOR_HINTS[monitor]] if monitor in _MONITOR_HINTS else difflib.get_close_matches(monitor, logged, n=1)
+            near = _MONITOR_HINTS.get(monitor) or nearest(monitor, logged)
             problems.append(f"{key}={monitor} is not a metric vaelab logs in validation "
-                            f"({', '.join(logged)}){f'; did you mean {key}={near[0]}?' if near else ''}"
-                            f"{' (a bound on log p(x): higher is better, mode=max)' if near == ['val/iwae'] else ''}")
-        elif monitor == "val/iwae" and _is_int(iwae) and iwae == 0:
+                            f"({', '.join(logged)}){f'; did you mean {key}={near}?' if near else ''}"
+                            f"{' (a bound on log p(x): higher is better, mode=max)' if near == 'val/iwae' else ''}")
+        elif monitor == "val/iwae" and _is_int(val_num_samples) and val_num_samples == 0:
             problems.append(f"{key}=val/iwae is logged only with evaluation.val_num_samples > 0, got 0 (e.g. "
                             "evaluation.val_num_samples=10)")
     return problems
+
+
+def nearest(name: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` that ``name`` most likely misspells (difflib's closest), else None."""
+    near = difflib.get_close_matches(str(name), list(names), n=1)
+    return near[0] if near else None
 
 
 def _select(cfg: DictConfig, key: str) -> Any:
@@ -472,8 +478,8 @@ def added_key_problems(primary: str) -> list[str]:
                             f"{key.replace(top, near[0], 1)}=...; the + only adds a key that nothing reads)")
         elif top in training:
             problems.append(f"+{key}: {top} is a training setting; eval.py evaluates the checkpoint's model as it "
-                            "was trained (its overrides: evaluation.*, data.root, data.download, "
-                            "data.eval_batch_size, trainer, logger)")
+                            f"was trained (its overrides: evaluation.*, {', '.join(f'data.{k}' for k in DATA_READ_KEYS)}, "
+                            "trainer, logger)")
     return problems
 
 
@@ -525,8 +531,8 @@ def eval_data_problems(data: Any) -> list[str]:
     for key in data or {}:
         if key in DATA_READ_KEYS:
             continue
-        near = difflib.get_close_matches(str(key), DATA_READ_KEYS, n=1)
-        hint = f" (did you mean data.{near[0]}?)" if near else ""
+        near = nearest(key, DATA_READ_KEYS)
+        hint = f" (did you mean data.{near}?)" if near else ""
         problems.append(f"data.{key} cannot be set in eval.py{hint}: the test data are the run's, as its checkpoint "
                         f"stores them (eval.py takes {', '.join(f'data.{k}' for k in DATA_READ_KEYS)}); to test on "
                         "other data, train a run on them")

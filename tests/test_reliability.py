@@ -928,6 +928,16 @@ def test_a_resumed_run_keeps_what_the_run_wrote_before(good_run, tmp_path):
     assert (run / ".hydra" / "overrides.yaml").read_bytes() == started_with
     summary = json.loads((run / "summary.json").read_text())
     assert "trainer.max_epochs=3" in summary["resumed_with"] and not summary["failed"]
+    # each command's record is kept (a resume's summary replaced the one before, and with it the
+    # earlier commands' wall time and overrides); wall_time_s is the run's, over all three
+    commands = summary["commands"]
+    assert [c.get("resumed_with") for c in commands] == [
+        None, ["ckpt_path=last", "trainer.max_epochs=2", "logger=[wandb,csv]", *QUICK[1:]],
+        [f"ckpt_path={run}", "trainer.max_epochs=3", "logger=[wandb,csv]", *QUICK[1:]]]
+    assert [c["trained"]["epochs"] for c in commands] == [1, 2, 3] and not any(c["failed"] for c in commands)
+    assert [Path(c.get("resumed_from", "-")).parent.name for c in commands] == ["", "checkpoints", "checkpoints"]
+    assert commands[-1]["started_at"] >= commands[0]["started_at"] and all(c["wall_time_s"] > 0 for c in commands)
+    assert summary["wall_time_s"] == pytest.approx(sum(c["wall_time_s"] for c in commands), abs=0.051)
     # every epoch's means once, in the run's metrics.csv; none in the resuming command's folder
     with open(run / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -941,6 +951,27 @@ def test_a_resumed_run_keeps_what_the_run_wrote_before(good_run, tmp_path):
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
     assert last["global_step"] == 3 * STEPS_PER_EPOCH
     assert Path(summary["best_checkpoint"]).parent == run / "checkpoints"
+
+
+def test_the_commands_before_a_resume_are_read_from_any_summary(tmp_path, caplog):
+    """The list a resume extends: a summary's own ``commands``; a summary written before the list
+    was kept, as its one command (its own keys only, the test numbers not); none from a run
+    killed before its summary; and none, with a warning naming the file, from one cut short."""
+    from vaelab.runs import earlier_commands
+
+    assert earlier_commands(tmp_path) == []
+    old = {"output_dir": str(tmp_path), "resumed_from": None, "wall_time_s": 12.5, "failed": True,
+           "error": "RuntimeError: NaN", "world_size": 1, "precision": "32-true", "test": {"test/elbo": -90.0}}
+    (tmp_path / "summary.json").write_text(json.dumps(old))
+    assert earlier_commands(tmp_path) == [{"wall_time_s": 12.5, "failed": True, "error": "RuntimeError: NaN",
+                                           "world_size": 1, "precision": "32-true"}]
+    listed = dict(old, commands=[{"wall_time_s": 1.0, "failed": False}, {"wall_time_s": 2.0, "failed": True}])
+    (tmp_path / "summary.json").write_text(json.dumps(listed))
+    assert earlier_commands(tmp_path) == listed["commands"]
+    (tmp_path / "summary.json").write_text('{"output_dir": "x", "wall_')
+    with caplog.at_level(logging.WARNING, logger="vaelab"):
+        assert earlier_commands(tmp_path) == []
+    assert f"{tmp_path / 'summary.json'} cannot be read (JSONDecodeError)" in caplog.text
 
 
 def test_a_finished_run_continued_with_its_limits_is_left_as_it_is(good_run, tmp_path):

@@ -30,7 +30,7 @@ from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
 from vaelab.profiling import default_profiler, skip_empty_batch_hooks
 from vaelab.report import error_text, write_json
-from vaelab.runs import ensure_wandb_id, finished_run, resolve_resume
+from vaelab.runs import command_record, earlier_commands, ensure_wandb_id, finished_run, resolve_resume, utc_time
 from vaelab.validation import (
     ConfigError,
     check_free_space,
@@ -200,8 +200,11 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     dashboard.define_metrics(loggers)
 
     failed = True
+    # the commands that ran in this folder before (a resume's run), each with its own record
+    earlier = earlier_commands(output_dir) if resume_ckpt else []
     summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resume_ckpt) if resume_ckpt else None,
-                               "world_size": trainer.world_size, "precision": str(trainer.precision)}
+                               "world_size": trainer.world_size, "precision": str(trainer.precision),
+                               "started_at": utc_time(started)}
     if resume_ckpt:  # (the run's .hydra/ files keep the command that started it: vaelab.folders)
         summary["resumed_with"] = [str(o.input_line) for o in command_line_overrides()]
     if str(trainer.precision) != str(cfg.trainer.get("precision", trainer.precision)):
@@ -250,6 +253,10 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         summary["wandb_dir"] = wandb_run_dir(loggers)
         summary["wall_time_s"] = round(time.time() - started, 1)
         summary["failed"] = failed
+        # this command's record after the earlier ones'; wall_time_s (report.py's column) is the
+        # run's, over all of them
+        summary["commands"] = [*earlier, command_record(summary)]
+        summary["wall_time_s"] = round(sum(c.get("wall_time_s") or 0.0 for c in summary["commands"]), 1)
         finish_wandb(loggers, failed)
         if trainer.is_global_zero:
             write_json(output_dir / "summary.json", summary)
@@ -284,7 +291,12 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
         lines.append(f"                  (test/nll: importance sampling with K={evaluation.get('test_num_samples')})")
     if summary.get("wandb_dir"):
         lines.append(f"  W&B run (offline) {summary['wandb_dir']}   upload with: wandb sync {summary['wandb_dir']}")
-    lines.append(f"  wall time       {summary['wall_time_s']} s")
+    commands = summary.get("commands") or []
+    if len(commands) > 1:
+        lines.append(f"  wall time       {commands[-1]['wall_time_s']} s ({summary['wall_time_s']} s over the "
+                     f"{len(commands)} commands that trained this run)")
+    else:
+        lines.append(f"  wall time       {summary['wall_time_s']} s")
     if summary.get("best_checkpoint"):
         lines.append(f"  evaluate again: python eval.py ckpt_path={summary['best_checkpoint']}")
     print("\n".join(lines), flush=True)

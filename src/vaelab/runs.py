@@ -353,6 +353,44 @@ def finished_run(cfg: DictConfig, ckpt: Path) -> dict[str, Any] | None:
     return _rebase(summary, str(old_dir), run_dir) if old_dir else summary
 
 
+# what summary.json keeps of each command that trained the run (its "commands" list)
+COMMAND_KEYS = ("started_at", "wall_time_s", "resumed_from", "resumed_with", "trained", "world_size", "precision",
+                "failed", "error")
+
+
+def utc_time(seconds: float) -> str:
+    """``time.time()`` as an ISO 8601 time in UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def command_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """What ``summary.json`` keeps of the command that wrote ``summary``: when it started, how
+    long it ran, what it resumed from and with, where its training ended, on what, and whether
+    it failed (and why)."""
+    return {k: summary[k] for k in COMMAND_KEYS if summary.get(k) is not None}
+
+
+def earlier_commands(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of the commands that trained the run in ``run_dir`` before this one, from its
+    ``summary.json`` (a summary written before summaries kept the list is its one command).
+    A resume writes a new ``summary.json``; without this, each replaced the one before, and
+    the earlier commands' wall time, overrides and errors were lost."""
+    from vaelab.report import read_summary
+
+    try:
+        summary = read_summary(run_dir)
+    except (OSError, ValueError) as err:
+        log.warning("vaelab: %s cannot be read (%s), so the summary this run writes lists no command before "
+                    "this one", run_dir / "summary.json", type(err).__name__)
+        return []
+    if summary is None:
+        return []  # killed before its first summary
+    commands = summary.get("commands")
+    if isinstance(commands, list):
+        return [c for c in commands if isinstance(c, dict)]
+    return [command_record(summary)]
+
+
 def fit_limits(trainer_cfg: Any) -> tuple[int, int]:
     """``(max_epochs, max_steps)`` as Lightning's Trainer resolves them (-1: no limit)."""
     max_steps = trainer_cfg.get("max_steps")

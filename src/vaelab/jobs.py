@@ -30,7 +30,14 @@ from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
 from vaelab.profiling import default_profiler, skip_empty_batch_hooks
 from vaelab.report import error_text, write_json
-from vaelab.runs import command_record, earlier_commands, ensure_wandb_id, finished_run, resolve_resume, utc_time
+from vaelab.runs import (
+    command_record,
+    earlier_commands,
+    ensure_wandb_id,
+    finished_run,
+    resolve_resume,
+    utc_time,
+)
 from vaelab.validation import (
     ConfigError,
     check_free_space,

@@ -12,6 +12,7 @@ from torch.distributions import Independent, Normal
 from vaelab.diagnostics import (
     PosteriorStats,
     collapse_message,
+    expected_latent,
     most_active_dims,
     update_posterior_stats,
 )
@@ -117,6 +118,64 @@ def test_sums_merge_exactly_across_processes():
     # one half alone is another answer: the sum over processes is what makes it exact
     update_posterior_stats(alone := PosteriorStats(Z), vae, x[170:])
     assert alone.compute()["num_examples"] == 130
+
+
+def test_active_units_of_a_posterior_without_an_exact_mean_use_e_q_z_with_its_noise_taken_out():
+    """A posterior whose ``mean`` is not E_q[z] (an IAF's is g(E[z0])): z = exp(z0), z0 ~ N(μ, σ²),
+    so E_q[z] = exp(μ + σ²/2) in closed form. Dim 0: μ = 0 for all x but σ moves with x, so
+    E_q[z] moves (active, variance known) while g(E[z0]) = 1 does not. Dim 1: nothing moves
+    (inactive), but Var_q[z] = (e − 1)e ≈ 4.67, so a 256-sample mean left with its noise would
+    read ≈ 0.018 > 0.01: active. Dim 2: μ moves, σ small (active under both)."""
+    from torch.distributions import ExpTransform, TransformedDistribution
+
+    torch.manual_seed(0)
+    n = 3000
+    mu = torch.zeros(n, 3, dtype=torch.float64)
+    sigma = torch.ones(n, 3, dtype=torch.float64)
+    sigma[:, 0] = torch.linspace(0.2, 1.0, n, dtype=torch.float64)
+    mu[:, 2] = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+    sigma[:, 2] = 0.1
+    exact = torch.exp(mu + sigma**2 / 2)  # E_q[z]
+    stats = PosteriorStats(3)
+    for rows in torch.arange(n).split(500):  # in batches, as the test loop gives them
+        q = Independent(TransformedDistribution(Normal(mu[rows], sigma[rows]), [ExpTransform()]), 1)
+        q.exact_mean = False
+        mean, noise = expected_latent(q)
+        assert noise is not None and mean.shape == noise.shape == (len(rows), 3)
+        stats.update(mean, None, noise)
+    diag = stats.compute()
+    truth = exact.var(0, unbiased=False)
+    assert diag["active"] == [True, False, True] and diag["active_units"] == 2
+    assert diag["variance_of_means"][0] == pytest.approx(truth[0].item(), abs=0.004)
+    assert diag["variance_of_means"][1] == pytest.approx(0.0, abs=0.004)
+    assert diag["variance_of_means"][2] == pytest.approx(truth[2].item(), rel=0.02)
+    # a posterior whose mean is exact: that mean, and no noise
+    q = Independent(Normal(mu[:4], sigma[:4]), 1)
+    mean, noise = expected_latent(q)
+    assert noise is None and torch.equal(mean, mu[:4])
+
+
+def test_an_iaf_posterior_reports_e_q_z_not_the_image_of_its_base_mean():
+    """posterior=iaf: its ``mean`` (what the pictures decode) is g(E[z0]); the diagnostics take
+    E_q[z], here checked against a 40000-sample average."""
+    from vaelab.posteriors import IAF
+
+    torch.manual_seed(1)
+    iaf = IAF(latent_dim=4, num_transforms=2, context_features=3, hidden_features=(16,))
+    for p in iaf.parameters():  # a flow far from the identity, so that g(E[z0]) ≠ E_q[z]
+        p.data.normal_(0, 0.4)
+    params = torch.randn(5, iaf.num_params(4))
+    with torch.no_grad():
+        q = iaf(params)
+        assert q.exact_mean is False
+        mean, noise = expected_latent(q)
+        reference = q.sample((40000,)).mean(0)
+        centre = q.mean
+    assert noise is not None
+    sd = noise.sqrt()  # of the 256-sample mean (the reference's is 13x smaller)
+    # χ² over the 20 entries (20 degrees of freedom: above 45 one time in a thousand)
+    assert (((mean - reference) / sd) ** 2).sum() < 45
+    assert (((centre - reference) / sd) ** 2).sum() > 150  # g(E[z0]) is off E_q[z]
 
 
 def test_per_dimension_kl_is_none_where_the_kl_does_not_split():

@@ -7,6 +7,8 @@
   A dimension with KL ≈ 0 carries no information about x: its posterior is the prior.
 * **Active units** (Burda et al. 2015, "Importance Weighted Autoencoders", §5.2): dimension u is
   active when A_u = Cov_x(E_{q(z|x)}[z_u]) > 0.01, i.e. when the posterior mean moves with x.
+  E_q[z] is exact for Gaussian posteriors and a Monte Carlo average, with its noise taken out
+  of the variance, for a flow (``expected_latent``).
   The variance is exact over the examples seen: the metric keeps sums (n, Σ μ, Σ μ², Σ KL_u)
   in float64, which torchmetrics adds up across processes, so under DDP every example counts
   once exactly when the sampler gives every example to one process once.
@@ -33,11 +35,29 @@ COLLAPSED_KL = 0.1
 
 
 def posterior_mean(q: Distribution, num_samples: int = 256) -> torch.Tensor:
-    """E_q[z] ``[*batch, Z]``: q's own mean where it has one, else a Monte Carlo average."""
+    """The centre of q(z|x) ``[*batch, Z]`` that the pictures decode and plot: q's own ``mean``
+    (for an IAF posterior g(E[z0]), deterministic), else a Monte Carlo average."""
     try:
         return q.mean
     except NotImplementedError:
         return q.sample((num_samples,)).mean(0)
+
+
+def expected_latent(q: Distribution, num_samples: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """E_q[z] ``[*batch, Z]`` and the variance of that estimate (None where it is exact).
+
+    Exact where q's ``mean`` is E_q[z] (Gaussian posteriors). A flow's ``mean`` is the image of
+    its base mean, not E_q[z] (``exact_mean = False``), so E_q[z] is the average of
+    ``num_samples`` draws, whose variance Var_q[z]/S is returned: ``PosteriorStats`` subtracts
+    its average from the variance over x of the estimates, which makes Cov_x(E_q[z]) unbiased
+    (left in, S = 256 would add up to 1/256 to a unit's 0.01 threshold)."""
+    if getattr(q, "exact_mean", True):
+        try:
+            return q.mean, None
+        except NotImplementedError:
+            pass
+    z = q.sample((num_samples,))
+    return z.mean(0), z.var(0) / num_samples
 
 
 class PosteriorStats(Metric):
@@ -57,13 +77,18 @@ class PosteriorStats(Metric):
         self.add_state("sq_sum", zeros.clone(), dist_reduce_fx="sum")
         self.add_state("kl_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("kl_sum", zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("noise_sum", zeros.clone(), dist_reduce_fx="sum")  # Σ_x Var of a Monte Carlo E_q[z]
 
-    def update(self, mean: torch.Tensor, kl_per_dim: torch.Tensor | None = None) -> None:
-        """``mean``: E_q[z|x] ``[B, Z]``; ``kl_per_dim``: KL(q(z_u|x) ‖ p(z_u)) ``[B, Z]`` or None."""
+    def update(self, mean: torch.Tensor, kl_per_dim: torch.Tensor | None = None,
+               mean_noise: torch.Tensor | None = None) -> None:
+        """``mean``: E_q[z|x] ``[B, Z]``; ``kl_per_dim``: KL(q(z_u|x) ‖ p(z_u)) ``[B, Z]`` or None;
+        ``mean_noise``: the variance of a Monte Carlo ``mean`` ``[B, Z]`` (None: exact)."""
         mean = mean.detach().reshape(-1, self.latent_dim).double()
         self.count += mean.shape[0]
         self.mean_sum += mean.sum(0)
         self.sq_sum += (mean * mean).sum(0)
+        if mean_noise is not None:
+            self.noise_sum += mean_noise.detach().reshape(-1, self.latent_dim).double().sum(0)
         if kl_per_dim is not None:
             kl = kl_per_dim.detach().reshape(-1, self.latent_dim).double()
             self.kl_count += kl.shape[0]
@@ -72,7 +97,8 @@ class PosteriorStats(Metric):
     def compute(self) -> dict[str, Any]:  # type: ignore[override]
         n = self.count.clamp_min(1.0)
         mean = self.mean_sum / n
-        variance = (self.sq_sum / n - mean * mean).clamp_min(0.0)  # Cov_x(E_q[z_u]), over all n
+        # Cov_x(E_q[z_u]) over all n; less the estimates' own noise where E_q[z] was sampled
+        variance = (self.sq_sum / n - mean * mean - self.noise_sum / n).clamp_min(0.0)
         active = variance > self.threshold
         kl = (self.kl_sum / self.kl_count).tolist() if self.kl_count > 0 else None
         return {
@@ -90,7 +116,8 @@ def update_posterior_stats(stats: PosteriorStats, vae: Any, x: torch.Tensor) -> 
     """Encode ``x`` and add its posterior means and per-dimension KL to ``stats``."""
     with torch.no_grad():
         q = vae.encode(x)
-        stats.update(posterior_mean(q), per_dimension_kl(q, vae.prior_distribution()))
+        mean, noise = expected_latent(q)
+        stats.update(mean, per_dimension_kl(q, vae.prior_distribution()), noise)
 
 
 def most_active_dims(diagnostics: dict[str, Any], k: int) -> list[int]:

@@ -141,8 +141,12 @@ if zuko is not None:
         pass); ``log_prob(z)`` of an arbitrary z runs g⁻¹ (Z sequential passes per transform).
 
         ``mean`` is g(E[z0]), the image of the base mean: the exact mean of q has no closed
-        form. It is what ``VAE.reconstruct`` decodes ("z = the centre of q(z|x)").
+        form. It is what ``VAE.reconstruct`` decodes ("z = the centre of q(z|x)");
+        ``exact_mean = False`` tells the diagnostics to estimate E_q[z] by sampling
+        (``vaelab.diagnostics.expected_latent``).
         """
+
+        exact_mean = False
 
         @property
         def mean(self) -> torch.Tensor:

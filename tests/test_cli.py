@@ -55,6 +55,9 @@ def test_wandb_run_holds_the_elbo_terms_config_and_summary(trained):
     assert "anonymous setting" not in console  # W&B's warning about the None Lightning passed
     assert "LeafSpec" not in console  # torch's deprecation of what Lightning uses: not the user's to fix
     assert "litlogger" not in console  # Lightning's advertisement
+    # each Lightning line once (its own console handler and Hydra's both printed it), and in the job's log
+    assert console.count("GPU available") == console.count("`Trainer.fit` stopped") == 1
+    assert (trained / "cli.log").read_text().count("`Trainer.fit` stopped") == 1
     for key in ("train/elbo", "train/recon", "train/kl", "train/loss", "train/beta"):
         assert len(run.values(key)) == EPOCHS, key
     for term in ("elbo", "recon", "kl", "loss"):

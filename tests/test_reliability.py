@@ -1270,6 +1270,23 @@ def test_a_folder_given_as_checkpoint_says_what_it_holds(good_run, tmp_path):
     with pytest.raises(CheckpointError, match="without checkpoints/last.ckpt: give the .ckpt file itself. It holds: .*x.ckpt"):
         resolve_checkpoint(loose)
     assert resolve_checkpoint(good_run) == good_run / "checkpoints" / "last.ckpt"
+    # a sweep's folder: its runs, and the commands that evaluate each and continue the sweep
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1", "10", "2"):
+        shutil.copytree(good_run / "checkpoints", sweep / job / "checkpoints")
+    (sweep / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    task:\n    - latent_dim=4,8\n    - ckpt_path=last\n    - seed=1,2\n")
+    with pytest.raises(CheckpointError) as err:
+        resolve_checkpoint(sweep)
+    assert str(err.value).splitlines() == [
+        f"{sweep} holds 4 run folders (0, 1, 2, 10), not one run's checkpoints: give one run's folder, e.g. "
+        f"ckpt_path={sweep / '0'}",
+        f"  evaluate each: python eval.py -m ckpt_path={sweep}/0,{sweep}/1,{sweep}/2,{sweep}/10",
+        f"  continue the sweep: python train.py -m hydra.sweep.dir={sweep} ckpt_path=last latent_dim=4,8 seed=1,2"]
+    (sweep / "multirun.yaml").unlink()  # (a folder of runs that no sweep wrote: no sweep to continue)
+    with pytest.raises(CheckpointError, match="evaluate each: python eval.py -m ckpt_path=") as err:
+        resolve_checkpoint(sweep)
+    assert "continue the sweep" not in str(err.value)
 
 
 def test_no_secret_is_written_anywhere(good_run):

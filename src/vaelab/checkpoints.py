@@ -36,6 +36,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if steps:
             return max(steps)[1]
         found = sorted(p.rglob("*.ckpt"))
+        if found and (sweep := sweep_hint(p)):
+            raise CheckpointError(sweep)
         if not found:
             raise CheckpointError(f"{p} holds no checkpoint (.ckpt) at all: give a run folder (a training run "
                                   "writes <run folder>/checkpoints/last.ckpt and best-*.ckpt) or such a file")
@@ -47,6 +49,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
             "(last.ckpt and best-*.ckpt); give one of those, or the run folder"
         )
     return p
+
+
+def sweep_hint(folder: Path) -> str | None:
+    """What to give instead of a folder that holds run folders (a sweep's: ``0/``, ``1/``, ...,
+    each with ``checkpoints/``), naming its runs; None for any other folder."""
+    runs = [d for d in folder.iterdir() if d.is_dir() and (d / "checkpoints").is_dir()]
+    if not runs:
+        return None
+    runs.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    listed = ",".join(str(d) for d in runs)
+    lines = [f"{folder} holds {len(runs)} run folder{'s' if len(runs) > 1 else ''} ({', '.join(d.name for d in runs[:8])}"
+             f"{', ...' if len(runs) > 8 else ''}), not one run's checkpoints: give one run's folder, e.g. "
+             f"ckpt_path={runs[0]}", f"  evaluate each: python eval.py -m ckpt_path={listed}"]
+    try:  # the sweep's own command, from the multirun.yaml Hydra writes into its folder
+        import yaml
+
+        task = yaml.safe_load((folder / "multirun.yaml").read_text())["hydra"]["overrides"]["task"]
+        overrides = " ".join(str(o) for o in task if not str(o).startswith("ckpt_path="))
+        lines.append(f"  continue the sweep: python train.py -m hydra.sweep.dir={folder} ckpt_path=last {overrides}".rstrip())
+    except (OSError, TypeError, KeyError, ValueError):  # (yaml's errors are ValueErrors) not a sweep's folder
+        pass
+    return "\n".join(lines)
 
 
 def other_copies(damaged: list[Path], candidates: list[Path]) -> tuple[list[Path], list[Path]]:

@@ -63,6 +63,23 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda reco
 
 
 # --- pieces shared by train and eval ----------------------------------------------------------
+def _not_lightning(record: logging.LogRecord) -> bool:
+    return not (record.name == "lightning" or record.name.startswith("lightning."))
+
+
+def one_line_per_record() -> None:
+    """Each Lightning log line printed once. The ``lightning`` package's logger has a console
+    handler of its own (stderr, "INFO: ..."), and its records also reach the root logger's
+    handlers, which Hydra's job logging sets up (the console, stdout, and the job's log file),
+    so every Lightning line came out twice. The root's console handlers now pass over
+    Lightning's records, which Lightning's own handler prints; the log file keeps them."""
+    if not any(type(h) is logging.StreamHandler for h in logging.getLogger("lightning").handlers):
+        return  # (removed by the user: the root's handlers print them, once)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and _not_lightning not in handler.filters:
+            handler.addFilter(_not_lightning)
+
+
 def resolve_data_options(cfg: DictConfig) -> None:
     """Resolve the data options that depend on the likelihood, so the logged config says what
     ran: ``binarize=auto`` is dynamic binarization for likelihoods that need binary data, else
@@ -153,6 +170,7 @@ def train(cfg: DictConfig, checked: bool = False) -> dict[str, Any]:
     started = time.time()
     if not checked:
         validate_train_config(cfg)
+    one_line_per_record()
     with job_scope(), folder_claims():
         return _train(cfg, started)
 
@@ -331,6 +349,7 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     The config is checked first (``checked=True``: the caller has, as ``vaelab.cli`` does)."""
     if not checked:
         validate_eval_config(cfg)
+    one_line_per_record()
     keep_freed_memory(cfg.get("malloc") or "tuned")
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt = dashboard.resolve_run_checkpoint(cfg.ckpt_path)

@@ -300,6 +300,49 @@ def test_report_shows_the_best_val_iwae_of_runs_that_monitor_it(tmp_path):
     assert "best val/iwae" not in columns and "best val/iwae" not in rows[0]  # no empty column
 
 
+def test_report_over_seed_gives_mean_and_sd_per_setting_of_the_finished_runs(tmp_path, capsys):
+    """``--over seed``: one row per setting of the other overrides, each number's mean and sample
+    sd (n − 1) over that setting's finished runs; a failed run is named, not averaged; one run
+    has no sd; a NaN shows in its group's mean. Each asserted against numbers computed here."""
+    import csv
+    import statistics
+
+    from vaelab.report import main, write_json
+
+    sweep = tmp_path / "sweep"
+    nll = {("bernoulli", 0): 90.5, ("bernoulli", 1): 91.25, ("bernoulli", 2): 89.0, ("gaussian", 0): 80.0,
+           ("gaussian", 1): None, ("normal", 0): float("nan"), ("normal", 1): 70.0}
+    for job, ((lik, seed), value) in enumerate(nll.items()):
+        run = sweep / str(job)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- likelihood={lik}\n- seed={seed}\n")
+        if value is None:  # failed
+            write_json(run / "summary.json", {"failed": True, "error": "RuntimeError: boom"})
+        else:
+            write_json(run / "summary.json", {"failed": False, "best_val_elbo": -value - 1, "test": {"test/nll": value},
+                                              "wall_time_s": 10.0 + job})
+    (sweep / "multirun.yaml").write_text("{}")
+    assert main([str(sweep), "--over", "seed"]) == 0
+    out = capsys.readouterr().out
+    b = [90.5, 91.25, 89.0]
+    cell = f"{statistics.fmean(b):.4f} ± {statistics.stdev(b):.4f}"
+    assert f"| bernoulli | 3 | {-statistics.fmean(b) - 1:.4f} ± {statistics.stdev(b):.4f} | {cell} |" in out, out
+    assert "| gaussian | 1 | -81.0000 | 80.0000 |" in out and "| 3 | 4 |" in out  # no sd of one run; 4 failed
+    assert "| normal | 2 | nan ± nan | nan ± nan |" in out  # the NaN run's group is not quietly the other run's
+    with open(sweep / "report-over-seed.csv", newline="") as f:
+        rows = {r["likelihood"]: r for r in csv.DictReader(f)}
+    assert float(rows["bernoulli"]["test/nll mean"]) == statistics.fmean(b)
+    assert float(rows["bernoulli"]["test/nll sd"]) == statistics.stdev(b)
+    assert rows["bernoulli"]["runs"] == "0, 1, 2" and rows["gaussian"]["not ok"] == "4"
+    assert rows["gaussian"]["test/nll sd"] == "" and rows["gaussian"]["n"] == "1"
+    assert float(rows["bernoulli"]["wall time (s) mean"]) == 11.0
+    assert "mean ± sd over seed" in (sweep / "report.md").read_text()
+    # a key no run overrides: named, with the nearest one
+    assert main([str(sweep), "--over", "sed"]) == 1
+    assert "--over sed: no run overrides it (did you mean --over seed?); the overridden keys are likelihood, seed" in (
+        capsys.readouterr().err)
+
+
 def test_report_on_a_path_that_is_no_folder_says_so(tmp_path, capsys):
     from vaelab.report import main
 

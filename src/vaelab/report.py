@@ -6,6 +6,11 @@ one: running now, an evaluation, killed, or failed before training) becomes one 
 ``test/nll``, ``test/bpd``, active units and wall time. The table is printed as markdown and
 written to ``report.md`` and ``report.csv`` in the folder: what the W&B runs table shows online,
 for offline users.
+
+``--over seed`` (any overridden key, or several) adds a second table: the runs grouped by their
+other overrides, each number as mean ± sd (the sample standard deviation, n − 1) over the
+group's finished runs, with n and the runs that are not finished (``report-over-seed.csv``:
+the means and sds as columns of their own). Papers' "± over 5 seeds" is that table.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -157,6 +163,63 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     return columns, rows
 
 
+def numbers_of(columns: list[str]) -> list[str]:
+    """The number columns of a table ``collect`` made."""
+    return [c for c in columns if c in dict(NUMBERS)]
+
+
+def group_over(columns: list[str], rows: list[dict[str, Any]], over: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The runs grouped by their overrides other than ``over`` (e.g. ``["seed"]``): one row per
+    group with ``n`` (its finished runs, status ``ok``), ``runs`` (their names), ``not ok`` (the
+    others: failed, killed, running; they are left out of the numbers) and, for each number,
+    ``<number> mean`` and ``<number> sd`` (sample sd, n − 1; None where n < 2) over the
+    finished runs that have it. A non-finite value (a NaN loss's run) makes its group's mean
+    non-finite: shown, not dropped."""
+    numbers = numbers_of(columns)
+    settings = [c for c in columns if c not in ("run", "status", *numbers)]
+    unknown = [k for k in over if k not in settings]
+    if unknown:
+        from vaelab.validation import nearest
+
+        fixed = [k if k in settings else nearest(k, settings) for k in over]
+        hint = f" (did you mean --over {' '.join(fixed)}?)" if all(fixed) else ""  # type: ignore[arg-type]
+        raise KeyError(f"--over {' '.join(unknown)}: no run overrides {'it' if len(unknown) == 1 else 'them'}{hint}; "
+                       f"the overridden keys are {', '.join(settings) or 'none'}")
+    by = [c for c in settings if c not in over]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(str(row.get(k, "")) for k in by), []).append(row)
+    out = []
+    for values, members in groups.items():
+        ok = [r for r in members if str(r.get("status", "")).startswith("ok")]
+        group: dict[str, Any] = dict(zip(by, values, strict=True))
+        group.update({"n": len(ok), "runs": ", ".join(r["run"] for r in ok),
+                      "not ok": ", ".join(r["run"] for r in members if r not in ok)})
+        for name in numbers:
+            got = [float(r[name]) for r in ok if r.get(name) is not None]
+            group[f"{name} mean"] = statistics.fmean(got) if got else None
+            finite = all(math.isfinite(v) for v in got)
+            group[f"{name} sd"] = None if len(got) < 2 else statistics.stdev(got) if finite else math.nan
+        out.append(group)
+    stats = [f"{name} {what}" for name in numbers for what in ("mean", "sd")]
+    return [*by, "n", *stats, "runs", "not ok"], out
+
+
+def grouped_markdown(columns: list[str], groups: list[dict[str, Any]]) -> str:
+    """The grouped table with each number as one ``mean ± sd`` cell."""
+    numbers = [c[: -len(" mean")] for c in columns if c.endswith(" mean")]
+    head = [c for c in columns if not c.endswith((" mean", " sd"))]
+    shown = [*head[: head.index("n") + 1], *numbers, *head[head.index("n") + 1:]]
+    rows = []
+    for g in groups:
+        row = {c: g.get(c) for c in head}
+        for name in numbers:
+            mean, sd = g[f"{name} mean"], g[f"{name} sd"]
+            row[name] = "" if mean is None else _fmt(mean, name) + ("" if sd is None else f" ± {_fmt(sd, name)}")
+        rows.append(row)
+    return to_markdown(shown, rows)
+
+
 def _fmt(value: Any, column: str = "") -> str:
     """A cell of the markdown table: 4 decimals (4 significant digits from 10⁴ on), seconds to
     0.1 s, and ``nan`` / ``inf`` / ``-inf`` as such."""
@@ -178,8 +241,17 @@ def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(folder: str | Path) -> tuple[str, list[dict[str, Any]]]:
-    """Write ``report.md`` and ``report.csv`` into ``folder``; returns the markdown and rows."""
+def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:  # full precision in the CSV
+            writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
+
+
+def write_report(folder: str | Path, over: list[str] | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """Write ``report.md`` and ``report.csv`` into ``folder`` (and, with ``over``, the grouped
+    table into ``report.md`` and ``report-over-<keys>.csv``); returns the markdown and rows."""
     root = Path(folder)
     if not root.is_dir():
         what = "is a file" if root.exists() else "does not exist"
@@ -189,26 +261,34 @@ def write_report(folder: str | Path) -> tuple[str, list[dict[str, Any]]]:
     if not rows:
         raise FileNotFoundError(f"no runs under {root}: a run folder holds summary.json (written by train.py)")
     markdown = to_markdown(columns, rows)
+    if over:
+        grouped_columns, groups = group_over(columns, rows, over)
+        name = "-".join(k.replace("/", "_") for k in over)
+        write_csv(root / f"report-over-{name}.csv", grouped_columns, groups)
+        markdown += (f"\nmean ± sd over {', '.join(over)} (finished runs; sd: n − 1)\n\n"
+                     + grouped_markdown(grouped_columns, groups))
     (root / "report.md").write_text(markdown)
-    with open(root / "report.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:  # full precision in the CSV
-            writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
+    write_csv(root / "report.csv", columns, rows)
     return markdown, rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vaelab-report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="a multirun folder (e.g. outputs/train/multirun/<date>/<time>) or a run folder")
+    parser.add_argument("--over", nargs="+", metavar="KEY", default=[],
+                        help="also a table of mean ± sd over these overridden keys (e.g. --over seed), the runs "
+                             "grouped by their other overrides")
     args = parser.parse_args(argv)
     try:
-        markdown, _ = write_report(args.folder)
-    except FileNotFoundError as err:
-        print(f"vaelab report: {err}", file=sys.stderr)
+        markdown, _ = write_report(args.folder, args.over)
+    except (FileNotFoundError, KeyError) as err:
+        print(f"vaelab report: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 1
     print(markdown, end="")
-    print(f"\nwritten to {Path(args.folder) / 'report.md'} and {Path(args.folder) / 'report.csv'}")
+    written = ["report.md", "report.csv"]
+    if args.over:
+        written.append(f"report-over-{'-'.join(k.replace('/', '_') for k in args.over)}.csv")
+    print(f"\nwritten to {', '.join(str(Path(args.folder) / w) for w in written)}")
     return 0
 
 

@@ -55,8 +55,21 @@ def test_report_has_one_row_per_run_with_its_overrides_and_numbers(sweep):
     # the two runs differ (a Bernoulli and a continuous Bernoulli give different nats)
     assert rows[0]["test/nll"] != rows[1]["test/nll"]
     md = (folder / "report.md").read_text().splitlines()
-    assert len(md) == 2 + len(LIKELIHOODS) and md == proc.stdout.splitlines()[: len(md)]
+    assert md == proc.stdout.splitlines()[: len(md)]
+    assert md[2 + len(LIKELIHOODS):] == ["", "![the runs' validation bounds per epoch](report.png)"]
     assert "continuous_bernoulli" in md[3] and f"{summary_of(folder / '1')['test']['test/nll']:.4f}" in md[3]
+    # report.png: the runs' val/elbo and val/iwae per epoch, read from their offline W&B runs
+    from PIL import Image
+
+    from vaelab.report import read_curves
+
+    for row in rows:
+        logged = read_run(find_runs(folder / row["run"])[0])
+        curves = read_curves(folder / row["run"])
+        assert sorted(curves) == ["val/elbo", "val/iwae"]
+        assert curves["val/elbo"] == {int(r["epoch"]): r["val/elbo"] for r in logged.history if "val/elbo" in r}
+        assert sorted(curves["val/elbo"]) == list(range(EPOCHS))
+    assert Image.open(folder / "report.png").size == (1320, 462)  # two panels, 6 x 4.2 in each at 110 dpi
 
 
 def test_eval_on_a_run_folder_reproduces_its_numbers(sweep, tmp_path):
@@ -341,6 +354,57 @@ def test_report_over_seed_gives_mean_and_sd_per_setting_of_the_finished_runs(tmp
     assert main([str(sweep), "--over", "sed"]) == 1
     assert "--over sed: no run overrides it (did you mean --over seed?); the overridden keys are likelihood, seed" in (
         capsys.readouterr().err)
+
+
+def test_report_draws_each_runs_curve_and_with_over_each_groups_mean_and_band(tmp_path):
+    """report.png from csv/metrics.csv (a resumed run's repeated epoch: the later value); with
+    --over, one line per group at the mean of its runs, in a band of ± one sd; a run that
+    logged nothing is left out, and with no curve at all no picture is drawn (an earlier
+    report's is removed)."""
+    import statistics
+
+    import numpy as np
+    from PIL import Image
+
+    from vaelab.report import curve_lines, draw_curves, read_curves, write_json, write_report
+
+    sweep = tmp_path / "sweep"
+    for job, (z, seed) in enumerate([(2, 0), (2, 1), (16, 0), (16, 1)]):
+        run = sweep / str(job)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- latent_dim={z}\n- seed={seed}\n")
+        write_json(run / "summary.json", {"failed": False, "best_val_elbo": -80.0})
+        (run / "csv").mkdir()
+        rows = ["epoch,step,train/elbo,val/elbo"]
+        rows += [f"{e},{e * 10 + 9},-99.0," for e in range(3)]  # step rows: no val/elbo
+        rows += [f"{e},{e * 10 + 9},,{-100.0 + 10 * e + (5.0 if z == 16 else 0.0) + seed}" for e in range(3)]
+        rows += [f"1,19,,{-50.0 + seed}"] if job == 0 else []  # resumed: epoch 1 again, later
+        (run / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert read_curves(sweep / "0") == {"val/elbo": {0: -100.0, 1: -50.0, 2: -80.0}}
+    assert read_curves(sweep / "3") == {"val/elbo": {0: -94.0, 1: -84.0, 2: -74.0}}
+    (sweep / "2" / "csv" / "metrics.csv").write_text("not,a\ncsv")  # unreadable: that run has no curve
+    assert read_curves(sweep / "2") == {}
+
+    write_report(sweep, over=["seed"])
+    picture = np.asarray(Image.open(sweep / "report.png").convert("RGB")).astype(int)
+    assert picture.shape == (462, 660, 3)  # one panel: no run logged val/iwae
+    blue, orange = np.array([31, 119, 180]), np.array([255, 127, 14])  # matplotlib's first two colours
+    assert (np.abs(picture - blue).sum(-1) < 30).sum() > 200 and (np.abs(picture - orange).sum(-1) < 30).sum() > 200
+
+    # the groups' lines: latent_dim=2's mean and sd of runs 0 and 1, latent_dim=16's of run 3 alone
+    curves = {r: read_curves(sweep / r) for r in "0123"}
+    groups = {"latent_dim=2": ["0", "1"], "latent_dim=16": ["2", "3"]}
+    lines = curve_lines(curves, "val/elbo", groups)
+    pairs = [(-100.0, -99.0), (-50.0, -89.0), (-80.0, -79.0)]
+    assert lines["latent_dim=2"] == ([0, 1, 2], [statistics.fmean(p) for p in pairs], [statistics.stdev(p) for p in pairs])
+    assert lines["latent_dim=16"] == ([0, 1, 2], [-94.0, -84.0, -74.0], [0.0, 0.0, 0.0])
+    assert curve_lines(curves, "val/elbo")["0"] == ([0, 1, 2], [-100.0, -50.0, -80.0], [0.0, 0.0, 0.0])
+    assert draw_curves(tmp_path / "g.png", curves, groups)
+    assert not draw_curves(tmp_path / "none.png", {"2": {}}) and not (tmp_path / "none.png").exists()
+    for run in "0123":
+        (sweep / run / "csv" / "metrics.csv").unlink()
+    write_report(sweep)
+    assert not (sweep / "report.png").exists() and "report.png" not in (sweep / "report.md").read_text()
 
 
 def test_report_on_a_path_that_is_no_folder_says_so(tmp_path, capsys):

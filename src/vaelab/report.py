@@ -4,8 +4,9 @@ Every run under the folder (a folder holding ``summary.json``, or a sweep job's 
 one: running now, an evaluation, killed, or failed before training) becomes one row: its overrides
 (one column per overridden key, from ``<run>/.hydra/overrides.yaml``), best ``val/elbo``,
 ``test/nll``, ``test/bpd``, active units and wall time. The table is printed as markdown and
-written to ``report.md`` and ``report.csv`` in the folder: what the W&B runs table shows online,
-for offline users.
+written to ``report.md`` and ``report.csv`` in the folder, and ``report.png`` draws each run's
+validation bounds per epoch (from its CSV or offline W&B log): what the W&B runs table and its
+charts show online, for offline users.
 
 ``--over seed`` (any overridden key, or several) adds a second table: the runs grouped by their
 other overrides, each number as mean ± sd (the sample standard deviation, n − 1) over the
@@ -34,6 +35,10 @@ NUMBERS = (
     ("active units", lambda s: (s.get("diagnostics") or {}).get("active_units")),
     ("wall time (s)", lambda s: s.get("wall_time_s")),
 )
+
+
+#: the per-epoch numbers ``report.png`` draws (those a run logged)
+CURVES = ("val/elbo", "val/iwae")
 
 
 def read_overrides(run: Path) -> dict[str, str]:
@@ -194,7 +199,8 @@ def group_over(columns: list[str], rows: list[dict[str, Any]], over: list[str]) 
         ok = [r for r in members if str(r.get("status", "")).startswith("ok")]
         group: dict[str, Any] = dict(zip(by, values, strict=True))
         group.update({"n": len(ok), "runs": ", ".join(r["run"] for r in ok),
-                      "not ok": ", ".join(r["run"] for r in members if r not in ok)})
+                      "not ok": ", ".join(r["run"] for r in members if r not in ok),
+                      "_members": [r["run"] for r in ok]})  # (not a column: report.png's groups)
         for name in numbers:
             got = [float(r[name]) for r in ok if r.get(name) is not None]
             group[f"{name} mean"] = statistics.fmean(got) if got else None
@@ -241,6 +247,84 @@ def to_markdown(columns: list[str], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_curves(run: Path, metrics: tuple[str, ...] = CURVES) -> dict[str, dict[int, float]]:
+    """``{metric: {epoch: value}}`` of a run: from its ``csv/metrics.csv`` (``logger=csv``), else
+    its offline W&B runs (a resumed run has one per command, read in order of start). A
+    resume repeats the epochs after its checkpoint: the later value of an epoch is kept.
+    ``{}`` where the run logged neither (``logger=none``) or its files cannot be read."""
+    found: dict[str, dict[int, float]] = {m: {} for m in metrics}
+    table = run / "csv" / "metrics.csv"
+    try:
+        if table.is_file():
+            with open(table, newline="") as f:
+                rows: list[dict[str, Any]] = list(csv.DictReader(f))
+        else:
+            from vaelab.wandb_offline import find_runs, read_run
+
+            rows = [row for path in find_runs(run) for row in read_run(path).history]
+        for row in rows:
+            for m in metrics:
+                if row.get(m) not in (None, "") and row.get("epoch") not in (None, ""):
+                    found[m][int(float(row["epoch"]))] = float(row[m])
+    except Exception:  # noqa: BLE001 - a damaged log costs that run's curve, not the report
+        return {}
+    return {m: v for m, v in found.items() if v}
+
+
+def curve_lines(curves: dict[str, dict[str, dict[int, float]]], metric: str, groups: dict[str, list[str]] | None = None,
+                ) -> dict[str, tuple[list[int], list[float], list[float]]]:
+    """The lines ``draw_curves`` draws for ``metric``: ``{label: (epochs, mean, sd)}``, one per run
+    (sd 0), or one per group, at each epoch the mean and sample sd of the group's runs that have
+    it (sd 0 where one run has it, or a value is not finite). Lines with no point are left out."""
+    out = {}
+    for label, members in (groups or {run: [run] for run in curves}).items():
+        epochs = sorted({e for r in members for e in curves.get(r, {}).get(metric, {})})
+        if epochs:
+            at = [[curves[r][metric][e] for r in members if e in curves.get(r, {}).get(metric, {})] for e in epochs]
+            out[label] = (epochs, [statistics.fmean(v) for v in at],
+                          [statistics.stdev(v) if len(v) > 1 and all(map(math.isfinite, v)) else 0.0 for v in at])
+    return out
+
+
+def draw_curves(path: Path, curves: dict[str, dict[str, dict[int, float]]],
+                groups: dict[str, list[str]] | None = None) -> bool:
+    """``report.png``: each metric of ``CURVES`` that some run logged, per epoch, one line per run
+    (``curves``: ``{run label: {metric: {epoch: value}}}``); with ``groups`` (``{group label:
+    [run labels]}``, from ``--over``) one line per group, its mean over the runs, in a band of
+    ± one sd where two or more have the epoch. False (nothing drawn) where no run has a curve."""
+    metrics = [m for m in CURVES if any(m in c for c in curves.values())]
+    if not metrics:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.0 * len(metrics), 4.2), dpi=110, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        for label, (epochs, mean, sd) in curve_lines(curves, metric, groups).items():
+            (line,) = ax.plot(epochs, mean, marker="o" if len(epochs) < 30 else None, markersize=3, linewidth=1.2,
+                              label=label if groups is None else f"{label} (n={len(groups[label])})")
+            if groups is not None:
+                ax.fill_between(epochs, [m - d for m, d in zip(mean, sd, strict=True)],
+                                [m + d for m, d in zip(mean, sd, strict=True)], color=line.get_color(), alpha=0.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{metric} (nats per example)")
+        ax.set_title(f"{metric}{' (mean ± sd)' if groups else ''}: higher is better")
+        ax.grid(alpha=0.3)
+    handles = axes[0].get_legend_handles_labels()[0]
+    if 0 < len(handles) <= 16:
+        axes[-1].legend(fontsize=7, loc="lower right")
+    fig.savefig(path)
+    canvas.draw()
+    return True
+
+
 def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -261,12 +345,29 @@ def write_report(folder: str | Path, over: list[str] | None = None) -> tuple[str
     if not rows:
         raise FileNotFoundError(f"no runs under {root}: a run folder holds summary.json (written by train.py)")
     markdown = to_markdown(columns, rows)
+    numbers = numbers_of(columns)
+    settings = [c for c in columns if c not in ("run", "status", *numbers)]
+
+    def label(row: dict[str, Any], keys: list[str]) -> str:  # the settings that differ between the lines
+        varying = [k for k in keys if len({str(r.get(k, "")) for r in rows}) > 1]
+        return ", ".join(f"{k}={row.get(k, '')}" for k in varying)
+
+    curves = {row["run"]: read_curves(root / row["run"]) for row in rows}
+    named = {f"{row['run']}: {label(row, settings)}".rstrip(": "): curves[row["run"]] for row in rows}
+    lines: dict[str, list[str]] | None = None
     if over:
         grouped_columns, groups = group_over(columns, rows, over)
         name = "-".join(k.replace("/", "_") for k in over)
         write_csv(root / f"report-over-{name}.csv", grouped_columns, groups)
         markdown += (f"\nmean ± sd over {', '.join(over)} (finished runs; sd: n − 1)\n\n"
                      + grouped_markdown(grouped_columns, groups))
+        by = [k for k in settings if k not in over]
+        named = {row["run"]: curves[row["run"]] for row in rows}
+        lines = {(label(g, by) or "all runs"): g["_members"] for g in groups if g["_members"]}
+    if draw_curves(root / "report.png", named, lines):
+        markdown += "\n![the runs' validation bounds per epoch](report.png)\n"
+    else:  # (no run logged a curve: an earlier report's picture would not be this one's)
+        (root / "report.png").unlink(missing_ok=True)
     (root / "report.md").write_text(markdown)
     write_csv(root / "report.csv", columns, rows)
     return markdown, rows
@@ -285,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vaelab report: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 1
     print(markdown, end="")
-    written = ["report.md", "report.csv"]
+    written = ["report.md", "report.csv"] + (["report.png"] if (Path(args.folder) / "report.png").is_file() else [])
     if args.over:
         written.append(f"report-over-{'-'.join(k.replace('/', '_') for k in args.over)}.csv")
     print(f"\nwritten to {', '.join(str(Path(args.folder) / w) for w in written)}")

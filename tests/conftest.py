@@ -83,13 +83,20 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def poisoned_checkpoint(ckpt: Path, dest: Path, group: str = "likelihood") -> tuple[Path, Path]:
+def poisoned_checkpoint(ckpt: Path, dest: Path, group: str = "likelihood", self_allowed: bool = False
+                        ) -> tuple[Path, Path]:
     """A copy of a real checkpoint whose stored config names ``os.system`` for ``group``,
     commanded to create a marker file: the marker's absence proves that nothing ran.
-    Returns (bad checkpoint, marker)."""
+    ``self_allowed``: ``shutil.copyfile`` instead (which Hydra itself does not block), with the
+    stored config's own ``allowed_targets=[shutil.]``. Returns (bad checkpoint, marker)."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     marker = dest / "pwned"
-    state["hyper_parameters"]["config"][group] = {"_target_": "os.system", "command": f"touch {marker}"}
-    bad = dest / "bad.ckpt"
+    config = state["hyper_parameters"]["config"]
+    if self_allowed:
+        config[group] = {"_target_": "shutil.copyfile", "_args_": [str(ckpt), str(marker)]}
+        config["allowed_targets"] = ["shutil."]
+    else:
+        config[group] = {"_target_": "os.system", "command": f"touch {marker}"}
+    bad = dest / ("self-allowed.ckpt" if self_allowed else "bad.ckpt")
     torch.save(state, bad)
     return bad, marker

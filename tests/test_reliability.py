@@ -315,10 +315,10 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(
     assert "train/kl is NaN" in proc.stderr and "train/recon" not in proc.stderr.split("step 25")[1].split(".")[0]
     last = out / "checkpoints" / "last.ckpt"
     assert f"The last good checkpoint is {last}" in proc.stderr and "nan_policy=skip" in proc.stderr
-    ckpt = load_checkpoint(last)
+    ckpt = load_checkpoint(last, ["nanobj."])  # (the run's own plugin, allowed by the reader)
     assert ckpt["global_step"] == STEPS_PER_EPOCH  # the epoch-0 checkpoint, not overwritten
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
-    load_module(last)
+    load_module(last, allowed_targets=["nanobj."])
     assert json.loads((out / "summary.json").read_text())["failed"] is True
 
 
@@ -355,7 +355,7 @@ def test_nan_policy_skip_skips_and_counts(tmp_path):
     rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
     skipped = [float(r["train/skipped_steps"]) for r in rows if r.get("train/skipped_steps")]
     assert sorted(set(skipped)) == [0.0, 1.0, 2.0, 3.0] and skipped[-1] == 3.0
-    ckpt = load_checkpoint(out / "checkpoints" / "last.ckpt")
+    ckpt = load_checkpoint(out / "checkpoints" / "last.ckpt", ["nanobj."])
     # Lightning still counts a step whose training_step returned None (its gradients stay None,
     # so the optimizer leaves every weight and moment as it was)
     assert ckpt["global_step"] == 2 * STEPS_PER_EPOCH
@@ -753,9 +753,9 @@ def test_sigkill_while_saving_leaves_the_previous_last_ckpt_intact(tmp_path):
     assert tmp.is_file() and tmp.parent == last.parent  # the half-written temporary file
     assert tmp.stat().st_size < len(before)
     assert last.read_bytes() == before  # untouched by the killed save
-    ckpt = load_checkpoint(last)
+    ckpt = load_checkpoint(last, ["slowio."])
     assert ckpt["global_step"] == STEPS_PER_EPOCH
-    load_module(last)
+    load_module(last, allowed_targets=["slowio."])
 
 
 @pytest.fixture
@@ -807,7 +807,7 @@ def test_full_disk_before_and_during_training(tmp_path, tiny_disk):
     assert proc.returncode != 0
     assert "CheckpointWriteError" in proc.stderr and "the disk is full" in proc.stderr
     assert f"callbacks.model_checkpoint.dirpath={ckpts}" in proc.stderr
-    assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
+    assert load_checkpoint(ckpts / "last.ckpt", ["filler."])["global_step"] == STEPS_PER_EPOCH
     assert not [p for p in ckpts.iterdir() if ".tmp-" in p.name]
 
 
@@ -824,6 +824,42 @@ def test_resume_from_a_foreign_or_broken_checkpoint_is_refused_before_anything_r
         assert not (out / "checkpoints").exists() and not find_runs(out)
     assert not marker.exists()
     assert (good_run / "checkpoints" / "last.ckpt").read_bytes() == data
+
+
+def test_a_checkpoint_cannot_allow_its_own_code(good_run, tmp_path):
+    """A checkpoint whose stored config names shutil.copyfile, and allows it with its own
+    ``allowed_targets=[shutil.]``: eval.py and a resume refuse it, naming the prefix to allow on
+    the command line, and nothing runs (it did: the file's own list was the one checked). The
+    command's own allowed_targets (or $VAELAB_ALLOWED_TARGETS) lets a trusted file through."""
+    from vaelab.build import UnsafeConfigError
+
+    bad, marker = poisoned_checkpoint(good_run / "checkpoints" / "last.ckpt", tmp_path, self_allowed=True)
+    with pytest.raises(UnsafeConfigError, match=r"its stored allowed_targets=\['shutil.'\] do not count") as err:
+        load_checkpoint(bad)
+    assert "Python's own modules, which no model part needs: do not load this file" in str(err.value)
+    for script in ("eval.py", "train.py"):
+        out = tmp_path / f"{script}-out"
+        proc = run_cli(script, f"ckpt_path={bad}", f"hydra.run.dir={out}", "evaluation.test_num_samples=5", cwd=REPO)
+        assert proc.returncode != 0 and "A checkpoint cannot allow its own code" in proc.stderr, proc.stderr[-2000:]
+        assert not marker.exists() and not (out / "metrics.json").exists() and not (out / "checkpoints").exists()
+    # allowed by this command: read, with this command's list as the config's
+    assert load_checkpoint(bad, ["shutil."])["hyper_parameters"]["config"]["allowed_targets"] == ["shutil."]
+    # a run of the user's own plugin: the prefix it was trained with is the one to give
+    state = torch.load(bad, map_location="cpu", weights_only=True)
+    state["hyper_parameters"]["config"].update(likelihood={"_target_": "mylab.likelihoods.MyLaplace"},
+                                               allowed_targets=["mylab."])
+    torch.save(state, mine := tmp_path / "mine.ckpt")
+    with pytest.raises(UnsafeConfigError, match=r"allow them in this command: allowed_targets=\[mylab.\] \(or export "
+                                                r"VAELAB_ALLOWED_TARGETS=mylab.\)"):
+        load_checkpoint(mine)
+    os.environ["VAELAB_ALLOWED_TARGETS"] = "other.,mylab."
+    try:
+        assert load_checkpoint(mine)["hyper_parameters"]["config"]["allowed_targets"] == []
+    finally:
+        del os.environ["VAELAB_ALLOWED_TARGETS"]
+    proc = run_cli("eval.py", f"ckpt_path={bad}", "allowed_targets=mylab.", cwd=REPO)  # a string, not a list
+    assert proc.returncode != 0 and "allowed_targets must be a list of module prefixes, got 'mylab.'" in proc.stderr
+    assert not marker.exists()
 
 
 def test_a_checkpoint_damaged_after_its_save_is_named_not_loaded(good_run, tmp_path):

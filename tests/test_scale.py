@@ -495,8 +495,8 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
                       f"hydra.run.dir={cut}", cwd=tmp_path, env=_env(tmp_path))
     assert stopped.returncode != 0 and "stopped on purpose" in stopped.stderr
     assert sorted(p.name for p in (cut / "checkpoints").glob("latest-step*.ckpt")) == ["latest-step28.ckpt"]
-    resumed = check(run_cli("train.py", f"ckpt_path={cut}", f"hydra.run.dir={tmp_path / 'resume'}", cwd=tmp_path,
-                            env=_env(tmp_path)))
+    resumed = check(run_cli("train.py", f"ckpt_path={cut}", "allowed_targets=[stop.]",
+                            f"hydra.run.dir={tmp_path / 'resume'}", cwd=tmp_path, env=_env(tmp_path)))
     assert "not resumable" not in resumed.stderr and "random streams" not in resumed.stderr
 
     def final(run):
@@ -560,8 +560,8 @@ def test_a_run_killed_mid_epoch_resumes_in_the_same_wandb_run(tmp_path):
 
     (first_file,) = find_runs(run_dir)
     first = read_run(first_file)
-    check(run_cli("train.py", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path}/resume", cwd=tmp_path,
-                  env=_env(tmp_path)))
+    check(run_cli("train.py", f"ckpt_path={run_dir}", "allowed_targets=[slow.]", f"hydra.run.dir={tmp_path}/resume",
+                  cwd=tmp_path, env=_env(tmp_path)))
 
     files = find_runs(run_dir)
     assert len(files) == 2

@@ -76,9 +76,22 @@ def check_targets(cfg: Any, allowed: Sequence[str] = ALLOWED_TARGET_PREFIXES) ->
         )
 
 
+#: module prefixes of the user's own plugins, comma-separated, allowed in every command (e.g.
+#: ``export VAELAB_ALLOWED_TARGETS=mylab.``): what ``allowed_targets=[mylab.]`` allows in one
+ALLOWED_TARGETS_ENV = "VAELAB_ALLOWED_TARGETS"
+
+
+def env_prefixes() -> tuple[str, ...]:
+    return tuple(p.strip() for p in os.environ.get(ALLOWED_TARGETS_ENV, "").split(",") if p.strip())
+
+
 def allowed_prefixes(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``_target_`` prefixes a config composed by this command may name: vaelab's, torch's and
+    Lightning's (``ALLOWED_TARGET_PREFIXES``), ``$VAELAB_ALLOWED_TARGETS`` and its own
+    ``allowed_targets``. Not for a config read from a checkpoint, which cannot allow its own
+    code: ``vaelab.checkpoints.load_checkpoint`` takes the command's list."""
     extra = tuple(config.get("allowed_targets") or ())
-    return ALLOWED_TARGET_PREFIXES + extra
+    return ALLOWED_TARGET_PREFIXES + env_prefixes() + extra
 
 
 FUSED_CHOICES = ("auto", True, False)

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import pickle
 import re
+import sys
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vaelab.build import allowed_prefixes, check_targets
+from vaelab.build import (
+    ALLOWED_TARGET_PREFIXES,
+    ALLOWED_TARGETS_ENV,
+    UnsafeConfigError,
+    env_prefixes,
+    iter_targets,
+)
 from vaelab.errors import ExplainedError
 
 
@@ -124,8 +132,12 @@ def _instead(p: Path) -> str:
             "and best-*.ckpt.")
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a vaelab checkpoint onto the CPU, refusing anything that is not one."""
+def load_checkpoint(path: str | Path, allowed_targets: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a vaelab checkpoint onto the CPU, refusing anything that is not one, and one whose
+    stored config names a ``_target_`` outside vaelab, torch and Lightning
+    (``ALLOWED_TARGET_PREFIXES``), ``$VAELAB_ALLOWED_TARGETS`` and ``allowed_targets``: the
+    current command's. The stored config's own ``allowed_targets`` do not count (a file could
+    otherwise allow whatever it names); its ``allowed_targets`` are set to the command's."""
     p = resolve_checkpoint(path)
     try:
         # memory-mapped: validating or reading the config does not read every weight into memory
@@ -149,8 +161,31 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(hp, dict) or "config" not in hp or "data_info" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{p} is a PyTorch file but not a vaelab checkpoint (no config or weights in it). "
                               f"{_instead(p)}")
-    check_targets(hp["config"], allowed_prefixes(hp["config"]))
+    _check_stored_targets(p, hp["config"], tuple(allowed_targets))
+    hp["config"]["allowed_targets"] = list(allowed_targets)  # what this command allows, not the file
     return ckpt
+
+
+def _check_stored_targets(p: Path, config: dict[str, Any], allowed_targets: tuple[str, ...]) -> None:
+    """``UnsafeConfigError`` naming what to allow where ``config`` (a checkpoint's) names a target
+    outside the prefixes this command allows."""
+    allowed = ALLOWED_TARGET_PREFIXES + env_prefixes() + allowed_targets
+    bad = [(where, t) for where, t in iter_targets(config) if not any(t.startswith(a) for a in allowed)]
+    if not bad:
+        return
+    stored = [str(a) for a in config.get("allowed_targets") or ()]
+    listing = ", ".join(f"{where}: {t}" for where, t in bad[:5])
+    text = f"{p} names code outside vaelab, torch and Lightning ({listing}); nothing has been built from it. "
+    if stored:
+        text += f"A checkpoint cannot allow its own code: its stored allowed_targets={stored} do not count. "
+    tops = {t.split(".")[0] for _, t in bad}
+    if tops & (set(sys.stdlib_module_names) | {"builtins"}):
+        raise UnsafeConfigError(text + "It names Python's own modules, which no model part needs: do not load this "
+                                       "file, and ask where it came from.")
+    # the prefix to allow: the one the run was trained with, else each target's top module
+    needed = ",".join(sorted({next((a for a in stored if t.startswith(a)), t.split(".")[0] + ".") for _, t in bad}))
+    raise UnsafeConfigError(text + f"If it is a run of your own plugins and you trust the file, allow them in this "
+                                   f"command: allowed_targets=[{needed}] (or export {ALLOWED_TARGETS_ENV}={needed}).")
 
 
 def _damaged_member(path: Path) -> str | None:
@@ -166,12 +201,15 @@ def _damaged_member(path: Path) -> str | None:
             return f"({type(err).__name__}: {err})"
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_module(path: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                allowed_targets: Sequence[str] = ()):
     """Rebuild the ``VAEModule`` a checkpoint was saved from, with its trained weights (in
-    ``dtype`` if given: float64 keeps the weights of a ``64-true`` run as they are)."""
+    ``dtype`` if given: float64 keeps the weights of a ``64-true`` run as they are); a
+    checkpoint of a run with plugins of its own needs their prefixes in ``allowed_targets``
+    (``load_checkpoint``)."""
     from vaelab.module import VAEModule
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, allowed_targets)
     hp = ckpt["hyper_parameters"]
     module = VAEModule(config=hp["config"], data_info=hp["data_info"])
     if dtype is not None:

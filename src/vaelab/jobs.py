@@ -354,7 +354,8 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt = dashboard.resolve_run_checkpoint(cfg.ckpt_path)
     # under 64-true the weights are loaded as float64 (a 64-true run's stay as they were saved)
-    module = load_module(ckpt, dtype=torch.float64 if str(cfg.trainer.get("precision")) in ("64-true", "64") else None)
+    module = load_module(ckpt, dtype=torch.float64 if str(cfg.trainer.get("precision")) in ("64-true", "64") else None,
+                         allowed_targets=[str(a) for a in cfg.get("allowed_targets") or ()])
     module.evaluation = check_evaluation({**module.evaluation, **OmegaConf.to_container(cfg.evaluation, resolve=True)})
     stored = module.config
     data_cfg = dict(stored["data"])

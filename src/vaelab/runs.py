@@ -307,7 +307,8 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
         ckpt = resolve_checkpoint(ckpt_path)
     ckpt = ckpt.resolve()
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else output_dir.resolve()
-    stored = load_checkpoint(ckpt)["hyper_parameters"]["config"]
+    # (its allowed_targets become this command's: a checkpoint cannot allow its own code)
+    stored = load_checkpoint(ckpt, [str(a) for a in cfg.get("allowed_targets") or ()])["hyper_parameters"]["config"]
     resumed = continue_config(stored, cfg, run_dir, ckpt, command_dir=output_dir)
     if run_dir != output_dir.resolve():
         log.info("vaelab: continuing the run in %s (this command's Hydra files are in %s)", run_dir, output_dir)

@@ -135,6 +135,9 @@ def _devices(v: Any) -> bool:
 RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("latent_dim", _int_at_least(1), "a positive integer", "latent_dim=16"),
     ("seed", _is_int, "an integer", "seed=0"),
+    # a string would be read letter by letter: allowed_targets=mylab. allowed every target under "m"
+    ("allowed_targets", lambda v: isinstance(v, Sequence) and not isinstance(v, str)
+     and all(isinstance(a, str) and a.strip() for a in v), "a list of module prefixes", "'allowed_targets=[mylab.]'"),
     ("data.binarize", lambda v: v in ("auto", "none", "dynamic", "static"), "one of auto, none, dynamic, static",
      "data.binarize=auto"),
     ("data.dequantize", lambda v: v in ("auto", True, False), "auto, true or false", "data.dequantize=auto"),
@@ -335,16 +338,17 @@ def folder_problems(folders: Mapping[str, str]) -> list[str]:
     return problems
 
 
-def checkpoint_problem(ckpt_path: Any) -> str | None:
-    """A ``ckpt_path`` to resume from must be a readable vaelab checkpoint naming only allowed
-    targets: checked with ``torch.load(weights_only=True)`` before anything is built."""
+def checkpoint_problem(ckpt_path: Any, allowed_targets: Any = ()) -> str | None:
+    """A ``ckpt_path`` to resume from must be a readable vaelab checkpoint naming only targets
+    this command allows (``allowed_targets``; not the checkpoint's own): checked with
+    ``torch.load(weights_only=True)`` before anything is built."""
     if ckpt_path in (None, "last"):
         return None  # "last": the run's own last checkpoint (resume semantics: vaelab.runs.resolve_resume)
     from vaelab.build import UnsafeConfigError
     from vaelab.checkpoints import CheckpointError, load_checkpoint
 
     try:
-        load_checkpoint(ckpt_path)
+        load_checkpoint(ckpt_path, [str(a) for a in allowed_targets or ()])
     except (CheckpointError, UnsafeConfigError) as err:
         return f"ckpt_path={ckpt_path}: {err}"
     return None
@@ -496,7 +500,7 @@ def _edits(a: str, b: str) -> int:
 def validate_train_config(cfg: DictConfig) -> None:
     """Every problem of a training config at once, before anything runs (``ConfigError``)."""
     problems = value_problems(cfg)
-    ckpt = checkpoint_problem(cfg.get("ckpt_path"))
+    ckpt = checkpoint_problem(cfg.get("ckpt_path"), cfg.get("allowed_targets"))
     if ckpt:
         problems.append(ckpt)
     earlier = earlier_run_problem(cfg)
@@ -510,7 +514,8 @@ def validate_train_config(cfg: DictConfig) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") in (None, "???"):
         raise ConfigError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
-    problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed", "data", "malloc"]))
+    problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed", "data", "malloc",
+                                                          "allowed_targets"]))
     problems += eval_data_problems(cfg.get("data"))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
     # Hydra's own files are checked before it writes them (vaelab.folders.RunFolders); the rest here,

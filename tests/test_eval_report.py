@@ -86,6 +86,8 @@ def test_eval_on_a_run_folder_reproduces_its_numbers(sweep, tmp_path):
     assert config["latent_dim"] == 16 and config["likelihood"]["_target_"].endswith("Bernoulli")
     assert config["evaluation"]["test_num_samples"] == K and config["data"]["binarize"] == "dynamic"
     assert str(s["best_checkpoint"]) in proc.stdout
+    assert "litmodels" not in proc.stdout + proc.stderr  # (Lightning's default checkpoint callback's advertisement)
+    assert (proc.stdout + proc.stderr).count("GPU available") == 1
     m, t = out["metrics"], s["test"]
     assert m["test/nll"] == pytest.approx(t["test/nll"], abs=0.2)  # K=20, 360 examples: MC noise only
     assert m["test/elbo"] == pytest.approx(t["test/elbo"], abs=0.3)

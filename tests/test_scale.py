@@ -600,3 +600,49 @@ def test_a_run_killed_mid_epoch_resumes_in_the_same_wandb_run(tmp_path):
     # those steps' images: the rest of the epoch's order, 64 a batch and 41 in its last
     assert first_figure["images"] == (left - 1) * 64 + 1257 - 19 * 64, (first_figure, left)
     assert 0 < first_figure["seconds"] < 60 and first_figure["images_per_sec"] > 10, first_figure
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_exits_143_naming_where_it_got_and_continues(tmp_path):
+    """SIGTERM (a SLURM time limit, ``timeout``, ``kill``) mid-training: exit status 143, not
+    the 0 that Lightning's SIGTERMException (a SystemExit without a code) gave, so a job script
+    and a requeue see a stopped run; the log and summary.json say where training got and name
+    the command that continues it, which then finishes the run keeping the stopped command's
+    record."""
+    run_dir = tmp_path / "run"
+    (tmp_path / "slow.py").write_text(
+        "import time\nimport lightning.pytorch as pl\n"
+        "class Slow(pl.Callback):\n"
+        "    def on_train_batch_end(self, *args):\n        time.sleep(0.05)\n"
+    )
+    args = [sys.executable, str(REPO / "train.py"), "trainer.max_epochs=4", "logger=csv", "allowed_targets=[slow.]",
+            "+callbacks.slow._target_=slow.Slow", *FAST, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, **_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not list((run_dir / "checkpoints").glob("latest-*")):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before its first checkpoint"
+        time.sleep(0.3)  # into the next epoch
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, (proc.returncode, err[-2000:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    step = summary["trained"]["global_step"]
+    assert summary["failed"] and 20 <= step < 80 and summary["trained"]["max_epochs"] == 4
+    said = (f"stopped by SIGTERM (a job's time limit, timeout, kill) at step {step} (epoch {step // 20}) of its "
+            f"training. Continue it from its latest checkpoint")
+    assert said in out + err and summary["error"].startswith(f"SIGTERM: {said}")
+    assert f"python train.py ckpt_path={run_dir}" in summary["error"]
+
+    check(run_cli("train.py", f"ckpt_path={run_dir}", "allowed_targets=[slow.]", f"hydra.run.dir={tmp_path}/resume",
+                  cwd=tmp_path, env=_env(tmp_path)))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not summary["failed"] and summary["trained"]["epochs"] == 4 and summary["test"]
+    first, second = summary["commands"]
+    assert first["failed"] and first["error"].startswith("SIGTERM: stopped by SIGTERM") and first["trained"]["global_step"] == step
+    assert not second["failed"] and second["trained"]["global_step"] == 80

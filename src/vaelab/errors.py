@@ -18,3 +18,18 @@ class ExplainedError(Exception):
 class SettingError(ValueError, ExplainedError):
     """A setting's value that the code using it refuses (checked where the value is used, when
     the config check before the run cannot know it): the message names the key and the fix."""
+
+
+class Terminated(SystemExit):
+    """The process was told to stop (SIGTERM: a job's time limit, ``timeout``, ``kill``): it
+    ends with status 143 (128 + SIGTERM), as a process the signal ended would, not with the
+    0 of Lightning's ``SIGTERMException`` (a ``SystemExit`` without a code), which told a job
+    script or a requeue that the run had finished. The message says where training got to and
+    how to continue it."""
+
+    def __init__(self, message: str):
+        super().__init__(143)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

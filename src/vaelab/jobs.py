@@ -18,6 +18,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab import dashboard
@@ -25,6 +26,7 @@ from vaelab.build import allowed_prefixes, check_targets, keep_freed_memory
 from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RandomStreams, job_scope
+from vaelab.errors import Terminated
 from vaelab.folders import claim_folder, folder_claims
 from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
@@ -273,8 +275,17 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         failed = False
     except BaseException as error:
         summary["error"] = error_text(error)  # for report.py and the sweep's end
+        if isinstance(error, SIGTERMException):
+            message = _stopped_by_sigterm(trainer, output_dir)
+            summary["error"] = f"SIGTERM: {message}"
+            log.error("vaelab: %s", message)
+            raise Terminated(message) from error
         raise
     finally:
+        if "trained" not in summary and trainer.global_step > 0:  # where a failed or stopped training got
+            summary["trained"] = {"epochs": trainer.fit_loop.epoch_progress.current.processed,
+                                  "global_step": trainer.global_step, "max_epochs": trainer.max_epochs,
+                                  "max_steps": trainer.max_steps}
         summary["wandb_dir"] = wandb_run_dir(loggers)
         summary["wall_time_s"] = round(time.time() - started, 1)
         summary["failed"] = failed
@@ -287,6 +298,17 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
             write_json(output_dir / "summary.json", summary)
     _print_summary(summary, evaluation=config.get("evaluation", {}))
     return summary
+
+
+def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path) -> str:
+    """What a run stopped by SIGTERM says: where it got, and the command that continues it."""
+    if trainer.state.fn == "test" or trainer.state.stage == "test":
+        where = "during its test, after its training had finished"
+    else:
+        where = f"at step {trainer.global_step} (epoch {trainer.current_epoch}) of its training"
+    return (f"stopped by SIGTERM (a job's time limit, timeout, kill) {where}. Continue it from its latest "
+            f"checkpoint (saved at each epoch's end and every callbacks.step_checkpoint.every_n_minutes): "
+            f"python train.py ckpt_path={output_dir}")
 
 
 def _unit(key: str) -> str:
@@ -376,8 +398,10 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
         lg.log_hyperparams(evaluated)
     check_targets({"trainer": cfg.trainer}, allowed_prefixes(stored))
     pictures = ImageLogger(save_dir=str(Path(cfg.paths.output_dir) / "images"), num_samples=0)
+    # (no checkpoint callback: an evaluation saves nothing, and Lightning's default one printed
+    # an advertisement for its model registry)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[pictures],
-                                      **default_profiler(cfg.trainer))
+                                      enable_checkpointing=False, **default_profiler(cfg.trainer))
     skip_empty_batch_hooks(trainer.callbacks)
     dashboard.define_metrics(loggers)
     failed = True
@@ -386,6 +410,11 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
         facts = dashboard.run_facts(module, datamodule.info)
         dashboard.update_wandb_summary(loggers, facts)
         failed = False
+    except SIGTERMException as error:  # (a SystemExit without a code: status 0, as if it had finished)
+        message = (f"stopped by SIGTERM (a job's time limit, timeout, kill) during the evaluation of {ckpt}: "
+                   "no metrics.json was written; run the command again")
+        log.error("vaelab: %s", message)
+        raise Terminated(message) from error
     finally:
         finish_wandb(loggers, failed)
     metrics = {k: _as_float(v) for k, v in results[0].items()}

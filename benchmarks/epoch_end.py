@@ -138,6 +138,16 @@ def run_once(tree: Path, epochs: int, out: Path, overrides: list[str]) -> dict[s
     return {"ms": medians, "wall_s": wall, "checkpoint_mib": folder_bytes(out / "checkpoints") / 2**20}
 
 
+def commit_of(rev: str) -> str:
+    """``rev`` (HEAD~1, a branch, a tag, a hash) as its short commit hash: the name of its
+    worktree and its runs' folders, which Hydra's overrides take (``~`` and ``/`` they do not)."""
+    proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", f"{rev}^{{commit}}"], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        sys.exit(f"--baseline {rev}: not a git revision of {REPO} ({proc.stderr.strip()})")
+    return proc.stdout.strip()
+
+
 def worktree(rev: str, where: Path) -> Path:
     path = where / f"baseline-{rev}"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(path), rev],
@@ -157,6 +167,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         trees = {"this tree": REPO}
         if args.baseline:
+            args.baseline = commit_of(args.baseline)
             trees[args.baseline] = worktree(args.baseline, tmp)
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
         try:

@@ -1010,6 +1010,21 @@ def test_the_commands_before_a_resume_are_read_from_any_summary(tmp_path, caplog
     assert f"{tmp_path / 'summary.json'} cannot be read (JSONDecodeError)" in caplog.text
 
 
+def test_command_records_from_summary_and_checkpoint_merge_in_order_of_start():
+    """summary.json's records are whole and win; one only a checkpoint holds (its command was
+    killed before writing a summary) is marked as such; the list is in order of start."""
+    from vaelab.runs import KILLED, merge_commands
+
+    a = {"started_at": "2026-01-01T10:00:00Z", "wall_time_s": 100.0, "failed": False}
+    a_partial = {"started_at": "2026-01-01T10:00:00Z", "wall_time_s": 40.0}
+    b = {"started_at": "2026-01-01T11:00:00Z", "resumed_from": "/r/checkpoints/last.ckpt", "wall_time_s": 7.5}
+    c = {"started_at": "2026-01-01T12:00:00Z", "resumed_from": "/r/checkpoints/latest-step9.ckpt", "wall_time_s": 3.0,
+         "failed": True, "error": "NonFiniteLossError: ..."}
+    merged = merge_commands([a, c], [b, a_partial])
+    assert merged == [a, {**b, "failed": True, "error": KILLED}, c]
+    assert merge_commands([], [a_partial]) == [{**a_partial, "failed": True, "error": KILLED}]
+
+
 def test_a_finished_run_continued_with_its_limits_is_left_as_it_is(good_run, tmp_path):
     """The same command again on a finished run (a requeued sweep's finished job, or a resume
     without a larger trainer.max_epochs) trains and tests nothing and rewrites nothing: its

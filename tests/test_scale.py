@@ -574,6 +574,12 @@ def test_a_run_killed_mid_epoch_resumes_in_the_same_wandb_run(tmp_path):
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert Path(summary["resumed_from"]).name.startswith("latest-step")
+    # the killed command, which wrote no summary, is in the list, as of the checkpoint resumed from
+    killed, resumed = summary["commands"]
+    assert killed["failed"] and killed["error"].startswith("stopped without writing its summary (killed")
+    assert killed["trained"]["global_step"] == int(Path(summary["resumed_from"]).stem.removeprefix("latest-step"))
+    assert killed["wall_time_s"] > 0 and killed["started_at"] < resumed["started_at"] and not resumed["failed"]
+    assert summary["wall_time_s"] == pytest.approx(killed["wall_time_s"] + resumed["wall_time_s"], abs=0.051)
 
     def train_steps(run):
         return [int(r["trainer/global_step"]) for r in run.history if "train/loss" in r]

@@ -33,6 +33,7 @@ from vaelab.module import VAEModule, check_evaluation
 from vaelab.profiling import default_profiler, skip_empty_batch_hooks
 from vaelab.report import error_text, write_json
 from vaelab.runs import (
+    CommandRecords,
     command_record,
     earlier_commands,
     ensure_wandb_id,
@@ -234,6 +235,10 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
                                "started_at": utc_time(started)}
     if resume_ckpt:  # (the run's .hydra/ files keep the command that started it: vaelab.folders)
         summary["resumed_with"] = [str(o.input_line) for o in command_line_overrides()]
+    # this command's record, also in each checkpoint: a command killed before its summary is
+    # then in the next one's list (vaelab.runs.CommandRecords)
+    records = CommandRecords(command_record(summary), started, earlier)
+    trainer.callbacks.append(records)
     if str(trainer.precision) != str(cfg.trainer.get("precision", trainer.precision)):
         # Lightning swaps what a device lacks (16-mixed on a CPU runs as bf16-mixed): the stored
         # config keeps what was asked, summary.json and the W&B summary what ran
@@ -291,7 +296,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         summary["failed"] = failed
         # this command's record after the earlier ones'; wall_time_s (report.py's column) is the
         # run's, over all of them
-        summary["commands"] = [*earlier, command_record(summary)]
+        summary["commands"] = [*records.known(), command_record(summary)]
         summary["wall_time_s"] = round(sum(c.get("wall_time_s") or 0.0 for c in summary["commands"]), 1)
         finish_wandb(loggers, failed)
         if trainer.is_global_zero:

@@ -392,6 +392,61 @@ def earlier_commands(run_dir: Path) -> list[dict[str, Any]]:
     return [command_record(summary)]
 
 
+KILLED = ("stopped without writing its summary (killed: SIGKILL, out of memory, a lost node?); its record is "
+          "as of its last checkpoint")
+
+
+def merge_commands(*lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of ``lists`` (summary.json's, then a checkpoint's) as one list in order of
+    start: a command in several is taken from the first that has it (a summary's record is
+    whole, a checkpoint's as of its save); one only a checkpoint has stopped without a summary,
+    and says so (``KILLED``)."""
+    merged: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for i, records in enumerate(lists):
+        for record in records:
+            key = (record.get("started_at"), record.get("resumed_from"))
+            if key not in merged:
+                ended = "failed" in record or i == 0
+                merged[key] = record if ended else {**record, "failed": True, "error": KILLED}
+    return sorted(merged.values(), key=lambda r: str(r.get("started_at") or ""))
+
+
+class CommandRecords(pl.Callback):
+    """Carries the records of the commands that trained the run in its checkpoints, so that a
+    command killed before its ``summary.json`` (SIGKILL, out of memory) is still in the next
+    one's ``commands``, with its wall time and step as of its last checkpoint.
+
+    Each checkpoint holds the records known then (the run's ``summary.json``'s and the resumed
+    checkpoint's) and this command's own as of the save; ``commands()`` merges them once the
+    run ends (``merge_commands``: a summary's record wins over a checkpoint's)."""
+
+    def __init__(self, record: dict[str, Any], started: float, earlier: list[dict[str, Any]]):
+        self.record, self.started, self.earlier = record, started, earlier
+        self.from_checkpoint: list[dict[str, Any]] = []
+        self._trainer: pl.Trainer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def known(self) -> list[dict[str, Any]]:
+        return merge_commands(self.earlier, self.from_checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = {k: v for k, v in self.record.items() if k != "failed"}  # (no "failed": it had not ended)
+        mine["wall_time_s"] = round(time.time() - self.started, 1)
+        if self._trainer is not None:
+            mine["trained"] = {"epochs": self._trainer.fit_loop.epoch_progress.current.processed,
+                               "global_step": self._trainer.global_step}
+        return {"commands": [*self.known(), mine]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._trainer is not None and self._trainer.state.fn != "fit":
+            return  # the test's checkpoint (this command's own best): its list is no news
+        mine = (self.record.get("started_at"), self.record.get("resumed_from"))
+        self.from_checkpoint = [c for c in state_dict.get("commands") or []
+                                if isinstance(c, dict) and (c.get("started_at"), c.get("resumed_from")) != mine]
+
+
 def fit_limits(trainer_cfg: Any) -> tuple[int, int]:
     """``(max_epochs, max_steps)`` as Lightning's Trainer resolves them (-1: no limit)."""
     max_steps = trainer_cfg.get("max_steps")

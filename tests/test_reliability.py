@@ -1147,6 +1147,11 @@ def test_a_damaged_checkpoint_is_not_answered_with_its_own_hard_links(good_run, 
     assert proc.returncode != 0 and "no last.ckpt or latest-step*.ckpt there can be read" in proc.stderr
     assert f"{best.name} is the same file under another name (a hard link), damaged alike" in proc.stderr
     assert "Continue from another one" not in proc.stderr
+    # a file cut short of its own beside them is no way out either (it was named as one)
+    (folder / "best-epoch000-cut.ckpt").write_bytes((good_run / "checkpoints" / best.name).read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"holds no other checkpoint file that can be read: start afresh.* "
+                                              r"\(best-epoch000-cut\.ckpt cannot be read either\)"):
+        load_checkpoint(best)
     # with an intact file of another state beside them, that one is named
     shutil.copy(good_run / "checkpoints" / best.name, folder / "best-epoch000-copy.ckpt")
     with pytest.raises(CheckpointError, match=r"use another checkpoint of the run: best-epoch000-copy\.ckpt \("):

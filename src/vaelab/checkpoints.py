@@ -101,12 +101,30 @@ def other_copies(damaged: list[Path], candidates: list[Path]) -> tuple[list[Path
 def _what_else(p: Path) -> str:
     """Where to turn when the checkpoint ``p`` cannot be used: its run's other files, if any."""
     others, same = other_copies([p], sorted(p.parent.glob("*.ckpt")))
+    cut = [q for q in others if not _archive_opens(q)]  # (damaged too: not named as the way out)
+    others = [q for q in others if q not in cut]
     text = (f"use another checkpoint of the run: {', '.join(q.name for q in others[:4])}" if others else
-            "its folder holds no other checkpoint file: start afresh, or use a copy of the run made before")
+            "its folder holds no other checkpoint file that can be read: start afresh, or use a copy of the run "
+            "made before")
+    if cut:
+        text += f" ({', '.join(q.name for q in cut[:4])} cannot be read either)"
     if same:
         text += (f" ({', '.join(q.name for q in same)} {'is' if len(same) == 1 else 'are'} this same file "
                  "under another name, a hard link: damaged alike)")
     return text
+
+
+def _archive_opens(q: Path) -> bool:
+    """Whether ``q``'s zip directory (at its end) can be read: a file cut short cannot. Cheap: it
+    reads no weights (their checksums are ``_damaged_member``'s, at a load)."""
+    try:
+        if not zipfile.is_zipfile(q):  # a zip archive cut short (its directory is at the end), or
+            with open(q, "rb") as f:  # torch's legacy format (a pickle): nothing to read cheaply
+                return f.read(2)[:1] == b"\x80"
+        with zipfile.ZipFile(q) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
 
 
 def _not_a_checkpoint(p: Path) -> str | None:

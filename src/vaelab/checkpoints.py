@@ -101,7 +101,7 @@ def other_copies(damaged: list[Path], candidates: list[Path]) -> tuple[list[Path
 def _what_else(p: Path) -> str:
     """Where to turn when the checkpoint ``p`` cannot be used: its run's other files, if any."""
     others, same = other_copies([p], sorted(p.parent.glob("*.ckpt")))
-    cut = [q for q in others if not _archive_opens(q)]  # (damaged too: not named as the way out)
+    cut = [q for q in others if not archive_opens(q)]  # (damaged too: not named as the way out)
     others = [q for q in others if q not in cut]
     text = (f"use another checkpoint of the run: {', '.join(q.name for q in others[:4])}" if others else
             "its folder holds no other checkpoint file that can be read: start afresh, or use a copy of the run "
@@ -114,7 +114,7 @@ def _what_else(p: Path) -> str:
     return text
 
 
-def _archive_opens(q: Path) -> bool:
+def archive_opens(q: Path) -> bool:
     """Whether ``q``'s zip directory (at its end) can be read: a file cut short cannot. Cheap: it
     reads no weights (their checksums are ``_damaged_member``'s, at a load)."""
     try:

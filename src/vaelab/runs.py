@@ -277,10 +277,11 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
         ckpt = newest_checkpoint(output_dir)
         found = sorted((output_dir / "checkpoints").glob("*.ckpt"))
         if ckpt is None and found:
-            from vaelab.checkpoints import CheckpointError, other_copies
+            from vaelab.checkpoints import CheckpointError, archive_opens, other_copies
 
             unread = [p for p in found if p.name.startswith(("last", "latest-step"))]
             others, same = other_copies(unread, found)
+            others = [p for p in others if archive_opens(p)]  # (one cut short too is no way out)
             afresh = "start afresh elsewhere (another hydra.run.dir)"
             if others:
                 way = f"Continue from another one: ckpt_path=<file>, e.g. one of {', '.join(p.name for p in others[:3])}; or {afresh}"

@@ -239,6 +239,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     # then in the next one's list (vaelab.runs.CommandRecords)
     records = CommandRecords(command_record(summary), started, earlier)
     trainer.callbacks.append(records)
+    skip_empty_batch_hooks([records])  # (it has none: Lightning's loop need not call them)
     if str(trainer.precision) != str(cfg.trainer.get("precision", trainer.precision)):
         # Lightning swaps what a device lacks (16-mixed on a CPU runs as bf16-mixed): the stored
         # config keeps what was asked, summary.json and the W&B summary what ran

@@ -826,7 +826,7 @@ def test_resume_from_a_foreign_or_broken_checkpoint_is_refused_before_anything_r
     assert (good_run / "checkpoints" / "last.ckpt").read_bytes() == data
 
 
-def test_a_checkpoint_cannot_allow_its_own_code(good_run, tmp_path):
+def test_a_checkpoint_cannot_allow_its_own_code(good_run, tmp_path, monkeypatch):
     """A checkpoint whose stored config names shutil.copyfile, and allows it with its own
     ``allowed_targets=[shutil.]``: eval.py and a resume refuse it, naming the prefix to allow on
     the command line, and nothing runs (it did: the file's own list was the one checked). The
@@ -845,6 +845,10 @@ def test_a_checkpoint_cannot_allow_its_own_code(good_run, tmp_path):
     # allowed by this command: read, with this command's list as the config's
     assert load_checkpoint(bad, ["shutil."])["hyper_parameters"]["config"]["allowed_targets"] == ["shutil."]
     # a run of the user's own plugin: the prefix it was trained with is the one to give
+    (tmp_path / "mylab").mkdir()
+    (tmp_path / "mylab" / "__init__.py").write_text("")
+    (tmp_path / "mylab" / "likelihoods.py").write_text("class MyLaplace:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     state = torch.load(bad, map_location="cpu", weights_only=True)
     state["hyper_parameters"]["config"].update(likelihood={"_target_": "mylab.likelihoods.MyLaplace"},
                                                allowed_targets=["mylab."])
@@ -852,11 +856,47 @@ def test_a_checkpoint_cannot_allow_its_own_code(good_run, tmp_path):
     with pytest.raises(UnsafeConfigError, match=r"allow them in this command: allowed_targets=\[mylab.\] \(or export "
                                                 r"VAELAB_ALLOWED_TARGETS=mylab.\)"):
         load_checkpoint(mine)
-    os.environ["VAELAB_ALLOWED_TARGETS"] = "other.,mylab."
-    try:
-        assert load_checkpoint(mine)["hyper_parameters"]["config"]["allowed_targets"] == []
-    finally:
-        del os.environ["VAELAB_ALLOWED_TARGETS"]
+    monkeypatch.setenv("VAELAB_ALLOWED_TARGETS", "other.,mylab.")
+    assert load_checkpoint(mine)["hyper_parameters"]["config"]["allowed_targets"] == []
+    monkeypatch.delenv("VAELAB_ALLOWED_TARGETS")
+    with pytest.raises(TypeError, match="a list of module prefixes, got the string 'mylab.s'"):
+        load_checkpoint(bad, "mylab.s")  # (letter by letter, "s" allowed shutil)
+    # Lightning's own loader goes the same way
+    from vaelab.module import VAEModule
+
+    with pytest.raises(UnsafeConfigError, match="A checkpoint cannot allow its own code"):
+        VAEModule.load_from_checkpoint(bad)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_cannot_reach_other_code_through_an_allowed_modules_names(good_run, tmp_path):
+    """Hydra follows a target's attributes through modules: vaelab.checkpoint_io.shutil.copyfile
+    is shutil.copyfile, and it starts with "vaelab.". Refused, as is a vaelab function that is
+    no model part (vaelab.report.write_json writes a file where the config says), before
+    anything runs; a misspelt class of a fresh config is named as such."""
+    from vaelab.build import UnsafeConfigError, check_targets
+    from vaelab.errors import SettingError
+
+    state = torch.load(good_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    marker = tmp_path / "pwned"
+    for target, args, why in (
+            ("vaelab.checkpoint_io.shutil.copyfile", [str(good_run / "summary.json"), str(marker)],
+             "it reaches the module shutil through an attribute"),
+            ("torch.nn.modules.module.torch.save", [{}, str(marker)], "it reaches the module torch through an attribute"),
+            ("vaelab.report.write_json", [str(marker), {}], "it is not a class"),
+            ("vaelab.build.instantiate", [{}], "defined elsewhere")):
+        state["hyper_parameters"]["config"]["likelihood"] = {"_target_": target, "_args_": args}
+        torch.save(state, bad := tmp_path / "bad.ckpt")
+        with pytest.raises(UnsafeConfigError, match="do not load this file") as err:
+            load_checkpoint(bad)
+        assert why in str(err.value)
+        proc = run_cli("eval.py", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / target}", "evaluation.test_num_samples=5",
+                       cwd=REPO)
+        assert proc.returncode != 0 and "UnsafeConfigError" in proc.stderr and why in proc.stderr, proc.stderr[-2000:]
+        assert not marker.exists()
+    with pytest.raises(SettingError, match=r"vaelab.likelihoods.Bernouli \(it names nothing: vaelab.likelihoods has "
+                                           r"no 'Bernouli'\): no such class"):
+        check_targets({"likelihood": {"_target_": "vaelab.likelihoods.Bernouli"}})
     proc = run_cli("eval.py", f"ckpt_path={bad}", "allowed_targets=mylab.", cwd=REPO)  # a string, not a list
     assert proc.returncode != 0 and "allowed_targets must be a list of module prefixes, got 'mylab.'" in proc.stderr
     assert not marker.exists()

@@ -12,6 +12,7 @@ it (``os.system``, say): such a config is refused before anything is built.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import inspect
 import os
 import sys
@@ -64,15 +65,68 @@ def iter_targets(cfg: Any, path: str = "") -> Iterable[tuple[str, str]]:
             yield from iter_targets(value, f"{path}[{i}]")
 
 
+def _defined_under(obj: Any, prefixes: Sequence[str]) -> bool:
+    owner = getattr(obj, "__module__", None)
+    if not isinstance(owner, str):
+        return False
+    name = f"{owner}.{getattr(obj, '__qualname__', '')}"
+    return any(f"{owner}.".startswith(a) or name.startswith(a) for a in prefixes)
+
+
+#: how ``target_problem`` begins where the name is allowed but nothing of that name exists
+NOT_FOUND = ("no module", "its module cannot be imported", "it names nothing")
+
+
+def target_problem(target: str, allowed: Sequence[str]) -> str | None:
+    """Why ``target`` may not be instantiated (None: it may). Its text must start with an allowed
+    prefix, and what it names (Hydra follows attributes through modules, as this does) must
+    be reached without passing through a module held as an attribute
+    (``vaelab.checkpoint_io.shutil.copyfile`` is ``shutil.copyfile``) and be defined under an
+    allowed prefix (``vaelab.build.instantiate`` is Hydra's); under vaelab's own prefixes,
+    torch's and Lightning's (not a user's ``allowed_targets``) it must be a class: the model
+    parts, data, callbacks, loggers and optimizers are, and a function such as
+    ``vaelab.report.write_json`` would write where a stored config says."""
+    if not any(target.startswith(a) for a in allowed):
+        return "outside the allowed modules"
+    parts = target.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the longest leading part that is a module
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        except Exception as err:  # noqa: BLE001 - a module that fails to import: named, not run further
+            return f"its module cannot be imported ({type(err).__name__}: {err})"
+        break
+    else:
+        return "no module of that name"
+    for name in parts[i:]:
+        if not hasattr(obj, name):
+            return f"it names nothing: {getattr(obj, '__name__', obj)} has no {name!r}"
+        obj = getattr(obj, name)
+        if inspect.ismodule(obj):
+            return f"it reaches the module {obj.__name__} through an attribute"
+    user = tuple(a for a in allowed if a not in ALLOWED_TARGET_PREFIXES)
+    if not _defined_under(obj, allowed):
+        return f"it is {getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}, defined elsewhere"
+    if not inspect.isclass(obj) and not (user and _defined_under(obj, user)):
+        return "it is not a class (vaelab, torch and Lightning parts are classes)"
+    return None
+
+
 def check_targets(cfg: Any, allowed: Sequence[str] = ALLOWED_TARGET_PREFIXES) -> None:
-    """Raise ``UnsafeConfigError`` if any ``_target_`` lies outside ``allowed``."""
-    bad = [(p, t) for p, t in iter_targets(cfg) if not any(t.startswith(a) for a in allowed)]
+    """Raise ``UnsafeConfigError`` if any ``_target_`` may not be instantiated (``target_problem``)."""
+    bad = [(p, t, why) for p, t in iter_targets(cfg) if (why := target_problem(t, allowed))]
+    missing = [(p, t, why) for p, t, why in bad if why.startswith(NOT_FOUND)]
+    if missing and len(missing) == len(bad):  # allowed, but not there: a misspelt name, a missing install
+        listing = ", ".join(f"{p}: {t} ({why})" for p, t, why in missing)
+        raise SettingError(f"{listing}: no such class; check the name (or install the module, or put its folder on "
+                           "PYTHONPATH)")
     if bad:
-        listing = ", ".join(f"{p}: {t}" for p, t in bad)
+        listing = ", ".join(f"{p}: {t} ({why})" for p, t, why in bad)
         raise UnsafeConfigError(
-            f"refusing to instantiate {listing}: only targets under {', '.join(allowed)} are "
-            "allowed. If this is your own plugin, add its module prefix to "
-            "vaelab.build.ALLOWED_TARGET_PREFIXES (or `allowed_targets` in the config)."
+            f"refusing to instantiate {listing}: only classes under {', '.join(allowed)} are "
+            "allowed. If this is your own plugin, allow its module prefix: allowed_targets=[mylab.] "
+            f"on the command line, or export {ALLOWED_TARGETS_ENV}=mylab."
         )
 
 

@@ -20,9 +20,11 @@ import torch
 from vaelab.build import (
     ALLOWED_TARGET_PREFIXES,
     ALLOWED_TARGETS_ENV,
+    NOT_FOUND,
     UnsafeConfigError,
     env_prefixes,
     iter_targets,
+    target_problem,
 )
 from vaelab.errors import ExplainedError
 
@@ -156,6 +158,8 @@ def load_checkpoint(path: str | Path, allowed_targets: Sequence[str] = ()) -> di
     (``ALLOWED_TARGET_PREFIXES``), ``$VAELAB_ALLOWED_TARGETS`` and ``allowed_targets``: the
     current command's. The stored config's own ``allowed_targets`` do not count (a file could
     otherwise allow whatever it names); its ``allowed_targets`` are set to the command's."""
+    if isinstance(allowed_targets, str):  # (read letter by letter, "mylab." would allow all under "m")
+        raise TypeError(f"allowed_targets must be a list of module prefixes, got the string {allowed_targets!r}")
     p = resolve_checkpoint(path)
     try:
         # memory-mapped: validating or reading the config does not read every weight into memory
@@ -188,20 +192,26 @@ def _check_stored_targets(p: Path, config: dict[str, Any], allowed_targets: tupl
     """``UnsafeConfigError`` naming what to allow where ``config`` (a checkpoint's) names a target
     outside the prefixes this command allows."""
     allowed = ALLOWED_TARGET_PREFIXES + env_prefixes() + allowed_targets
-    bad = [(where, t) for where, t in iter_targets(config) if not any(t.startswith(a) for a in allowed)]
+    bad = [(where, t, why) for where, t in iter_targets(config) if (why := target_problem(t, allowed))]
     if not bad:
         return
     stored = [str(a) for a in config.get("allowed_targets") or ()]
-    listing = ", ".join(f"{where}: {t}" for where, t in bad[:5])
+    listing = ", ".join(f"{where}: {t}: {why}" for where, t, why in bad[:5])
     text = f"{p} names code outside vaelab, torch and Lightning ({listing}); nothing has been built from it. "
     if stored:
         text += f"A checkpoint cannot allow its own code: its stored allowed_targets={stored} do not count. "
-    tops = {t.split(".")[0] for _, t in bad}
+    tops = {t.split(".")[0] for _, t, _ in bad}
+    if all(why.startswith(NOT_FOUND) for _, _, why in bad):
+        raise UnsafeConfigError(text + "Its plugins' module is not importable here: install it, or put its folder "
+                                       "on PYTHONPATH.")
+    if any("through an attribute" in why or "defined elsewhere" in why or "not a class" in why for _, _, why in bad):
+        raise UnsafeConfigError(text + "It reaches code that no model part is by way of an allowed module's name: "
+                                       "do not load this file, and ask where it came from.")
     if tops & (set(sys.stdlib_module_names) | {"builtins"}):
         raise UnsafeConfigError(text + "It names Python's own modules, which no model part needs: do not load this "
                                        "file, and ask where it came from.")
     # the prefix to allow: the one the run was trained with, else each target's top module
-    needed = ",".join(sorted({next((a for a in stored if t.startswith(a)), t.split(".")[0] + ".") for _, t in bad}))
+    needed = ",".join(sorted({next((a for a in stored if t.startswith(a)), t.split(".")[0] + ".") for _, t, _ in bad}))
     raise UnsafeConfigError(text + f"If it is a run of your own plugins and you trust the file, allow them in this "
                                    f"command: allowed_targets=[{needed}] (or export {ALLOWED_TARGETS_ENV}={needed}).")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -106,6 +107,20 @@ class VAEModule(PlainAttributes, pl.LightningModule):
 
     #: set by Lightning before and after every hook it calls, some forty times a training step
     PLAIN_ATTRIBUTES = frozenset({"_current_fx_name"})
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, allowed_targets: Sequence[str] = (), **kwargs: Any) -> VAEModule:
+        """Lightning's ``load_from_checkpoint`` by way of ``vaelab.checkpoints.load_module``: the
+        stored config's targets are checked against this call's ``allowed_targets`` (a file's own
+        list does not count) before anything is built. Lightning's would build what the file's
+        config names, with the prefixes the file itself allows."""
+        from vaelab.checkpoints import load_module
+
+        if hparams_file is not None or kwargs or strict is False:
+            raise TypeError("VAEModule.load_from_checkpoint takes checkpoint_path, map_location and allowed_targets: "
+                            "the checkpoint's config rebuilds the model")
+        return load_module(checkpoint_path, map_location=map_location or "cpu", allowed_targets=allowed_targets)
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any]):
         super().__init__()

@@ -1050,6 +1050,18 @@ def test_the_commands_before_a_resume_are_read_from_any_summary(tmp_path, caplog
     assert f"{tmp_path / 'summary.json'} cannot be read (JSONDecodeError)" in caplog.text
 
 
+def test_train_false_with_a_checkpoint_is_sent_to_eval_py(good_run, tmp_path):
+    """train=false with ckpt_path tested the model as built (untrained weights: recon −44 against
+    the run's −27) and wrote that over the run's summary.json: refused, naming eval.py."""
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    before = (run / "summary.json").read_bytes()
+    proc = run_cli("train.py", f"ckpt_path={run}", "train=false", f"hydra.run.dir={tmp_path / 'c'}", cwd=REPO)
+    assert proc.returncode != 0
+    assert f"train=false with ckpt_path={run}: to test a checkpoint, python eval.py ckpt_path={run}" in proc.stderr
+    assert (run / "summary.json").read_bytes() == before
+
+
 def test_command_records_from_summary_and_checkpoint_merge_in_order_of_start():
     """summary.json's records are whole and win; one only a checkpoint holds (its command was
     killed before writing a summary) is marked as such; the list is in order of start."""

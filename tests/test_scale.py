@@ -643,7 +643,7 @@ def test_a_run_stopped_by_sigterm_exits_143_naming_where_it_got_and_continues(tm
     said = (f"stopped by SIGTERM (a job's time limit, timeout, kill) at step {step} (epoch {step // 20}) of its "
             f"training. Continue it from its latest checkpoint")
     assert said in out + err and summary["error"].startswith(f"SIGTERM: {said}")
-    assert f"python train.py ckpt_path={run_dir}" in summary["error"]
+    assert f"python train.py ckpt_path={run_dir} 'allowed_targets=[slow.]'" in summary["error"]
 
     check(run_cli("train.py", f"ckpt_path={run_dir}", "allowed_targets=[slow.]", f"hydra.run.dir={tmp_path}/resume",
                   cwd=tmp_path, env=_env(tmp_path)))

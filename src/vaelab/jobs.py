@@ -282,7 +282,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     except BaseException as error:
         summary["error"] = error_text(error)  # for report.py and the sweep's end
         if isinstance(error, SIGTERMException):
-            message = _stopped_by_sigterm(trainer, output_dir)
+            message = _stopped_by_sigterm(trainer, output_dir, cfg)
             summary["error"] = f"SIGTERM: {message}"
             log.error("vaelab: %s", message)
             raise Terminated(message) from error
@@ -306,15 +306,21 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     return summary
 
 
-def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path) -> str:
-    """What a run stopped by SIGTERM says: where it got, and the command that continues it."""
+def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) -> str:
+    """What a run stopped by SIGTERM says: where it got, and the command that continues it (or,
+    before its first checkpoint, that there is nothing to continue)."""
     if trainer.state.fn == "test" or trainer.state.stage == "test":
         where = "during its test, after its training had finished"
     else:
         where = f"at step {trainer.global_step} (epoch {trainer.current_epoch}) of its training"
-    return (f"stopped by SIGTERM (a job's time limit, timeout, kill) {where}. Continue it from its latest "
-            f"checkpoint (saved at each epoch's end and every callbacks.step_checkpoint.every_n_minutes): "
-            f"python train.py ckpt_path={output_dir}")
+    said = f"stopped by SIGTERM (a job's time limit, timeout, kill) {where}."
+    if not any(Path(d).is_dir() and any(Path(d).glob("*.ckpt")) for d in checkpoint_folders(cfg)):
+        return (f"{said} No checkpoint had been saved yet (the first comes at the first epoch's end, or after "
+                "callbacks.step_checkpoint.every_n_minutes): run the command again, from the start")
+    allowed = [str(a) for a in cfg.get("allowed_targets") or ()]  # (a resume is asked for them again)
+    also = f" 'allowed_targets=[{','.join(allowed)}]'" if allowed else ""
+    return (f"{said} Continue it from its latest checkpoint (saved at each epoch's end and every "
+            f"callbacks.step_checkpoint.every_n_minutes): python train.py ckpt_path={output_dir}{also}")
 
 
 def _unit(key: str) -> str:

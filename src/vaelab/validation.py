@@ -503,6 +503,11 @@ def validate_train_config(cfg: DictConfig) -> None:
     ckpt = checkpoint_problem(cfg.get("ckpt_path"), cfg.get("allowed_targets"))
     if ckpt:
         problems.append(ckpt)
+    elif cfg.get("train", True) is False and cfg.get("ckpt_path") not in (None, ""):
+        # (it tested the model as built, untrained, and wrote that over the run's summary.json)
+        problems.append(f"train=false with ckpt_path={cfg.ckpt_path}: to test a checkpoint, python eval.py "
+                        f"ckpt_path={cfg.ckpt_path} (it writes metrics.json in a folder of its own and leaves "
+                        "the run's summary.json as it is)")
     earlier = earlier_run_problem(cfg)
     if earlier:
         problems.append(earlier)

@@ -1035,18 +1035,18 @@ def test_the_commands_before_a_resume_are_read_from_any_summary(tmp_path, caplog
     killed before its summary; and none, with a warning naming the file, from one cut short."""
     from vaelab.runs import earlier_commands
 
-    assert earlier_commands(tmp_path) == []
+    assert earlier_commands(tmp_path) == ([], True)
     old = {"output_dir": str(tmp_path), "resumed_from": None, "wall_time_s": 12.5, "failed": True,
            "error": "RuntimeError: NaN", "world_size": 1, "precision": "32-true", "test": {"test/elbo": -90.0}}
     (tmp_path / "summary.json").write_text(json.dumps(old))
-    assert earlier_commands(tmp_path) == [{"wall_time_s": 12.5, "failed": True, "error": "RuntimeError: NaN",
-                                           "world_size": 1, "precision": "32-true"}]
+    assert earlier_commands(tmp_path) == ([{"wall_time_s": 12.5, "failed": True, "error": "RuntimeError: NaN",
+                                            "world_size": 1, "precision": "32-true"}], True)
     listed = dict(old, commands=[{"wall_time_s": 1.0, "failed": False}, {"wall_time_s": 2.0, "failed": True}])
     (tmp_path / "summary.json").write_text(json.dumps(listed))
-    assert earlier_commands(tmp_path) == listed["commands"]
+    assert earlier_commands(tmp_path) == (listed["commands"], True)
     (tmp_path / "summary.json").write_text('{"output_dir": "x", "wall_')
     with caplog.at_level(logging.WARNING, logger="vaelab"):
-        assert earlier_commands(tmp_path) == []
+        assert earlier_commands(tmp_path) == ([], False)
     assert f"{tmp_path / 'summary.json'} cannot be read (JSONDecodeError)" in caplog.text
 
 
@@ -1065,7 +1065,7 @@ def test_train_false_with_a_checkpoint_is_sent_to_eval_py(good_run, tmp_path):
 def test_command_records_from_summary_and_checkpoint_merge_in_order_of_start():
     """summary.json's records are whole and win; one only a checkpoint holds (its command was
     killed before writing a summary) is marked as such; the list is in order of start."""
-    from vaelab.runs import KILLED, merge_commands
+    from vaelab.runs import KILLED, UNKNOWN, CommandRecords, merge_commands
 
     a = {"started_at": "2026-01-01T10:00:00Z", "wall_time_s": 100.0, "failed": False}
     a_partial = {"started_at": "2026-01-01T10:00:00Z", "wall_time_s": 40.0}
@@ -1075,6 +1075,11 @@ def test_command_records_from_summary_and_checkpoint_merge_in_order_of_start():
     merged = merge_commands([a, c], [b, a_partial])
     assert merged == [a, {**b, "failed": True, "error": KILLED}, c]
     assert merge_commands([], [a_partial]) == [{**a_partial, "failed": True, "error": KILLED}]
+    assert merge_commands([], [a_partial], UNKNOWN) == [{**a_partial, "failed": True, "error": UNKNOWN}]
+    # the records of a checkpoint from another run folder are left out
+    records = CommandRecords({"started_at": "2026-01-01T13:00:00Z"}, 0.0, [a], note=None)
+    records.load_state_dict({"commands": [b, a_partial]})
+    assert records.known() == [a]
 
 
 def test_a_finished_run_continued_with_its_limits_is_left_as_it_is(good_run, tmp_path):

@@ -33,6 +33,8 @@ from vaelab.module import VAEModule, check_evaluation
 from vaelab.profiling import default_profiler, skip_empty_batch_hooks
 from vaelab.report import error_text, write_json
 from vaelab.runs import (
+    KILLED,
+    UNKNOWN,
     CommandRecords,
     command_record,
     earlier_commands,
@@ -229,7 +231,9 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
 
     failed = True
     # the commands that ran in this folder before (a resume's run), each with its own record
-    earlier = earlier_commands(output_dir) if resume_ckpt else []
+    earlier, summary_read = earlier_commands(output_dir) if resume_ckpt else ([], True)
+    # the records a checkpoint of this run folder carries are this run's; another folder's are not
+    own = resume_ckpt is not None and resume_ckpt.resolve().is_relative_to(output_dir.resolve())
     summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resume_ckpt) if resume_ckpt else None,
                                "world_size": trainer.world_size, "precision": str(trainer.precision),
                                "started_at": utc_time(started)}
@@ -237,7 +241,8 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         summary["resumed_with"] = [str(o.input_line) for o in command_line_overrides()]
     # this command's record, also in each checkpoint: a command killed before its summary is
     # then in the next one's list (vaelab.runs.CommandRecords)
-    records = CommandRecords(command_record(summary), started, earlier)
+    records = CommandRecords(command_record(summary), started, earlier,
+                             note=(KILLED if summary_read else UNKNOWN) if own else None)
     trainer.callbacks.append(records)
     skip_empty_batch_hooks([records])  # (it has none: Lightning's loop need not call them)
     if str(trainer.precision) != str(cfg.trainer.get("precision", trainer.precision)):

@@ -372,43 +372,46 @@ def command_record(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in COMMAND_KEYS if summary.get(k) is not None}
 
 
-def earlier_commands(run_dir: Path) -> list[dict[str, Any]]:
+def earlier_commands(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
     """The records of the commands that trained the run in ``run_dir`` before this one, from its
-    ``summary.json`` (a summary written before summaries kept the list is its one command).
-    A resume writes a new ``summary.json``; without this, each replaced the one before, and
-    the earlier commands' wall time, overrides and errors were lost."""
+    ``summary.json`` (a summary written before summaries kept the list is its one command),
+    and whether that file could be read (a missing one can: no command wrote one). A resume
+    writes a new ``summary.json``; without this, each replaced the one before, and the earlier
+    commands' wall time, overrides and errors were lost."""
     from vaelab.report import read_summary
 
     try:
         summary = read_summary(run_dir)
     except (OSError, ValueError) as err:
-        log.warning("vaelab: %s cannot be read (%s), so the summary this run writes lists no command before "
-                    "this one", run_dir / "summary.json", type(err).__name__)
-        return []
+        log.warning("vaelab: %s cannot be read (%s), so the summary this run writes lists the earlier commands "
+                    "only as its checkpoint recorded them", run_dir / "summary.json", type(err).__name__)
+        return [], False
     if summary is None:
-        return []  # killed before its first summary
+        return [], True  # killed before its first summary
     commands = summary.get("commands")
     if isinstance(commands, list):
-        return [c for c in commands if isinstance(c, dict)]
-    return [command_record(summary)]
+        return [c for c in commands if isinstance(c, dict)], True
+    return [command_record(summary)], True
 
 
 KILLED = ("stopped without writing its summary (killed: SIGKILL, out of memory, a lost node?); its record is "
           "as of its last checkpoint")
+#: a record only a checkpoint holds where the run's summary.json could not be read
+UNKNOWN = "how it ended is not known (the run's summary.json could not be read); its record is as of its last checkpoint"
 
 
-def merge_commands(*lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records of ``lists`` (summary.json's, then a checkpoint's) as one list in order of
-    start: a command in several is taken from the first that has it (a summary's record is
-    whole, a checkpoint's as of its save); one only a checkpoint has stopped without a summary,
-    and says so (``KILLED``)."""
+def merge_commands(summary: list[dict[str, Any]], checkpoint: list[dict[str, Any]], note: str = KILLED
+                   ) -> list[dict[str, Any]]:
+    """The records of summary.json and of a checkpoint as one list in order of start: a command
+    in both is taken from the summary (whole; a checkpoint's is as of its save); one only the
+    checkpoint has ended without a summary, and says so (``note``)."""
     merged: dict[tuple[Any, Any], dict[str, Any]] = {}
-    for i, records in enumerate(lists):
-        for record in records:
-            key = (record.get("started_at"), record.get("resumed_from"))
-            if key not in merged:
-                ended = "failed" in record or i == 0
-                merged[key] = record if ended else {**record, "failed": True, "error": KILLED}
+    for record in summary:
+        merged.setdefault((record.get("started_at"), record.get("resumed_from")), record)
+    for record in checkpoint:
+        key = (record.get("started_at"), record.get("resumed_from"))
+        if key not in merged:
+            merged[key] = record if "failed" in record else {**record, "failed": True, "error": note}
     return sorted(merged.values(), key=lambda r: str(r.get("started_at") or ""))
 
 
@@ -421,8 +424,11 @@ class CommandRecords(pl.Callback):
     checkpoint's) and this command's own as of the save; ``commands()`` merges them once the
     run ends (``merge_commands``: a summary's record wins over a checkpoint's)."""
 
-    def __init__(self, record: dict[str, Any], started: float, earlier: list[dict[str, Any]]):
-        self.record, self.started, self.earlier = record, started, earlier
+    def __init__(self, record: dict[str, Any], started: float, earlier: list[dict[str, Any]],
+                 note: str | None = KILLED):
+        """``note``: what a record only the resumed checkpoint holds says (None: such records are
+        not this run's, from a checkpoint of another run folder, and are left out)."""
+        self.record, self.started, self.earlier, self.note = record, started, earlier, note
         self.from_checkpoint: list[dict[str, Any]] = []
         self._trainer: pl.Trainer | None = None
 
@@ -430,7 +436,7 @@ class CommandRecords(pl.Callback):
         self._trainer = trainer
 
     def known(self) -> list[dict[str, Any]]:
-        return merge_commands(self.earlier, self.from_checkpoint)
+        return merge_commands(self.earlier, self.from_checkpoint if self.note else [], self.note or KILLED)
 
     def state_dict(self) -> dict[str, Any]:
         mine = {k: v for k, v in self.record.items() if k != "failed"}  # (no "failed": it had not ended)

@@ -403,6 +403,12 @@ def test_report_draws_each_runs_curve_and_with_over_each_groups_mean_and_band(tm
     assert curve_lines(curves, "val/elbo")["0"] == ([0, 1, 2], [-100.0, -50.0, -80.0], [0.0, 0.0, 0.0])
     assert draw_curves(tmp_path / "g.png", curves, groups)
     assert not draw_curves(tmp_path / "none.png", {"2": {}}) and not (tmp_path / "none.png").exists()
+    # a run that logged only val/elbo beside one that logged both: each keeps its colour in both panels
+    assert draw_curves(tmp_path / "two.png", {"0": {"val/elbo": {0: -30.0, 1: -28.0}},
+                                              "1": {"val/elbo": {0: -29.0, 1: -27.0}, "val/iwae": {0: -28.5, 1: -26.5}}})
+    right = np.asarray(Image.open(tmp_path / "two.png").convert("RGB")).astype(int)[:, 660:]
+    near = lambda colour: (np.abs(right - colour).sum(-1) < 30).sum()  # noqa: E731
+    assert near(orange) > 300 and near(blue) < 100  # run 1's line (the legend's blue mark is all of run 0)
     for run in "0123":
         (sweep / run / "csv" / "metrics.csv").unlink()
     write_report(sweep)

@@ -305,21 +305,27 @@ def draw_curves(path: Path, curves: dict[str, dict[str, dict[int, float]]],
     fig = Figure(figsize=(6.0 * len(metrics), 4.2), dpi=110, layout="constrained")
     canvas = FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    # one colour per line in every panel, and one legend for them all: a run that logged one of
+    # the metrics only keeps its colour (and its legend entry)
+    labels = list(groups or curves)
+    colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    drawn: dict[str, Any] = {}
     for ax, metric in zip(axes, metrics, strict=True):
         for label, (epochs, mean, sd) in curve_lines(curves, metric, groups).items():
             (line,) = ax.plot(epochs, mean, marker="o" if len(epochs) < 30 else None, markersize=3, linewidth=1.2,
-                              label=label if groups is None else f"{label} (n={len(groups[label])})")
+                              color=colour[label], label=label if groups is None else f"{label} (n={len(groups[label])})")
+            drawn.setdefault(label, line)
             if groups is not None:
                 ax.fill_between(epochs, [m - d for m, d in zip(mean, sd, strict=True)],
-                                [m + d for m, d in zip(mean, sd, strict=True)], color=line.get_color(), alpha=0.2)
+                                [m + d for m, d in zip(mean, sd, strict=True)], color=colour[label], alpha=0.2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{metric} (nats per example)")
         ax.set_title(f"{metric}{' (mean ± sd)' if groups else ''}: higher is better")
         ax.grid(alpha=0.3)
-    handles = axes[0].get_legend_handles_labels()[0]
-    if 0 < len(handles) <= 16:
-        axes[-1].legend(fontsize=7, loc="lower right")
+    if 0 < len(drawn) <= 16:
+        handles = [drawn[label] for label in labels if label in drawn]
+        axes[-1].legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
     fig.savefig(path)
     canvas.draw()
     return True

@@ -178,6 +178,37 @@ def test_an_iaf_posterior_reports_e_q_z_not_the_image_of_its_base_mean():
     assert (((centre - reference) / sd) ** 2).sum() > 150  # g(E[z0]) is off E_q[z]
 
 
+def test_the_test_loops_diagnostics_take_e_q_z_of_an_iaf_posterior():
+    """update_posterior_stats (what the test loop calls) on an IAF posterior: the variance over x
+    of E_q[z], as a 20000-sample average per example gives it; not that of g(E[z0])."""
+    from vaelab.posteriors import IAF
+
+    torch.manual_seed(3)
+    iaf = IAF(latent_dim=3, num_transforms=2, context_features=2, hidden_features=(16,))
+    for p in iaf.parameters():  # a flow far from affine: E_q[z] and g(E[z0]) vary differently over x
+        p.data.normal_(0, 0.6)
+    params = torch.randn(400, iaf.num_params(3))
+
+    class IAFEncoded:
+        latent_dim = 3
+
+        def encode(self, x):
+            return iaf(params[x.long()])
+
+        def prior_distribution(self):
+            return StandardNormal(3)()
+
+    stats = PosteriorStats(3)
+    with torch.no_grad():
+        update_posterior_stats(stats, IAFEncoded(), torch.arange(400.0))
+        q = iaf(params)
+        exact = q.sample((20000,)).mean(0).double().var(0, unbiased=False)
+        centre = q.mean.double().var(0, unbiased=False)
+    got = torch.tensor(stats.compute()["variance_of_means"], dtype=torch.float64)
+    torch.testing.assert_close(got, exact, rtol=0.05, atol=0.0)
+    assert ((got - centre).abs() > 0.15 * exact).any(), (got, centre)  # g(E[z0]) would be another answer
+
+
 def test_per_dimension_kl_is_none_where_the_kl_does_not_split():
     from vaelab.priors import MixtureOfGaussians
 

@@ -210,8 +210,9 @@ def test_wandb_file_reader_handles_records_across_blocks(tmp_path):
     assert got == payload
 
 
-def test_a_failing_job_finishes_its_wandb_run_and_keeps_its_checkpoints(tmp_path):
+def test_a_failing_job_finishes_its_wandb_run_and_keeps_its_checkpoints(tmp_path, monkeypatch):
     """A user's callback (allowed through allowed_targets) raises after the first epoch."""
+    monkeypatch.syspath_prepend(str(tmp_path))  # (its plugin: the checkpoint's check imports what it names)
     (tmp_path / "boom.py").write_text(
         "import lightning.pytorch as pl\n"
         "class Boom(pl.Callback):\n"

@@ -726,8 +726,9 @@ class SlowIO(AtomicCheckpointIO):
 """
 
 
-def test_sigkill_while_saving_leaves_the_previous_last_ckpt_intact(tmp_path):
+def test_sigkill_while_saving_leaves_the_previous_last_ckpt_intact(tmp_path, monkeypatch):
     write_plugin(tmp_path, "slowio", SLOW_IO)
+    monkeypatch.syspath_prepend(str(tmp_path))  # (the checkpoint's check imports what it names)
     out, marker = tmp_path / "run", tmp_path / "saving"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **user_env(tmp_path, SLOW_MARKER=str(marker))}
     proc = subprocess.Popen(
@@ -778,7 +779,8 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_full_disk_before_and_during_training(tmp_path, tiny_disk):
+def test_full_disk_before_and_during_training(tmp_path, tiny_disk, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))  # (its plugin: the checkpoint's check imports what it names)
     small = tiny_disk("small", "256k")
     out = tmp_path / "run"
     proc = run_cli("train.py", *QUICK, "logger=none", f"callbacks.model_checkpoint.dirpath={small}/ckpts",

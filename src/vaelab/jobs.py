@@ -256,9 +256,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
                         weights_only=True)
             # where training ended, under which limits: a later resume of the finished run with
             # these has nothing to do (vaelab.runs.finished_run)
-            summary["trained"] = {"epochs": trainer.fit_loop.epoch_progress.current.processed,
-                                  "global_step": trainer.global_step, "max_epochs": trainer.max_epochs,
-                                  "max_steps": trainer.max_steps}
+            summary["trained"] = _trained(trainer)
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or None
         best_score = getattr(ckpt_cb, "best_model_score", None)
@@ -294,9 +292,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         raise
     finally:
         if "trained" not in summary and trainer.global_step > 0:  # where a failed or stopped training got
-            summary["trained"] = {"epochs": trainer.fit_loop.epoch_progress.current.processed,
-                                  "global_step": trainer.global_step, "max_epochs": trainer.max_epochs,
-                                  "max_steps": trainer.max_steps}
+            summary["trained"] = _trained(trainer)
         summary["wandb_dir"] = wandb_run_dir(loggers)
         summary["wall_time_s"] = round(time.time() - started, 1)
         summary["failed"] = failed
@@ -311,6 +307,16 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     return summary
 
 
+def _trained(trainer: pl.Trainer) -> dict[str, int]:
+    """Where training got (or ended), under which limits."""
+    return {"epochs": trainer.fit_loop.epoch_progress.current.processed, "global_step": trainer.global_step,
+            "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}
+
+
+#: how a run stopped by SIGTERM begins its message
+SIGTERM_STOP = "stopped by SIGTERM (a job's time limit, timeout, kill)"
+
+
 def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) -> str:
     """What a run stopped by SIGTERM says: where it got, and the command that continues it (or,
     before its first checkpoint, that there is nothing to continue)."""
@@ -318,7 +324,7 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) 
         where = "during its test, after its training had finished"
     else:
         where = f"at step {trainer.global_step} (epoch {trainer.current_epoch}) of its training"
-    said = f"stopped by SIGTERM (a job's time limit, timeout, kill) {where}."
+    said = f"{SIGTERM_STOP} {where}."
     if not any(Path(d).is_dir() and any(Path(d).glob("*.ckpt")) for d in checkpoint_folders(cfg)):
         return (f"{said} No checkpoint had been saved yet (the first comes at the first epoch's end, or after "
                 "callbacks.step_checkpoint.every_n_minutes): run the command again, from the start")
@@ -428,8 +434,7 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
         dashboard.update_wandb_summary(loggers, facts)
         failed = False
     except SIGTERMException as error:  # (a SystemExit without a code: status 0, as if it had finished)
-        message = (f"stopped by SIGTERM (a job's time limit, timeout, kill) during the evaluation of {ckpt}: "
-                   "no metrics.json was written; run the command again")
+        message = f"{SIGTERM_STOP} during the evaluation of {ckpt}: no metrics.json was written; run the command again"
         log.error("vaelab: %s", message)
         raise Terminated(message) from error
     finally:

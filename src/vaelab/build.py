@@ -25,7 +25,7 @@ from hydra.utils import get_class, instantiate
 from vaelab.errors import ExplainedError, SettingError
 from vaelab.options import MALLOC_CHOICES  # the config check reads it too
 from vaelab.vae import VAE
-from vaelab.validation import nearest
+from vaelab.validation import allowed_targets_of, nearest
 
 #: module prefixes whose classes and functions a config may name in ``_target_``
 ALLOWED_TARGET_PREFIXES: tuple[str, ...] = (
@@ -75,6 +75,8 @@ def _defined_under(obj: Any, prefixes: Sequence[str]) -> bool:
 
 #: how ``target_problem`` begins where the name is allowed but nothing of that name exists
 NOT_FOUND = ("no module", "its module cannot be imported", "it names nothing")
+#: ``target_problem``'s answer where the text itself is outside the allowed prefixes
+OUTSIDE = "outside the allowed modules"
 
 
 def target_problem(target: str, allowed: Sequence[str]) -> str | None:
@@ -87,7 +89,7 @@ def target_problem(target: str, allowed: Sequence[str]) -> str | None:
     parts, data, callbacks, loggers and optimizers are, and a function such as
     ``vaelab.report.write_json`` would write where a stored config says."""
     if not any(target.startswith(a) for a in allowed):
-        return "outside the allowed modules"
+        return OUTSIDE
     parts = target.split(".")
     for i in range(len(parts) - 1, 0, -1):  # the longest leading part that is a module
         try:
@@ -144,8 +146,7 @@ def allowed_prefixes(config: Mapping[str, Any]) -> tuple[str, ...]:
     Lightning's (``ALLOWED_TARGET_PREFIXES``), ``$VAELAB_ALLOWED_TARGETS`` and its own
     ``allowed_targets``. Not for a config read from a checkpoint, which cannot allow its own
     code: ``vaelab.checkpoints.load_checkpoint`` takes the command's list."""
-    extra = tuple(config.get("allowed_targets") or ())
-    return ALLOWED_TARGET_PREFIXES + env_prefixes() + extra
+    return ALLOWED_TARGET_PREFIXES + env_prefixes() + tuple(allowed_targets_of(config))
 
 
 FUSED_CHOICES = ("auto", True, False)

@@ -18,15 +18,16 @@ from typing import Any
 import torch
 
 from vaelab.build import (
-    ALLOWED_TARGET_PREFIXES,
     ALLOWED_TARGETS_ENV,
     NOT_FOUND,
+    OUTSIDE,
     UnsafeConfigError,
-    env_prefixes,
+    allowed_prefixes,
     iter_targets,
     target_problem,
 )
 from vaelab.errors import ExplainedError
+from vaelab.validation import allowed_targets_of
 
 
 class CheckpointError(RuntimeError, ExplainedError):
@@ -64,10 +65,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def sweep_hint(folder: Path) -> str | None:
     """What to give instead of a folder that holds run folders (a sweep's: ``0/``, ``1/``, ...,
     each with ``checkpoints/``), naming its runs; None for any other folder."""
-    runs = [d for d in folder.iterdir() if d.is_dir() and (d / "checkpoints").is_dir()]
+    from vaelab.report import run_order
+
+    runs = sorted((d for d in folder.iterdir() if d.is_dir() and (d / "checkpoints").is_dir()),
+                  key=lambda d: run_order(d, folder))
     if not runs:
         return None
-    runs.sort(key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
     listed = ",".join(str(d) for d in runs)
     lines = [f"{folder} holds {len(runs)} run folder{'s' if len(runs) > 1 else ''} ({', '.join(d.name for d in runs[:8])}"
              f"{', ...' if len(runs) > 8 else ''}), not one run's checkpoints: give one run's folder, e.g. "
@@ -191,11 +194,11 @@ def load_checkpoint(path: str | Path, allowed_targets: Sequence[str] = ()) -> di
 def _check_stored_targets(p: Path, config: dict[str, Any], allowed_targets: tuple[str, ...]) -> None:
     """``UnsafeConfigError`` naming what to allow where ``config`` (a checkpoint's) names a target
     outside the prefixes this command allows."""
-    allowed = ALLOWED_TARGET_PREFIXES + env_prefixes() + allowed_targets
+    allowed = allowed_prefixes({"allowed_targets": allowed_targets})
     bad = [(where, t, why) for where, t in iter_targets(config) if (why := target_problem(t, allowed))]
     if not bad:
         return
-    stored = [str(a) for a in config.get("allowed_targets") or ()]
+    stored = allowed_targets_of(config)
     listing = ", ".join(f"{where}: {t}: {why}" for where, t, why in bad[:5])
     text = f"{p} names code outside vaelab, torch and Lightning ({listing}); nothing has been built from it. "
     if [a for a in stored if a not in allowed]:
@@ -204,7 +207,7 @@ def _check_stored_targets(p: Path, config: dict[str, Any], allowed_targets: tupl
     if all(why.startswith(NOT_FOUND) for _, _, why in bad):
         raise UnsafeConfigError(text + "Its plugins' module is not importable here: install it, or put its folder "
                                        "on PYTHONPATH.")
-    if any("through an attribute" in why or "defined elsewhere" in why or "not a class" in why for _, _, why in bad):
+    if any(why != OUTSIDE and not why.startswith(NOT_FOUND) for _, _, why in bad):  # allowed text, other code
         raise UnsafeConfigError(text + "It reaches code that no model part is by way of an allowed module's name: "
                                        "do not load this file, and ask where it came from.")
     if tops & (set(sys.stdlib_module_names) | {"builtins"}):

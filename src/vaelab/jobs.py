@@ -41,10 +41,12 @@ from vaelab.runs import (
     ensure_wandb_id,
     finished_run,
     resolve_resume,
+    trained_so_far,
     utc_time,
 )
 from vaelab.validation import (
     ConfigError,
+    allowed_targets_of,
     check_free_space,
     checkpoint_folders,
     command_line_overrides,
@@ -256,7 +258,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
                         weights_only=True)
             # where training ended, under which limits: a later resume of the finished run with
             # these has nothing to do (vaelab.runs.finished_run)
-            summary["trained"] = _trained(trainer)
+            summary["trained"] = trained_so_far(trainer)
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or None
         best_score = getattr(ckpt_cb, "best_model_score", None)
@@ -292,7 +294,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         raise
     finally:
         if "trained" not in summary and trainer.global_step > 0:  # where a failed or stopped training got
-            summary["trained"] = _trained(trainer)
+            summary["trained"] = trained_so_far(trainer)
         summary["wandb_dir"] = wandb_run_dir(loggers)
         summary["wall_time_s"] = round(time.time() - started, 1)
         summary["failed"] = failed
@@ -305,12 +307,6 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
             write_json(output_dir / "summary.json", summary)
     _print_summary(summary, evaluation=config.get("evaluation", {}))
     return summary
-
-
-def _trained(trainer: pl.Trainer) -> dict[str, int]:
-    """Where training got (or ended), under which limits."""
-    return {"epochs": trainer.fit_loop.epoch_progress.current.processed, "global_step": trainer.global_step,
-            "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}
 
 
 #: how a run stopped by SIGTERM begins its message
@@ -328,7 +324,7 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) 
     if not any(Path(d).is_dir() and any(Path(d).glob("*.ckpt")) for d in checkpoint_folders(cfg)):
         return (f"{said} No checkpoint had been saved yet (the first comes at the first epoch's end, or after "
                 "callbacks.step_checkpoint.every_n_minutes): run the command again, from the start")
-    allowed = [str(a) for a in cfg.get("allowed_targets") or ()]  # (a resume is asked for them again)
+    allowed = allowed_targets_of(cfg)  # (a resume is asked for them again)
     also = f" 'allowed_targets=[{','.join(allowed)}]'" if allowed else ""
     return (f"{said} Continue it from its latest checkpoint (saved at each epoch's end and every "
             f"callbacks.step_checkpoint.every_n_minutes): python train.py ckpt_path={output_dir}{also}")
@@ -400,7 +396,7 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     ckpt = dashboard.resolve_run_checkpoint(cfg.ckpt_path)
     # under 64-true the weights are loaded as float64 (a 64-true run's stay as they were saved)
     module = load_module(ckpt, dtype=torch.float64 if str(cfg.trainer.get("precision")) in ("64-true", "64") else None,
-                         allowed_targets=[str(a) for a in cfg.get("allowed_targets") or ()])
+                         allowed_targets=allowed_targets_of(cfg))
     module.evaluation = check_evaluation({**module.evaluation, **OmegaConf.to_container(cfg.evaluation, resolve=True)})
     stored = module.config
     data_cfg = dict(stored["data"])

@@ -331,6 +331,11 @@ def draw_curves(path: Path, curves: dict[str, dict[str, dict[int, float]]],
     return True
 
 
+def over_csv_name(over: list[str]) -> str:
+    """The file ``--over`` writes its table to: ``report-over-seed.csv``."""
+    return f"report-over-{'-'.join(k.replace('/', '_') for k in over)}.csv"
+
+
 def write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -354,17 +359,17 @@ def write_report(folder: str | Path, over: list[str] | None = None) -> tuple[str
     numbers = numbers_of(columns)
     settings = [c for c in columns if c not in ("run", "status", *numbers)]
 
+    varying = [k for k in settings if len({str(r.get(k, "")) for r in rows}) > 1]
+
     def label(row: dict[str, Any], keys: list[str]) -> str:  # the settings that differ between the lines
-        varying = [k for k in keys if len({str(r.get(k, "")) for r in rows}) > 1]
-        return ", ".join(f"{k}={row.get(k, '')}" for k in varying)
+        return ", ".join(f"{k}={row.get(k, '')}" for k in varying if k in keys)
 
     curves = {row["run"]: read_curves(root / row["run"]) for row in rows}
     named = {f"{row['run']}: {label(row, settings)}".rstrip(": "): curves[row["run"]] for row in rows}
     lines: dict[str, list[str]] | None = None
     if over:
         grouped_columns, groups = group_over(columns, rows, over)
-        name = "-".join(k.replace("/", "_") for k in over)
-        write_csv(root / f"report-over-{name}.csv", grouped_columns, groups)
+        write_csv(root / over_csv_name(over), grouped_columns, groups)
         markdown += (f"\nmean ± sd over {', '.join(over)} (finished runs; sd: n − 1)\n\n"
                      + grouped_markdown(grouped_columns, groups))
         by = [k for k in settings if k not in over]
@@ -394,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown, end="")
     written = ["report.md", "report.csv"] + (["report.png"] if (Path(args.folder) / "report.png").is_file() else [])
     if args.over:
-        written.append(f"report-over-{'-'.join(k.replace('/', '_') for k in args.over)}.csv")
+        written.append(over_csv_name(args.over))
     print(f"\nwritten to {', '.join(str(Path(args.folder) / w) for w in written)}")
     return 0
 

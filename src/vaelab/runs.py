@@ -36,6 +36,7 @@ from vaelab.checkpoint_io import AtomicCheckpointIO, link_file
 from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
 from vaelab.errors import ExplainedError
 from vaelab.options import DATA_READ_KEYS
+from vaelab.validation import allowed_targets_of
 
 log = logging.getLogger("vaelab")
 
@@ -309,7 +310,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
     ckpt = ckpt.resolve()
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else output_dir.resolve()
     # (its allowed_targets become this command's: a checkpoint cannot allow its own code)
-    stored = load_checkpoint(ckpt, [str(a) for a in cfg.get("allowed_targets") or ()])["hyper_parameters"]["config"]
+    stored = load_checkpoint(ckpt, allowed_targets_of(cfg))["hyper_parameters"]["config"]
     resumed = continue_config(stored, cfg, run_dir, ckpt, command_dir=output_dir)
     if run_dir != output_dir.resolve():
         log.info("vaelab: continuing the run in %s (this command's Hydra files are in %s)", run_dir, output_dir)
@@ -358,6 +359,13 @@ def finished_run(cfg: DictConfig, ckpt: Path) -> dict[str, Any] | None:
 # what summary.json keeps of each command that trained the run (its "commands" list)
 COMMAND_KEYS = ("started_at", "wall_time_s", "resumed_from", "resumed_with", "trained", "world_size", "precision",
                 "failed", "error")
+
+
+def trained_so_far(trainer: pl.Trainer) -> dict[str, int]:
+    """Where training got (or ended), under which limits: ``summary.json``'s ``trained``, and a
+    command's record in a checkpoint."""
+    return {"epochs": trainer.fit_loop.epoch_progress.current.processed, "global_step": trainer.global_step,
+            "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}
 
 
 def utc_time(seconds: float) -> str:
@@ -442,8 +450,7 @@ class CommandRecords(pl.Callback):
         mine = {k: v for k, v in self.record.items() if k != "failed"}  # (no "failed": it had not ended)
         mine["wall_time_s"] = round(time.time() - self.started, 1)
         if self._trainer is not None:
-            mine["trained"] = {"epochs": self._trainer.fit_loop.epoch_progress.current.processed,
-                               "global_step": self._trainer.global_step}
+            mine["trained"] = trained_so_far(self._trainer)
         return {"commands": [*self.known(), mine]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

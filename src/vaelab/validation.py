@@ -276,6 +276,14 @@ def monitor_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def allowed_targets_of(config: Any) -> list[str]:
+    """A config's ``allowed_targets`` as a list of strings (none: an empty list). A string is not
+    a list (read letter by letter, "mylab." allowed every target under "m"): none, and the
+    config check refuses it (``RULES``)."""
+    value = config.get("allowed_targets") or ()
+    return [] if isinstance(value, str) else [str(a) for a in value]
+
+
 def nearest(name: str, names: Iterable[str]) -> str | None:
     """The one of ``names`` that ``name`` most likely misspells (difflib's closest), else None."""
     near = difflib.get_close_matches(str(name), list(names), n=1)
@@ -338,7 +346,7 @@ def folder_problems(folders: Mapping[str, str]) -> list[str]:
     return problems
 
 
-def checkpoint_problem(ckpt_path: Any, allowed_targets: Any = ()) -> str | None:
+def checkpoint_problem(ckpt_path: Any, allowed_targets: Sequence[str] = ()) -> str | None:
     """A ``ckpt_path`` to resume from must be a readable vaelab checkpoint naming only targets
     this command allows (``allowed_targets``; not the checkpoint's own): checked with
     ``torch.load(weights_only=True)`` before anything is built."""
@@ -348,7 +356,7 @@ def checkpoint_problem(ckpt_path: Any, allowed_targets: Any = ()) -> str | None:
     from vaelab.checkpoints import CheckpointError, load_checkpoint
 
     try:
-        load_checkpoint(ckpt_path, [str(a) for a in allowed_targets or ()])
+        load_checkpoint(ckpt_path, allowed_targets)
     except (CheckpointError, UnsafeConfigError) as err:
         return f"ckpt_path={ckpt_path}: {err}"
     return None
@@ -500,7 +508,7 @@ def _edits(a: str, b: str) -> int:
 def validate_train_config(cfg: DictConfig) -> None:
     """Every problem of a training config at once, before anything runs (``ConfigError``)."""
     problems = value_problems(cfg)
-    ckpt = checkpoint_problem(cfg.get("ckpt_path"), cfg.get("allowed_targets"))
+    ckpt = checkpoint_problem(cfg.get("ckpt_path"), allowed_targets_of(cfg))
     if ckpt:
         problems.append(ckpt)
     elif cfg.get("train", True) is False and cfg.get("ckpt_path") not in (None, ""):

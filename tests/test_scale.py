@@ -468,22 +468,26 @@ def test_random_streams_continue_from_a_checkpoint_or_are_seeded_afresh_with_a_w
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", ["one", "ddp_sim"])
-def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_runs_weights(tmp_path, processes):
+@pytest.mark.parametrize(("processes", "stop"), [("one", "error"), ("ddp_sim", "error"), ("one", "sigterm")])
+def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_runs_weights(tmp_path, processes,
+                                                                                             stop):
     """Stopped by an error at step 31 of 60 (20 a epoch, a step checkpoint every 7), resumed
     with ``ckpt_path=<run folder>`` from step 28: the rest of epoch 1 takes that epoch's order
     (the training loader's place) and every process draws what the uninterrupted run drew (its
     random streams), so the final weights are the uninterrupted run's bit for bit, and so are
     the validation and test numbers. Under DDP (two CPU processes) each rank continues its own
-    shard and its own streams. On one process also a run trained for 2 epochs and resumed from
-    its end with trainer.max_epochs=3 ends as the 3-epoch run."""
+    shard and its own streams. Stopped by SIGTERM during step 31 instead, the run saves the
+    state after that step and exits 143; resumed from step 32, it too ends bit for bit as the
+    uninterrupted run. On one process also a run trained for 2 epochs and resumed from its end
+    with trainer.max_epochs=3 ends as the 3-epoch run."""
+    how = "raise RuntimeError('stopped on purpose')" if stop == "error" else "os.kill(os.getpid(), signal.SIGTERM)"
     (tmp_path / "stop.py").write_text(
-        "from pathlib import Path\nimport lightning.pytorch as pl\n"
+        "import os, signal\nfrom pathlib import Path\nimport lightning.pytorch as pl\n"
         "class StopOnce(pl.Callback):\n"
         "    def __init__(self, step, marker):\n        self.step, self.marker = step, Path(marker)\n"
         "    def on_train_batch_start(self, trainer, *args):\n"
         "        if trainer.global_step == self.step and not self.marker.exists():\n"
-        "            self.marker.touch()\n            raise RuntimeError('stopped on purpose')\n"
+        f"            self.marker.touch()\n            {how}\n"
     )
     common = ["trainer.max_epochs=3", "callbacks.step_checkpoint.every_n_train_steps=7", "logger=csv", *FAST]
     if processes == "ddp_sim":
@@ -493,8 +497,14 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
     stopped = run_cli("train.py", *common, "allowed_targets=[stop.]", "+callbacks.stop._target_=stop.StopOnce",
                       "+callbacks.stop.step=31", f"+callbacks.stop.marker={tmp_path / 'stopped'}",
                       f"hydra.run.dir={cut}", cwd=tmp_path, env=_env(tmp_path))
-    assert stopped.returncode != 0 and "stopped on purpose" in stopped.stderr
-    assert sorted(p.name for p in (cut / "checkpoints").glob("latest-step*.ckpt")) == ["latest-step28.ckpt"]
+    saved = 28 if stop == "error" else 32  # the latest step save; SIGTERM: the step it stopped after
+    if stop == "error":
+        assert stopped.returncode != 0 and "stopped on purpose" in stopped.stderr
+    else:
+        assert stopped.returncode == 143, stopped.stderr[-2000:]
+        assert (f"at step 32 (epoch 1) of its training. Its state at that step is saved (latest-step32.ckpt); "
+                f"continue it: python train.py ckpt_path={cut}") in stopped.stdout + stopped.stderr
+    assert sorted(p.name for p in (cut / "checkpoints").glob("latest-step*.ckpt")) == [f"latest-step{saved}.ckpt"]
     resumed = check(run_cli("train.py", f"ckpt_path={cut}", "allowed_targets=[stop.]",
                             f"hydra.run.dir={tmp_path / 'resume'}", cwd=tmp_path, env=_env(tmp_path)))
     assert "not resumable" not in resumed.stderr and "random streams" not in resumed.stderr
@@ -505,11 +515,11 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
         return summary, weights
 
     (a, weights_a), (b, weights_b) = final(whole), final(cut)
-    assert Path(b["resumed_from"]).name == "latest-step28.ckpt" and not b["failed"]
+    assert Path(b["resumed_from"]).name == f"latest-step{saved}.ckpt" and not b["failed"]
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert b["best_val_elbo"] == a["best_val_elbo"] and b["test"] == a["test"]
-    if processes == "one":
+    if processes == "one" and stop == "error":
         # "train longer" (README): 2 epochs, then resumed from the end with trainer.max_epochs=3
         longer = tmp_path / "longer"
         check(run_cli("train.py", *common, "trainer.max_epochs=2", f"hydra.run.dir={longer}", cwd=tmp_path,
@@ -640,8 +650,11 @@ def test_a_run_stopped_by_sigterm_exits_143_naming_where_it_got_and_continues(tm
     summary = json.loads((run_dir / "summary.json").read_text())
     step = summary["trained"]["global_step"]
     assert summary["failed"] and 20 <= step < 80 and summary["trained"]["max_epochs"] == 4
-    said = (f"stopped by SIGTERM (a job's time limit, timeout, kill) at step {step} (epoch {step // 20}) of its "
-            f"training. Continue it from its latest checkpoint")
+    said = f"stopped by SIGTERM (a job's time limit, timeout, kill) at step {step} (epoch {step // 20}) of its training. "
+    # stopped during a step: that step's state is saved; during a validation: the latest save is named
+    saved = (run_dir / "checkpoints" / f"latest-step{step}.ckpt").is_file()
+    said += (f"Its state at that step is saved (latest-step{step}.ckpt); continue it" if saved
+             else "Continue it from its latest checkpoint")
     assert said in out + err and summary["error"].startswith(f"SIGTERM: {said}")
     assert f"python train.py ckpt_path={run_dir} 'allowed_targets=[slow.]'" in summary["error"]
 

@@ -36,6 +36,7 @@ from vaelab.runs import (
     KILLED,
     UNKNOWN,
     CommandRecords,
+    LatestCheckpoint,
     command_record,
     earlier_commands,
     ensure_wandb_id,
@@ -326,8 +327,15 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) 
                 "callbacks.step_checkpoint.every_n_minutes): run the command again, from the start")
     allowed = allowed_targets_of(cfg)  # (a resume is asked for them again)
     also = f" 'allowed_targets=[{','.join(allowed)}]'" if allowed else ""
-    return (f"{said} Continue it from its latest checkpoint (saved at each epoch's end and every "
-            f"callbacks.step_checkpoint.every_n_minutes): python train.py ckpt_path={output_dir}{also}")
+    latest = next((cb for cb in trainer.callbacks if isinstance(cb, LatestCheckpoint)), None)
+    # (Lightning has cleared trainer.state.stage by now; its fn is kept)
+    saved = latest.saved_at(trainer.global_step) if latest is not None and trainer.state.fn == "fit" else None
+    if saved:
+        whence = f"Its state at that step is saved ({Path(saved).name}); continue it"
+    else:  # (during validation, inside a gradient accumulation, or under DDP)
+        whence = ("Continue it from its latest checkpoint (saved at each epoch's end and every "
+                  "callbacks.step_checkpoint.every_n_minutes)")
+    return f"{said} {whence}: python train.py ckpt_path={output_dir}{also}"
 
 
 def _unit(key: str) -> str:

@@ -142,7 +142,8 @@ class LatestCheckpoint(ModelCheckpoint):
     every epoch and, within an epoch, once ``every_n_minutes`` have passed since the last save
     (wall clock), or every ``every_n_train_steps`` steps, whichever comes first (each trigger
     is off with ``null``). A run killed at any moment (SIGKILL mid-epoch included) loses at
-    most that much.
+    most that much. A run stopped by SIGTERM in one process saves the state of the step it
+    stopped at, so it loses nothing.
 
     Time rather than steps by default, because a save costs what the state weighs (Lightning's
     collection, serialization and the write: ~10-50 ms for the benchmark's 1.4M-parameter MLP
@@ -207,6 +208,13 @@ class LatestCheckpoint(ModelCheckpoint):
             # save waits for the batch whose optimizer step takes them
             return
         due = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        if trainer.received_sigterm and trainer.world_size == 1:
+            # told to stop (a job's time limit, timeout, kill): Lightning raises its
+            # SIGTERMException right after this hook, so this step's state is saved first, as
+            # any step save (the loader's place, the random streams): a resume continues it
+            # exactly. Under DDP the ranks learn of the signal at different steps, and a save
+            # needs them all, so there the latest periodic save is what is kept.
+            due = True
         if not due and self.interval_s is not None:
             if trainer.world_size == 1:
                 due = time.monotonic() - self._last_save >= self.interval_s
@@ -217,6 +225,10 @@ class LatestCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save_latest(trainer)  # after this epoch's validation
+
+    def saved_at(self, step: int) -> str | None:
+        """The file this callback saved (or linked) at optimizer step ``step``, if it did."""
+        return self._last_checkpoint_saved or None if self._last_global_step_saved == step else None
 
     def _saved_just_before(self, trainer: pl.Trainer) -> str | None:
         """The file that the checkpoint callback right before this one saved in this epoch's

@@ -111,14 +111,16 @@ def test_a_plugins_settings_are_checked_where_the_group_is_that_plugin():
     from vaelab.priors import Flow, VampPrior
 
     assert Flow.FLOWS == options.FLOW_PRIORS and VampPrior.SQUASHES == options.VAMP_SQUASHES
+    assert VampPrior.COMPONENTS == options.VAMP_COMPONENTS
     flow = {"_target_": "vaelab.priors.Flow", "latent_dim": 2, "flow": "xyz", "transforms": 0}
     assert value_problems({"prior": flow}) == [
         "prior.flow must be one of maf, nsf, got 'xyz' (e.g. prior.flow=maf)",
         "prior.transforms must be an integer >= 1, got 0 (e.g. prior.transforms=3)"]
     assert value_problems({"prior": {**flow, "_target_": "mine.Prior"}}) == []
     assert value_problems({"prior": {**flow, "flow": "nsf", "transforms": 2}}) == []
-    vamp = {"_target_": "vaelab.priors.VampPrior", "squash": "tanh", "init_std": -1}
-    assert [p.split(" must")[0] for p in value_problems({"prior": vamp})] == ["prior.squash", "prior.init_std"]
+    vamp = {"_target_": "vaelab.priors.VampPrior", "squash": "tanh", "init_std": -1, "components": "flow"}
+    assert [p.split(" must")[0] for p in value_problems({"prior": vamp})] == ["prior.squash", "prior.init_std",
+                                                                               "prior.components"]
     iaf = {"_target_": "vaelab.posteriors.IAF", "num_transforms": 0, "context_features": -1}
     assert [p.split(" must")[0] for p in value_problems({"posterior": iaf})] == [
         "posterior.num_transforms", "posterior.context_features"]

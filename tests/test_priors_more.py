@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from vaelab.likelihoods import Bernoulli
 from vaelab.module import VAEModule
 from vaelab.networks import MLPDecoder, MLPEncoder
 from vaelab.objectives import ELBO
-from vaelab.posteriors import DiagonalGaussian
+from vaelab.posteriors import IAF, DiagonalGaussian
 from vaelab.priors import Flow, LearnedGaussian, MixtureOfGaussians, Prior, VampPrior
 from vaelab.vae import VAE, kl_or_monte_carlo
 
@@ -247,6 +248,47 @@ def test_vamp_refuses_bad_settings():
         VampPrior(Z, squash="tanh")
     with pytest.raises(ValueError, match="num_components"):
         VampPrior(Z, num_components=0)
+    with pytest.raises(ValueError, match="components must be one of"):
+        VampPrior(Z, components="flow")
+
+
+def _iaf_vae(components: str) -> tuple[VampPrior, VAE]:
+    torch.manual_seed(0)
+    prior = VampPrior(Z, num_components=5, init_mean=0.5, init_std=0.2, components=components)
+    lik, post = Bernoulli(), IAF(Z, num_transforms=2, context_features=4, hidden_features=[8])
+    vae = VAE(MLPEncoder(SHAPE, post.num_params(Z), hidden=[16]), post,
+              MLPDecoder(Z, SHAPE, lik.num_params(SHAPE), hidden=[16]), lik, prior)
+    with torch.no_grad():  # move the flow away from its near-identity initialization
+        for param in post.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return prior, vae
+
+
+def test_vamp_over_a_flow_posterior_mixes_its_densities_or_its_base_gaussians():
+    """posterior=iaf: by default p(z) = 1/K Σ_k q(z|u_k), the flow's own densities at the
+    pseudo-inputs (its inverse, sequential), with a warning of the cost that names
+    prior.components=base; with base, 1/K Σ_k N(z; μ0(u_k), σ0²(u_k)), the flow's base
+    Gaussians, which differ from the flow's densities, and no warning."""
+    z = torch.randn(4, 2, Z)
+    for components in VampPrior.COMPONENTS:
+        prior, vae = _iaf_vae(components)
+        if components == "posterior":
+            with pytest.warns(UserWarning, match=r"over the IAF posterior.*K=5 pseudo-inputs.*prior.components=base"):
+                prior.bind(vae, SHAPE)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                prior.bind(vae, SHAPE)
+        q = vae.encode(prior.pseudo_inputs)  # the IAF posteriors at the pseudo-inputs, by hand
+        flow = q.log_prob(z.unsqueeze(-2))  # [4, 2, K]
+        base = Normal(q.base.mean, q.base.stddev).log_prob(z.unsqueeze(-2)).sum(-1)
+        assert (flow - base).abs().max() > 0.1  # the two mixtures are different priors
+        expected = torch.logsumexp(flow if components == "posterior" else base, -1) - math.log(5)
+        torch.testing.assert_close(prior().log_prob(z), expected)
+    prior = VampPrior(Z, num_components=5)  # a posterior that is not a flow: no warning, one pass either way
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small_vae(prior)
 
 
 # --- flow -------------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ FLOW_PRIORS = ("maf", "nsf")
 #: pseudo-inputs into the data's range
 VAMP_SQUASHES = ("hardtanh", "sigmoid", "none")
 
+#: ``prior.components`` of ``prior=vamp``: the mixture's components are q(z|u_k) itself, or,
+#: for a flow posterior (z = g(z0)), its base distribution q0(z|u_k)
+VAMP_COMPONENTS = ("posterior", "base")
+
 #: the data settings that say where and how the data are read, not which data: free on resume
 #: (``vaelab.runs.FREE_ON_RESUME``) and the only ones eval.py takes (the test split is the run's)
 DATA_READ_KEYS = ("root", "download", "num_workers", "pin_memory", "on_device", "eval_batch_size")

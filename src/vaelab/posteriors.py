@@ -34,6 +34,10 @@ class Posterior(nn.Module):
             raise ValueError(f"posterior.min_scale must be >= 0, got {min_scale}")
         self.min_scale = float(min_scale)
 
+    #: whether q(z|x).log_prob(z) of a z it did not sample runs sequential passes (a flow's
+    #: inverse): what VampPrior, whose components are such densities, warns of
+    sequential_log_prob = False
+
     def positive(self, raw: torch.Tensor) -> torch.Tensor:
         return nn.functional.softplus(raw) + self.min_scale
 
@@ -173,6 +177,8 @@ class IAF(Posterior):
     for an arbitrary z needs the inverse (Z sequential passes per step); it is correct but slow.
     KL(q ‖ p) has no closed form: it is always a Monte Carlo estimate.
     """
+
+    sequential_log_prob = True
 
     def __init__(
         self,

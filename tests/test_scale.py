@@ -468,9 +468,10 @@ def test_random_streams_continue_from_a_checkpoint_or_are_seeded_afresh_with_a_w
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("processes", "stop"), [("one", "error"), ("ddp_sim", "error"), ("one", "sigterm")])
+@pytest.mark.parametrize(("processes", "stop", "at"),
+                         [("one", "error", 31), ("ddp_sim", "error", 31), ("one", "sigterm", 31), ("one", "sigterm", 19)])
 def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_runs_weights(tmp_path, processes,
-                                                                                             stop):
+                                                                                             stop, at):
     """Stopped by an error at step 31 of 60 (20 a epoch, a step checkpoint every 7), resumed
     with ``ckpt_path=<run folder>`` from step 28: the rest of epoch 1 takes that epoch's order
     (the training loader's place) and every process draws what the uninterrupted run drew (its
@@ -478,8 +479,10 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
     the validation and test numbers. Under DDP (two CPU processes) each rank continues its own
     shard and its own streams. Stopped by SIGTERM during step 31 instead, the run saves the
     state after that step and exits 143; resumed from step 32, it too ends bit for bit as the
-    uninterrupted run. On one process also a run trained for 2 epochs and resumed from its end
-    with trainer.max_epochs=3 ends as the 3-epoch run."""
+    uninterrupted run. So does one stopped during step 19, an epoch's last, resumed from its
+    latest-step20.ckpt: a save due at the step after which a validation runs is made after
+    that validation. On one process also a run trained for 2 epochs and resumed from its end with
+    trainer.max_epochs=3 ends as the 3-epoch run."""
     how = "raise RuntimeError('stopped on purpose')" if stop == "error" else "os.kill(os.getpid(), signal.SIGTERM)"
     (tmp_path / "stop.py").write_text(
         "import os, signal\nfrom pathlib import Path\nimport lightning.pytorch as pl\n"
@@ -495,17 +498,25 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     check(run_cli("train.py", *common, f"hydra.run.dir={whole}", cwd=tmp_path, env=_env(tmp_path)))
     stopped = run_cli("train.py", *common, "allowed_targets=[stop.]", "+callbacks.stop._target_=stop.StopOnce",
-                      "+callbacks.stop.step=31", f"+callbacks.stop.marker={tmp_path / 'stopped'}",
+                      f"+callbacks.stop.step={at}", f"+callbacks.stop.marker={tmp_path / 'stopped'}",
                       f"hydra.run.dir={cut}", cwd=tmp_path, env=_env(tmp_path))
-    saved = 28 if stop == "error" else 32  # the latest step save; SIGTERM: the step it stopped after
+    saved = 28 if stop == "error" else at + 1  # the latest step save; SIGTERM: the step it stopped after
     if stop == "error":
         assert stopped.returncode != 0 and "stopped on purpose" in stopped.stderr
     else:
         assert stopped.returncode == 143, stopped.stderr[-2000:]
-        assert (f"at step 32 (epoch 1) of its training. Its state at that step is saved (latest-step32.ckpt); "
-                f"continue it: python train.py ckpt_path={cut}") in stopped.stdout + stopped.stderr
+        assert (f"at step {saved} (epoch {saved // 20}) of its training. Its state at that step is saved "
+                f"(latest-step{saved}.ckpt); continue it: python train.py ckpt_path={cut}") in stopped.stdout + stopped.stderr
     assert sorted(p.name for p in (cut / "checkpoints").glob("latest-step*.ckpt")) == [f"latest-step{saved}.ckpt"]
-    resumed = check(run_cli("train.py", f"ckpt_path={cut}", "allowed_targets=[stop.]",
+    source = cut
+    if saved % 20 == 0:
+        # an epoch's last step: saved after that epoch's validation, at its end (the same state as
+        # the best checkpoint of that epoch: one file); from a save before the validation, Lightning's
+        # resume skipped the validation and the run drew other random numbers from there on
+        latest = cut / "checkpoints" / f"latest-step{saved}.ckpt"
+        assert latest.samefile(cut / "checkpoints" / f"best-epoch{saved // 20 - 1:03d}-step{saved}.ckpt")
+        source = latest
+    resumed = check(run_cli("train.py", f"ckpt_path={source}", "allowed_targets=[stop.]",
                             f"hydra.run.dir={tmp_path / 'resume'}", cwd=tmp_path, env=_env(tmp_path)))
     assert "not resumable" not in resumed.stderr and "random streams" not in resumed.stderr
 

@@ -601,12 +601,25 @@ def test_the_step_checkpoint_saves_by_the_clock_and_under_ddp_by_rank_zeros_cloc
     latest._should_skip_saving_checkpoint = lambda trainer: False
     latest._save_topk_checkpoint = lambda trainer, candidates: saved.append(trainer.global_step)
     latest._monitor_candidates = lambda trainer: {}
+    validation_after: set[int] = set()
+    latest._validation_follows = lambda trainer: trainer.global_step in validation_after
     now[0] = 0.0
     for step in range(1, 13):
-        trainer = types.SimpleNamespace(global_step=step, world_size=2,
+        # (a SIGTERM at step 10 saves nothing under DDP: the ranks may learn of it at different steps)
+        trainer = types.SimpleNamespace(global_step=step, world_size=2, received_sigterm=step == 10,
                                         strategy=types.SimpleNamespace(broadcast=broadcast))
         latest.on_train_batch_end(trainer, None, None, None, step)
     assert asked == [(4, False), (8, False), (12, False)] and saved == [8]
+    # a save due at a step after which a validation runs (val_check_interval) comes after it: at
+    # the next step, on every rank alike (they share the verdict), with no broadcast of its own
+    asked.clear(), saved.clear()
+    validation_after.add(20)
+    verdict = {20: True}
+    for step in range(13, 25):
+        trainer = types.SimpleNamespace(global_step=step, world_size=2, received_sigterm=False,
+                                        strategy=types.SimpleNamespace(broadcast=broadcast))
+        latest.on_train_batch_end(trainer, None, None, None, step)
+    assert asked == [(16, False), (20, False), (24, False)] and saved == [21]
 
     # the callback's state in a checkpoint of a run from before the time trigger (every 500 steps) is found
     assert LatestCheckpoint(dirpath=str(tmp_path), every_n_train_steps=500).state_key == (
@@ -774,8 +787,41 @@ def test_the_step_checkpoint_waits_for_the_optimizer_step_of_an_accumulation(tmp
                          callbacks=[Recording(dirpath=str(tmp_path / "latest"), every_n_minutes=4), Clock()])
     trainer.fit(_tiny_module(), DataLoader(TensorDataset(images, torch.zeros(96)), batch_size=8))
     # due from batch 4 (240 s); saved at batch 6 (step 2), then due again at 10 (240 s later), saved at 12
-    # (step 4, the epoch's last batch, whose end-of-epoch save is then the same state and skipped)
+    # (step 4, the epoch's last batch: at the epoch's end, after the batch's hooks)
     assert saved_after == [(6, 2), (12, 4)]
+
+
+def test_a_step_checkpoint_due_before_a_validation_is_saved_after_it(tmp_path):
+    """A save due at a batch after which a validation runs (val_check_interval, or the epoch's
+    last batch) is made after that validation: a checkpoint from before it makes Lightning's
+    resume skip that validation, so the resumed run's random draws, and so its weights, left
+    the uninterrupted run's (from such a file at an epoch's end, val/elbo one epoch on was 0.14 nats off)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vaelab.runs import LatestCheckpoint
+
+    saves, validations = [], [0]
+
+    class Recording(LatestCheckpoint):
+        def _save_checkpoint(self, trainer, filepath):
+            saves.append((trainer.global_step, validations[0]))
+            super()._save_checkpoint(trainer, filepath)
+
+    class Count(pl.Callback):
+        def on_validation_end(self, *args):
+            validations[0] += 1
+
+    images = torch.bernoulli(torch.full((80, 1, 8, 8), 0.3))
+    data = DataLoader(TensorDataset(images, torch.zeros(80)), batch_size=8)  # 10 batches an epoch
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", default_root_dir=tmp_path, val_check_interval=0.5, limit_val_batches=2,
+                         num_sanity_val_steps=0, callbacks=[Count(), Recording(dirpath=str(tmp_path / "latest"),
+                                                                              every_n_minutes=None, every_n_train_steps=5)])
+    trainer.fit(_tiny_module(), data, data)
+    # due at 5, 10, 15, 20, each followed by a validation: saved one step later mid-epoch (6, 16),
+    # and at the epoch's end (10, 20), each after the validation before it
+    assert saves == [(6, 1), (10, 2), (16, 3), (20, 4)]
 
 
 def test_the_count_of_skipped_steps_is_kept_in_the_checkpoint():

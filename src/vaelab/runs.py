@@ -143,7 +143,9 @@ class LatestCheckpoint(ModelCheckpoint):
     (wall clock), or every ``every_n_train_steps`` steps, whichever comes first (each trigger
     is off with ``null``). A run killed at any moment (SIGKILL mid-epoch included) loses at
     most that much. A run stopped by SIGTERM in one process saves the state of the step it
-    stopped at, so it loses nothing.
+    stopped at, so it loses nothing. A save due at a step after which a validation runs (the
+    epoch's last, or ``val_check_interval``'s) is made after it (at the epoch's end, or the next
+    step): a resume from the state before a validation skips it.
 
     Time rather than steps by default, because a save costs what the state weighs (Lightning's
     collection, serialization and the write: ~10-50 ms for the benchmark's 1.4M-parameter MLP
@@ -182,6 +184,7 @@ class LatestCheckpoint(ModelCheckpoint):
         self.check_every_n_steps = int(check_every_n_steps)
         self._last_save = time.monotonic()
         self._step_seen = 0  # the optimizer step count at the previous batch's end
+        self._owed = False  # a save that was due before a validation, made after it
 
     @property
     def state_key(self) -> str:
@@ -207,7 +210,7 @@ class LatestCheckpoint(ModelCheckpoint):
             # nan_policy=skip skipped: the gradients gathered so far are in no checkpoint, so a
             # save waits for the batch whose optimizer step takes them
             return
-        due = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        due = self._owed or (self.every_n_steps > 0 and step % self.every_n_steps == 0)
         if trainer.received_sigterm and trainer.world_size == 1:
             # told to stop (a job's time limit, timeout, kill): Lightning raises its
             # SIGTERMException right after this hook, so this step's state is saved first, as
@@ -221,7 +224,21 @@ class LatestCheckpoint(ModelCheckpoint):
             elif step % self.check_every_n_steps == 0:
                 due = bool(trainer.strategy.broadcast(time.monotonic() - self._last_save >= self.interval_s, src=0))
         if due:
+            if self._validation_follows(trainer):
+                # a save now would hold the state before this batch's validation, which a
+                # resume from it skips (Lightning fast-forwards past it), so its random draws and
+                # the rest of the run would differ: the save comes after it, at the epoch's end
+                # (which a SIGTERM waits for) or at the next step
+                self._owed = True
+                return
             self._save_latest(trainer)
+
+    @staticmethod
+    def _validation_follows(trainer: pl.Trainer) -> bool:
+        """Whether this batch ends the epoch's training (its last batch, or max_steps) or a
+        validation runs after it (``val_check_interval``)."""
+        loop = trainer.fit_loop.epoch_loop
+        return bool(loop._is_training_done or loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save_latest(trainer)  # after this epoch's validation
@@ -247,6 +264,7 @@ class LatestCheckpoint(ModelCheckpoint):
         return None
 
     def _save_latest(self, trainer: pl.Trainer) -> None:
+        self._owed = False
         if not self._should_skip_saving_checkpoint(trainer):  # (not twice at one step, not while validating)
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -381,6 +382,73 @@ def test_binarized_mnist_missing_files_say_where(tmp_path):
         BinarizedMNIST(root=tmp_path, download=False).prepare_data()
     with pytest.raises(ValueError, match="data=mnist"):
         BinarizedMNIST(root=tmp_path, binarize="dynamic")
+
+
+def test_damaged_binarized_mnist_files_are_named_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    """Larochelle's text files (here small ones: 6/2/2 rows) are parsed once and cached as
+    binarized_mnist.npz, written whole or not at all. A cache cut short is parsed again from
+    the text files, with a warning, and rewritten; without them it is a DataCorruptError naming
+    it with the rm command, as is a text file cut short. Before, each was a bare traceback
+    (BadZipFile, EOFError), and a run killed while writing the cache left it cut short for every
+    later run."""
+    import gzip
+
+    from vaelab.datamodules import BinarizedMNIST, DataCorruptError
+
+    class Small(BinarizedMNIST):
+        split_sizes = {"train": 6, "valid": 2, "test": 2}
+
+    where = tmp_path / "BinarizedMNIST"
+    where.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    want = {k: torch.randint(0, 2, (n, 784), generator=gen).numpy().astype("uint8")
+            for k, n in Small.split_sizes.items()}
+    for split, rows in want.items():
+        with gzip.open(where / f"binarized_mnist_{split}.amat.gz", "wt") as f:
+            f.write("\n".join(" ".join(map(str, r)) for r in rows) + "\n")
+    npz = where / "binarized_mnist.npz"
+
+    def read() -> dict:
+        return Small(root=tmp_path, download=False)._arrays_from_disk()
+
+    got = read()
+    assert all((got[k] == want[k]).all() for k in want) and npz.is_file()
+    assert [p.name for p in where.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    # the cache cut short (a run killed while writing it, before it was written whole)
+    npz.write_bytes(npz.read_bytes()[:300])
+    with pytest.warns(UserWarning, match="binarized_mnist.npz, the parsed cache of binarized MNIST, is damaged"):
+        got = read()
+    assert all((got[k] == want[k]).all() for k in want)
+    with warnings.catch_warnings():  # rewritten: read again without a warning
+        warnings.simplefilter("error")
+        assert all((read()[k] == want[k]).all() for k in want)
+    # ... and nothing to rebuild it from
+    npz.write_bytes(npz.read_bytes()[:300])
+    for split in want:
+        (where / f"binarized_mnist_{split}.amat.gz").rename(tmp_path / f"{split}.gz")
+    with warnings.catch_warnings():  # (no "parsing again" first: there is nothing to parse)
+        warnings.simplefilter("error")
+        with pytest.raises(DataCorruptError, match=rf"{npz}, the parsed cache of the data, is damaged .*rm {npz}"):
+            read()
+    npz.unlink()
+    # a text file cut short
+    for split in want:
+        (tmp_path / f"{split}.gz").rename(where / f"binarized_mnist_{split}.amat.gz")
+    valid = where / "binarized_mnist_valid.amat.gz"
+    valid.write_bytes(valid.read_bytes()[:40])
+    with pytest.raises(DataCorruptError, match=rf"{valid} is damaged or cut short \(EOFError.*rm {valid}"):
+        read()
+    assert not npz.exists()
+    # a cache that cannot be written whole is not written at all
+    valid.write_bytes(gzip.compress(("\n".join(" ".join(map(str, r)) for r in want["valid"]) + "\n").encode()))
+
+    def cut_short(file, **arrays):
+        file.write(b"PK\x03\x04 half of an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("numpy.savez_compressed", cut_short)
+    assert all((read()[k] == want[k]).all() for k in want)
+    assert sorted(p.name for p in where.iterdir()) == [f"binarized_mnist_{k}.amat.gz" for k in ("test", "train", "valid")]
 
 
 def test_padding_grows_the_images_and_keeps_them():

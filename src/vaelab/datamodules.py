@@ -757,28 +757,67 @@ class BinarizedMNIST(ImageDataModule):
     def binary(self) -> bool:
         return True
 
+    #: rows of each split of Larochelle's files
+    split_sizes = {"train": 50_000, "valid": 10_000, "test": 10_000}
+
+    def _split_problem(self, split: str, arr: np.ndarray) -> str | None:
+        if arr.shape != (self.split_sizes[split], 784) or arr.size and arr.max() > 1:
+            return f"{split} has shape {tuple(arr.shape)}, not ({self.split_sizes[split]}, 784) of 0/1 values"
+        return None
+
     def _arrays_from_disk(self) -> dict[str, np.ndarray]:
         where = self.root / self.folder
         npz = where / "binarized_mnist.npz"
+        cache_problem = None
         if npz.is_file():
-            with np.load(npz) as f:
-                return {k: f[k] for k in self.splits}
+            try:
+                with open(npz, "rb") as fh, np.load(fh) as f:  # (closed also when it is no archive)
+                    arrays = {k: f[k] for k in self.splits}
+                cache_problem = next(filter(None, (self._split_problem(k, a) for k, a in arrays.items())), None)
+            except Exception as err:  # (a zip cut short, a member missing or damaged)
+                cache_problem = f"{type(err).__name__}: {err}"
+            if cache_problem is None:
+                return arrays
+        texts = {split: next((p for p in (where / f"binarized_mnist_{split}.amat",
+                                          where / f"binarized_mnist_{split}.amat.gz") if p.is_file()), None)
+                 for split in self.splits}
+        if cache_problem is not None:
+            missing = [split for split, path in texts.items() if path is None]
+            if missing and not self.download:
+                raise DataCorruptError(
+                    f"binarized_mnist: {npz}, the parsed cache of the data, is damaged ({cache_problem}), and "
+                    f"binarized_mnist_{missing[0]}.amat (or .gz) is not in {where} to parse again. Delete it "
+                    f"(rm {npz}) and run with data.download=true on a machine with network access, or copy the "
+                    f"binarized_mnist_{{train,valid,test}}.amat files (or a good {npz.name}) there."
+                )
+            # rebuilt from the text files it was parsed from
+            rank_zero_warn(f"vaelab: {npz}, the parsed cache of binarized MNIST, is damaged ({cache_problem}): "
+                           "parsing its .amat files again")
         arrays = {}
-        for split in self.splits:
-            path = next((p for p in (where / f"binarized_mnist_{split}.amat",
-                                     where / f"binarized_mnist_{split}.amat.gz") if p.is_file()), None)
+        for split, path in texts.items():
             if path is None:
                 path = self._download(split, where)
-            arrays[split] = np.loadtxt(path, dtype=np.uint8)
-        expected = {"train": 50_000, "valid": 10_000, "test": 10_000}
-        for split, arr in arrays.items():
-            if arr.shape != (expected[split], 784) or arr.max() > 1:
-                raise ValueError(f"{where}: binarized_mnist_{split} has shape {arr.shape}, expected "
-                                 f"({expected[split]}, 784) of 0/1 values: the file is damaged")
-        try:
-            np.savez_compressed(npz, **arrays)
-        except OSError:
-            pass  # a read-only data folder: parse again next time
+            try:
+                arrays[split] = np.loadtxt(path, dtype=np.uint8, ndmin=2)
+                problem = self._split_problem(split, arrays[split])
+            except (OSError, EOFError, ValueError) as err:  # a .gz cut short, text that is not 0/1 rows
+                problem = f"{type(err).__name__}: {err}"
+            if problem:
+                raise DataCorruptError(
+                    f"binarized_mnist: {path} is damaged or cut short ({problem}). Delete it (rm {path}) and run "
+                    "again with data.download=true on a machine with network access, or copy a good file there."
+                )
+        tmp = None
+        try:  # written whole or not at all: a run killed while writing leaves no cut-short cache
+            with tempfile.NamedTemporaryFile(dir=where, prefix=".binarized_mnist.", suffix=".npz",
+                                             delete=False) as f:
+                tmp = f.name
+                np.savez_compressed(f, **arrays)
+            os.replace(tmp, npz)
+        except OSError:  # a read-only data folder: parse again next time
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         return arrays
 
     def _download(self, split: str, where: Path) -> Path:

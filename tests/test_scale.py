@@ -629,6 +629,29 @@ def test_a_run_killed_mid_epoch_resumes_in_the_same_wandb_run(tmp_path):
     assert 0 < first_figure["seconds"] < 60 and first_figure["images_per_sec"] > 10, first_figure
 
 
+def test_a_sigterm_during_the_tests_only_batch_stops_the_importance_sampling(tmp_path):
+    """SIGTERM as the test's one batch starts (the digits' test split is one batch; any split's
+    last batch is the same case): the importance sampling stops at its next forward pass and the
+    run exits 143, saying it stopped during its test. Lightning checks only between evaluation
+    batches, and not after the last, so the test ran on to its end (K = 1000: minutes on a real
+    split, past a job's time limit) and the run exited 0."""
+    run_dir = tmp_path / "run"
+    (tmp_path / "term.py").write_text(
+        "import os, signal\nimport lightning.pytorch as pl\n"
+        "class TermAtTest(pl.Callback):\n"
+        "    def on_test_batch_start(self, *args):\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+    )
+    proc = run_cli("train.py", "trainer.max_epochs=1", "logger=csv", "allowed_targets=[term.]",
+                   "+callbacks.term._target_=term.TermAtTest", "evaluation.test_num_samples=100000",
+                   "evaluation.chunk_size=100", "callbacks.images.every_n_epochs=1000", f"hydra.run.dir={run_dir}",
+                   cwd=tmp_path, env=_env(tmp_path))
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-2000:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["failed"] and summary["error"].startswith(
+        "SIGTERM: stopped by SIGTERM (a job's time limit, timeout, kill) during its test, after its training had finished")
+    assert "test" not in summary and summary["trained"]["epochs"] == 1
+
+
 @pytest.mark.slow
 def test_a_run_stopped_by_sigterm_exits_143_naming_where_it_got_and_continues(tmp_path):
     """SIGTERM (a SLURM time limit, ``timeout``, ``kill``) mid-training: exit status 143, not

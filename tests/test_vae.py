@@ -134,8 +134,24 @@ def test_memory_does_not_grow_with_the_batch_when_passes_are_bounded(batch, k, c
         return real(q, x, k)
 
     vae._log_weights = spy
-    assert vae.log_likelihood(x, num_samples=k, chunk_size=chunk, pass_size=pass_size).shape == (batch,)
-    assert seen == passes and sum(seen) == batch * k
+    calls = []  # ``between``: before each pass, where a run told to stop stops
+    assert vae.log_likelihood(x, num_samples=k, chunk_size=chunk, pass_size=pass_size,
+                              between=lambda: calls.append(len(seen))).shape == (batch,)
+    assert seen == passes and sum(seen) == batch * k and calls == list(range(len(passes)))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_second_pass():
+        if seen:
+            raise Stop
+
+    seen.clear()
+    if len(passes) > 1:
+        with pytest.raises(Stop):
+            vae.log_likelihood(x, num_samples=k, chunk_size=chunk, pass_size=pass_size, between=stop_at_the_second_pass)
+        assert len(seen) == 1
+    seen.clear()
     # what VAEModule reports (and halves) when a pass runs out of memory: the largest pass made
     assert largest_pass(x.shape, k, chunk, pass_size) == max(passes)
     seen.clear()

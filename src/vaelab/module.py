@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import MeanMetric, SumMetric
 
 from vaelab.attributes import PlainAttributes
@@ -442,7 +443,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         while True:
             pass_size = self.auto_pass_size if setting == "auto" and self.auto_pass_size else pass_size_for(setting, x.device)
             try:
-                return self.vae.log_likelihood(x, num_samples, chunk_size, pass_size)
+                return self.vae.log_likelihood(x, num_samples, chunk_size, pass_size, between=self._stop_if_told)
             except RuntimeError as error:  # (torch.OutOfMemoryError is one)
                 if not out_of_memory(error):
                     raise
@@ -464,6 +465,17 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             rank = f" (rank {self.global_rank})" if self._trainer is not None and self._trainer.world_size > 1 else ""
             log.info(f"evaluation.pass_size=auto: {where}; passes of at most {self.auto_pass_size} samples "
                      f"from now on{rank}. Set evaluation.pass_size to skip the search")
+
+    def _stop_if_told(self) -> None:
+        """Between the forward passes of an importance-sampled estimate: a process told to stop
+        (SIGTERM) stops there. Lightning checks only between evaluation batches, and not after
+        the last one, so a split of one batch (or its last batch) with K = 1000 ran to its end,
+        minutes past a job's time limit, and the run exited 0. On one process only: under DDP
+        the ranks learn of the signal at different moments, and one that stops in the middle
+        leaves the others waiting for it."""
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size == 1 and trainer.received_sigterm:
+            raise SIGTERMException
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, _ = batch

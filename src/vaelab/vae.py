@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -172,7 +173,8 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def log_likelihood(
-        self, x: torch.Tensor, num_samples: int = 1000, chunk_size: int = 500, pass_size: int | None = None
+        self, x: torch.Tensor, num_samples: int = 1000, chunk_size: int = 500, pass_size: int | None = None,
+        between: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Importance-sampled estimate of log p(x) per example (nats), ``[B]``.
 
@@ -185,15 +187,18 @@ class VAE(nn.Module):
         together: the examples go through in groups of ``pass_size // chunk`` (at least one;
         one example alone takes at most ``pass_size`` samples a pass), so memory does not grow
         with the batch either (``pass_plan``). The same estimate either way, drawn in another
-        order.
+        order. ``between`` is called before each forward pass (it may raise to stop: a run told to
+        stop does not finish a long evaluation first).
         """
         chunk, rows = pass_plan(x.shape, num_samples, chunk_size, pass_size)
         if x.dim() > 3 and rows < x.shape[0]:
-            return torch.cat([self.log_likelihood(part, num_samples, chunk) for part in x.split(rows)])
+            return torch.cat([self.log_likelihood(part, num_samples, chunk, between=between) for part in x.split(rows)])
         q = self.encode(x)
         total = torch.full(x.shape[:-3], -math.inf, device=x.device)
         done = 0
         while done < num_samples:
+            if between is not None:
+                between()
             k = min(chunk, num_samples - done)
             with float32(x.device):
                 total = torch.logaddexp(total, torch.logsumexp(self._log_weights(q, x, k), dim=0))

@@ -72,6 +72,21 @@ def test_report_has_one_row_per_run_with_its_overrides_and_numbers(sweep):
     assert Image.open(folder / "report.png").size == (1320, 462)  # two panels, 6 x 4.2 in each at 110 dpi
 
 
+def test_eval_of_each_run_of_a_sweep_goes_under_outputs_eval(sweep, tmp_path):
+    """``eval.py -m ckpt_path=<sweep>/0,<sweep>/1`` (the command a sweep folder's refusal gives)
+    writes one folder per evaluation under outputs/eval/multirun/<date>/<time>/<n>, as train.py's
+    sweeps do under outputs/train/; it wrote to Hydra's default ./multirun/ in the working
+    directory (inside the repository when run from there)."""
+    folder, _ = sweep
+    proc = check(run_cli("eval.py", "-m", f"ckpt_path={folder}/0,{folder}/1", "evaluation.test_num_samples=5",
+                         "logger=none", cwd=tmp_path))
+    assert not (tmp_path / "multirun").exists()
+    written = sorted(tmp_path.glob("outputs/eval/multirun/*/*/*/metrics.json"))
+    assert [p.parent.name for p in written] == ["0", "1"], proc.stdout[-2000:]
+    assert [json.loads(p.read_text())["checkpoint"] for p in written] == [
+        summary_of(folder / run)["tested_checkpoint"] for run in ("0", "1")]
+
+
 def test_eval_on_a_run_folder_reproduces_its_numbers(sweep, tmp_path):
     folder, _ = sweep
     run = folder / "0"

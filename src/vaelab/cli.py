@@ -39,6 +39,18 @@ def _explained(error: ExplainedError) -> _Explained:
     return _Explained(f"{type(error).__name__}: {error}")
 
 
+def explained_in(error: BaseException) -> ExplainedError | None:
+    """``error`` if it is an ``ExplainedError``, or the one that Hydra's ``instantiate`` wrapped
+    (a ``SettingError`` raised while a data module or plugin is built reached the console as
+    ``InstantiationException: Error in call to target ...: SettingError('...')``, its message
+    quoted and escaped); else None."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error if isinstance(error, ExplainedError) else None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train_main(cfg: DictConfig) -> float:
     try:
@@ -47,38 +59,36 @@ def train_main(cfg: DictConfig) -> float:
 
         summary = train(cfg, checked=True)
     except Exception as error:
+        explained = explained_in(error)
         if not in_multirun():  # a single run exits non-zero with the error
-            if isinstance(error, ExplainedError):
-                raise _explained(error) from error
+            if explained is not None:
+                raise _explained(explained) from error
             raise
         # one job of a sweep: its W&B run is finished with exit code 1 and its summary.json says
         # failed (written here if the job stopped before training); the sweep goes on, Optuna
         # records a trial as bad as can be, and the sweep's end lists the failures (RunFolders)
-        if isinstance(error, ExplainedError):  # its message names the fix: no traceback before it
+        if explained is not None:  # its message names the fix: no traceback before it
             log.error("vaelab: this sweep job failed; the sweep continues with the next job\n%s: %s",
-                      type(error).__name__, error)
+                      type(explained).__name__, explained)
         else:
             log.exception("vaelab: this sweep job failed; the sweep continues with the next job")
-        _write_failed_job_summary(cfg)
+        _write_failed_job_summary(cfg, explained or error)
         return float("-inf")
     best = summary.get("best_score", summary.get("best_val_elbo"))  # (a finished run's older summary)
     # returned to Hydra's sweepers: Optuna maximizes the checkpoint callback's monitor (val/elbo)
     return float(best) if best is not None and math.isfinite(best) else float("-inf")
 
 
-def _write_failed_job_summary(cfg: DictConfig) -> None:
+def _write_failed_job_summary(cfg: DictConfig, error: BaseException) -> None:
     """A ``summary.json`` saying ``failed``, with the error, for a sweep job that stopped before
     ``train`` wrote one (a bad value of this job's overrides), so that report.py lists it; an
     existing one (the job's own, or an earlier run's that the job refused to overwrite) stays."""
-    import sys
-
     from hydra.core.hydra_config import HydraConfig
 
-    error = sys.exc_info()[1]
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if not (output_dir / "summary.json").exists():
         write_json(output_dir / "summary.json", {
-            "output_dir": str(output_dir), "failed": True, "error": error_text(error) if error else "failed"})
+            "output_dir": str(output_dir), "failed": True, "error": error_text(error)})
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -88,8 +98,11 @@ def eval_main(cfg: DictConfig) -> None:
         from vaelab.jobs import evaluate
 
         evaluate(cfg, checked=True)
-    except ExplainedError as error:
-        raise _explained(error) from error
+    except Exception as error:
+        explained = explained_in(error)
+        if explained is None:
+            raise
+        raise _explained(explained) from error
 
 
 def train_script() -> None:

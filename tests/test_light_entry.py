@@ -207,3 +207,13 @@ def test_a_number_must_be_finite():
                                "optim": {"optimizer": {"lr": float("nan")}}})
     assert [p.split(" must")[0] for p in problems] == ["optim.optimizer.lr", "objective.beta", "likelihood.sigma"]
     assert value_problems({"objective": {"beta": 1e30}, "likelihood": {"sigma": "learned"}}) == []
+
+
+def test_epochs_in_messages_are_counted_as_the_console_lines_count_them():
+    """The stop and NaN messages name Lightning's 0-based epoch as the per-epoch console lines
+    do ("epoch 2/6" for the second of six): "at step 502 (epoch 1)" read as the first epoch lost.
+    Without a bound on the epochs (trainer.max_epochs=-1 with max_steps) no "/-1"."""
+    from vaelab.errors import epoch_label
+
+    assert [epoch_label(e, 6) for e in (0, 1, 5)] == ["epoch 1/6", "epoch 2/6", "epoch 6/6"]
+    assert epoch_label(1, -1) == epoch_label(1, None) == "epoch 2"

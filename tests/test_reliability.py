@@ -315,7 +315,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(
                    "objective._target_=nanobj.NaNELBO", "+objective.nan_calls=[26]", "allowed_targets=[nanobj.]",
                    f"hydra.run.dir={out}", cwd=REPO, env=user_env(tmp_path))
     assert proc.returncode != 0
-    assert "NonFiniteLossError: non-finite training loss at step 25 (epoch 1)" in proc.stderr
+    assert "NonFiniteLossError: non-finite training loss at step 25 (epoch 2/3)" in proc.stderr
     assert "train/kl is NaN" in proc.stderr and "train/recon" not in proc.stderr.split("step 25")[1].split(".")[0]
     last = out / "checkpoints" / "last.ckpt"
     assert f"The last good checkpoint is {last}" in proc.stderr and "nan_policy=skip" in proc.stderr
@@ -342,7 +342,7 @@ def test_nan_in_the_data_is_named_as_the_data(tmp_path):
     proc = run_cli("train.py", *QUICK, "logger=none", "data._target_=nandata.NaNDigits", "allowed_targets=[nandata.]",
                    f"hydra.run.dir={out}", cwd=REPO, env=user_env(tmp_path))
     assert proc.returncode != 0
-    assert "non-finite training loss at step 2 (epoch 0): the data batch x is Inf for 1 of" in proc.stderr
+    assert "non-finite training loss at step 2 (epoch 1/1): the data batch x is Inf for 1 of" in proc.stderr
     assert "your data set or its transform" in proc.stderr and "No checkpoint had been written yet" in proc.stderr
     assert not (out / "checkpoints").exists()
 
@@ -382,7 +382,7 @@ def test_a_diverged_model_stops_at_validation_whatever_the_nan_policy(tmp_path):
     proc = run_cli("train.py", *QUICK, "logger=csv", "optim.optimizer.lr=1e6", "nan_policy=skip",
                    f"hydra.run.dir={out}", cwd=REPO)
     assert proc.returncode != 0
-    assert f"NonFiniteValidationError: val/elbo is nan at step {STEPS_PER_EPOCH} (epoch 0)" in proc.stderr
+    assert f"NonFiniteValidationError: val/elbo is nan at step {STEPS_PER_EPOCH} (epoch 1/1)" in proc.stderr
     assert "training steps were skipped so far (nan_policy=skip)" in proc.stderr
     assert "No checkpoint had been written yet" in proc.stderr and "a lower optim.optimizer.lr" in proc.stderr
     assert "no pictures this time" in proc.stderr and "p_in" not in proc.stderr

@@ -505,7 +505,8 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
         assert stopped.returncode != 0 and "stopped on purpose" in stopped.stderr
     else:
         assert stopped.returncode == 143, stopped.stderr[-2000:]
-        assert (f"at step {saved} (epoch {saved // 20}) of its training. Its state at that step is saved "
+        # (epochs counted from 1, as the console's epoch lines: step 32 is in the second of three)
+        assert (f"at step {saved} (epoch {saved // 20 + 1}/3) of its training. Its state at that step is saved "
                 f"(latest-step{saved}.ckpt); continue it: python train.py ckpt_path={cut}") in stopped.stdout + stopped.stderr
     assert sorted(p.name for p in (cut / "checkpoints").glob("latest-step*.ckpt")) == [f"latest-step{saved}.ckpt"]
     source = cut
@@ -684,7 +685,7 @@ def test_a_run_stopped_by_sigterm_exits_143_naming_where_it_got_and_continues(tm
     summary = json.loads((run_dir / "summary.json").read_text())
     step = summary["trained"]["global_step"]
     assert summary["failed"] and 20 <= step < 80 and summary["trained"]["max_epochs"] == 4
-    said = f"stopped by SIGTERM (a job's time limit, timeout, kill) at step {step} (epoch {step // 20}) of its training. "
+    said = f"stopped by SIGTERM (a job's time limit, timeout, kill) at step {step} (epoch {step // 20 + 1}/4) of its training. "
     # stopped during a step: that step's state is saved; during a validation: the latest save is named
     saved = (run_dir / "checkpoints" / f"latest-step{step}.ckpt").is_file()
     said += (f"Its state at that step is saved (latest-step{step}.ckpt); continue it" if saved

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from vaelab import pictures as pics
 from vaelab.diagnostics import most_active_dims, posterior_mean
+from vaelab.errors import epoch_label
 from vaelab.precision import upcast
 
 
@@ -308,7 +309,7 @@ class ProgressBar(TQDMProgressBar):
         if self.interactive or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
-        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        parts = [epoch_label(trainer.current_epoch, trainer.max_epochs)]
         parts += [f"{k} {float(metrics[k]):.2f}" for k in self.KEYS if k in metrics]
         parts.append(f"({time.time() - self._epoch_started:.1f} s)")
         print("  ".join(parts), flush=True)

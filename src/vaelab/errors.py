@@ -33,3 +33,9 @@ class Terminated(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+def epoch_label(epoch: int, max_epochs: int | None) -> str:
+    """Lightning's 0-based ``current_epoch`` as the console's epoch lines count it: ``epoch
+    2/6`` for the second of six (``epoch 2`` without a bound: ``max_epochs`` of -1 or None)."""
+    return f"epoch {epoch + 1}/{max_epochs}" if max_epochs is not None and max_epochs > 0 else f"epoch {epoch + 1}"

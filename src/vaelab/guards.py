@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vaelab.errors import ExplainedError
+from vaelab.errors import ExplainedError, epoch_label
 from vaelab.options import NAN_POLICIES  # the config check reads it too
 
 
@@ -100,7 +100,7 @@ class NaNGuard:
         data = _describe("the data batch x", x)
         if data:
             problems.insert(0, data + " (your data set or its transform produces non-finite values)")
-        where = f"step {module.global_step} (epoch {module.current_epoch})"
+        where = f"step {module.global_step} ({_epoch(module)})"
         if self.policy == "skip":
             self.skipped += 1
             if self.max_skipped_steps is None or self.skipped <= self.max_skipped_steps:
@@ -126,7 +126,7 @@ class NaNGuard:
         the validation epoch's end, before that epoch's checkpoints are saved."""
         if math.isfinite(elbo):
             return
-        where = f"step {module.global_step} (epoch {module.current_epoch})"
+        where = f"step {module.global_step} ({_epoch(module)})"
         skipped = (f"; {self.skipped} training steps were skipped so far (nan_policy=skip)"
                    if self.policy == "skip" and self.skipped else "")
         raise NonFiniteValidationError(
@@ -134,3 +134,8 @@ class NaNGuard:
             f"model has diverged{skipped}. Stopped before this epoch's checkpoints were saved. "
             f"{_last_good_checkpoint(module)} Fixes: {FIXES}."
         )
+
+
+def _epoch(module: Any) -> str:
+    trainer = getattr(module, "_trainer", None)
+    return epoch_label(module.current_epoch, trainer.max_epochs if trainer is not None else None)

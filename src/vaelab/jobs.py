@@ -26,7 +26,7 @@ from vaelab.build import allowed_prefixes, check_targets, keep_freed_memory
 from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RandomStreams, job_scope
-from vaelab.errors import Terminated
+from vaelab.errors import Terminated, epoch_label
 from vaelab.folders import claim_folder, folder_claims
 from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
@@ -320,7 +320,7 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) 
     if trainer.state.fn == "test" or trainer.state.stage == "test":
         where = "during its test, after its training had finished"
     else:
-        where = f"at step {trainer.global_step} (epoch {trainer.current_epoch}) of its training"
+        where = f"at step {trainer.global_step} ({epoch_label(trainer.current_epoch, trainer.max_epochs)}) of its training"
     said = f"{SIGTERM_STOP} {where}."
     if not any(Path(d).is_dir() and any(Path(d).glob("*.ckpt")) for d in checkpoint_folders(cfg)):
         return (f"{said} No checkpoint had been saved yet (the first comes at the first epoch's end, or after "

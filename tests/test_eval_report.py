@@ -430,6 +430,25 @@ def test_report_draws_each_runs_curve_and_with_over_each_groups_mean_and_band(tm
     assert not (sweep / "report.png").exists() and "report.png" not in (sweep / "report.md").read_text()
 
 
+def test_report_piped_into_head_ends_quietly(tmp_path):
+    """``report.py <sweep> | head -3``: the reader closes the pipe early; the report's files are
+    written and the command ends with no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from vaelab.report import write_json
+
+    for job in range(40):  # a table longer than the pipe's first read
+        run = tmp_path / "sweep" / str(job)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n- +note={'x' * 4000}{job}\n")
+        write_json(run / "summary.json", {"failed": False, "best_val_elbo": -80.0 - job})
+    proc = subprocess.run(f"set -o pipefail; {sys.executable} report.py {tmp_path / 'sweep'} | head -3", shell=True,
+                          executable="/bin/bash", cwd=REPO, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3 and (tmp_path / "sweep" / "report.csv").is_file()
+
+
 def test_report_on_a_path_that_is_no_folder_says_so(tmp_path, capsys):
     from vaelab.report import main
 

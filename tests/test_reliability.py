@@ -1450,3 +1450,22 @@ def test_the_checkpoint_plugin_pickles_after_its_writes(tmp_path):
     copy.teardown()
     io.teardown()
     assert copy.load_checkpoint(tmp_path / "b.ckpt")["global_step"] == 2
+
+
+def test_long_error_text_is_cut_at_a_word_and_an_untested_run_is_not_evaluated_again(capsys):
+    """A checkpoint's read error quotes torch's message cut at a word ("…transferred
+    incorrectly, o)." before); a run trained with test=false offers "evaluate:", not "evaluate
+    again:" (nothing evaluated it)."""
+    from vaelab.checkpoints import _first_words
+    from vaelab.jobs import _print_summary
+
+    words = " ".join(f"word{i}" for i in range(200))
+    cut = _first_words(RuntimeError(words + "\nsecond line"))
+    assert len(cut) <= 300 and cut.endswith(" …") and cut[:-2] == words[: len(cut) - 2]
+    assert words[len(cut) - 2] == " "  # (the cut falls between two words)
+    assert _first_words(RuntimeError("short")) == "short"
+    base = {"output_dir": "/r", "wall_time_s": 1.0, "best_checkpoint": "/r/checkpoints/best.ckpt"}
+    _print_summary(base, evaluation={})
+    assert "  evaluate: python eval.py ckpt_path=/r/checkpoints/best.ckpt" in capsys.readouterr().out
+    _print_summary({**base, "test": {"test/nll": 90.0}}, evaluation={})
+    assert "  evaluate again: python eval.py ckpt_path=/r/checkpoints/best.ckpt" in capsys.readouterr().out

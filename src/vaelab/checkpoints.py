@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 import re
 import sys
+import textwrap
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -155,6 +156,12 @@ def _instead(p: Path) -> str:
             "and best-*.ckpt.")
 
 
+def _first_words(err: BaseException, width: int = 300) -> str:
+    """The first line of an error's message, cut at a word (torch's are long) rather than in one."""
+    lines = str(err).splitlines()
+    return textwrap.shorten(lines[0], width, placeholder=" …") if lines else ""
+
+
 def load_checkpoint(path: str | Path, allowed_targets: Sequence[str] = ()) -> dict[str, Any]:
     """Read a vaelab checkpoint onto the CPU, refusing anything that is not one, and one whose
     stored config names a ``_target_`` outside vaelab, torch and Lightning
@@ -173,7 +180,7 @@ def load_checkpoint(path: str | Path, allowed_targets: Sequence[str] = ()) -> di
             raise CheckpointError(f"{p} is not a checkpoint: it is {kind}, where torch.save writes a zip archive. "
                                   f"{_instead(p)}") from err
         raise CheckpointError(
-            f"{p} cannot be read as a checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:300]}). "
+            f"{p} cannot be read as a checkpoint ({type(err).__name__}: {_first_words(err)}). "
             f"It may be truncated (a copy or a save that was cut off) or not a PyTorch file; {_what_else(p)}."
         ) from err
     damaged = _damaged_member(p)

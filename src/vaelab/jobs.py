@@ -372,7 +372,8 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     else:
         lines.append(f"  wall time       {summary['wall_time_s']} s")
     if summary.get("best_checkpoint"):
-        lines.append(f"  evaluate again: python eval.py ckpt_path={summary['best_checkpoint']}")
+        again = " again" if summary.get("test") else ""  # (test=false: it has not been evaluated)
+        lines.append(f"  evaluate{again}: python eval.py ckpt_path={summary['best_checkpoint']}")
     print("\n".join(lines), flush=True)
 
 

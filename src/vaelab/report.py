@@ -323,9 +323,10 @@ def draw_curves(path: Path, curves: dict[str, dict[str, dict[int, float]]],
         ax.set_ylabel(f"{metric} (nats per example)")
         ax.set_title(f"{metric}{' (mean ± sd)' if groups else ''}: higher is better")
         ax.grid(alpha=0.3)
-    if 0 < len(drawn) <= 16:
+    if 1 < len(drawn) <= 16 or groups is not None and drawn:  # (one run's lines need no key)
         handles = [drawn[label] for label in labels if label in drawn]
-        axes[-1].legend(handles, [h.get_label() for h in handles], fontsize=7, loc="lower right")
+        # beside the panels, not on their lines
+        fig.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="outside right upper")
     fig.savefig(path)
     canvas.draw()
     return True
@@ -396,11 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError) as err:
         print(f"vaelab report: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 1
-    print(markdown, end="")
     written = ["report.md", "report.csv"] + (["report.png"] if (Path(args.folder) / "report.png").is_file() else [])
     if args.over:
         written.append(over_csv_name(args.over))
-    print(f"\nwritten to {', '.join(str(Path(args.folder) / w) for w in written)}")
+    try:
+        print(markdown, end="")
+        print(f"\nwritten to {', '.join(str(Path(args.folder) / w) for w in written)}", flush=True)
+    except BrokenPipeError:  # (report.py ... | head: the reader has what it wanted; the files are written)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no second error at exit)
     return 0
 
 

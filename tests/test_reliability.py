@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from io import BytesIO
 from pathlib import Path
 
@@ -371,6 +373,35 @@ def test_nan_policy_skip_skips_and_counts(tmp_path):
     assert proc.returncode != 0 and "2 steps skipped, more than max_skipped_steps=1" in proc.stderr
     # the fix it names is the limit, not the policy already chosen
     assert "a larger max_skipped_steps" in proc.stderr and "or nan_policy=skip" not in proc.stderr
+
+
+def test_a_diverged_model_with_finite_numbers_is_named_against_guessing(tmp_path):
+    """A learning rate of 200 on the digits: every number stays finite (val/elbo ~ -1e19, then
+    -5.9e6 nats), so no NaN check fires, and the run ended as if it had trained. A validation
+    whose val/elbo is more than twice as low as the uniform model's log-likelihood (each of the
+    64 binary pixels a coin: 64 log 2 = 44.36 nats) now warns, once, with the fixes. A density
+    likelihood has no such yardstick; an untrained model is near the uniform one, not twice as low."""
+    from types import SimpleNamespace
+
+    from vaelab.guards import NaNGuard
+
+    proc = run_cli("train.py", "trainer.max_epochs=2", "evaluation.test_num_samples=5", "logger=none",
+                   "optim.optimizer.lr=200", f"hydra.run.dir={tmp_path}/run", cwd=REPO)
+    said = "more than twice as low as a model that gives every pixel the uniform distribution over its values scores (-44.36)"
+    assert proc.returncode == 0 and proc.stderr.count(said) == 1, proc.stderr[-3000:]
+    assert "the model has diverged, though its numbers are finite. Fixes: a lower optim.optimizer.lr" in proc.stderr
+
+    guard, module = NaNGuard(), SimpleNamespace(global_step=20, current_epoch=0)
+    uniform = -64 * math.log(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for elbo in (-45.0, -88.0, float("nan"), -1e9):  # near guessing, just within twice it, NaN, a density's
+            guard.check_against_guessing(module, elbo, uniform if elbo != -1e9 else None)
+    with pytest.warns(UserWarning, match=r"val/elbo is -89 nats per example at step 20 \(epoch 1\)"):
+        guard.check_against_guessing(module, -89.0, uniform)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard.check_against_guessing(module, -1e6, uniform)  # once a run
 
 
 def test_a_diverged_model_stops_at_validation_whatever_the_nan_policy(tmp_path):

@@ -430,7 +430,18 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         # epoch's end does with its numbers) take a non-finite val/elbo for a result
         metric = self.metrics["val_elbo"]
         if metric.update_count:
-            self.nan_guard.check_validation(self, float(metric.compute()))
+            elbo = float(metric.compute())
+            self.nan_guard.check_validation(self, elbo)
+            self.nan_guard.check_against_guessing(self, elbo, self.uniform_log_likelihood())
+
+    def uniform_log_likelihood(self) -> float | None:
+        """log p(x) in nats per example of the model that gives each pixel the uniform
+        distribution over its values (−D log 2 for binary data), for a likelihood over the
+        data's discrete values; None for a density (its nats are not probabilities)."""
+        if not self.vae.likelihood.discrete:
+            return None
+        levels = 2 if self.data_info["binary"] else int(self.data_info["num_levels"])
+        return -self.num_dims * math.log(levels)
 
     def log_likelihood(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         """``VAE.log_likelihood`` with the run's ``evaluation`` settings. With ``pass_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -411,9 +412,15 @@ def test_damaged_binarized_mnist_files_are_named_and_a_damaged_cache_is_rebuilt(
     def read() -> dict:
         return Small(root=tmp_path, download=False)._arrays_from_disk()
 
-    got = read()
+    old_umask = os.umask(0o022)
+    try:
+        got = read()
+    finally:
+        os.umask(old_umask)
     assert all((got[k] == want[k]).all() for k in want) and npz.is_file()
     assert [p.name for p in where.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    # readable by a shared folder's other users, as a file the process writes (not the temporary file's 0600)
+    assert npz.stat().st_mode & 0o777 == 0o644
     # the cache cut short (a run killed while writing it, before it was written whole)
     npz.write_bytes(npz.read_bytes()[:300])
     with pytest.warns(UserWarning, match="binarized_mnist.npz, the parsed cache of binarized MNIST, is damaged"):
@@ -435,10 +442,15 @@ def test_damaged_binarized_mnist_files_are_named_and_a_damaged_cache_is_rebuilt(
     for split in want:
         (tmp_path / f"{split}.gz").rename(where / f"binarized_mnist_{split}.amat.gz")
     valid = where / "binarized_mnist_valid.amat.gz"
-    valid.write_bytes(valid.read_bytes()[:40])
+    intact = valid.read_bytes()
+    valid.write_bytes(intact[:40])
     with pytest.raises(DataCorruptError, match=rf"{valid} is damaged or cut short \(EOFError.*rm {valid}"):
         read()
     assert not npz.exists()
+    middle = len(intact) // 2  # bytes changed inside the compressed stream, not cut short
+    valid.write_bytes(intact[:middle] + bytes(b ^ 0xFF for b in intact[middle:middle + 64]) + intact[middle + 64:])
+    with pytest.raises(DataCorruptError, match=rf"{valid} is damaged or cut short \((error|BadGzipFile|EOFError)"):
+        read()
     # a cache that cannot be written whole is not written at all
     valid.write_bytes(gzip.compress(("\n".join(" ".join(map(str, r)) for r in want["valid"]) + "\n").encode()))
 

@@ -376,18 +376,19 @@ def test_nan_policy_skip_skips_and_counts(tmp_path):
 
 
 def test_a_diverged_model_with_finite_numbers_is_named_against_guessing(tmp_path):
-    """A learning rate of 200 on the digits: every number stays finite (val/elbo ~ -1e19, then
-    -5.9e6 nats), so no NaN check fires, and the run ended as if it had trained. A validation
-    whose val/elbo is more than twice as low as the uniform model's log-likelihood (each of the
-    64 binary pixels a coin: 64 log 2 = 44.36 nats) now warns, once, with the fixes. A density
-    likelihood has no such yardstick; an untrained model is near the uniform one, not twice as low."""
+    """A learning rate of 200 on the digits: every number stays finite (val/recon -812, val/kl
+    6e6 nats), so no NaN check fires, and the run ended as if it had trained. A validation whose
+    val/recon is more than twice as low as the uniform model's log-likelihood (each of the 64
+    binary pixels a coin: 64 log 2 = 44.36 nats) now warns, once, with the fixes. Not the ELBO:
+    with objective.beta=0 a model that reconstructs well has a large KL (its val/elbo fell to
+    -105, below twice guessing); nor a density likelihood, which has no such yardstick."""
     from types import SimpleNamespace
 
     from vaelab.guards import NaNGuard
 
+    said = "more than twice as low as a model that gives every pixel the uniform distribution over its values scores (-44.36)"
     proc = run_cli("train.py", "trainer.max_epochs=2", "evaluation.test_num_samples=5", "logger=none",
                    "optim.optimizer.lr=200", f"hydra.run.dir={tmp_path}/run", cwd=REPO)
-    said = "more than twice as low as a model that gives every pixel the uniform distribution over its values scores (-44.36)"
     assert proc.returncode == 0 and proc.stderr.count(said) == 1, proc.stderr[-3000:]
     assert "the model has diverged, though its numbers are finite. Fixes: a lower optim.optimizer.lr" in proc.stderr
 
@@ -395,13 +396,13 @@ def test_a_diverged_model_with_finite_numbers_is_named_against_guessing(tmp_path
     uniform = -64 * math.log(2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for elbo in (-45.0, -88.0, float("nan"), -1e9):  # near guessing, just within twice it, NaN, a density's
-            guard.check_against_guessing(module, elbo, uniform if elbo != -1e9 else None)
-    with pytest.warns(UserWarning, match=r"val/elbo is -89 nats per example at step 20 \(epoch 1\)"):
+        for recon in (-45.0, -88.0, float("nan"), -1e9):  # near guessing, just within twice it, NaN, a density's
+            guard.check_against_guessing(module, recon, uniform if recon != -1e9 else None)
+    with pytest.warns(UserWarning, match=r"val/recon is -89 nats per example at step 20 \(epoch 1\)"):
         guard.check_against_guessing(module, -89.0, uniform)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        guard.check_against_guessing(module, -1e6, uniform)  # once a run
+        guard.check_against_guessing(module, -1e6, uniform)  # once a command
 
 
 def test_a_diverged_model_stops_at_validation_whatever_the_nan_policy(tmp_path):
@@ -1495,6 +1496,8 @@ def test_long_error_text_is_cut_at_a_word_and_an_untested_run_is_not_evaluated_a
     assert len(cut) <= 300 and cut.endswith(" …") and cut[:-2] == words[: len(cut) - 2]
     assert words[len(cut) - 2] == " "  # (the cut falls between two words)
     assert _first_words(RuntimeError("short")) == "short"
+    path = "/" + "d" * 400  # one word longer than the cut: cut where the width ends, not dropped
+    assert _first_words(RuntimeError(f"{path} is damaged")) == path[:298] + " …"
     base = {"output_dir": "/r", "wall_time_s": 1.0, "best_checkpoint": "/r/checkpoints/best.ckpt"}
     _print_summary(base, evaluation={})
     assert "  evaluate: python eval.py ckpt_path=/r/checkpoints/best.ckpt" in capsys.readouterr().out

@@ -480,8 +480,8 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
     shard and its own streams. Stopped by SIGTERM during step 31 instead, the run saves the
     state after that step and exits 143; resumed from step 32, it too ends bit for bit as the
     uninterrupted run. So does one stopped during step 19, an epoch's last, resumed from its
-    latest-step20.ckpt: a save due at the step after which a validation runs is made after
-    that validation. On one process also a run trained for 2 epochs and resumed from its end with
+    latest-step20.ckpt: a save at a step after which a validation runs is made again after that
+    validation (which, of one batch here, the stop does not cut short). On one process also a run trained for 2 epochs and resumed from its end with
     trainer.max_epochs=3 ends as the 3-epoch run."""
     how = "raise RuntimeError('stopped on purpose')" if stop == "error" else "os.kill(os.getpid(), signal.SIGTERM)"
     (tmp_path / "stop.py").write_text(
@@ -505,8 +505,10 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
         assert stopped.returncode != 0 and "stopped on purpose" in stopped.stderr
     else:
         assert stopped.returncode == 143, stopped.stderr[-2000:]
-        # (epochs counted from 1, as the console's epoch lines: step 32 is in the second of three)
-        assert (f"at step {saved} (epoch {saved // 20 + 1}/3) of its training. Its state at that step is saved "
+        # (epochs counted from 1, as the console's epoch lines: step 32 is in the second of three;
+        # step 20, the first's last, is stopped after that epoch's end)
+        where = f"(epoch {saved // 20 + 1}/3)" if saved % 20 else f", at the end of epoch {saved // 20}/3"
+        assert (f"at step {saved}{' ' if saved % 20 else ''}{where} of its training. Its state at that step is saved "
                 f"(latest-step{saved}.ckpt); continue it: python train.py ckpt_path={cut}") in stopped.stdout + stopped.stderr
     assert sorted(p.name for p in (cut / "checkpoints").glob("latest-step*.ckpt")) == [f"latest-step{saved}.ckpt"]
     source = cut
@@ -685,10 +687,11 @@ def test_a_run_stopped_by_sigterm_exits_143_naming_where_it_got_and_continues(tm
     summary = json.loads((run_dir / "summary.json").read_text())
     step = summary["trained"]["global_step"]
     assert summary["failed"] and 20 <= step < 80 and summary["trained"]["max_epochs"] == 4
-    said = f"stopped by SIGTERM (a job's time limit, timeout, kill) at step {step} (epoch {step // 20 + 1}/4) of its training. "
+    where = f" (epoch {step // 20 + 1}/4)" if step % 20 else f", at the end of epoch {step // 20}/4"
+    said = f"stopped by SIGTERM (a job's time limit, timeout, kill) at step {step}{where} of its training. "
     # stopped during a step: that step's state is saved; during a validation: the latest save is named
     saved = (run_dir / "checkpoints" / f"latest-step{step}.ckpt").is_file()
-    said += (f"Its state at that step is saved (latest-step{step}.ckpt); continue it" if saved
+    said += (f"Its state at that step is saved (latest-step{step}.ckpt" if saved
              else "Continue it from its latest checkpoint")
     assert said in out + err and summary["error"].startswith(f"SIGTERM: {said}")
     assert f"python train.py ckpt_path={run_dir} 'allowed_targets=[slow.]'" in summary["error"]

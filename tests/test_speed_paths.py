@@ -610,16 +610,25 @@ def test_the_step_checkpoint_saves_by_the_clock_and_under_ddp_by_rank_zeros_cloc
                                         strategy=types.SimpleNamespace(broadcast=broadcast))
         latest.on_train_batch_end(trainer, None, None, None, step)
     assert asked == [(4, False), (8, False), (12, False)] and saved == [8]
-    # a save due at a step after which a validation runs (val_check_interval) comes after it: at
-    # the next step, on every rank alike (they share the verdict), with no broadcast of its own
+    # a save at a step after which a validation runs (val_check_interval) is made again after it:
+    # at the next step, on every rank alike (they share the verdict), with no broadcast of its own;
+    # with a validation after every step, not at every step (22 and 23: the save at 20 stands)
     asked.clear(), saved.clear()
-    validation_after.add(20)
+    validation_after.update({20, 22, 23})
     verdict = {20: True}
     for step in range(13, 25):
         trainer = types.SimpleNamespace(global_step=step, world_size=2, received_sigterm=False,
                                         strategy=types.SimpleNamespace(broadcast=broadcast))
         latest.on_train_batch_end(trainer, None, None, None, step)
-    assert asked == [(16, False), (20, False), (24, False)] and saved == [21]
+    assert asked == [(16, False), (20, False), (24, False)] and saved == [20, 21]
+    saved.clear()
+    verdict = {24: True}
+    for step in range(21, 29):
+        trainer = types.SimpleNamespace(global_step=step, world_size=2, received_sigterm=False,
+                                        strategy=types.SimpleNamespace(broadcast=broadcast))
+        validation_after.add(step)
+        latest.on_train_batch_end(trainer, None, None, None, step)
+    assert saved == [24]
 
     # the callback's state in a checkpoint of a run from before the time trigger (every 500 steps) is found
     assert LatestCheckpoint(dirpath=str(tmp_path), every_n_train_steps=500).state_key == (
@@ -791,12 +800,18 @@ def test_the_step_checkpoint_waits_for_the_optimizer_step_of_an_accumulation(tmp
     assert saved_after == [(6, 2), (12, 4)]
 
 
-def test_a_step_checkpoint_due_before_a_validation_is_saved_after_it(tmp_path):
-    """A save due at a batch after which a validation runs (val_check_interval, or the epoch's
-    last batch) is made after that validation: a checkpoint from before it makes Lightning's
+@pytest.mark.parametrize("stop_at", [None, 10, 5])
+def test_a_step_checkpoint_before_a_validation_is_saved_again_after_it(tmp_path, stop_at):
+    """A save at a batch after which a validation runs (val_check_interval, or the epoch's last
+    batch) is made again after that validation: a checkpoint from before it makes Lightning's
     resume skip that validation, so the resumed run's random draws, and so its weights, left
-    the uninterrupted run's (from such a file at an epoch's end, val/elbo one epoch on was 0.14 nats off)."""
+    the uninterrupted run's (from such a file at an epoch's end, val/elbo one epoch on was 0.14
+    nats off). The first save keeps the training where the process stops before the second: a
+    SIGTERM at such a step (the epoch's last, 10, or a mid-epoch validation's, 5) with a
+    validation of several batches, which Lightning cuts short at its first, still saves that
+    step (a save put off until after the validation was lost)."""
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from torch.utils.data import DataLoader, TensorDataset
 
     from vaelab.runs import LatestCheckpoint
@@ -812,16 +827,27 @@ def test_a_step_checkpoint_due_before_a_validation_is_saved_after_it(tmp_path):
         def on_validation_end(self, *args):
             validations[0] += 1
 
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step + 1 == stop_at:  # (what Lightning's SIGTERM handler sets)
+                trainer._signal_connector.received_sigterm = True
+
     images = torch.bernoulli(torch.full((80, 1, 8, 8), 0.3))
     data = DataLoader(TensorDataset(images, torch.zeros(80)), batch_size=8)  # 10 batches an epoch
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu", default_root_dir=tmp_path, val_check_interval=0.5, limit_val_batches=2,
-                         num_sanity_val_steps=0, callbacks=[Count(), Recording(dirpath=str(tmp_path / "latest"),
-                                                                              every_n_minutes=None, every_n_train_steps=5)])
-    trainer.fit(_tiny_module(), data, data)
-    # due at 5, 10, 15, 20, each followed by a validation: saved one step later mid-epoch (6, 16),
-    # and at the epoch's end (10, 20), each after the validation before it
-    assert saves == [(6, 1), (10, 2), (16, 3), (20, 4)]
+                         accelerator="cpu", default_root_dir=tmp_path,
+                         val_check_interval=0.5, limit_val_batches=3, num_sanity_val_steps=0,
+                         callbacks=[Count(), Recording(dirpath=str(tmp_path / "latest"), every_n_minutes=None,
+                                                       every_n_train_steps=None if stop_at else 5)])
+    if stop_at is None:
+        trainer.fit(_tiny_module(), data, data)
+        # due at 5, 10, 15, 20, each followed by a validation: saved, and saved again after it, at
+        # the next step mid-epoch (6, 16) and at the epoch's end (10, 20)
+        assert saves == [(5, 0), (6, 1), (10, 1), (10, 2), (15, 2), (16, 3), (20, 3), (20, 4)]
+    else:
+        with pytest.raises(SIGTERMException):
+            trainer.fit(_tiny_module(), data, data)
+        assert saves == [(stop_at, stop_at // 5 - 1)] and validations == [stop_at // 5 - 1]
+        assert [p.name for p in (tmp_path / "latest").iterdir()] == [f"latest-step{stop_at}.ckpt"]
 
 
 def test_the_count_of_skipped_steps_is_kept_in_the_checkpoint():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pickle
 import re
 import sys
-import textwrap
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,9 +156,14 @@ def _instead(p: Path) -> str:
 
 
 def _first_words(err: BaseException, width: int = 300) -> str:
-    """The first line of an error's message, cut at a word (torch's are long) rather than in one."""
-    lines = str(err).splitlines()
-    return textwrap.shorten(lines[0], width, placeholder=" …") if lines else ""
+    """The first line of an error's message, cut at a word (torch's are long) rather than in one;
+    a word longer than the cut itself (a long path) is cut where the width ends."""
+    first = (str(err).splitlines() or [""])[0]
+    if len(first) <= width:
+        return first
+    cut = first[: width - 2]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > width // 2 else cut) + " …"
 
 
 def load_checkpoint(path: str | Path, allowed_targets: Sequence[str] = ()) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import contextlib
 import math
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
@@ -724,6 +725,19 @@ class CIFAR10(TorchvisionImages):
                 f"{cls.base_folder}/ folder unpacked from it into {self.root}")
 
 
+#: a data file that this user may not read: not damaged
+UNREADABLE = "unreadable"
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status); 0o022 else."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 class BinarizedMNIST(ImageDataModule):
     """Statically binarized MNIST (Larochelle & Murray 2011): the fixed 50,000 / 10,000 /
     10,000 train / validation / test split of binary 28×28 images that the VAE literature
@@ -774,6 +788,8 @@ class BinarizedMNIST(ImageDataModule):
                 with open(npz, "rb") as fh, np.load(fh) as f:  # (closed also when it is no archive)
                     arrays = {k: f[k] for k in self.splits}
                 cache_problem = next(filter(None, (self._split_problem(k, a) for k, a in arrays.items())), None)
+            except PermissionError:  # (another user's file: not damaged, not ours to read; the text files may be)
+                cache_problem = UNREADABLE
             except Exception as err:  # (a zip cut short, a member missing or damaged)
                 cache_problem = f"{type(err).__name__}: {err}"
             if cache_problem is None:
@@ -784,15 +800,16 @@ class BinarizedMNIST(ImageDataModule):
         if cache_problem is not None:
             missing = [split for split, path in texts.items() if path is None]
             if missing and not self.download:
+                state = "cannot be read (no permission)" if cache_problem == UNREADABLE else f"is damaged ({cache_problem})"
                 raise DataCorruptError(
-                    f"binarized_mnist: {npz}, the parsed cache of the data, is damaged ({cache_problem}), and "
+                    f"binarized_mnist: {npz}, the parsed cache of the data, {state}, and "
                     f"binarized_mnist_{missing[0]}.amat (or .gz) is not in {where} to parse again. Delete it "
                     f"(rm {npz}) and run with data.download=true on a machine with network access, or copy the "
                     f"binarized_mnist_{{train,valid,test}}.amat files (or a good {npz.name}) there."
                 )
-            # rebuilt from the text files it was parsed from
-            rank_zero_warn(f"vaelab: {npz}, the parsed cache of binarized MNIST, is damaged ({cache_problem}): "
-                           "parsing its .amat files again")
+            if cache_problem != UNREADABLE:  # rebuilt from the text files it was parsed from
+                rank_zero_warn(f"vaelab: {npz}, the parsed cache of binarized MNIST, is damaged ({cache_problem}): "
+                               "parsing its .amat files again")
         arrays = {}
         for split, path in texts.items():
             if path is None:
@@ -800,7 +817,7 @@ class BinarizedMNIST(ImageDataModule):
             try:
                 arrays[split] = np.loadtxt(path, dtype=np.uint8, ndmin=2)
                 problem = self._split_problem(split, arrays[split])
-            except (OSError, EOFError, ValueError) as err:  # a .gz cut short, text that is not 0/1 rows
+            except (OSError, EOFError, ValueError, zlib.error) as err:  # a .gz cut short or damaged, not 0/1 rows
                 problem = f"{type(err).__name__}: {err}"
             if problem:
                 raise DataCorruptError(
@@ -813,6 +830,9 @@ class BinarizedMNIST(ImageDataModule):
                                              delete=False) as f:
                 tmp = f.name
                 np.savez_compressed(f, **arrays)
+            # readable as a file the process makes (its umask), not the temporary file's 0600: a
+            # shared data folder's other users read it too
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, npz)
         except OSError:  # a read-only data folder: parse again next time
             if tmp is not None:

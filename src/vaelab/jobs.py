@@ -320,7 +320,12 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) 
     if trainer.state.fn == "test" or trainer.state.stage == "test":
         where = "during its test, after its training had finished"
     else:
-        where = f"at step {trainer.global_step} ({epoch_label(trainer.current_epoch, trainer.max_epochs)}) of its training"
+        progress = trainer.fit_loop.epoch_progress.current
+        if progress.ready and progress.completed == progress.ready:  # (after an epoch's end, before the next)
+            where = (f"at step {trainer.global_step}, at the end of "
+                     f"{epoch_label(trainer.current_epoch - 1, trainer.max_epochs)} of its training")
+        else:
+            where = f"at step {trainer.global_step} ({epoch_label(trainer.current_epoch, trainer.max_epochs)}) of its training"
     said = f"{SIGTERM_STOP} {where}."
     if not any(Path(d).is_dir() and any(Path(d).glob("*.ckpt")) for d in checkpoint_folders(cfg)):
         return (f"{said} No checkpoint had been saved yet (the first comes at the first epoch's end, or after "
@@ -331,8 +336,10 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) 
     # (Lightning has cleared trainer.state.stage by now; its fn is kept)
     saved = latest.saved_at(trainer.global_step) if latest is not None and trainer.state.fn == "fit" else None
     if saved:
-        whence = f"Its state at that step is saved ({Path(saved).name}); continue it"
-    else:  # (during validation, inside a gradient accumulation, or under DDP)
+        skips = (", before the validation that followed it, which the resumed run skips"
+                 if latest is not None and latest.saved_before_validation else "")
+        whence = f"Its state at that step is saved ({Path(saved).name}{skips}); continue it"
+    else:  # (during a validation, inside a gradient accumulation, a step nan_policy=skip skipped, or under DDP)
         whence = ("Continue it from its latest checkpoint (saved at each epoch's end and every "
                   "callbacks.step_checkpoint.every_n_minutes)")
     return f"{said} {whence}: python train.py ckpt_path={output_dir}{also}"

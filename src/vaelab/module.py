@@ -430,9 +430,9 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         # epoch's end does with its numbers) take a non-finite val/elbo for a result
         metric = self.metrics["val_elbo"]
         if metric.update_count:
-            elbo = float(metric.compute())
-            self.nan_guard.check_validation(self, elbo)
-            self.nan_guard.check_against_guessing(self, elbo, self.uniform_log_likelihood())
+            self.nan_guard.check_validation(self, float(metric.compute()))
+            self.nan_guard.check_against_guessing(self, float(self.metrics["val_recon"].compute()),
+                                                  self.uniform_log_likelihood())
 
     def uniform_log_likelihood(self) -> float | None:
         """log p(x) in nats per example of the model that gives each pixel the uniform

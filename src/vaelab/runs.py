@@ -143,9 +143,9 @@ class LatestCheckpoint(ModelCheckpoint):
     (wall clock), or every ``every_n_train_steps`` steps, whichever comes first (each trigger
     is off with ``null``). A run killed at any moment (SIGKILL mid-epoch included) loses at
     most that much. A run stopped by SIGTERM in one process saves the state of the step it
-    stopped at, so it loses nothing. A save due at a step after which a validation runs (the
-    epoch's last, or ``val_check_interval``'s) is made after it (at the epoch's end, or the next
-    step): a resume from the state before a validation skips it.
+    stopped at, so it loses nothing. A save at a step after which a validation runs (the
+    epoch's last, or ``val_check_interval``'s) is made again after it (at the epoch's end, or the
+    next step): a resume from the state before a validation skips it, and so is not bit-exact.
 
     Time rather than steps by default, because a save costs what the state weighs (Lightning's
     collection, serialization and the write: ~10-50 ms for the benchmark's 1.4M-parameter MLP
@@ -184,7 +184,7 @@ class LatestCheckpoint(ModelCheckpoint):
         self.check_every_n_steps = int(check_every_n_steps)
         self._last_save = time.monotonic()
         self._step_seen = 0  # the optimizer step count at the previous batch's end
-        self._owed = False  # a save that was due before a validation, made after it
+        self._resave = False  # the latest save precedes a validation: saved again after it
 
     @property
     def state_key(self) -> str:
@@ -210,42 +210,59 @@ class LatestCheckpoint(ModelCheckpoint):
             # nan_policy=skip skipped: the gradients gathered so far are in no checkpoint, so a
             # save waits for the batch whose optimizer step takes them
             return
-        due = self._owed or (self.every_n_steps > 0 and step % self.every_n_steps == 0)
-        if trainer.received_sigterm and trainer.world_size == 1:
-            # told to stop (a job's time limit, timeout, kill): Lightning raises its
-            # SIGTERMException right after this hook, so this step's state is saved first, as
-            # any step save (the loader's place, the random streams): a resume continues it
-            # exactly. Under DDP the ranks learn of the signal at different steps, and a save
-            # needs them all, so there the latest periodic save is what is kept.
-            due = True
-        if not due and self.interval_s is not None:
+        # told to stop (a job's time limit, timeout, kill): Lightning raises its SIGTERMException
+        # right after this hook (or cuts short the validation after it), so this step's state is
+        # saved now. Under DDP the ranks learn of the signal at different steps, and a save needs
+        # them all, so there the latest periodic save is what is kept.
+        stopping = trainer.received_sigterm and trainer.world_size == 1
+        periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        if not periodic and self.interval_s is not None:
             if trainer.world_size == 1:
-                due = time.monotonic() - self._last_save >= self.interval_s
+                periodic = time.monotonic() - self._last_save >= self.interval_s
             elif step % self.check_every_n_steps == 0:
-                due = bool(trainer.strategy.broadcast(time.monotonic() - self._last_save >= self.interval_s, src=0))
-        if due:
-            if self._validation_follows(trainer):
-                # a save now would hold the state before this batch's validation, which a
-                # resume from it skips (Lightning fast-forwards past it), so its random draws and
-                # the rest of the run would differ: the save comes after it, at the epoch's end
-                # (which a SIGTERM waits for) or at the next step
-                self._owed = True
-                return
-            self._save_latest(trainer)
+                periodic = bool(trainer.strategy.broadcast(time.monotonic() - self._last_save >= self.interval_s,
+                                                           src=0))
+        if not (stopping or periodic or self._resave):
+            return
+        follows = self._validation_follows(trainer)
+        if follows and not (stopping or periodic):
+            # only the save again after a validation is due, and a validation follows this step
+            # too: it waits for a step without one (val_check_interval=1: the periodic saves go on)
+            return
+        self._save_latest(trainer)
+        # a state before a validation: a resume from it skips that validation (Lightning
+        # fast-forwards past it), so its random draws and the rest of the run differ from the
+        # uninterrupted run's. It is saved again after the validation, at the epoch's end or the
+        # next step; this one keeps the training if the process stops before then (a SIGTERM
+        # cuts a validation short).
+        self._resave = follows
 
     @staticmethod
     def _validation_follows(trainer: pl.Trainer) -> bool:
-        """Whether this batch ends the epoch's training (its last batch, or max_steps) or a
-        validation runs after it (``val_check_interval``)."""
+        """Whether a validation runs after this batch: the epoch's last (where this epoch
+        validates: ``check_val_every_n_epoch``, a validation set), or ``val_check_interval``'s.
+        Lightning's own test, as its loop makes it right after this hook. Under DDP with a
+        time-based ``val_check_interval`` each rank reads its own clock, and every rank must make
+        the same saves: there, never (a save before such a validation is not made again)."""
+        if trainer.world_size > 1 and getattr(trainer, "_val_check_time_interval", None) is not None:
+            return False
         loop = trainer.fit_loop.epoch_loop
-        return bool(loop._is_training_done or loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._resave and self._last_global_step_saved == trainer.global_step:
+            self._last_global_step_saved = -1  # (saved at this step before its validation: now after it)
         self._save_latest(trainer)  # after this epoch's validation
 
     def saved_at(self, step: int) -> str | None:
         """The file this callback saved (or linked) at optimizer step ``step``, if it did."""
         return self._last_checkpoint_saved or None if self._last_global_step_saved == step else None
+
+    @property
+    def saved_before_validation(self) -> bool:
+        """Whether the latest save holds a state before a validation (not saved again after
+        it): a resume from it skips that validation."""
+        return self._resave
 
     def _saved_just_before(self, trainer: pl.Trainer) -> str | None:
         """The file that the checkpoint callback right before this one saved in this epoch's
@@ -264,7 +281,7 @@ class LatestCheckpoint(ModelCheckpoint):
         return None
 
     def _save_latest(self, trainer: pl.Trainer) -> None:
-        self._owed = False
+        self._resave = False
         if not self._should_skip_saving_checkpoint(trainer):  # (not twice at one step, not while validating)
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 

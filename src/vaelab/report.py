@@ -323,7 +323,9 @@ def draw_curves(path: Path, curves: dict[str, dict[str, dict[int, float]]],
         ax.set_ylabel(f"{metric} (nats per example)")
         ax.set_title(f"{metric}{' (mean ± sd)' if groups else ''}: higher is better")
         ax.grid(alpha=0.3)
-    if 1 < len(drawn) <= 16 or groups is not None and drawn:  # (one run's lines need no key)
+    # a key for two lines or more, or for groups (it gives their n); one run's lines need none
+    keyed = len(drawn) > 1 or (groups is not None and len(drawn) == 1)
+    if keyed and len(drawn) <= 16:
         handles = [drawn[label] for label in labels if label in drawn]
         # beside the panels, not on their lines
         fig.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="outside right upper")

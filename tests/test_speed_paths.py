@@ -848,6 +848,9 @@ def test_a_step_checkpoint_before_a_validation_is_saved_again_after_it(tmp_path,
             trainer.fit(_tiny_module(), data, data)
         assert saves == [(stop_at, stop_at // 5 - 1)] and validations == [stop_at // 5 - 1]
         assert [p.name for p in (tmp_path / "latest").iterdir()] == [f"latest-step{stop_at}.ckpt"]
+        # what the stop's message says: a state before the validation, which a resume skips
+        latest = next(cb for cb in trainer.callbacks if isinstance(cb, LatestCheckpoint))
+        assert latest.saved_before_validation and latest.saved_at(stop_at).endswith(f"latest-step{stop_at}.ckpt")
 
 
 def test_the_count_of_skipped_steps_is_kept_in_the_checkpoint():

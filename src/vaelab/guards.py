@@ -156,6 +156,7 @@ class NaNGuard:
             f"scores ({uniform:.4g}): the model has diverged, though its numbers are finite. Fixes: {FIXES}."
         )
 
+
 def _epoch(module: Any) -> str:
     trainer = getattr(module, "_trainer", None)
     return epoch_label(module.current_epoch, trainer.max_epochs if trainer is not None else None)

@@ -336,8 +336,8 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) 
     # (Lightning has cleared trainer.state.stage by now; its fn is kept)
     saved = latest.saved_at(trainer.global_step) if latest is not None and trainer.state.fn == "fit" else None
     if saved:
-        skips = (", before the validation that followed it, which the resumed run skips"
-                 if latest is not None and latest.saved_before_validation else "")
+        skips = ", before the validation that followed it, which the resumed run skips" if (
+            latest.saved_before_validation) else ""
         whence = f"Its state at that step is saved ({Path(saved).name}{skips}); continue it"
     else:  # (during a validation, inside a gradient accumulation, a step nan_policy=skip skipped, or under DDP)
         whence = ("Continue it from its latest checkpoint (saved at each epoch's end and every "

@@ -6,6 +6,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA, shared_copy
@@ -461,6 +462,44 @@ def test_damaged_binarized_mnist_files_are_named_and_a_damaged_cache_is_rebuilt(
     monkeypatch.setattr("numpy.savez_compressed", cut_short)
     assert all((read()[k] == want[k]).all() for k in want)
     assert sorted(p.name for p in where.iterdir()) == [f"binarized_mnist_{k}.amat.gz" for k in ("test", "train", "valid")]
+
+
+def test_an_unreadable_binarized_mnist_cache_is_not_called_damaged(tmp_path, monkeypatch):
+    """Another user's binarized_mnist.npz in a shared data folder that this user may not read
+    (PermissionError: the tests run as root, which reads every file, so open() refuses here) is
+    not damaged: the text files are parsed without a "damaged" warning, and without them the
+    error says it cannot be read (no permission), not that it is damaged."""
+    import builtins
+
+    from vaelab import datamodules
+    from vaelab.datamodules import BinarizedMNIST, DataCorruptError
+
+    class Small(BinarizedMNIST):
+        split_sizes = {"train": 3, "valid": 1, "test": 1}
+
+    where = tmp_path / "BinarizedMNIST"
+    where.mkdir()
+    rows = {k: torch.randint(0, 2, (n, 784), generator=torch.Generator().manual_seed(1)).numpy().astype("uint8")
+            for k, n in Small.split_sizes.items()}
+    for split, r in rows.items():
+        np.savetxt(where / f"binarized_mnist_{split}.amat", r, fmt="%d")
+    npz = where / "binarized_mnist.npz"
+    np.savez_compressed(npz, **rows)
+
+    def open_as_another_user(file, *args, **kwargs):
+        if Path(file) == npz:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(datamodules, "open", open_as_another_user, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = Small(root=tmp_path, download=False)._arrays_from_disk()
+    assert all((got[k] == rows[k]).all() for k in rows)
+    for split in rows:
+        (where / f"binarized_mnist_{split}.amat").unlink()
+    with pytest.raises(DataCorruptError, match=rf"{npz}, the parsed cache of the data, cannot be read \(no permission\)"):
+        Small(root=tmp_path, download=False)._arrays_from_disk()
 
 
 def test_padding_grows_the_images_and_keeps_them():

@@ -426,8 +426,8 @@ class ImageDataModule(pl.LightningDataModule):
     # --- facts about the data, for bits/dim and for checks ----------------------------------
     @property
     def binary(self) -> bool:
-        """Whether x takes only the values 0 and 1."""
-        return self.binarize in ("dynamic", "static") or self.num_levels == 2
+        """Whether x takes only the values 0 and 1 (two stored levels, dequantized, do not)."""
+        return self.binarize in ("dynamic", "static") or (self.num_levels == 2 and not self.dequantize)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -766,10 +766,6 @@ class BinarizedMNIST(ImageDataModule):
         self._arrays: dict[str, np.ndarray] | None = None
 
     image_shape = (1, 28, 28)
-
-    @property
-    def binary(self) -> bool:
-        return True
 
     #: rows of each split of Larochelle's files
     split_sizes = {"train": 50_000, "valid": 10_000, "test": 10_000}

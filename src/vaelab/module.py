@@ -192,6 +192,12 @@ class VAEModule(PlainAttributes, pl.LightningModule):
     def _check_likelihood_fits_data(self) -> None:
         lik = self.vae.likelihood
         if lik.requires_binary and not self.data_info["binary"]:
+            if self.data_info["num_levels"] == 2:  # binary, dequantized: x = (k + u) / 2 in [0, 1)
+                raise SettingError(
+                    f"likelihood={type(lik).__name__} needs binary data, but data={self.data_info['name']} "
+                    "with data.dequantize=true holds x = (k + u)/2 with uniform noise u, not 0 or 1. Use "
+                    "data.dequantize=false, or a density on intensities (e.g. likelihood=gaussian)."
+                )
             raise SettingError(
                 f"likelihood={type(lik).__name__} needs binary data, but data={self.data_info['name']} "
                 f"has {self.data_info['num_levels']} grey levels and data.binarize="

@@ -743,6 +743,34 @@ def test_the_next_epoch_trains_while_the_last_ones_checkpoints_are_written(tmp_p
     assert names[1:] == ["last.ckpt", f"latest-step{2 * STEPS_PER_EPOCH}.ckpt"]
 
 
+@pytest.mark.parametrize("val_check_interval", [1.0, 0.5])
+def test_last_ckpt_is_the_latest_validations_state_not_the_best_ones(tmp_path, val_check_interval):
+    """Since Lightning 2.6, save_last links last.ckpt to (or copies) the best checkpoint saved
+    last, so once the monitored value stopped improving last.ckpt stayed at that best state,
+    epochs behind the training (found by helper 17). Here the best val/elbo under mode=min is the
+    first validation's, and last.ckpt still ends at the last epoch's end (its own file, which
+    the latest state links to), with the best checkpoint's file left as it was. Validations within
+    epochs (val_check_interval=0.5) are Lightning's save points too."""
+    out = tmp_path / "run"
+    check(run_cli("train.py", "trainer.max_epochs=3", f"+trainer.val_check_interval={val_check_interval}",
+                  "callbacks.model_checkpoint.mode=min", "evaluation.val_num_samples=0", "logger=none",
+                  "test=false", f"hydra.run.dir={out}", cwd=REPO, env=user_env(tmp_path)))
+    folder = out / "checkpoints"
+    first = STEPS_PER_EPOCH if val_check_interval == 1.0 else STEPS_PER_EPOCH // 2
+    best = folder / f"best-epoch000-step{first}.ckpt"
+    last, latest = folder / "last.ckpt", folder / f"latest-step{3 * STEPS_PER_EPOCH}.ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([best.name, last.name, latest.name])
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3 * STEPS_PER_EPOCH and state["epoch"] == 2
+    assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == first
+    assert not best.samefile(last)
+    # saved at the epoch's end, the latest state links to last.ckpt; saved after a validation,
+    # last.ckpt holds the loops' state before the epoch's end, and the latest state is its own file
+    assert latest.samefile(last) == (val_check_interval == 1.0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert Path(summary["best_checkpoint"]).name == best.name
+
+
 SLOW_IO = """
 import os, pathlib, time
 from vaelab.checkpoint_io import AtomicCheckpointIO

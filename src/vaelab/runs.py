@@ -82,17 +82,23 @@ def moved_checkpoint_state(state_dict: dict[str, Any], dirpath: str | None) -> d
 
 
 class BestCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` (the same arguments), with two changes that write each
-    state once:
+    """Lightning's ``ModelCheckpoint`` (the same arguments), with ``last.ckpt`` the state at
+    its latest save point (an epoch's end, or a validation's where validations run within
+    epochs), and each state written once:
 
-    * ``save_last="link"`` (callbacks/default.yaml) makes ``last.ckpt`` a hard link to the
-      checkpoint saved last (``link_checkpoint``) rather than Lightning's symbolic link. With
-      ``save_last=true`` Lightning writes ``last.ckpt`` only when it saves a best checkpoint,
-      and at the same moment, so the file it wrote was a second copy of that one; the link
-      holds the same bytes without writing them again, survives the removal of the best
-      file it was made from, and is read like any file (a copied folder included).
-    * the file saved at an epoch's end (``epoch_end_save``), so that ``LatestCheckpoint``,
-      which saves right after it, can link to it rather than serialize the same state again.
+    * ``last.ckpt`` follows the training, as before Lightning 2.6. Since 2.6 Lightning writes
+      it only when it saves a best checkpoint (``save_last=true``), or links it to the best
+      checkpoint saved last (``"link"``), so after the last improvement it stayed at that best
+      state, epochs behind the training (found by helper 17). Here a save point without a new
+      best checkpoint writes ``last.ckpt`` itself.
+    * ``save_last="link"`` (callbacks/default.yaml) makes ``last.ckpt`` a hard link to the best
+      checkpoint saved at the same step (``link_checkpoint``) rather than Lightning's symbolic
+      link: the same bytes, not written again, surviving the removal of the best file it was
+      made from, and read like any file (a copied folder included). ``save_last=true``
+      writes a second copy.
+    * the file saved at an epoch's end (``epoch_end_save``: the best checkpoint or
+      ``last.ckpt``), so that ``LatestCheckpoint``, which saves right after it, can link to it
+      rather than serialize the same state again.
     """
 
     #: (global step, epoch, file) of the checkpoint saved by this epoch's ``on_train_epoch_end``
@@ -104,9 +110,27 @@ class BestCheckpoint(ModelCheckpoint):
         # before this class (train.py used ModelCheckpoint itself) hold its record of the best
         return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
 
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self._last_global_step_saved != trainer.global_step:  # no best checkpoint at this step:
+            self._last_checkpoint_saved = ""  # last.ckpt written, not linked to an older best one
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _last_follows(self, trainer: pl.Trainer) -> None:
+        # Lightning's hook saved neither a best checkpoint nor (save_last=true, or no best one
+        # yet) last.ckpt at this save point
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):  # (Lightning's own condition: its save point)
+            self._last_follows(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         before = self._last_global_step_saved
         super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._last_follows(trainer)
         # (Lightning saves at most once a step: a save at this step now is one made by this call)
         saved = self._last_global_step_saved == trainer.global_step != before and self._last_checkpoint_saved
         self.epoch_end_save = (trainer.global_step, trainer.current_epoch, saved) if saved else None
@@ -158,8 +182,8 @@ class LatestCheckpoint(ModelCheckpoint):
     the same step: rank 0 reads it every ``check_every_n_steps`` steps and broadcasts its
     verdict (Lightning's ``train_time_interval`` broadcasts after every step).
 
-    Lightning's ``last.ckpt`` cannot serve: since Lightning 2.6 it is written only when a
-    top-k (best) checkpoint is, so it can be epochs behind the training.
+    ``last.ckpt`` (``BestCheckpoint``) cannot serve: it follows the validations, not the
+    steps between them.
 
     At an epoch's end where the ``BestCheckpoint`` just before it in the callbacks saved a
     best checkpoint (the same state), the latest-state file is a hard link to that file

@@ -1068,6 +1068,12 @@ def test_a_resumed_run_keeps_what_the_run_wrote_before(good_run, tmp_path):
                   f"hydra.run.dir={here}", cwd=REPO))
 
     assert (run / ".hydra" / "overrides.yaml").read_bytes() == started_with
+    # logger=[wandb,csv] given again (as a requeued job repeats its command) continues the run's
+    # W&B run: one id in all three commands' offline folders (each drew a new one, found by helper 18),
+    # and replaces none of the stored logger settings
+    assert len({p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}) == 1
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 3
+    assert "composes logger afresh" not in proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert "trainer.max_epochs=3" in summary["resumed_with"] and not summary["failed"]
     # each command's record is kept (a resume's summary replaced the one before, and with it the
@@ -1093,6 +1099,34 @@ def test_a_resumed_run_keeps_what_the_run_wrote_before(good_run, tmp_path):
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True, mmap=True)
     assert last["global_step"] == 3 * STEPS_PER_EPOCH
     assert Path(summary["best_checkpoint"]).parent == run / "checkpoints"
+
+
+def test_a_group_given_again_on_resume_names_the_stored_settings_it_replaces(caplog):
+    """trainer=ddp_sim on a resumed run's command line composes the trainer group afresh from its
+    file: the run's stored trainer.max_epochs=3 became the file's 100 without a word, and it
+    trained 100 epochs (found by helper 18). What it replaces, and this command line does not
+    give itself, is named with the overrides that keep it; the same option given again (a
+    requeued job's command) replaces nothing and says nothing."""
+    from vaelab.runs import _regiven_group
+
+    stored = {"max_epochs": 3, "gradient_clip_val": 0.5, "devices": 1, "max_steps": 5, "precision": "32-true"}
+    regiven = {"max_epochs": 100, "gradient_clip_val": None, "devices": 2, "precision": "32-true"}
+    with caplog.at_level(logging.WARNING, logger="vaelab.runs"):
+        assert _regiven_group("trainer", stored, regiven, {"trainer", "trainer.devices"}) == regiven
+    assert ("trainer=... on this resumed run's command line composes trainer afresh from its option's file, which "
+            "replaces the run's stored trainer.max_epochs=3 (now 100), trainer.gradient_clip_val=0.5 (now None), "
+            "trainer.max_steps=5 (now unset). To keep any of them, give it too: trainer.max_epochs=3 "
+            "trainer.gradient_clip_val=0.5 +trainer.max_steps=5") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vaelab.runs"):
+        assert _regiven_group("trainer", stored, dict(stored), {"trainer"}) == stored
+        # a logger group given again keeps the W&B id the run drew; one turned off is no replacement
+        logger = {"wandb": {"id": "ab12cd34", "project": "vaelab"}, "csv": {"save_dir": "/run"}}
+        again = _regiven_group("logger", logger, {"wandb": {"id": None, "project": "vaelab"},
+                                                  "csv": {"save_dir": "/run"}}, {"logger"})
+        assert again["wandb"]["id"] == "ab12cd34"
+        assert _regiven_group("logger", logger, {"csv": {"save_dir": "/run"}}, {"logger"}) == {"csv": {"save_dir": "/run"}}
+    assert caplog.text == ""
 
 
 def test_the_commands_before_a_resume_are_read_from_any_summary(tmp_path, caplog):

@@ -20,6 +20,7 @@ by ``vaelab.folders``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import secrets
 import string
@@ -590,7 +591,8 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
     config = _rebase(stored, str(old_dir), str(run_dir)) if old_dir else dict(stored)
     new = OmegaConf.create(config)
     changed: list[str] = []
-    for key, delete in _command_line_keys():
+    given = _command_line_keys()
+    for key, delete in given:
         if key in ("ckpt_path",) or key.startswith("hydra"):
             continue
         before = OmegaConf.select(new, key, default=None)
@@ -620,6 +622,8 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
         if _fixed_on_resume(key) and _comparable(key, _resolved_auto(key, value, before)) != _comparable(key, before):
             changed.append(_describe_change(key, _comparable(key, before), _comparable(key, value)))
             continue
+        if isinstance(value, dict) and isinstance(before, dict):  # a group given again (trainer=cpu)
+            value = _regiven_group(key, before, value, {k for k, _ in given})
         OmegaConf.update(new, key, value, merge=False, force_add=True)
     if changed:
         raise ResumeConfigError(
@@ -634,6 +638,48 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
         new.paths.output_dir = str(run_dir)
         new.ckpt_path = str(ckpt)
     return new
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def _regiven_group(key: str, stored: dict[str, Any], value: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """A config group given again on a resumed run's command line (``trainer=ddp_sim``,
+    ``logger=[wandb,csv]``, as a requeued job repeats its command) is composed afresh from its
+    option's file, so the stored run's own settings in it are replaced by the option's
+    defaults. The W&B run id, which the run drew when it started, is kept (a new one split the
+    run in two); any other stored setting this replaces, and this command line does not give
+    itself, is named with the fix (trainer.max_epochs=3 became the file's 100 unsaid)."""
+    value = copy.deepcopy(value)
+    wandb_before, wandb_now = (stored.get("wandb"), value.get("wandb")) if key == "logger" else (None, None)
+    if isinstance(wandb_before, dict) and isinstance(wandb_now, dict) and wandb_before.get("id") \
+            and not wandb_now.get("id") and f"{key}.wandb.id" not in given:
+        wandb_now["id"] = wandb_before["id"]
+    old, new = _flat(stored, key), _flat(value, key)
+
+    def replaced(k: str) -> bool:  # a setting of a node both have (not a logger turned off)
+        if k in new:
+            return old[k] != new[k]
+        parent = k.rpartition(".")[0]
+        return any(n.startswith(parent + ".") for n in new)
+
+    lost = [k for k in old if replaced(k) and not any(k == g or k.startswith(g + ".") for g in given if g != key)]
+    if lost:
+        log.warning(
+            "vaelab: %s=... on this resumed run's command line composes %s afresh from its option's file, which "
+            "replaces the run's stored %s. To keep any of them, give it too: %s",
+            key, key, ", ".join(f"{k}={old[k]!r} (now {new[k]!r})" if k in new else f"{k}={old[k]!r} (now unset)"
+                                for k in lost),
+            " ".join(f"{'' if k in new else '+'}{k}={_override_text(old[k])}" for k in lost))
+    return value
+
+
+def _override_text(value: Any) -> str:
+    """``value`` as a command-line override's value."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _resolved_auto(key: str, value: Any, stored: Any) -> Any:

@@ -154,6 +154,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         self.evaluation = check_evaluation({**DEFAULT_EVALUATION, **(config.get("evaluation") or {})})
         self.num_dims = math.prod(data_info["shape"])
         self._check_likelihood_fits_data()
+        self._distribution_checked = False  # (against a batch: on_train_batch_start, on_test_batch_start)
         #: the per-example terms logged in training: elbo, recon, kl and the objective's own
         self.train_terms = (*TERMS, *getattr(self.objective, "extra_terms", ()))
         #: what training adds up per step (the terms and the loss): the epoch means and the
@@ -224,6 +225,47 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         lo, hi = lik.support
         if lo > 0.0 or hi < 1.0:
             raise SettingError(f"likelihood {type(lik).__name__} has support {lik.support}, but data lie in [0, 1]")
+
+    def _check_distribution_fits_data(self, x: torch.Tensor) -> None:
+        """What the likelihood's class declares, checked against the distribution it returns
+        and a batch of the data, once a run: a plugin that returns a distribution over discrete
+        values (a Bernoulli) but inherits ``discrete = False`` got dequantized intensities from
+        ``data.dequantize=auto`` and the bin width of a density in test/bpd, and scored values
+        outside its support without a word (zuko, which vaelab imports, turns off torch's own
+        argument checks for every distribution)."""
+        self._distribution_checked = True
+        lik = self.vae.likelihood
+        with torch.no_grad():
+            z = torch.zeros(1, self.vae.latent_dim, device=x.device, dtype=x.dtype)
+            try:
+                support = lik(self.vae.decoder(z)).support
+            except NotImplementedError:  # (a distribution that declares none)
+                return
+        name = type(lik).__name__
+        if support.is_discrete and not lik.discrete:
+            raise SettingError(
+                f"likelihood {name} returns a distribution over discrete values (support {support}), but its class "
+                "declares discrete = False, so data.dequantize=auto and test/bpd take it for a density. Set the "
+                "class attributes discrete = True (and requires_binary = True for a distribution over 0 and 1, "
+                "or requires_levels = True over intensity levels) (README: Adding a plugin)."
+            )
+        if not support.check(x[:256]).all():
+            raise SettingError(
+                f"likelihood {name}: the data (data={self.data_info['name']}, data.binarize="
+                f"{self.data_info['binarize']}, data.dequantize={self.data_info['dequantize']}; values from "
+                f"{x.min().item():.4g} to {x.max().item():.4g}) lie outside its distribution's support {support}. Choose "
+                "the data settings it needs (data.binarize=dynamic for a distribution over 0 and 1), or set its "
+                "class attributes (discrete, requires_binary, requires_levels, support) so that "
+                "data.binarize=auto and data.dequantize=auto choose them (README: Adding a plugin)."
+            )
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not self._distribution_checked:
+            self._check_distribution_fits_data(batch[0])
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._distribution_checked:
+            self._check_distribution_fits_data(batch[0])
 
     # --- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -64,6 +64,17 @@ def test_an_explicit_foreach_keeps_its_kernel_under_fused_auto():
     assert opt.param_groups[0]["foreach"] is True and not opt.param_groups[0]["fused"]
 
 
+def test_gradients_clipped_in_mixed_precision_take_the_unfused_kernel():
+    """Lightning clips mixed-precision gradients itself and refuses an optimizer that unscales
+    them in its step (the fused kernels): bf16-mixed with trainer.gradient_clip_val stopped at the
+    first step with fused=auto (found by helper 18). auto now takes torch's default kernel there;
+    true is refused with the fix."""
+    opt = build_optimizer({**ADAM, "fused": "auto"}, _model().parameters(), clipped_in_mixed_precision=True)
+    assert not opt.param_groups[0]["fused"] and not getattr(opt, "_step_supports_amp_scaling", False)
+    with pytest.raises(ValueError, match="fused=true with trainer.gradient_clip_val under mixed precision.*fused=auto"):
+        build_optimizer({**ADAM, "fused": True}, _model().parameters(), clipped_in_mixed_precision=True)
+
+
 def test_a_bad_fused_value_is_refused_with_the_options():
     with pytest.raises(ValueError, match="auto, true or false"):
         build_optimizer({**ADAM, "fused": "yes"}, _model().parameters())

@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import MeanMetric, SumMetric
@@ -587,7 +588,11 @@ class VAEModule(PlainAttributes, pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optim = self.config["optim"]
         check_targets(optim, allowed_prefixes(self.config))
-        optimizer = build_optimizer(optim["optimizer"], self.parameters())  # fused where torch has it
+        trainer = self._trainer
+        clipped_in_mixed = (trainer is not None and isinstance(trainer.precision_plugin, MixedPrecision)
+                            and bool(trainer.gradient_clip_val))
+        # fused where torch has it (not where Lightning clips mixed-precision gradients)
+        optimizer = build_optimizer(optim["optimizer"], self.parameters(), clipped_in_mixed)
         if not optim.get("scheduler"):
             return optimizer
         scheduler = instantiate(optim["scheduler"], _partial_=True)(optimizer=optimizer)

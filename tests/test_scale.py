@@ -414,6 +414,38 @@ def test_the_optuna_search_space_is_checked_at_its_ends_and_choices():
     assert "(of the search space latent_dim=range(0,40))" in problems[0]
 
 
+@pytest.mark.parametrize("search", [False, True])
+def test_a_sweep_over_a_plugin_in_a_searchpath_folder_is_checked_with_that_folder(tmp_path, search):
+    """hydra.searchpath=[file://myconf] (README: Adding a plugin) is one of Hydra's own overrides,
+    not the task's: the sweep's up-front check composed each job without it, so every job of a
+    sweep (or every value of a search) over a plugin's option was refused as 'Could not find
+    likelihood/my_laplace' (found by helper 19). Its jobs compose with it, and a bad value in
+    them is still found."""
+    from omegaconf import open_dict, read_write
+
+    from vaelab.folders import sweep_value_problems
+
+    (tmp_path / "likelihood").mkdir()
+    (tmp_path / "likelihood" / "my_laplace.yaml").write_text("_target_: vaelab.likelihoods.Laplace\n")
+    searchpath = f"hydra.searchpath=[file://{tmp_path}]"
+    task = ["likelihood=my_laplace", "seed=0,1", "latent_dim=8,0"]
+    with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*(["hparams_search=optuna"] if search else []), searchpath],
+                      return_hydra_config=True)
+        with read_write(cfg), open_dict(cfg):
+            if search:
+                cfg.hydra.sweeper.params = {"latent_dim": "choice(8,0)"}
+                task = ["hparams_search=optuna", "likelihood=my_laplace"]
+            cfg.hydra.overrides.task = task
+            cfg.hydra.overrides.hydra = [searchpath]
+        problems = sweep_value_problems(cfg)
+    assert not [p for p in problems if "Could not find" in p], problems
+    if search:
+        assert [p.split(" (")[0] for p in problems] == ["latent_dim=0"], problems
+    else:
+        assert [p.split(" (")[0] for p in problems] == ["job 1", "job 3"], problems
+
+
 @pytest.mark.slow
 def test_optuna_search_with_submitit_local_runs_two_trials(tmp_path):
     sweep = tmp_path / "sweep"

@@ -225,6 +225,11 @@ def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
     arguments += list(config.hydra.overrides.task)
     name = str(OmegaConf.select(config, "hydra.job.config_name", default=None) or "train")
     parsed = OverridesParser.create().parse_overrides(arguments)
+    # the config folders the command line adds (a plugin's options: README, Adding a plugin), which
+    # Hydra takes from its own overrides, not the task's: without them every such job was refused
+    searchpath = [o.input_line for o in OverridesParser.create().parse_overrides(
+        list(OmegaConf.select(config, "hydra.overrides.hydra", default=None) or []))
+        if o.get_key_element().lstrip("+") == "hydra.searchpath"]
     if grid:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
@@ -233,7 +238,7 @@ def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
             return []  # composing each would take long; every job still checks its own at its start
         found = []
         for number, job in enumerate(jobs):
-            problems = _config_problems(name, list(job))
+            problems = _config_problems(name, [*searchpath, *job])
             if problems:
                 found.append(f"job {number} ({' '.join(job)}): {'; '.join(problems)}")
         return found
@@ -253,7 +258,7 @@ def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
             values = list(override.sweep_string_iterator())
             values = values[:1] + values[-1:] if isinstance(value, RangeSweep) and len(values) > 1 else values
         for one in values[:max_jobs]:
-            problems = _config_problems(name, [*fixed, f"{key}={one}"])
+            problems = _config_problems(name, [*searchpath, *fixed, f"{key}={one}"])
             if problems:
                 found.append(f"{key}={one} (of the search space {override.input_line}): {'; '.join(problems)}")
     return found

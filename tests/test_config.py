@@ -142,3 +142,34 @@ def test_a_decoder_that_cannot_make_the_data_shape_is_refused(tmp_path):
     config["allowed_targets"] = [f"{__name__}."]  # the user's own plugin module, allowed
     with pytest.raises(ValueError, match=r"decoder produces \(1, 4, 4\).*\(1, 8, 8\)"):
         VAEModule(config=config, data_info=info)
+
+
+def test_a_likelihood_plugin_that_is_not_there_or_not_allowed_is_named_before_it_is_imported(tmp_path):
+    """data.binarize=auto and dequantize=auto read the likelihood's class: a plugin's module that
+    is not on the path, or a misspelt class, was a ModuleNotFoundError traceback from there, before
+    the targets' check that names the fix (found by helper 19); a module not allowed was imported
+    (its code run) before being refused."""
+    from vaelab.errors import SettingError
+
+    cfg = compose_train(tmp_path, "likelihood._target_=vaelab.likelihoods.Bernouli")
+    with pytest.raises(SettingError, match=r"likelihood: vaelab.likelihoods.Bernouli .*no such class"):
+        resolve_data_options(cfg)
+    cfg = compose_train(tmp_path, "likelihood._target_=mylab_missing.likelihoods.MyLaplace",
+                        "allowed_targets=[mylab_missing.]")
+    with pytest.raises(SettingError, match=r"mylab_missing.likelihoods.MyLaplace \(no module.*PYTHONPATH"):
+        resolve_data_options(cfg)
+    cfg = compose_train(tmp_path, "likelihood._target_=mylab_missing.likelihoods.MyLaplace")
+    with pytest.raises(UnsafeConfigError, match=r"allowed_targets=\[mylab.\]"):
+        resolve_data_options(cfg)
+
+
+def test_an_allowed_prefix_without_its_dot_is_a_module_name_not_the_start_of_a_text():
+    """allowed_targets=[mylab] allowed mylab_evil.pwn, a function of another module, as the text
+    starts with it (found by helper 19): a prefix is a module name, with or without its dot."""
+    from vaelab.build import ALLOWED_TARGET_PREFIXES, OUTSIDE, target_problem, under_prefix
+
+    assert under_prefix("mylab.likelihoods.X", "mylab") and under_prefix("mylab.likelihoods.X", "mylab.")
+    assert under_prefix("mylab", "mylab") and not under_prefix("mylab_evil.pwn", "mylab")
+    assert not under_prefix("mylab_evil.pwn", "mylab.") and under_prefix("mylab.X", "mylab.X")
+    assert target_problem("vaelab_evil.pwn", ALLOWED_TARGET_PREFIXES + ("vaelab",)) == OUTSIDE
+    assert target_problem("vaelab.likelihoods.Bernoulli", ("vaelab",)) is None

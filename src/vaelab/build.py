@@ -65,12 +65,18 @@ def iter_targets(cfg: Any, path: str = "") -> Iterable[tuple[str, str]]:
             yield from iter_targets(value, f"{path}[{i}]")
 
 
+def under_prefix(name: str, prefix: str) -> bool:
+    """Whether the dotted ``name`` is under ``prefix``: ``mylab.`` (a module's contents) or
+    ``mylab`` (the same: a module name, not the text's start, so not ``mylab_evil.pwn``)."""
+    return name.startswith(prefix) if prefix.endswith(".") else f"{name}.".startswith(f"{prefix}.")
+
+
 def _defined_under(obj: Any, prefixes: Sequence[str]) -> bool:
     owner = getattr(obj, "__module__", None)
     if not isinstance(owner, str):
         return False
     name = f"{owner}.{getattr(obj, '__qualname__', '')}"
-    return any(f"{owner}.".startswith(a) or name.startswith(a) for a in prefixes)
+    return any(under_prefix(f"{owner}.", a) or under_prefix(name, a) for a in prefixes)
 
 
 #: how ``target_problem`` begins where the name is allowed but nothing of that name exists
@@ -88,7 +94,7 @@ def target_problem(target: str, allowed: Sequence[str]) -> str | None:
     torch's and Lightning's (not a user's ``allowed_targets``) it must be a class: the model
     parts, data, callbacks, loggers and optimizers are, and a function such as
     ``vaelab.report.write_json`` would write where a stored config says."""
-    if not any(target.startswith(a) for a in allowed):
+    if not any(under_prefix(target, a) for a in allowed):
         return OUTSIDE
     parts = target.split(".")
     for i in range(len(parts) - 1, 0, -1):  # the longest leading part that is a module

@@ -92,7 +92,11 @@ def resolve_data_options(cfg: DictConfig) -> None:
     """Resolve the data options that depend on the likelihood, so the logged config says what
     ran: ``binarize=auto`` is dynamic binarization for likelihoods that need binary data, else
     none; ``dequantize=auto`` is uniform dequantization exactly when the data stay intensities
-    and the likelihood is a density (not one over the integer levels, ``requires_levels``)."""
+    and the likelihood is a density (not one over the integer levels, ``requires_levels``).
+    The likelihood's class is read for this, so its ``_target_`` is checked first: a plugin's
+    module that is not there, or not allowed, is named with the fix, not imported or traced."""
+    if "auto" in (cfg.data.get("binarize"), cfg.data.get("dequantize")):
+        check_targets({"likelihood": cfg.likelihood}, allowed_prefixes(cfg))
     with open_dict(cfg):
         if cfg.data.get("binarize") == "auto":
             needs_binary = bool(getattr(get_class(cfg.likelihood._target_), "requires_binary", False))

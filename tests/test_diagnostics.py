@@ -221,8 +221,13 @@ def test_per_dimension_kl_is_none_where_the_kl_does_not_split():
 
 
 def test_collapse_warning():
-    assert "posterior collapse" in collapse_message(0, 16, 3.0)
+    """A KL of almost nothing is a collapse (q ≈ p); no active unit with a KL that is not small
+    is said as it is (it was called q ≈ p with a KL of 21.9 nats: helpers 17 and 18)."""
     assert "posterior collapse" in collapse_message(2, 16, 0.01)
+    assert "posterior collapse" in collapse_message(0, 16, 0.01)
+    message = collapse_message(0, 16, 3.0)
+    assert message.startswith("no active latent dimensions: 0 of 16") and "KL(q(z|x) ‖ p(z)) = 3.0000 nats" in message
+    assert "q(z|x) ≈ p(z)" not in message and "objective.warmup" in message
     assert collapse_message(3, 16, 5.0) is None
 
 

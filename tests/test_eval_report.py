@@ -130,8 +130,8 @@ def test_summaries_hold_gap_diagnostics_and_how_the_numbers_were_obtained(sweep)
         assert d["num_examples"] == 360 and len(d["kl_per_dim"]) == 16
         assert sum(d["kl_per_dim"]) == pytest.approx(t["test/kl"], abs=1e-3)  # analytic KL splits exactly
         assert d["active_units"] == sum(v > 0.01 for v in d["variance_of_means"])
-        if d["active_units"] == 0:  # two epochs on digits: typically collapsed, and the log says so
-            assert "posterior collapse" in log
+        if d["active_units"] == 0:  # two epochs on digits: often none active, and the log says so
+            assert ("posterior collapse" if t["test/kl"] < 0.1 else "no active latent dimensions") in log
         rows = list(csv.DictReader(open(folder / str(i) / "images" / "kl_per_dim.csv")))
         assert [float(r["kl"]) for r in rows] == pytest.approx(d["kl_per_dim"], rel=1e-9)
 

@@ -127,12 +127,22 @@ def most_active_dims(diagnostics: dict[str, Any], k: int) -> list[int]:
 
 
 def collapse_message(active_units: int, latent_dim: int, total_kl: float) -> str | None:
-    """A warning when the posterior has collapsed onto the prior, else None."""
-    if active_units == 0 or total_kl < COLLAPSED_KL:
+    """A warning when the posterior has collapsed onto the prior (a KL of almost nothing), or
+    when no latent dimension is active though the KL is not small (the posterior means vary
+    little with x on the prior's scale: not q ≈ p, which the first warning said of a KL of 21.9
+    nats); else None."""
+    remedies = "KL warm-up (objective.warmup=...), free bits (objective.free_bits=...), or a weaker decoder."
+    if total_kl < COLLAPSED_KL:
         return (
             f"posterior collapse: {active_units} of {latent_dim} latent dimensions are active "
             f"(Cov_x(E_q[z_u]) > {ACTIVE_THRESHOLD}) and KL(q(z|x) ‖ p(z)) = {total_kl:.4f} nats per "
-            "test example: q(z|x) ≈ p(z) for every x, so the decoder ignores z. Remedies: KL warm-up "
-            "(objective.warmup=...), free bits (objective.free_bits=...), or a weaker decoder."
+            f"test example: q(z|x) ≈ p(z) for every x, so the decoder ignores z. Remedies: {remedies}"
+        )
+    if active_units == 0:
+        return (
+            f"no active latent dimensions: 0 of {latent_dim} have Cov_x(E_q[z_u]) > {ACTIVE_THRESHOLD} (Burda et "
+            f"al. 2016), though KL(q(z|x) ‖ p(z)) = {total_kl:.4f} nats per test example: the posterior means "
+            "vary little with x on the prior's scale (early in training, or a decoder that models x with little "
+            f"help from z). If it lasts: {remedies}"
         )
     return None

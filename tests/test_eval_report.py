@@ -217,10 +217,11 @@ def test_eval_on_a_copied_run_folder_uses_the_copy_s_own_checkpoint(sweep, tmp_p
     recorded = Path(summary_of(copy)["tested_checkpoint"])
     assert recorded.is_file() and recorded.parent == folder / "0" / "checkpoints"
     own = copy / "checkpoints" / recorded.name
-    proc = check(run_cli("eval.py", f"ckpt_path={copy}", f"evaluation.test_num_samples={K}",
-                         f"hydra.run.dir={tmp_path}/eval", cwd=REPO))
+    # (no evaluation.test_num_samples: the run's own K, not eval.yaml's 1000, found by helper 17)
+    proc = check(run_cli("eval.py", f"ckpt_path={copy}", f"hydra.run.dir={tmp_path}/eval", cwd=REPO))
     out = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert out["checkpoint"] == str(own), proc.stdout
+    assert out["evaluation"]["test_num_samples"] == K and out["evaluation"]["chunk_size"] == 100
     # cut the copy's checkpoint short: the evaluation stops, naming that file (the original's
     # intact one is not a stand-in), and writes no numbers
     own.write_bytes(own.read_bytes()[: own.stat().st_size // 2])

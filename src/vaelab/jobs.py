@@ -405,6 +405,10 @@ def _print_finished(summary: dict[str, Any], cfg: DictConfig) -> None:
 
 
 # --- evaluation -------------------------------------------------------------------------------
+#: eval.py's evaluation settings that, left null, are the evaluated run's own
+RUN_OWN_EVALUATION = ("test_num_samples", "chunk_size")
+
+
 def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     """Evaluate a checkpoint on its data set's test split: test/elbo, test/nll, test/bpd.
     The config is checked first (``checked=True``: the caller has, as ``vaelab.cli`` does)."""
@@ -417,7 +421,11 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     # under 64-true the weights are loaded as float64 (a 64-true run's stay as they were saved)
     module = load_module(ckpt, dtype=torch.float64 if str(cfg.trainer.get("precision")) in ("64-true", "64") else None,
                          allowed_targets=allowed_targets_of(cfg))
-    module.evaluation = check_evaluation({**module.evaluation, **OmegaConf.to_container(cfg.evaluation, resolve=True)})
+    # K and the chunk size left null are the run's own (its test's numbers, reproduced up to the
+    # sampling noise; a preset's K = 5000 and memory-bounding chunk were replaced by 1000 and 100)
+    given = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    module.evaluation = check_evaluation({**module.evaluation, **{k: v for k, v in given.items()
+                                                                  if v is not None or k not in RUN_OWN_EVALUATION}})
     stored = module.config
     data_cfg = dict(stored["data"])
     data_cfg.update({k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if v is not None})

@@ -530,8 +530,11 @@ def validate_train_config(cfg: DictConfig) -> None:
 def validate_eval_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") in (None, "???"):
         raise ConfigError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
-    problems = value_problems(OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed", "data", "malloc",
-                                                          "allowed_targets"]))
+    checked = OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed", "data", "malloc", "allowed_targets"])
+    for key in ("test_num_samples", "chunk_size"):  # null: the run's own (vaelab.jobs.RUN_OWN_EVALUATION)
+        if OmegaConf.select(checked, f"evaluation.{key}", default=0) is None:
+            del checked.evaluation[key]
+    problems = value_problems(checked)
     problems += eval_data_problems(cfg.get("data"))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
     # Hydra's own files are checked before it writes them (vaelab.folders.RunFolders); the rest here,

@@ -112,6 +112,23 @@ def test_eval_shards_are_unpadded_and_cover_the_split():
     assert sorted(shards[0] + shards[1]) == data
 
 
+def test_an_eval_split_smaller_than_the_processes_is_refused_with_the_fix(monkeypatch):
+    """Under DDP a validation split of 1 example with 2 processes left one rank with none: a bare
+    AssertionError in Lightning's sampler on that rank, a broken gloo connection on the other
+    (found by helper 18). Every rank refuses it the same way, naming the fix."""
+    from vaelab.distributed import eval_sampler
+    from vaelab.errors import SettingError
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: 1)
+    with pytest.raises(SettingError, match="validation split holds 1 example, fewer than the 2 processes.*data.val_size"):
+        eval_sampler(list(range(1)), "validation")
+    with pytest.raises(SettingError, match="test split holds 1 example.*a larger test split"):
+        eval_sampler(list(range(1)), "test")
+    assert list(eval_sampler(list(range(3)), "test")) == [1]
+
+
 def test_rank_command_repeats_the_job_not_the_sweep(monkeypatch):
     """What a rank > 0 process runs: the job's overrides into the job's folder, whatever
     sys.argv held (a sweep's -m a=1,2, or submitit's own command)."""

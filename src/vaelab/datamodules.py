@@ -512,7 +512,7 @@ class ImageDataModule(pl.LightningDataModule):
             raise SettingError(f"data.val_size={v} leaves no training or no validation data out of {n} images")
         return n_val
 
-    def _loader(self, dataset: InMemoryImages | None, train: bool) -> DataLoader:
+    def _loader(self, dataset: InMemoryImages | None, train: bool, split: str = "train") -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         on_host = dataset.device.type == "cpu"
@@ -529,7 +529,7 @@ class ImageDataModule(pl.LightningDataModule):
             batch_size=self.eval_batch_size,
             # under DDP, validation and test shards without padded duplicates, so that val/elbo
             # and test/nll are exact means over the split (Lightning leaves a DistributedSampler)
-            sampler=eval_sampler(dataset),
+            sampler=eval_sampler(dataset, split),
             collate_fn=_batch_collate,
             pin_memory=self.pin_memory and on_host,
             **workers,
@@ -539,10 +539,10 @@ class ImageDataModule(pl.LightningDataModule):
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return self._loader(self.val_set, train=False, split="validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self._loader(self.test_set, train=False, split="test")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = batch

@@ -197,12 +197,23 @@ class RandomStreams(pl.Callback):
         torch.manual_seed(seed)
 
 
-def eval_sampler(dataset: Dataset) -> Sampler | None:
+def eval_sampler(dataset: Dataset, split: str = "validation") -> Sampler | None:
     """Under DDP, shards of the validation/test split that together hold every example once
-    (ranks may differ by one example); otherwise None (the DataLoader's own order)."""
+    (ranks may differ by one example); otherwise None (the DataLoader's own order). A split
+    with fewer examples than processes is refused, naming the fix (every rank refuses it the
+    same way): one rank would have none, which Lightning's sampler met with a bare assertion on
+    that rank and the others with a broken connection."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    if torch.distributed.get_world_size() < 2:
+    world = torch.distributed.get_world_size()
+    if world < 2:
         return None
+    if len(dataset) < world:  # type: ignore[arg-type]
+        from vaelab.errors import SettingError
+
+        fix = "data.val_size" if split == "validation" else "a larger test split"
+        raise SettingError(f"the {split} split holds {len(dataset)} example{'s' * (len(dataset) != 1)}, fewer than "  # type: ignore[arg-type]
+                           f"the {world} processes, each of which evaluates a share of it: give {fix} of at least "
+                           f"{world} examples, or run with fewer processes (trainer.devices)")
     return UnrepeatedDistributedSampler(dataset, shuffle=False)
 

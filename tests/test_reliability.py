@@ -112,11 +112,22 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_fix(tmp_path, monkeypa
 def test_a_misspelled_setting_added_with_plus_is_refused_with_the_right_name(good_run, tmp_path):
     # Hydra answers latent_dimm=8 with "use +latent_dimm=8", which would train with latent_dim=16
     proc = run_cli("train.py", *QUICK, "+latent_dimm=8", "+note=kept", "+experiment_name=mine", "++likelihod.sigma=1",
-                   f"hydra.run.dir={tmp_path}/run", cwd=REPO)
+                   "+trainer.max_epoch=3", "+optim.optimizer.lrr=0.1", "+evaluation.test_num_sample=5",
+                   "+trainer.limit_val_batches=2", f"hydra.run.dir={tmp_path}/run", cwd=REPO)
     assert proc.returncode != 0 and "did you mean latent_dim? (without +: latent_dim=...;" in proc.stderr
     assert "+likelihod.sigma: likelihod is not a setting of train.py; did you mean likelihood?" in proc.stderr
-    # free-form additions go through, also one that starts with a setting's name
-    assert "+note:" not in proc.stderr and "+experiment_name:" not in proc.stderr and "2 problems" in proc.stderr
+    # below the top level (found by helper 19): an argument the class that the part is built from
+    # does not take (it failed inside Lightning's Trainer, or left a traceback from Adam), a near
+    # miss of a plain node's keys
+    assert "+trainer.max_epoch: Trainer (trainer) takes no argument max_epoch; did you mean max_epochs? " \
+           "(trainer.max_epochs=...)" in proc.stderr
+    assert "+optim.optimizer.lrr: Adam (optim.optimizer) takes no argument lrr; did you mean lr?" in proc.stderr
+    assert "+evaluation.test_num_sample: test_num_sample is not a setting of evaluation; did you mean " \
+           "test_num_samples?" in proc.stderr
+    # free-form additions go through, also one that starts with a setting's name, and a class's
+    # arguments that the config leaves out
+    assert "+note:" not in proc.stderr and "+experiment_name:" not in proc.stderr and "5 problems" in proc.stderr
+    assert "+trainer.limit_val_batches:" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
     proc = run_cli("eval.py", f"ckpt_path={good_run}", "+likelihood=gaussian", f"hydra.run.dir={tmp_path}/eval",
                    cwd=REPO)

@@ -464,12 +464,16 @@ def top_level_names(primary: str) -> set[str]:
     return names - {"_self_"}
 
 
-def added_key_problems(primary: str) -> list[str]:
+def added_key_problems(primary: str, cfg: DictConfig | None = None) -> list[str]:
     """A ``+key=value`` on the command line adds a key that no file defines. Hydra suggests the
     ``+`` for any unknown key, so a misspelled setting (``+latent_dimm=8``) or a training option
     given to eval.py (``+likelihood=gaussian``) would run and be silently ignored. Refused:
     additions whose top-level name is a near miss of a setting, and for eval.py the training
-    options. Other additions (``+note=...``, ``+trainer.limit_val_batches=...``) go through."""
+    options. Other additions (``+note=...``, ``+trainer.limit_val_batches=...``) go through.
+    Below the top level (with the composed ``cfg``): an addition to a part that vaelab, torch or
+    Lightning builds (a node with a ``_target_``) must be an argument of that class
+    (``+trainer.max_epoch=3`` failed inside Lightning's Trainer, ``+optim.optimizer.lrr`` left a
+    traceback), and one to any other node a near miss of its keys is refused."""
     import difflib
 
     overrides = command_line_overrides()
@@ -485,6 +489,9 @@ def added_key_problems(primary: str) -> list[str]:
         key = override.key_or_group.replace("/", ".")
         top = key.split(".")[0]
         if top in known:
+            problem = _nested_added_key_problem(key, cfg) if cfg is not None and "." in key else None
+            if problem:
+                problems.append(problem)
             continue
         # a typo is one or two letters off (latent_dimm, likelihod); experiment_name is a new key
         near = [n for n in difflib.get_close_matches(top, sorted(known), n=3, cutoff=0.6) if _edits(top, n) <= 2][:1]
@@ -496,6 +503,63 @@ def added_key_problems(primary: str) -> list[str]:
                             f"was trained (its overrides: evaluation.*, {', '.join(f'data.{k}' for k in DATA_READ_KEYS)}, "
                             "trainer, logger)")
     return problems
+
+
+def _arguments_of(target: str) -> set[str] | None:
+    """The keyword arguments the class ``target`` takes, through the ``**kwargs`` its
+    ``__init__`` passes to its bases; None where that cannot be told (not a class under
+    vaelab's, torch's or Lightning's prefixes, not importable, or ``**kwargs`` to the end)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    from vaelab.build import ALLOWED_TARGET_PREFIXES, under_prefix
+
+    if not any(under_prefix(target, a) for a in ALLOWED_TARGET_PREFIXES):
+        return None  # (a user's plugin: not imported before the targets' check)
+    try:
+        cls = get_class(target)
+    except Exception:  # noqa: BLE001 - the targets' check names it
+        return None
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            params = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names.update(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return None
+
+
+def _nested_added_key_problem(key: str, cfg: DictConfig) -> str | None:
+    """``+a.b.leaf``: refused where ``a.b`` is built from a class that takes no ``leaf`` (with
+    the nearest argument it takes), or, for a plain node, where ``leaf`` is a near miss of its keys."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None)
+    if not isinstance(node, DictConfig):
+        return None
+    target = node.get("_target_")
+    if isinstance(target, str):
+        takes = _arguments_of(target)
+        if takes is None or leaf in takes:
+            return None
+        near = difflib.get_close_matches(leaf, sorted(takes), n=1, cutoff=0.6)
+        hint = ""
+        if near:
+            hint = f"; did you mean {near[0]}? ({'' if near[0] in node else '+'}{parent}.{near[0]}=...)"
+        return f"+{key}: {target.rsplit('.', 1)[-1]} ({parent}) takes no argument {leaf}{hint}"
+    keys = [str(k) for k in node if str(k) != leaf]  # (the composed node holds the added key itself)
+    near = [n for n in difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6) if _edits(leaf, n) <= 2]
+    if near:
+        return (f"+{key}: {leaf} is not a setting of {parent}; did you mean {near[0]}? (without +: "
+                f"{parent}.{near[0]}=...; the + only adds a key that nothing reads)")
+    return None
 
 
 def _edits(a: str, b: str) -> int:
@@ -522,7 +586,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     earlier = earlier_run_problem(cfg)
     if earlier:
         problems.append(earlier)
-    problems += added_key_problems("train")
+    problems += added_key_problems("train", cfg)
     problems += folder_problems(output_folders(cfg))
     raise_problems(problems)
 
@@ -542,7 +606,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     earlier = None if launched_rank() else earlier_eval_problem(cfg.paths.output_dir, hydra_files=False)
     if earlier:  # (ranks > 0 write nothing; they start once rank zero has begun writing)
         problems.append(earlier)
-    problems += added_key_problems("eval")
+    problems += added_key_problems("eval", cfg)
     raise_problems(problems)
 
 

@@ -318,6 +318,35 @@ def test_report_tells_a_running_an_evaluated_and_a_killed_job_from_one_that_fail
     assert status["3"] == status["4"] == "failed: no summary.json: it stopped before training (see its log)"
 
 
+def test_report_shows_the_settings_the_numbers_came_from_and_an_optuna_searchs_killed_job(tmp_path):
+    """A run continued with trainer.max_epochs=3 showed the 2 it started with (its .hydra files
+    keep the starting command; found by helper 19): each resume's overrides apply on top, as
+    they did to the run, but for its ckpt_path and what a resume does not apply. A job of an
+    Optuna search (which writes no multirun.yaml) killed before its summary.json was left out
+    of the table; its hydra.yaml says it is a sweep's job."""
+    from vaelab.report import collect, write_json
+
+    run = tmp_path / "runs" / "longer"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- trainer.max_epochs=2\n- seed=4\n- +note=x\n")
+    write_json(run / "summary.json", {"failed": False, "best_val_elbo": -20.0, "commands": [
+        {"started_at": "a"},
+        {"resumed_with": [f"ckpt_path={run}", "trainer.max_epochs=3", "experiment=mnist_vae", "~note"]},
+        {"resumed_with": ["ckpt_path=last", "hydra.run.dir=x", "+trainer.max_steps=100"]}]})
+    columns, rows = collect(tmp_path / "runs")
+    assert rows[0]["trainer.max_epochs"] == "3" and rows[0]["seed"] == "4" and rows[0]["trainer.max_steps"] == "100"
+    assert "note" not in columns and "experiment" not in columns and "ckpt_path" not in columns
+    search = tmp_path / "search"
+    for job in "01":
+        (search / job / ".hydra").mkdir(parents=True)
+        (search / job / ".hydra" / "overrides.yaml").write_text(f"- latent_dim={8 + int(job)}\n")
+        (search / job / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    write_json(search / "0" / "summary.json", {"failed": False, "best_val_elbo": -21.0})
+    _, rows = collect(search)
+    assert [(r["run"], r["status"]) for r in rows] == [
+        ("0", "ok"), ("1", "failed: no summary.json: it stopped before training (see its log)")]
+
+
 def test_report_shows_the_best_val_iwae_of_runs_that_monitor_it(tmp_path):
     from vaelab.report import collect, write_json
 

@@ -55,6 +55,40 @@ def read_overrides(run: Path) -> dict[str, str]:
     return out
 
 
+def read_settings(run: Path) -> dict[str, str]:
+    """The run's settings as its numbers came from them: its task overrides (``read_overrides``)
+    with each resume's on top (``summary.json``'s commands: a run continued with
+    ``trainer.max_epochs=3`` trained 3 epochs, not the 2 it started with). A resume's
+    ``experiment=`` and ``hparams_search=`` are not applied (``vaelab.runs``), nor shown."""
+    out = read_overrides(run)
+    try:
+        summary = read_summary(run) or {}
+    except (OSError, ValueError):  # (its row says so)
+        summary = {}
+    commands = summary.get("commands") or [{"resumed_with": summary.get("resumed_with")}]
+    for command in commands:
+        for item in (command.get("resumed_with") if isinstance(command, dict) else None) or []:
+            key, _, value = str(item).partition("=")
+            key = key.lstrip("+")
+            if key.startswith("~"):
+                out.pop(key[1:], None)
+            elif key not in ("ckpt_path", "experiment", "hparams_search") and not key.startswith("hydra"):
+                out[key] = value
+    return out
+
+
+def _sweep_job(hydra_dir: Path) -> bool:
+    """Whether the run that holds this ``.hydra`` folder is a job of a sweep: its sweep folder
+    holds Hydra's ``multirun.yaml`` (a grid sweep), or its own ``hydra.yaml`` says so (the
+    Optuna sweeper writes no multirun.yaml)."""
+    if (hydra_dir.parent.parent / "multirun.yaml").is_file():
+        return True
+    try:
+        return "mode: MULTIRUN" in (hydra_dir / "hydra.yaml").read_text()
+    except OSError:
+        return False
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """``data`` as ``path`` (summary.json, metrics.json), replaced in one step: a reader sees
     the old file or the new one, never half of one."""
@@ -120,10 +154,10 @@ def run_order(run: Path, root: Path) -> tuple:
 def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     """The columns and rows of the table, one row per run under ``folder``."""
     root = Path(folder)
-    # a run wrote summary.json; a sweep job that stopped before that has only Hydra's .hydra
-    # folder (in a sweep folder, which holds Hydra's multirun.yaml)
+    # a run wrote summary.json; a sweep job that stopped before that (or runs now) has only
+    # Hydra's .hydra folder
     found = {p.parent for p in root.rglob("summary.json")}
-    found |= {p.parent for p in root.rglob(".hydra") if p.is_dir() and (p.parent.parent / "multirun.yaml").is_file()}
+    found |= {p.parent for p in root.rglob(".hydra") if p.is_dir() and _sweep_job(p)}
     found |= {p.parent for p in root.rglob("metrics.json")}  # eval.py's
     runs = sorted(found, key=lambda r: run_order(r, root))
     rel = {run: str(run.relative_to(root)) or "." for run in runs}  # each row's name
@@ -131,7 +165,7 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     unread: dict[Path, str] = {}  # runs whose overrides cannot be read: their settings' cells stay empty
     for run in runs:
         try:
-            overrides[run] = read_overrides(run)
+            overrides[run] = read_settings(run)
         except Exception as err:  # noqa: BLE001 - yaml's errors, OSError: that row's, not the table's
             overrides[run] = {}
             unread[run] = f"{Path(rel[run]) / '.hydra' / 'overrides.yaml'} cannot be read ({type(err).__name__})"

@@ -38,13 +38,16 @@ def test_burda_vae_and_iwae(tmp_path, experiment, objective, k):
     assert cfg.evaluation.test_num_samples == 5000 and cfg.trainer.max_epochs == 3280
     # the best checkpoint by the bound the model is trained on
     assert cfg.callbacks.model_checkpoint.monitor == ("val/iwae" if objective == "IWAE" else "val/elbo")
-    assert cfg.evaluation.val_num_samples > 0
+    # ... with the objective's k (it was mnist_vae's 10: IWAE_10 picked an IWAE_5 model; helper 19)
+    assert cfg.evaluation.val_num_samples == (k if objective == "IWAE" else 10)
     opt = module.configure_optimizers()
     assert opt["optimizer"].defaults["eps"] == 1e-4
     sched = opt["lr_scheduler"]["scheduler"]
     assert isinstance(sched.lr_lambdas[0], Burda2015)
-    _, k50 = build(tmp_path, experiment, "objective.num_samples=50")
+    cfg50, k50 = build(tmp_path, experiment, "objective.num_samples=50")
     assert k50.objective.num_samples == 50
+    if objective == "IWAE":
+        assert cfg50.evaluation.val_num_samples == 50
 
 
 def test_vampprior_on_static_binarized_mnist(tmp_path):

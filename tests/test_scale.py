@@ -463,6 +463,15 @@ def test_a_sweep_over_a_plugin_in_a_searchpath_folder_is_checked_with_that_folde
         assert [p.split(" (")[0] for p in problems] == ["job 1", "job 3"], problems
 
 
+def test_a_search_without_multirun_says_it_is_one_job(tmp_path):
+    """hparams_search=optuna without -m ran one ordinary job, silently (found by helper 19)."""
+    proc = run_cli("train.py", "hparams_search=optuna", "latent_dim=0", f"hydra.run.dir={tmp_path / 'run'}",
+                   cwd=tmp_path, env=_env())
+    assert proc.returncode != 0 and "latent_dim must be a positive integer" in proc.stderr  # (refused: quick)
+    assert ("hparams_search=optuna without -m runs one training job with the config's own values, not a search: "
+            "add -m") in proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 def test_optuna_search_with_submitit_local_runs_two_trials(tmp_path):
     sweep = tmp_path / "sweep"

@@ -51,9 +51,21 @@ def explained_in(error: BaseException) -> ExplainedError | None:
     return error if isinstance(error, ExplainedError) else None
 
 
+def _warn_of_a_search_without_multirun() -> None:
+    """``hparams_search=optuna`` without ``-m`` ran one ordinary job with the config's own values
+    and said nothing: Hydra's sweeper runs only in a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = HydraConfig.get().runtime.choices.get("hparams_search") if HydraConfig.initialized() else None
+    if choice and not in_multirun():
+        log.warning("vaelab: hparams_search=%s without -m runs one training job with the config's own values, not "
+                    "a search: add -m (python train.py -m hparams_search=%s ...)", choice, choice)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def train_main(cfg: DictConfig) -> float:
     try:
+        _warn_of_a_search_without_multirun()
         validate_train_config(cfg)  # a refused run ends here, before the imports of vaelab.jobs
         from vaelab.jobs import train
 

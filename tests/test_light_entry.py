@@ -96,9 +96,11 @@ def test_the_precisions_accepted_without_lightning_are_lightnings():
     (problem,) = value_problems({"trainer": {"precision": "17-mixed"}})
     assert "bf16-mixed" in problem and "16-mixed" in problem
     # Lightning's, but the whole model in half precision: refused; float64 throughout runs
-    for whole_model in ("bf16-true", "16-true"):
+    # (transformer-engine's weights are bf16 or float16 too: it passed, then failed building the Trainer; helper 18)
+    for whole_model in ("bf16-true", "16-true", "transformer-engine", "transformer-engine-float16"):
         (problem,) = value_problems({"trainer": {"precision": whole_model}})
-        assert "not 16-true or bf16-true" in problem and "bf16-mixed" in problem
+        assert "not 16-true, bf16-true or transformer-engine's" in problem and "bf16-mixed" in problem
+        assert "one of 16-mixed, bf16-mixed, 32-true, 64-true " in problem
     for full in ("64-true", "64", 64):
         assert value_problems({"trainer": {"precision": full}}) == []
 

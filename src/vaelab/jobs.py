@@ -30,6 +30,7 @@ from vaelab.errors import Terminated, epoch_label
 from vaelab.folders import claim_folder, folder_claims
 from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
+from vaelab.options import LEGACY_PRECISIONS
 from vaelab.profiling import default_profiler, skip_empty_batch_hooks
 from vaelab.report import error_text, write_json
 from vaelab.runs import (
@@ -252,7 +253,8 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
                              note=(KILLED if summary_read else UNKNOWN) if own else None)
     trainer.callbacks.append(records)
     skip_empty_batch_hooks([records])  # (it has none: Lightning's loop need not call them)
-    if str(trainer.precision) != str(cfg.trainer.get("precision", trainer.precision)):
+    asked = str(cfg.trainer.get("precision", trainer.precision))
+    if str(trainer.precision) != LEGACY_PRECISIONS.get(asked, asked):  # (64 is 64-true's old name, not a swap)
         # Lightning swaps what a device lacks (16-mixed on a CPU runs as bf16-mixed): the stored
         # config keeps what was asked, summary.json and the W&B summary what ran
         log.warning("vaelab: trainer.precision=%s runs as %s on this machine; summary.json records %s",

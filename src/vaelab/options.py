@@ -44,12 +44,16 @@ ACTIVATIONS = ("relu", "elu", "gelu", "silu", "tanh", "leaky_relu", "softplus")
 PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true",
               "bf16-mixed", "32-true", "64-true", "64", "32", "16", "bf16", 64, 32, 16)
 
-#: of those, the ones that run the whole model in half precision: refused before the run. The
+#: of those, the ones that run the whole model in half precision (Transformer Engine's too: its
+#: weights in bf16 or float16, on NVIDIA's library): refused before the run. The
 #: data would be half precision too (bf16 holds 8 bits of a value: not the 256 levels of an
 #: 8-bit image, which a discretized likelihood reads back), and so would the densities, which
 #: vaelab computes in at least float32 (``vaelab.precision``). The mixed precisions run the
 #: networks in half precision and the densities in float32; 64-true runs everything in float64.
-WHOLE_MODEL_PRECISIONS = ("16-true", "bf16-true")
+WHOLE_MODEL_PRECISIONS = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
+
+#: Lightning's older names of its precisions, and what it runs for each
+LEGACY_PRECISIONS = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 
 
 def is_cuda_graph_choice(value: Any) -> bool:

@@ -145,7 +145,8 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("objective.warmup_unit", lambda v: v in ("steps", "epochs"), "steps or epochs", "objective.warmup_unit=epochs"),
     ("trainer.precision", _precision,
      f"one of {', '.join(str(p) for p in PRECISIONS if isinstance(p, str) and '-' in p and p not in WHOLE_MODEL_PRECISIONS)}"
-     " (vaelab runs densities in at least float32: not 16-true or bf16-true)",
+     " (vaelab runs densities in at least float32: not 16-true, bf16-true or transformer-engine's half-precision "
+     "weights)",
      "trainer.precision=bf16-mixed"),
     ("trainer.accumulate_grad_batches", _int_at_least(1), "an integer >= 1 (batches per optimizer step)",
      "trainer.accumulate_grad_batches=1"),

@@ -46,6 +46,8 @@ LIGHTNING = {"lightning", "torch", "torchvision", "torchmetrics"}
     # in no list: the installed Lightning's own lists are asked, so Lightning is imported
     (["trainer.precision=17-mixed"], "trainer.precision must be one of", LIGHTNING),
     (["+latent_dimm=8"], "did you mean latent_dim?", set()),  # an added key that is a typo
+    # an interpolation that does not resolve: a traceback from the job's config (helper 19)
+    (["latent_dim=${oops}"], "its interpolation does not resolve (Interpolation key 'oops' not found)", set()),
     (["prior=flow", "prior.flow=xyz"], "prior.flow must be one of maf, nsf, got 'xyz'", set()),  # a plugin's choice
     (["posterior=iaf", "posterior.hidden_features=[0]"], "posterior.hidden_features must be a list of positive", set()),
     (["callbacks.model_checkpoint.monitor=val/elob"], "did you mean callbacks.model_checkpoint.monitor=val/elbo?",

@@ -447,7 +447,10 @@ def command_line_overrides() -> list[Any]:
         return []
     if not HydraConfig.initialized():
         return []
-    return OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    # as written: reading the list's items resolved an interpolation among them (latent_dim=${oops}
+    # was an InterpolationKeyError traceback here)
+    task = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+    return OverridesParser.create().parse_overrides([str(o) for o in task])  # type: ignore[union-attr]
 
 
 def top_level_names(primary: str) -> set[str]:
@@ -573,9 +576,25 @@ def _edits(a: str, b: str) -> int:
     return row[-1]
 
 
+def interpolation_problems(cfg: DictConfig) -> list[str]:
+    """An interpolation that does not resolve (``latent_dim=${oops}``, ``${oc.env:UNSET}``),
+    which the value checks pass over (they leave interpolations to the job) and the job met as
+    a traceback when it resolved its config."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as err:
+        key = getattr(err, "full_key", None) or "a setting"
+        first = (str(err).splitlines() or [""])[0]
+        return [f"{key}: its interpolation does not resolve ({first}); give a value, or interpolate a key the "
+                "config has (e.g. ${latent_dim}) or an environment variable that is set"]
+    return []
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     """Every problem of a training config at once, before anything runs (``ConfigError``)."""
-    problems = value_problems(cfg)
+    problems = value_problems(cfg) + interpolation_problems(cfg)
     ckpt = checkpoint_problem(cfg.get("ckpt_path"), allowed_targets_of(cfg))
     if ckpt:
         problems.append(ckpt)
@@ -599,7 +618,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     for key in ("test_num_samples", "chunk_size"):  # null: the run's own (vaelab.jobs.RUN_OWN_EVALUATION)
         if OmegaConf.select(checked, f"evaluation.{key}", default=0) is None:
             del checked.evaluation[key]
-    problems = value_problems(checked)
+    problems = value_problems(checked) + interpolation_problems(cfg)
     problems += eval_data_problems(cfg.get("data"))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})
     # Hydra's own files are checked before it writes them (vaelab.folders.RunFolders); the rest here,

@@ -173,3 +173,18 @@ def test_an_allowed_prefix_without_its_dot_is_a_module_name_not_the_start_of_a_t
     assert not under_prefix("mylab_evil.pwn", "mylab.") and under_prefix("mylab.X", "mylab.X")
     assert target_problem("vaelab_evil.pwn", ALLOWED_TARGET_PREFIXES + ("vaelab",)) == OUTSIDE
     assert target_problem("vaelab.likelihoods.Bernoulli", ("vaelab",)) is None
+
+
+def test_enable_progress_bar_false_leaves_the_progress_bar_out(tmp_path):
+    """trainer.enable_progress_bar=false with the default callbacks stopped in Lightning's Trainer
+    (a MisconfigurationException: a ProgressBar in the callbacks list; helper 18)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks.progress import ProgressBar
+
+    cfg = compose_train(tmp_path, "trainer.enable_progress_bar=false")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = build_callbacks(cfg.get("callbacks"), config)
+    assert callbacks and not any(isinstance(cb, ProgressBar) for cb in callbacks)
+    pl.Trainer(enable_progress_bar=False, callbacks=callbacks, logger=False, enable_checkpointing=True)
+    shown = build_callbacks(cfg.get("callbacks"), {**config, "trainer": {}})
+    assert any(isinstance(cb, ProgressBar) for cb in shown)

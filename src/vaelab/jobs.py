@@ -139,7 +139,14 @@ def build_loggers(logger_cfg: Any, config: dict[str, Any]) -> list[Logger]:
 
 
 def build_callbacks(callbacks_cfg: Any, config: dict[str, Any]) -> list[pl.Callback]:
-    return build_each(callbacks_cfg, config)
+    """The run's callbacks; with ``trainer.enable_progress_bar=false``, without a progress bar
+    (Lightning refuses one in the list then: a MisconfigurationException naming neither setting)."""
+    from lightning.pytorch.callbacks.progress import ProgressBar as LightningProgressBar
+
+    callbacks = build_each(callbacks_cfg, config)
+    if (config.get("trainer") or {}).get("enable_progress_bar") is False:
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LightningProgressBar)]
+    return callbacks
 
 
 def finish_wandb(loggers: list[Logger], failed: bool) -> None:

@@ -153,8 +153,9 @@ def test_an_explained_error_prints_its_message_alone_and_a_bug_its_traceback(tmp
         # checked where the value is used (the split's size against the data's)
         ("train.py", ["data.val_size=5000"], "SettingError: data.val_size=5000 leaves no training or no validation "
                                              "data out of"),
-        ("train.py", ["+encoder.hiddn=[64]"], "ModelConfigError: encoder.hiddn is not a setting of "
-                                              "vaelab.networks.MLPEncoder; did you mean encoder.hidden?"),
+        ("train.py", ["+encoder.hiddn=[64]"], "ConfigError: the config has 1 problem; nothing has run yet:\n  "
+                                              "+encoder.hiddn: MLPEncoder (encoder) takes no argument hiddn; did you "
+                                              "mean hidden? (encoder.hidden=...)"),
         ("eval.py", [f"ckpt_path={tmp_path}/nowhere", "data.eval_batch_size=0"],
          "ConfigError: the config has 1 problem; nothing has run yet:\n  data.eval_batch_size must be null or a "
          "positive integer, got 0"),

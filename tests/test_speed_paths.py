@@ -706,10 +706,12 @@ def _same(a, b) -> bool:
 def test_an_epoch_ends_state_is_serialized_once_and_linked_under_its_other_names(tmp_path, mode):
     """train.py's checkpoints at an epoch's end: the best one (when val/elbo improved),
     last.ckpt and latest-step<N>.ckpt hold the same training state. It is serialized and
-    written once; the other two names are hard links to that file. The state they hold is the
-    one their own saves would have written: Lightning's ModelCheckpoint with save_last=true
-    (three serializations, the same seed) gives the same weights, optimizer state, loops and
-    step, in files that differ only in the two callbacks' records of their file names."""
+    written once (the best checkpoint, else last.ckpt); the other names are hard links to that
+    file. The state they hold is the one their own saves would have written: Lightning's
+    ModelCheckpoint with save_last=true (three serializations, the same seed) gives the same
+    weights, optimizer state, loops and step, in files that differ only in the two callbacks'
+    records of their file names; but Lightning 2.6's last.ckpt stays at the last best state,
+    where vaelab's follows the training (it holds the latest state's step)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from vaelab.runs import BestCheckpoint
@@ -721,25 +723,29 @@ def test_an_epoch_ends_state_is_serialized_once_and_linked_under_its_other_names
     steps = (10, 20, 30)
     improved = {step for step, name in reference.serialized if name.startswith("best-")}
     assert improved == ({10, 20, 30} if mode == "max" else {10})  # (what this seed's ELBO does)
-    # one serialization a step: the best checkpoint where val/elbo improved, else the latest state
+    # one serialization a step: the best checkpoint where val/elbo improved, else last.ckpt
     assert [step for step, _ in io.serialized] == list(steps)
     for step, name in io.serialized:
-        assert name.startswith("best-" if step in improved else "latest-step"), (step, name)
+        assert name.startswith("best-") if step in improved else name == "last.ckpt", (step, name)
     # Lightning's own: three where it improved (best, last, latest), one elsewhere
     assert len(reference.serialized) == sum(3 if s in improved else 1 for s in steps)
     for step, name in io.serialized:
         if step in improved:
             assert (name, "last.ckpt") in io.linked and (name, f"latest-step{step}.ckpt") in io.linked
+        else:
+            assert ("last.ckpt", f"latest-step{step}.ckpt") in io.linked
 
     files = {p.name: p for p in ours.glob("*.ckpt")}
     assert sorted(files) == sorted(p.name for p in theirs.glob("*.ckpt"))
     best = next(p for n, p in files.items() if n.startswith("best-"))
-    assert os.path.samefile(best, files["last.ckpt"])
+    assert os.path.samefile(best, files["last.ckpt"]) == (30 in improved)
     assert os.path.samefile(best, files["latest-step30.ckpt"]) == (30 in improved)
+    assert os.path.samefile(files["last.ckpt"], files["latest-step30.ckpt"])
 
     for name in files:
         mine = torch.load(ours / name, weights_only=True)
-        written = torch.load(theirs / name, weights_only=True)
+        # (Lightning 2.6's last.ckpt is its last best state: the state at the last step is its latest-step file)
+        written = torch.load(theirs / ("latest-step30.ckpt" if name == "last.ckpt" else name), weights_only=True)
         for key in ("state_dict", "optimizer_states", "loops", "global_step", "epoch", "lr_schedulers"):
             assert _same(mine[key], written[key]), (name, key)
         assert mine["callbacks"].keys() == written["callbacks"].keys()  # BestCheckpoint keeps ModelCheckpoint's key

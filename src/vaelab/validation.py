@@ -493,7 +493,9 @@ def added_key_problems(primary: str, cfg: DictConfig | None = None) -> list[str]
         key = override.key_or_group.replace("/", ".")
         top = key.split(".")[0]
         if top in known:
-            problem = _nested_added_key_problem(key, cfg) if cfg is not None and "." in key else None
+            # (eval.py's data.* additions: eval_data_problems names each)
+            nested = cfg is not None and "." in key and not (primary == "eval" and top == "data")
+            problem = _nested_added_key_problem(key, cfg) if nested else None
             if problem:
                 problems.append(problem)
             continue

@@ -188,3 +188,40 @@ def test_enable_progress_bar_false_leaves_the_progress_bar_out(tmp_path):
     pl.Trainer(enable_progress_bar=False, callbacks=callbacks, logger=False, enable_checkpointing=True)
     shown = build_callbacks(cfg.get("callbacks"), {**config, "trainer": {}})
     assert any(isinstance(cb, ProgressBar) for cb in shown)
+
+
+def test_nested_added_keys_that_a_class_passes_on_or_a_collection_builds_are_not_refused(tmp_path, monkeypatch):
+    """The nested +key check (review of helper 20): **kwargs that go elsewhere than the base class
+    (the flow prior's to zuko, DDPStrategy's to DistributedDataParallel) are not told, so they
+    pass; a new entry of a collection of parts (callbacks, logger) is built like the others,
+    not 'a key nothing reads'; a data module's arguments are its base's."""
+    from vaelab.validation import _nested_added_key_problem
+
+    cfg = compose_train(tmp_path, "prior=flow", "trainer=ddp_sim", "+prior.bins=4", "+trainer.strategy.static_graph=true",
+                        "+callbacks.model_checkpoint2._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                        "+data.val_sizee=100", "+data.drop_last=true")
+    for key in ("prior.bins", "trainer.strategy.static_graph", "callbacks.model_checkpoint2", "data.drop_last"):
+        assert _nested_added_key_problem(key, cfg) is None, key
+    assert "takes no argument val_sizee; did you mean val_size?" in _nested_added_key_problem("data.val_sizee", cfg)
+
+
+def test_dequantize_auto_leaves_a_binary_likelihoods_data_undequantized(tmp_path):
+    """binarized_mnist (binarize none) with the Bernoulli likelihood and +data.dequantize=auto
+    resolved to dequantize=true, which the first batch's check then refused (helper 20)."""
+    cfg = compose_train(tmp_path, "data=binarized_mnist", "+data.dequantize=auto")
+    resolve_data_options(cfg)
+    assert cfg.data.binarize == "none" and cfg.data.dequantize is False
+    cfg = compose_train(tmp_path, "data=binarized_mnist", "+data.dequantize=auto", "likelihood=gaussian")
+    resolve_data_options(cfg)
+    assert cfg.data.dequantize is True
+
+
+def test_a_checkpoints_foreign_target_names_a_prefix_that_would_allow_it():
+    """The refusal of a checkpoint naming mylab_evil.pwn.Lik, read with allowed_targets=[mylab],
+    suggested allowed_targets=[mylab] again, which (a module name, not a text's start) does not
+    allow it (helper 20): it names mylab_evil."""
+    from vaelab.checkpoints import _check_stored_targets
+
+    with pytest.raises(UnsafeConfigError, match=r"allowed_targets=\[mylab_evil\.\]"):
+        _check_stored_targets(Path("run/checkpoints/last.ckpt"),
+                              {"allowed_targets": ["mylab"], "likelihood": {"_target_": "mylab_evil.pwn.Lik"}}, ("mylab",))

@@ -783,6 +783,40 @@ def test_last_ckpt_is_the_latest_validations_state_not_the_best_ones(tmp_path, v
     assert Path(summary["best_checkpoint"]).name == best.name
 
 
+IN_PLACE_IO = """
+import os
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+class InPlaceIO(TorchCheckpointIO):
+    # writes into the named file itself, as Lightning's own IO does where its temporary file
+    # is on another file system (it copies into the target)
+    def __init__(self, **settings):  # (train.yaml's settings of vaelab's IO: not this one's)
+        super().__init__()
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'wb') as f:
+            torch.save(checkpoint, f)
+"""
+
+
+def test_last_ckpt_written_by_another_checkpoint_io_leaves_the_best_one_alone(tmp_path):
+    """last.ckpt, a hard link to the best checkpoint, is written again at a later epoch's end
+    without a new best. A checkpoint IO that writes into the file in place (checkpoint_io=null,
+    Lightning's, with TMPDIR on another file system) changed the best checkpoint with it: its
+    test then ran on the last weights (found by helper 20). The name is removed first."""
+    write_plugin(tmp_path, "inplaceio", IN_PLACE_IO)
+    out = tmp_path / "run"
+    check(run_cli("train.py", "trainer.max_epochs=3", "callbacks.model_checkpoint.mode=min",
+                  "evaluation.val_num_samples=0", "logger=none", "test=false", "checkpoint_io._target_=inplaceio.InPlaceIO",
+                  "allowed_targets=[inplaceio.]", f"hydra.run.dir={out}", cwd=REPO, env=user_env(tmp_path)))
+    best = out / "checkpoints" / f"best-epoch000-step{STEPS_PER_EPOCH}.ckpt"
+    assert torch.load(best, map_location="cpu", weights_only=True)["global_step"] == STEPS_PER_EPOCH
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3 * STEPS_PER_EPOCH
+
+
 SLOW_IO = """
 import os, pathlib, time
 from vaelab.checkpoint_io import AtomicCheckpointIO
@@ -1138,6 +1172,24 @@ def test_a_group_given_again_on_resume_names_the_stored_settings_it_replaces(cap
                                                   "csv": {"save_dir": "/run"}}, {"logger"})
         assert again["wandb"]["id"] == "ab12cd34"
         assert _regiven_group("logger", logger, {"csv": {"save_dir": "/run"}}, {"logger"}) == {"csv": {"save_dir": "/run"}}
+    assert caplog.text == ""
+
+
+def test_a_data_group_given_again_on_resume_replaces_nothing(caplog, monkeypatch, tmp_path):
+    """data=digits given again on resume composes binarize/dequantize=auto, which resolve to
+    the stored run's choices: no warning that they are replaced, and the stored values kept
+    (helper 20)."""
+    from omegaconf import OmegaConf
+
+    import vaelab.runs as runs
+
+    data = {"_target_": "vaelab.datamodules.Digits", "binarize": "dynamic", "dequantize": False, "batch_size": 64}
+    stored = {"data": data, "paths": {"output_dir": str(tmp_path)}}
+    cfg = OmegaConf.create({"data": {**data, "binarize": "auto", "dequantize": "auto"}})
+    monkeypatch.setattr(runs, "_command_line_keys", lambda: [("data", False)])
+    with caplog.at_level(logging.WARNING, logger="vaelab.runs"):
+        new = runs.continue_config(stored, cfg, tmp_path, tmp_path / "last.ckpt")
+    assert OmegaConf.to_container(new.data) == data
     assert caplog.text == ""
 
 

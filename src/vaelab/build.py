@@ -23,23 +23,13 @@ import torch
 from hydra.utils import get_class, instantiate
 
 from vaelab.errors import ExplainedError, SettingError
-from vaelab.options import MALLOC_CHOICES  # the config check reads it too
+from vaelab.options import (
+    ALLOWED_TARGET_PREFIXES,
+    MALLOC_CHOICES,  # the config check reads it too
+    under_prefix,
+)
 from vaelab.vae import VAE
 from vaelab.validation import allowed_targets_of, nearest
-
-#: module prefixes whose classes and functions a config may name in ``_target_``
-ALLOWED_TARGET_PREFIXES: tuple[str, ...] = (
-    "vaelab.",
-    "torch.optim.",
-    "torch.nn.",
-    "torch.distributions.",
-    "lightning.pytorch.callbacks.",
-    "lightning.pytorch.loggers.",
-    "lightning.pytorch.Trainer",
-    "lightning.pytorch.trainer.",
-    "lightning.pytorch.strategies.",
-    "lightning.pytorch.plugins.",
-)
 
 
 class UnsafeConfigError(ValueError, ExplainedError):
@@ -63,12 +53,6 @@ def iter_targets(cfg: Any, path: str = "") -> Iterable[tuple[str, str]]:
     elif isinstance(cfg, Sequence) and not isinstance(cfg, str | bytes):
         for i, value in enumerate(cfg):
             yield from iter_targets(value, f"{path}[{i}]")
-
-
-def under_prefix(name: str, prefix: str) -> bool:
-    """Whether the dotted ``name`` is under ``prefix``: ``mylab.`` (a module's contents) or
-    ``mylab`` (the same: a module name, not the text's start, so not ``mylab_evil.pwn``)."""
-    return name.startswith(prefix) if prefix.endswith(".") else f"{name}.".startswith(f"{prefix}.")
 
 
 def _defined_under(obj: Any, prefixes: Sequence[str]) -> bool:

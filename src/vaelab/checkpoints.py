@@ -27,6 +27,7 @@ from vaelab.build import (
     target_problem,
 )
 from vaelab.errors import ExplainedError
+from vaelab.options import under_prefix
 from vaelab.validation import allowed_targets_of
 
 
@@ -225,7 +226,7 @@ def _check_stored_targets(p: Path, config: dict[str, Any], allowed_targets: tupl
         raise UnsafeConfigError(text + "It names Python's own modules, which no model part needs: do not load this "
                                        "file, and ask where it came from.")
     # the prefix to allow: the one the run was trained with, else each target's top module
-    needed = ",".join(sorted({next((a for a in stored if t.startswith(a)), t.split(".")[0] + ".") for _, t, _ in bad}))
+    needed = ",".join(sorted({next((a for a in stored if under_prefix(t, a)), t.split(".")[0] + ".") for _, t, _ in bad}))
     raise UnsafeConfigError(text + f"If it is a run of your own plugins and you trust the file, allow them in this "
                                    f"command: allowed_targets=[{needed}] (or export {ALLOWED_TARGETS_ENV}={needed}).")
 

@@ -25,7 +25,7 @@ from vaelab.folders import (
     in_multirun,  # (importing it registers the ${vaelab.sweep_group:} resolver)
 )
 from vaelab.report import error_text, write_json
-from vaelab.validation import validate_eval_config, validate_train_config
+from vaelab.validation import launched_rank, validate_eval_config, validate_train_config
 
 log = logging.getLogger("vaelab")
 
@@ -57,7 +57,7 @@ def _warn_of_a_search_without_multirun() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     choice = HydraConfig.get().runtime.choices.get("hparams_search") if HydraConfig.initialized() else None
-    if choice and not in_multirun():
+    if choice and not in_multirun() and not launched_rank():  # (DDP's other ranks rerun a search's job)
         log.warning("vaelab: hparams_search=%s without -m runs one training job with the config's own values, not "
                     "a search: add -m (python train.py -m hparams_search=%s ...)", choice, choice)
 

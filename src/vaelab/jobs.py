@@ -105,7 +105,8 @@ def resolve_data_options(cfg: DictConfig) -> None:
         if cfg.data.get("dequantize") == "auto":
             # a likelihood over the integer levels needs them as they are, not dequantized
             needs_levels = bool(getattr(get_class(cfg.likelihood._target_), "requires_levels", False))
-            cfg.data.dequantize = cfg.data.get("binarize", "none") == "none" and not needs_levels
+            needs_binary = bool(getattr(get_class(cfg.likelihood._target_), "requires_binary", False))
+            cfg.data.dequantize = cfg.data.get("binarize", "none") == "none" and not needs_levels and not needs_binary
 
 
 def build_datamodule(data_cfg: Any, config: dict[str, Any]) -> pl.LightningDataModule:

@@ -61,3 +61,24 @@ def is_cuda_graph_choice(value: Any) -> bool:
     work), auto (graphs where they work: one CUDA device, no torch.compile). Not 0 or 1,
     which compare equal to False and True."""
     return value is True or value is False or value == "auto"
+
+
+#: module prefixes whose classes and functions a config may name in ``_target_``
+ALLOWED_TARGET_PREFIXES: tuple[str, ...] = (
+    "vaelab.",
+    "torch.optim.",
+    "torch.nn.",
+    "torch.distributions.",
+    "lightning.pytorch.callbacks.",
+    "lightning.pytorch.loggers.",
+    "lightning.pytorch.Trainer",
+    "lightning.pytorch.trainer.",
+    "lightning.pytorch.strategies.",
+    "lightning.pytorch.plugins.",
+)
+
+
+def under_prefix(name: str, prefix: str) -> bool:
+    """Whether the dotted ``name`` is under ``prefix``: ``mylab.`` (a module's contents) or
+    ``mylab`` (the same: a module name, not the text's start, so not ``mylab_evil.pwn``)."""
+    return name.startswith(prefix) if prefix.endswith(".") else f"{name}.".startswith(f"{prefix}.")

@@ -20,8 +20,10 @@ by ``vaelab.folders``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import secrets
 import string
 import time
@@ -114,7 +116,21 @@ class BestCheckpoint(ModelCheckpoint):
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
         if self._last_global_step_saved != trainer.global_step:  # no best checkpoint at this step:
             self._last_checkpoint_saved = ""  # last.ckpt written, not linked to an older best one
+            self._unshare(trainer, self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST))
         super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    @staticmethod
+    def _unshare(trainer: pl.Trainer, path: str) -> None:
+        """``last.ckpt`` about to be written while it is a hard link to the best checkpoint: a
+        checkpoint IO other than vaelab's (``checkpoint_io=null``) may write into the file in
+        place (Lightning's, where its temporary file is on another file system, copies into
+        it), which would change the best checkpoint too. vaelab's writes a new file and renames
+        it over the name; for any other, the name is removed first."""
+        if not trainer.is_global_zero or isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_nlink > 1:
+                os.unlink(path)
 
     def _last_follows(self, trainer: pl.Trainer) -> None:
         # Lightning's hook saved neither a best checkpoint nor (save_last=true, or no best one
@@ -623,7 +639,8 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
             changed.append(_describe_change(key, _comparable(key, before), _comparable(key, value)))
             continue
         if isinstance(value, dict) and isinstance(before, dict):  # a group given again (trainer=cpu)
-            value = _regiven_group(key, before, value, {k for k, _ in given})
+            # (data=... given again: its binarize/dequantize=auto resolve to the stored choices)
+            value = _regiven_group(key, before, _resolved_auto(key, value, before), {k for k, _ in given})
         OmegaConf.update(new, key, value, merge=False, force_add=True)
     if changed:
         raise ResumeConfigError(

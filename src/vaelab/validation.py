@@ -519,7 +519,7 @@ def _arguments_of(target: str) -> set[str] | None:
 
     from hydra.utils import get_class
 
-    from vaelab.build import ALLOWED_TARGET_PREFIXES, under_prefix
+    from vaelab.options import ALLOWED_TARGET_PREFIXES, under_prefix
 
     if not any(under_prefix(target, a) for a in ALLOWED_TARGET_PREFIXES):
         return None  # (a user's plugin: not imported before the targets' check)
@@ -538,6 +538,10 @@ def _arguments_of(target: str) -> set[str] | None:
         names.update(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return names - {"self"}
+        # **kwargs: vaelab's data modules pass them to their base; elsewhere they may go anywhere
+        # (the flow prior's to zuko, DDPStrategy's to DistributedDataParallel): not told
+        if klass.__module__ != "vaelab.datamodules":
+            return None
     return None
 
 
@@ -560,6 +564,8 @@ def _nested_added_key_problem(key: str, cfg: DictConfig) -> str | None:
         if near:
             hint = f"; did you mean {near[0]}? ({'' if near[0] in node else '+'}{parent}.{near[0]}=...)"
         return f"+{key}: {target.rsplit('.', 1)[-1]} ({parent}) takes no argument {leaf}{hint}"
+    if any(isinstance(v, DictConfig) and "_target_" in v for k, v in node.items_ex(resolve=False) if k != leaf):
+        return None  # a collection of parts (callbacks, logger): an added entry is built as the others
     keys = [str(k) for k in node if str(k) != leaf]  # (the composed node holds the added key itself)
     near = [n for n in difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6) if _edits(leaf, n) <= 2]
     if near:

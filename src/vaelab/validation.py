@@ -512,9 +512,9 @@ def added_key_problems(primary: str, cfg: DictConfig | None = None) -> list[str]
 
 
 def _arguments_of(target: str) -> set[str] | None:
-    """The keyword arguments the class ``target`` takes, through the ``**kwargs`` its
-    ``__init__`` passes to its bases; None where that cannot be told (not a class under
-    vaelab's, torch's or Lightning's prefixes, not importable, or ``**kwargs`` to the end)."""
+    """The keyword arguments the class ``target`` takes (for vaelab's data modules, through the
+    ``**kwargs`` they pass to their base); None where that cannot be told: not a class under
+    vaelab's, torch's or Lightning's prefixes, not importable, or ``**kwargs`` that go elsewhere."""
     import inspect
 
     from hydra.utils import get_class

@@ -224,12 +224,13 @@ def sweep_value_problems(config: DictConfig, max_jobs: int = 1000) -> list[str]:
     arguments = [f"{k}={v}" for k, v in params.items() if isinstance(v, str | int | float)]
     arguments += list(config.hydra.overrides.task)
     name = str(OmegaConf.select(config, "hydra.job.config_name", default=None) or "train")
-    parsed = OverridesParser.create().parse_overrides(arguments)
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(arguments)
     # the config folders the command line adds (a plugin's options: README, Adding a plugin), which
     # Hydra takes from its own overrides, not the task's: without them every such job was refused
-    searchpath = [o.input_line for o in OverridesParser.create().parse_overrides(
-        list(OmegaConf.select(config, "hydra.overrides.hydra", default=None) or []))
-        if o.get_key_element().lstrip("+") == "hydra.searchpath"]
+    hydra_overrides = list(OmegaConf.select(config, "hydra.overrides.hydra", default=None) or [])
+    searchpath = [o.input_line for o in parser.parse_overrides(hydra_overrides)
+                  if o.get_key_element().lstrip("+") == "hydra.searchpath"]
     if grid:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 

@@ -30,7 +30,7 @@ from vaelab.errors import Terminated, epoch_label
 from vaelab.folders import claim_folder, folder_claims
 from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
-from vaelab.options import LEGACY_PRECISIONS
+from vaelab.options import LEGACY_PRECISIONS, RUN_OWN_EVALUATION
 from vaelab.profiling import default_profiler, skip_empty_batch_hooks
 from vaelab.report import error_text, write_json
 from vaelab.runs import (
@@ -93,19 +93,20 @@ def resolve_data_options(cfg: DictConfig) -> None:
     """Resolve the data options that depend on the likelihood, so the logged config says what
     ran: ``binarize=auto`` is dynamic binarization for likelihoods that need binary data, else
     none; ``dequantize=auto`` is uniform dequantization exactly when the data stay intensities
-    and the likelihood is a density (not one over the integer levels, ``requires_levels``).
-    The likelihood's class is read for this, so its ``_target_`` is checked first: a plugin's
+    and the likelihood is a density (not one over 0 and 1 or over the integer levels,
+    ``requires_binary``, ``requires_levels``). The likelihood's class is read for this, so its ``_target_`` is checked first: a plugin's
     module that is not there, or not allowed, is named with the fix, not imported or traced."""
-    if "auto" in (cfg.data.get("binarize"), cfg.data.get("dequantize")):
-        check_targets({"likelihood": cfg.likelihood}, allowed_prefixes(cfg))
+    if "auto" not in (cfg.data.get("binarize"), cfg.data.get("dequantize")):
+        return
+    check_targets({"likelihood": cfg.likelihood}, allowed_prefixes(cfg))
+    likelihood = get_class(cfg.likelihood._target_)
+    needs_binary = bool(getattr(likelihood, "requires_binary", False))
+    # a likelihood over the integer levels needs them as they are, not dequantized
+    needs_levels = bool(getattr(likelihood, "requires_levels", False))
     with open_dict(cfg):
         if cfg.data.get("binarize") == "auto":
-            needs_binary = bool(getattr(get_class(cfg.likelihood._target_), "requires_binary", False))
             cfg.data.binarize = "dynamic" if needs_binary else "none"
         if cfg.data.get("dequantize") == "auto":
-            # a likelihood over the integer levels needs them as they are, not dequantized
-            needs_levels = bool(getattr(get_class(cfg.likelihood._target_), "requires_levels", False))
-            needs_binary = bool(getattr(get_class(cfg.likelihood._target_), "requires_binary", False))
             cfg.data.dequantize = cfg.data.get("binarize", "none") == "none" and not needs_levels and not needs_binary
 
 
@@ -415,10 +416,6 @@ def _print_finished(summary: dict[str, Any], cfg: DictConfig) -> None:
 
 
 # --- evaluation -------------------------------------------------------------------------------
-#: eval.py's evaluation settings that, left null, are the evaluated run's own
-RUN_OWN_EVALUATION = ("test_num_samples", "chunk_size")
-
-
 def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     """Evaluate a checkpoint on its data set's test split: test/elbo, test/nll, test/bpd.
     The config is checked first (``checked=True``: the caller has, as ``vaelab.cli`` does)."""

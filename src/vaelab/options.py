@@ -52,6 +52,9 @@ PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16
 #: networks in half precision and the densities in float32; 64-true runs everything in float64.
 WHOLE_MODEL_PRECISIONS = ("16-true", "bf16-true", "transformer-engine", "transformer-engine-float16")
 
+#: eval.py's evaluation settings that, left null (eval.yaml), are the evaluated run's own
+RUN_OWN_EVALUATION = ("test_num_samples", "chunk_size")
+
 #: Lightning's older names of its precisions, and what it runs for each
 LEGACY_PRECISIONS = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
 

@@ -55,16 +55,13 @@ def read_overrides(run: Path) -> dict[str, str]:
     return out
 
 
-def read_settings(run: Path) -> dict[str, str]:
+def read_settings(run: Path, summary: dict[str, Any] | None) -> dict[str, str]:
     """The run's settings as its numbers came from them: its task overrides (``read_overrides``)
-    with each resume's on top (``summary.json``'s commands: a run continued with
-    ``trainer.max_epochs=3`` trained 3 epochs, not the 2 it started with). A resume's
-    ``experiment=`` and ``hparams_search=`` are not applied (``vaelab.runs``), nor shown."""
+    with each resume's on top (``summary``, its ``summary.json``: the commands' overrides; a run
+    continued with ``trainer.max_epochs=3`` trained 3 epochs, not the 2 it started with). A
+    resume's ``experiment=`` and ``hparams_search=`` are not applied (``vaelab.runs``), nor shown."""
     out = read_overrides(run)
-    try:
-        summary = read_summary(run) or {}
-    except (OSError, ValueError):  # (its row says so)
-        summary = {}
+    summary = summary or {}
     commands = summary.get("commands") or [{"resumed_with": summary.get("resumed_with")}]
     for command in commands:
         for item in (command.get("resumed_with") if isinstance(command, dict) else None) or []:
@@ -163,9 +160,14 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     rel = {run: str(run.relative_to(root)) or "." for run in runs}  # each row's name
     overrides: dict[Path, dict[str, str]] = {}
     unread: dict[Path, str] = {}  # runs whose overrides cannot be read: their settings' cells stay empty
+    summaries: dict[Path, tuple[dict[str, Any] | None, Exception | None]] = {}  # each read once
     for run in runs:
         try:
-            overrides[run] = read_settings(run)
+            summaries[run] = (read_summary(run), None)
+        except (OSError, ValueError) as err:  # one damaged file is that row's, not the table's
+            summaries[run] = (None, err)
+        try:
+            overrides[run] = read_settings(run, summaries[run][0])
         except Exception as err:  # noqa: BLE001 - yaml's errors, OSError: that row's, not the table's
             overrides[run] = {}
             unread[run] = f"{Path(rel[run]) / '.hydra' / 'overrides.yaml'} cannot be read ({type(err).__name__})"
@@ -176,8 +178,10 @@ def collect(folder: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     rows = []
     for run in runs:
         status = None
+        summary, unreadable = summaries[run]
         try:
-            summary = read_summary(run)
+            if unreadable is not None:
+                raise unreadable
             why = failure(summary)
             if summary is None:
                 status, summary = without_summary(run)

@@ -36,6 +36,7 @@ from vaelab.options import (
     MALLOC_CHOICES,
     NAN_POLICIES,
     PRECISIONS,
+    RUN_OWN_EVALUATION,
     TERMS,
     VAMP_COMPONENTS,
     VAMP_SQUASHES,
@@ -478,8 +479,6 @@ def added_key_problems(primary: str, cfg: DictConfig | None = None) -> list[str]
     Lightning builds (a node with a ``_target_``) must be an argument of that class
     (``+trainer.max_epoch=3`` failed inside Lightning's Trainer, ``+optim.optimizer.lrr`` left a
     traceback), and one to any other node a near miss of its keys is refused."""
-    import difflib
-
     overrides = command_line_overrides()
     if not overrides:
         return []
@@ -499,11 +498,10 @@ def added_key_problems(primary: str, cfg: DictConfig | None = None) -> list[str]
             if problem:
                 problems.append(problem)
             continue
-        # a typo is one or two letters off (latent_dimm, likelihod); experiment_name is a new key
-        near = [n for n in difflib.get_close_matches(top, sorted(known), n=3, cutoff=0.6) if _edits(top, n) <= 2][:1]
+        near = _typo_of(top, known)
         if near:
-            problems.append(f"+{key}: {top} is not a setting of {script}; did you mean {near[0]}? (without +: "
-                            f"{key.replace(top, near[0], 1)}=...; the + only adds a key that nothing reads)")
+            problems.append(f"+{key}: {top} is not a setting of {script}; did you mean {near}? (without +: "
+                            f"{key.replace(top, near, 1)}=...; the + only adds a key that nothing reads)")
         elif top in training:
             problems.append(f"+{key}: {top} is a training setting; eval.py evaluates the checkpoint's model as it "
                             f"was trained (its overrides: evaluation.*, {', '.join(f'data.{k}' for k in DATA_READ_KEYS)}, "
@@ -548,8 +546,6 @@ def _arguments_of(target: str) -> set[str] | None:
 def _nested_added_key_problem(key: str, cfg: DictConfig) -> str | None:
     """``+a.b.leaf``: refused where ``a.b`` is built from a class that takes no ``leaf`` (with
     the nearest argument it takes), or, for a plain node, where ``leaf`` is a near miss of its keys."""
-    import difflib
-
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None)
     if not isinstance(node, DictConfig):
@@ -566,12 +562,18 @@ def _nested_added_key_problem(key: str, cfg: DictConfig) -> str | None:
         return f"+{key}: {target.rsplit('.', 1)[-1]} ({parent}) takes no argument {leaf}{hint}"
     if any(isinstance(v, DictConfig) and "_target_" in v for k, v in node.items_ex(resolve=False) if k != leaf):
         return None  # a collection of parts (callbacks, logger): an added entry is built as the others
-    keys = [str(k) for k in node if str(k) != leaf]  # (the composed node holds the added key itself)
-    near = [n for n in difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6) if _edits(leaf, n) <= 2]
+    near = _typo_of(leaf, {str(k) for k in node if str(k) != leaf})  # (the composed node holds the added key)
     if near:
-        return (f"+{key}: {leaf} is not a setting of {parent}; did you mean {near[0]}? (without +: "
-                f"{parent}.{near[0]}=...; the + only adds a key that nothing reads)")
+        return (f"+{key}: {leaf} is not a setting of {parent}; did you mean {near}? (without +: "
+                f"{parent}.{near}=...; the + only adds a key that nothing reads)")
     return None
+
+
+def _typo_of(name: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` that ``name`` misspells by one or two letters (latent_dimm,
+    likelihod), else None: experiment_name is a new key, not a typo of one."""
+    near = [n for n in difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6) if _edits(name, n) <= 2]
+    return near[0] if near else None
 
 
 def _edits(a: str, b: str) -> int:
@@ -623,7 +625,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") in (None, "???"):
         raise ConfigError("give the checkpoint to evaluate: python eval.py ckpt_path=<run>/checkpoints/last.ckpt")
     checked = OmegaConf.masked_copy(cfg, ["evaluation", "trainer", "seed", "data", "malloc", "allowed_targets"])
-    for key in ("test_num_samples", "chunk_size"):  # null: the run's own (vaelab.jobs.RUN_OWN_EVALUATION)
+    for key in RUN_OWN_EVALUATION:  # null: the run's own (vaelab.jobs.evaluate)
         if OmegaConf.select(checked, f"evaluation.{key}", default=0) is None:
             del checked.evaluation[key]
     problems = value_problems(checked) + interpolation_problems(cfg)

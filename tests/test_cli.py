@@ -93,6 +93,13 @@ def test_pictures_in_wandb_and_as_files(trained):
         assert (entries[-1]["width"], entries[-1]["height"]) == expected[key]
         pngs = sorted((trained / "images" / key.split("/")[1]).glob("epoch=*.png"))
         assert len(pngs) == EPOCHS and Image.open(pngs[-1]).size == expected[key]
+    # on W&B's step axis with the numbers of the validation they picture (the epoch's last step)
+
+    def steps(key):
+        return [row["trainer/global_step"] for row in run.history if key in row]
+
+    assert steps("val/reconstructions") == steps("val/samples") == steps("val/elbo") == [20 * e + 19 for e in range(EPOCHS)]
+    assert steps("test/reconstructions") == steps("test/nll")
 
 
 def test_eval_reproduces_the_test_numbers(trained, tmp_path):

@@ -3,6 +3,7 @@ al.'s covariance criterion), the KL per latent dimension in closed form, the col
 exact sums across processes; and the pictures' shapes and geometry."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +277,125 @@ def test_the_pictured_examples_are_spread_over_a_split_stored_by_class():
     assert len(set(labels[spread_examples(len(labels), 5000, seed=0)].tolist())) == 10
     assert torch.equal(picked, spread_examples(len(labels), 16, seed=0))  # the same examples every epoch
     assert torch.equal(spread_examples(12, 16, seed=0), torch.arange(12))
+
+
+# --- ImageLogger: what the pictures show, and that drawing them changes nothing else ----------
+def _pictured_module(tmp_path, *overrides):
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+    from test_config import compose_train
+
+    from vaelab.jobs import build_datamodule, resolve_data_options
+    from vaelab.module import VAEModule
+
+    cfg = compose_train(tmp_path, "latent_dim=4", *overrides)
+    resolve_data_options(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    dm = build_datamodule(cfg.data, config)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    return dm, VAEModule(config=config, data_info=dm.info), SimpleNamespace(datamodule=dm)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])  # dynamic binarization; dequantization
+def test_drawing_the_pictures_leaves_the_training_random_streams_alone(tmp_path, likelihood):
+    """The validation pictures' inputs go through the data's binarization or dequantization,
+    which draw random numbers: drawn under the pictures' own seed, they are the same every
+    epoch and the training's random streams are where they were (a run with pictures every
+    epoch trains as one without)."""
+    from vaelab.callbacks import ImageLogger
+
+    dm, module, trainer = _pictured_module(tmp_path, f"likelihood={likelihood}")
+    assert dm.binarize == "dynamic" if likelihood == "bernoulli" else dm.dequantize
+    images = ImageLogger(save_dir=None, num_images=8, num_samples=4)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    first = images.pictures(trainer, module)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = images.pictures(trainer, module)
+    assert set(first) == {"val/reconstructions", "val/samples"}
+    for key, (grid, _) in first.items():
+        assert torch.equal(grid, second[key][0]), key
+
+
+def test_the_test_pictures_show_examples_from_the_whole_of_a_split_stored_by_class(tmp_path, monkeypatch):
+    """test/reconstructions and test/interpolations take their images from the examples drawn
+    over the whole split, not from the first ones of a split stored by class (binarized
+    MNIST's test file: its first hundreds are all zeros)."""
+    from vaelab import callbacks, pictures
+    from vaelab.datamodules import InMemoryImages
+
+    dm, module, trainer = _pictured_module(tmp_path, "likelihood=gaussian", "data.dequantize=false")
+    levels = dm.num_levels - 1
+    # 100 images of each class c, every pixel at level c, stored by class
+    labels = torch.arange(10).repeat_interleave(100)
+    dm.test_set = InMemoryImages((labels * levels // 9).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).clone(),
+                                 labels)
+
+    def classes(x):
+        return set((x[:, 0, 0, 0] * 9).round().long().tolist())
+
+    shown, ends = [], []
+    real = module.vae.reconstruct
+    module.vae.reconstruct = lambda x: (shown.append(x), real(x))[1]
+    real_interpolations = pictures.interpolations
+    monkeypatch.setattr(pictures, "interpolations",
+                        lambda vae, xa, xb, steps: (ends.append((xa, xb)), real_interpolations(vae, xa, xb, steps))[1])
+    out = callbacks.ImageLogger(save_dir=None, num_images=16).test_pictures_of(trainer, module)
+    assert {"test/reconstructions", "test/traversals", "test/interpolations"} <= set(out)
+    (x,) = shown
+    assert len(x) == 16 and len(classes(x)) >= 6, classes(x)
+    (xa, xb), = ends
+    assert len(xa) == len(xb) == 4 and len(classes(xa) | classes(xb)) >= 4
+    assert not torch.equal(xa, xb)
+
+
+def _fake_trainer(epoch, **kwargs):
+    from types import SimpleNamespace
+
+    defaults = dict(sanity_checking=False, current_epoch=epoch, max_epochs=3, val_check_batch=20,
+                    num_training_batches=20, loggers=[],
+                    fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=20 * epoch + 19)))
+    return SimpleNamespace(**{**defaults, **kwargs})
+
+
+def test_the_last_epoch_has_its_pictures_and_each_validation_its_own_file(tmp_path):
+    """every_n_epochs=2 of 3 epochs: pictures after the second and the last; several
+    validations an epoch (trainer.val_check_interval < 1): one file each, named by its step."""
+    from types import SimpleNamespace
+
+    from vaelab.callbacks import ImageLogger
+
+    images = ImageLogger(save_dir=str(tmp_path), every_n_epochs=2)
+    images.pictures = lambda trainer, module: {"val/samples": (torch.rand(3, 8, 8), "caption")}
+    for epoch in range(3):
+        images.on_validation_epoch_end(_fake_trainer(epoch), None)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch=0001.png", "epoch=0002.png"]
+    mid = _fake_trainer(1, val_check_batch=10, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=29)))
+    images.on_validation_epoch_end(mid, None)
+    assert (tmp_path / "samples" / "epoch=0001-step=29.png").is_file()
+
+
+def test_a_picture_sent_to_wandb_without_a_file_has_the_files_pixels_at_the_scalars_step(tmp_path):
+    """callbacks.images.save_dir=null: W&B gets the picture itself, with save_png's pixels (a
+    float tensor in [0, 1] it would cast to uint8: black), at the step Lightning logs the
+    validation's numbers at (the epoch's last step, one below global_step)."""
+    import numpy as np
+    from PIL import Image
+    from test_loggers import FakeRun, _logger
+
+    from vaelab.callbacks import ImageLogger
+    from vaelab.pictures import save_png
+
+    run = FakeRun()
+    trainer = _fake_trainer(0, global_step=20, loggers=[_logger(tmp_path, run, background=False)])
+    picture = torch.rand(3, 8, 8)
+    ImageLogger(save_dir=None)._emit(trainer, "val/samples", picture, "caption", Path("unused.png"))
+    ((_, logged),) = run.logged
+    assert logged["trainer/global_step"] == 19
+    (image,) = logged["val/samples"]
+    save_png(picture, tmp_path / "file.png")
+    assert np.array_equal(np.asarray(image.image), np.asarray(Image.open(tmp_path / "file.png")))
+    assert np.asarray(image.image).max() > 200

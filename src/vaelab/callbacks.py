@@ -4,8 +4,8 @@ Each validation epoch:
 
 * ``val/reconstructions``: a fixed set of validation inputs (top row), the mean of p(x|z) at
   z = the mean of q(z|x) (middle row), and a sample x ~ p(x|z) (bottom row).
-* ``val/samples``: the mean of p(x|z) for z ~ p(z), with the same z every epoch, so the grid
-  shows the model changing rather than the noise.
+* ``val/samples``: the mean of p(x|z) for z ~ p(z), drawn from the same noise every epoch, so
+  the grid shows the model changing rather than the noise (a learned prior's z move with it).
 
 At the end of training, ``val/rate_distortion``: (val/kl, −val/recon) per epoch. After testing
 (on the test split, with the diagnostics of ``VAEModule.test_diagnostics``):
@@ -107,28 +107,37 @@ class ImageLogger(pl.Callback):
         self.rate_distortion = [(int(e), float(k), float(r)) for e, k, r in state_dict.get("rate_distortion", [])]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.sanity_checking:
             return
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not last_epoch:
+            return  # (training's last epoch has its pictures whatever every_n_epochs)
         self._log(trainer, pl_module)
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pictures = self.pictures(trainer, pl_module)
+        name = f"epoch={trainer.current_epoch:04d}"
+        if trainer.val_check_batch < trainer.num_training_batches:
+            # more than one validation an epoch (trainer.val_check_interval < 1): one file each
+            name += f"-step={_logged_step(trainer)}"
         for key, (grid, caption) in pictures.items():
-            self._emit(trainer, key, grid, caption, Path(key.split("/")[-1]) / f"epoch={trainer.current_epoch:04d}.png")
+            self._emit(trainer, key, grid, caption, Path(key.split("/")[-1]) / f"{name}.png")
 
     def _emit(self, trainer: pl.Trainer, key: str, image: torch.Tensor, caption: str, relpath: Path) -> None:
         """One picture to a PNG file under ``save_dir`` and to every W&B logger (rank zero): W&B
         is handed that file (it copies it into the run), so the picture is encoded once."""
-        shown: torch.Tensor | str = image
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        shown: Any = None
         if self.save_dir is not None:
             path = self.save_dir / relpath
             path.parent.mkdir(parents=True, exist_ok=True)
             pics.save_png(image, path)
             shown = str(path)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key=key, images=[shown], caption=[caption], step=trainer.global_step)
+        elif wandb_loggers:
+            shown = pics.to_pil(image)  # (a float tensor: wandb.Image casts [0, 1] to uint8, all black)
+        for logger in wandb_loggers:
+            logger.log_image(key=key, images=[shown], caption=[caption], step=_logged_step(trainer))
 
     # --- rate–distortion: one point per validated epoch, drawn when training ends ---------------
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -169,7 +178,7 @@ class ImageLogger(pl.Callback):
             self._write_csv("kl_per_dim.csv", header, rows)
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    logger.log_table(key="test/kl_per_dim_table", columns=header, data=rows, step=trainer.global_step)
+                    logger.log_table(key="test/kl_per_dim_table", columns=header, data=rows, step=_logged_step(trainer))
 
     @torch.no_grad()
     def test_pictures_of(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, tuple[torch.Tensor, str]]:
@@ -189,9 +198,13 @@ class ImageLogger(pl.Callback):
                 images = test.images[picked.to(test.images.device)]
                 xs = [dm.to_float(images[i:i + bs].to(pl_module.device)) for i in range(0, len(picked), bs)]
                 means = upcast(torch.cat([posterior_mean(vae.encode(x)) for x in xs]))
-                x = xs[0]
+                every = torch.cat(xs)
+                # spread over the picked examples (themselves in the split's order, which may be
+                # by class: binarized MNIST's test file starts with its zeros)
+                shown_at = spread_examples(len(every), self.num_images, self.seed)
+                first = int(shown_at[0]) if len(shown_at) else 0
                 if self.num_images > 0:
-                    shown = x[: self.num_images]
+                    shown = every[shown_at.to(every.device)]
                     px = vae.reconstruct(shown)
                     if not _finite_pictures(px.mean):
                         return out
@@ -206,15 +219,19 @@ class ImageLogger(pl.Callback):
                     dims = most_active_dims(diag, k)
                     centre = torch.tensor(diag["mean_of_means"], device=means.device)
                     spread = torch.tensor(diag["variance_of_means"], device=means.device).sqrt().clamp_min(1e-3)
-                    images = pics.traversals(vae, means[0], dims, centre, spread, steps=self.traversal_steps)
+                    images = pics.traversals(vae, means[first], dims, centre, spread, steps=self.traversal_steps)
                     out["test/traversals"] = (
                         pics.grid(images, nrow=self.traversal_steps, min_pixels=self.min_pixels),
                         f"rows: latent dims {dims} (most active first), z_u from mean −3 sd to +3 sd over the "
-                        "test set; other dims at the first test image's mean; mean of p(x|z)")
+                        "test set; other dims at the mean of q(z|x) of the first image of test/reconstructions; "
+                        "mean of p(x|z)")
                 pairs = min(self.num_interpolations, len(test) // 2)
                 if pairs > 0 and self.interpolation_steps > 0:
-                    xa = torch.cat(xs)[: 2 * pairs : 2]
-                    xb = torch.cat(xs)[1 : 2 * pairs : 2]
+                    # pairs drawn at random from the picked examples (neighbours in a split stored
+                    # by class would be two images of one class)
+                    ends = torch.randperm(len(every), generator=torch.Generator().manual_seed(self.seed + 2))
+                    ends = ends[: 2 * pairs].to(every.device)
+                    xa, xb = every[ends[0::2]], every[ends[1::2]]
                     images = pics.interpolations(vae, xa, xb, steps=self.interpolation_steps)
                     out["test/interpolations"] = (
                         pics.grid(images, nrow=self.interpolation_steps + 2, min_pixels=self.min_pixels),
@@ -240,8 +257,10 @@ class ImageLogger(pl.Callback):
             val = getattr(dm, "val_set", None)
             if val is not None and self.num_images > 0:
                 picked = spread_examples(len(val), self.num_images, self.seed)
-                x = dm.to_float(val.images[picked.to(val.images.device)].to(pl_module.device))
                 with _seeded(pl_module.device, self.seed + 1):
+                    # (to_float draws: dynamic binarization, dequantization noise; seeded, so the
+                    # same inputs every epoch, and the training's random streams left alone)
+                    x = dm.to_float(val.images[picked.to(val.images.device)].to(pl_module.device))
                     px = vae.reconstruct(x)
                     mean = px.mean
                     if not _finite_pictures(mean):
@@ -254,10 +273,17 @@ class ImageLogger(pl.Callback):
                 with _seeded(pl_module.device, self.seed):
                     samples = vae.sample(self.num_samples).mean
                 nrow = max(1, int(self.num_samples**0.5))
-                out["val/samples"] = (pics.grid(samples, nrow=nrow, min_pixels=self.min_pixels), "mean of p(x|z), z ~ p(z) (the same z every epoch)")
+                out["val/samples"] = (pics.grid(samples, nrow=nrow, min_pixels=self.min_pixels), "mean of p(x|z), z ~ p(z) (from the same noise every epoch)")
         finally:
             vae.train(was_training)
         return out
+
+
+def _logged_step(trainer: pl.Trainer) -> int:
+    """The step on the loggers' axis of the scalars logged now: Lightning logs them at the
+    number of optimizer steps taken before this batch's (``_batches_that_stepped``), so an
+    epoch-end validation's numbers are at that epoch's last step, one below ``global_step``."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 def spread_examples(total: int, n: int, seed: int) -> torch.Tensor:

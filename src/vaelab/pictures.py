@@ -40,13 +40,18 @@ def save_png(image: torch.Tensor, path: Any, compress_level: int = 1) -> None:
     equal (grey data: ``make_grid`` copies the one channel three times), and with zlib's
     fastest level: a third of ``save_image``'s time for the grids drawn every epoch, in files
     ~10 % larger."""
+    to_pil(image).save(path, format="PNG", compress_level=compress_level)
+
+
+def to_pil(image: torch.Tensor) -> Any:
+    """A picture ``[3, H, W]`` (or ``[1, H, W]``) in [0, 1] as a PIL image of ``save_png``'s pixels."""
     from PIL import Image
 
     pixels = image.detach().mul(255).add_(0.5).clamp_(0, 255).to("cpu", torch.uint8)
     if pixels.shape[0] == 3 and torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2]):
         pixels = pixels[:1]
     array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(path, format="PNG", compress_level=compress_level)
+    return Image.fromarray(array)
 
 
 def grid(images: torch.Tensor, nrow: int, min_pixels: int = 32) -> torch.Tensor:

@@ -70,3 +70,37 @@ def test_sigma_vae_on_cifar10(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     assert torch.isfinite(module(x).loss)
     assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False).max_epochs == 100
+
+
+PLATEAU = "optim.scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau,patience:0,factor:0.5}"
+
+
+@pytest.mark.parametrize(("objective", "monitor"), [("elbo", "val/elbo"), ("iwae", "val/iwae")])
+def test_a_plateau_scheduler_steps_on_the_checkpoints_number_in_its_direction_after_each_validation(
+        tmp_path, objective, monitor):
+    """ReduceLROnPlateau's own default, mode=min, lowered the learning rate while val/elbo rose,
+    and Lightning stopped the run at an epoch without validation: it takes the checkpoint
+    callback's monitor and mode, and steps every check_val_every_n_epoch epochs."""
+    from types import SimpleNamespace
+
+    cfg = compose_train(tmp_path, PLATEAU, f"objective={objective}", f"callbacks.model_checkpoint.monitor={monitor}")
+    resolve_data_options(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    module = VAEModule(config=config, data_info=build_datamodule(cfg.data, config).info)
+    module._trainer = SimpleNamespace(precision_plugin=None, gradient_clip_val=None, check_val_every_n_epoch=2)
+    schedule = module.configure_optimizers()["lr_scheduler"]
+    assert (schedule["monitor"], schedule["frequency"], schedule["interval"]) == (monitor, 2, "epoch")
+    scheduler, optimizer = schedule["scheduler"], schedule["scheduler"].optimizer
+    for value in (-28.0, -27.6, -27.2):  # improving: the learning rate stays
+        scheduler.step(value)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+    scheduler.step(-27.5)  # worse than the best, patience 0: halved
+    assert optimizer.param_groups[0]["lr"] == 5e-4
+
+
+@pytest.mark.slow
+def test_a_plateau_scheduler_trains_with_validation_every_other_epoch(tmp_path):
+    from conftest import REPO, check, run_cli
+
+    check(run_cli("train.py", PLATEAU, "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2", "logger=csv",
+                  "test=false", "callbacks.images.every_n_epochs=1000", f"hydra.run.dir={tmp_path}/run", cwd=REPO))

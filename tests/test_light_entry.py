@@ -189,6 +189,18 @@ def test_the_trainer_data_optimizer_and_monitor_settings_are_checked_before_torc
     problems = value_problems({"optim": {"scheduler": "cosine", "scheduler_interval": "batch"}})
     assert [p.split(" must")[0] for p in problems] == ["optim.scheduler", "optim.scheduler_interval"]
     assert "'optim.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:100}'" in problems[0]
+    # a scheduler that steps on the checkpoint's number (ReduceLROnPlateau): where it is, in its direction
+    plateau = {"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau"}
+    assert value_problems({"optim": {"scheduler": plateau, "scheduler_interval": "epoch"},
+                           "trainer": {"check_val_every_n_epoch": 2}}) == []
+    assert value_problems({"optim": {"scheduler": {**plateau, "mode": "min"}},
+                           "callbacks": {"model_checkpoint": {"monitor": "train/kl_epoch", "mode": "min"}}}) == []
+    problems = value_problems({"optim": {"scheduler": {**plateau, "mode": "min"}, "scheduler_interval": "step"},
+                               "trainer": {"check_val_every_n_epoch": None, "limit_val_batches": 0}})
+    assert [p.split(":")[0] for p in problems] == ["optim.scheduler_interval=step", "optim.scheduler.mode=min",
+                                                   "trainer.check_val_every_n_epoch=null", "trainer.limit_val_batches=0"]
+    assert "ReduceLROnPlateau would lower the learning rate while val/elbo improves (callbacks.model_checkpoint." \
+           "mode=max); leave it out (it then takes the checkpoint's mode) or set optim.scheduler.mode=max" in problems[1]
 
     def monitor(name: str, val_num_samples: int = 10) -> list[str]:
         return value_problems({"evaluation": {"val_num_samples": val_num_samples},

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,7 +30,7 @@ from vaelab.graphs import StepGraph
 from vaelab.guards import NaNGuard
 from vaelab.metrics import PendingSumMean, PendingSums, SumMean, bits_per_dim
 from vaelab.objectives import Objective, ObjectiveOutput
-from vaelab.options import TERMS, is_cuda_graph_choice
+from vaelab.options import TERMS, checkpoint_monitor, is_cuda_graph_choice
 from vaelab.vae import largest_pass, pass_plan
 from vaelab.validation import value_problems
 
@@ -608,9 +608,17 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         optimizer = build_optimizer(optim["optimizer"], self.parameters(), clipped_in_mixed)
         if not optim.get("scheduler"):
             return optimizer
-        scheduler = instantiate(optim["scheduler"], _partial_=True)(optimizer=optimizer)
+        schedule = optim["scheduler"]
+        monitor, mode = checkpoint_monitor(self.config)
+        plateau = issubclass(get_class(schedule["_target_"]), torch.optim.lr_scheduler.ReduceLROnPlateau)
+        # ReduceLROnPlateau steps on the monitored validation number, in the checkpoint's
+        # direction (its own default, mode=min, lowered the learning rate while val/elbo rose),
+        # after each validation (check_val_every_n_epoch; not where no validation ran)
+        extra = {"mode": mode} if plateau and "mode" not in schedule else {}
+        scheduler = instantiate(schedule, _partial_=True)(optimizer=optimizer, **extra)
+        every = (trainer.check_val_every_n_epoch if trainer is not None else None) or 1
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": optim.get("scheduler_interval", "epoch"),
-                             "monitor": "val/elbo"},
+                             "monitor": monitor, "frequency": every if plateau else 1},
         }

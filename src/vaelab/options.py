@@ -85,3 +85,17 @@ def under_prefix(name: str, prefix: str) -> bool:
     """Whether the dotted ``name`` is under ``prefix``: ``mylab.`` (a module's contents) or
     ``mylab`` (the same: a module name, not the text's start, so not ``mylab_evil.pwn``)."""
     return name.startswith(prefix) if prefix.endswith(".") else f"{name}.".startswith(f"{prefix}.")
+
+#: the learning-rate schedulers that step on a validation number (``optim.scheduler``), not on
+#: the clock: vaelab hands them the checkpoint callback's monitor and mode (``vaelab.module``)
+PLATEAU_SCHEDULERS = ("torch.optim.lr_scheduler.ReduceLROnPlateau",)
+
+
+def checkpoint_monitor(config: Any) -> tuple[str, str]:
+    """What "better" means in a run: its checkpoint callback's ``monitor`` and ``mode``
+    (val/elbo, max; val/iwae under ``experiment=iwae_mnist``), which also pick the best
+    checkpoint; val/elbo and max where the config has no checkpoint callback."""
+    callbacks = config.get("callbacks") if hasattr(config, "get") else None
+    entry = callbacks.get("model_checkpoint") if hasattr(callbacks, "get") else None
+    entry = entry if hasattr(entry, "get") else {}
+    return str(entry.get("monitor") or "val/elbo"), str(entry.get("mode") or "max")

@@ -35,12 +35,14 @@ from vaelab.options import (
     FLOW_PRIORS,
     MALLOC_CHOICES,
     NAN_POLICIES,
+    PLATEAU_SCHEDULERS,
     PRECISIONS,
     RUN_OWN_EVALUATION,
     TERMS,
     VAMP_COMPONENTS,
     VAMP_SQUASHES,
     WHOLE_MODEL_PRECISIONS,
+    checkpoint_monitor,
     is_cuda_graph_choice,
 )
 
@@ -249,7 +251,36 @@ def value_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
         value = _select(cfg, key)
         if value is not _MISSING and not ok(value):
             problems.append(f"{key} must be {what}, got {value!r} (e.g. {fix})")
-    return problems + monitor_problems(cfg)
+    return problems + monitor_problems(cfg) + plateau_problems(cfg)
+
+
+def plateau_problems(cfg: DictConfig) -> list[str]:
+    """A scheduler that steps on a validation number (ReduceLROnPlateau: the checkpoint
+    callback's monitor, in its mode; ``vaelab.module``) where that number is not there when it
+    steps, or with the opposite direction (Lightning stopped the run at the first step or
+    epoch's end, or the learning rate fell while val/elbo rose)."""
+    schedule = _select(cfg, "optim.scheduler")
+    if not isinstance(schedule, Mapping) or schedule.get("_target_") not in PLATEAU_SCHEDULERS:
+        return []
+    name = str(schedule["_target_"]).rsplit(".", 1)[-1]
+    monitor, mode = checkpoint_monitor(cfg)
+    problems = []
+    if _select(cfg, "optim.scheduler_interval") == "step":
+        problems.append(f"optim.scheduler_interval=step: {name} steps on {monitor}, which a validation gives, not a "
+                        "training step (e.g. optim.scheduler_interval=epoch)")
+    given = schedule.get("mode", mode)
+    if given != mode:
+        problems.append(f"optim.scheduler.mode={given}: {name} would lower the learning rate while {monitor} improves "
+                        f"(callbacks.model_checkpoint.mode={mode}); leave it out (it then takes the checkpoint's mode) "
+                        f"or set optim.scheduler.mode={mode}")
+    trainer = _select(cfg, "trainer")
+    if isinstance(trainer, Mapping) and "check_val_every_n_epoch" in trainer and trainer["check_val_every_n_epoch"] is None:
+        problems.append(f"trainer.check_val_every_n_epoch=null: {name} steps at an epoch's end on {monitor}, which "
+                        "validation by steps does not give at each epoch's end (e.g. trainer.check_val_every_n_epoch=1)")
+    if isinstance(trainer, Mapping) and trainer.get("limit_val_batches") in (0, 0.0):
+        problems.append(f"trainer.limit_val_batches=0: {name} steps on {monitor}, which needs validation (e.g. "
+                        "trainer.limit_val_batches=1.0, or another optim.scheduler)")
+    return problems
 
 
 #: names a user may expect for vaelab's validation metrics (``val/iwae``: the importance-weighted

@@ -152,7 +152,8 @@ def test_an_explained_error_prints_its_message_alone_and_a_bug_its_traceback(tmp
                                              "encoder.hidden=[512,512])"),
         # checked where the value is used (the split's size against the data's)
         ("train.py", ["data.val_size=5000"], "SettingError: data.val_size=5000 leaves no training or no validation "
-                                             "data out of"),
+                                             "data out of 1437 images: set a number of images from 1 to 1436 or a "
+                                             "fraction, e.g. data.val_size=0.1"),
         ("train.py", ["+encoder.hiddn=[64]"], "ConfigError: the config has 1 problem; nothing has run yet:\n  "
                                               "+encoder.hiddn: MLPEncoder (encoder) takes no argument hiddn; did you "
                                               "mean hidden? (encoder.hidden=...)"),
@@ -1629,3 +1630,31 @@ def test_long_error_text_is_cut_at_a_word_and_an_untested_run_is_not_evaluated_a
     assert "  evaluate: python eval.py ckpt_path=/r/checkpoints/best.ckpt" in capsys.readouterr().out
     _print_summary({**base, "test": {"test/nll": 90.0}}, evaluation={})
     assert "  evaluate again: python eval.py ckpt_path=/r/checkpoints/best.ckpt" in capsys.readouterr().out
+
+
+def test_a_finished_runs_message_names_the_limit_that_ended_it_and_whether_it_was_tested():
+    """Ended by trainer.max_steps, the fix is a larger max_steps (a larger max_epochs did
+    nothing); untested (test=false), it does not say "tested"; ended before its limits (an
+    early stop), it names no limit to raise."""
+    from omegaconf import OmegaConf
+
+    from vaelab.jobs import finished_message
+
+    def message(trainer, trained, **summary):
+        cfg = OmegaConf.create({"paths": {"output_dir": "R"}, "trainer": trainer})
+        return finished_message({"trained": trained, "best_checkpoint": "R/best.ckpt", **summary}, cfg)
+
+    by_steps = message({"max_epochs": 2, "max_steps": 7}, {"epochs": 1, "global_step": 7})
+    assert "trained to epoch 1, step 7 (trainer.max_steps=7). Nothing ran" in by_steps
+    assert "  train it longer: python train.py ckpt_path=R trainer.max_steps=<more than 7, or -1: no limit>\n" in by_steps
+    assert "max_epochs" not in by_steps and "  test it:         python eval.py ckpt_path=R/best.ckpt" in by_steps
+    by_epochs = message({"max_epochs": 3}, {"epochs": 3, "global_step": 60}, test={"test/nll": 30.0},
+                        tested_checkpoint="R/t.ckpt")
+    assert "step 60 (trainer.max_epochs=3), and tested." in by_epochs
+    assert "python train.py ckpt_path=R trainer.max_epochs=<more than 3>\n  test it again:   python eval.py " \
+           "ckpt_path=R/t.ckpt" in by_epochs
+    both = message({"max_epochs": 1, "max_steps": 20}, {"epochs": 1, "global_step": 20})
+    assert "(trainer.max_steps=20 and trainer.max_epochs=1)" in both and "max_steps=<more than 20, or -1: no limit> " \
+           "trainer.max_epochs=<more than 1>" in both
+    early = message({"max_epochs": 100}, {"epochs": 12, "global_step": 240})
+    assert "(before its limits: an early stop, or trainer.max_time)" in early and "train it longer" not in early

@@ -509,7 +509,8 @@ class ImageDataModule(pl.LightningDataModule):
         v = self.val_size
         n_val = int(round(v * n)) if isinstance(v, float) and v < 1 else int(v)
         if not 0 < n_val < n:
-            raise SettingError(f"data.val_size={v} leaves no training or no validation data out of {n} images")
+            raise SettingError(f"data.val_size={v} leaves no training or no validation data out of {n} images: "
+                               f"set a number of images from 1 to {n - 1} or a fraction, e.g. data.val_size=0.1")
         return n_val
 
     def _loader(self, dataset: InMemoryImages | None, train: bool, split: str = "train") -> DataLoader:

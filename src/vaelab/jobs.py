@@ -42,6 +42,7 @@ from vaelab.runs import (
     earlier_commands,
     ensure_wandb_id,
     finished_run,
+    fit_limits,
     resolve_resume,
     trained_so_far,
     utc_time,
@@ -401,18 +402,37 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
 
 @rank_zero_only
 def _print_finished(summary: dict[str, Any], cfg: DictConfig) -> None:
+    print(finished_message(summary, cfg), flush=True)
+
+
+def finished_message(summary: dict[str, Any], cfg: DictConfig) -> str:
+    """What a resume of a finished run says (``vaelab.runs.finished_run``): where it got, the
+    limit that ended it (the one to raise to train it longer), and whether it was tested."""
     trained = summary["trained"]
     run = cfg.paths.output_dir
+    max_epochs, max_steps = fit_limits(cfg.trainer)
+    steps_done = max_steps != -1 and trained["global_step"] >= max_steps
+    epochs_done = max_epochs != -1 and trained["epochs"] >= max_epochs
+    raise_ = []
+    if steps_done:
+        raise_.append(f"trainer.max_steps=<more than {trained['global_step']}, or -1: no limit>")
+    if epochs_done:
+        raise_.append(f"trainer.max_epochs=<more than {trained['epochs']}>")
+    limits = " and ".join(f"trainer.{k}={v}" for k, v, done in (("max_steps", max_steps, steps_done),
+                                                                 ("max_epochs", max_epochs, epochs_done)) if done)
+    why = f"({limits})" if limits else "(before its limits: an early stop, or trainer.max_time)"
     tested = summary.get("tested_checkpoint") or summary.get("best_checkpoint")
     lines = [
         "", f"vaelab: the run in {run} has finished: trained to epoch {trained['epochs']}, step "
-        f"{trained['global_step']} (trainer.max_epochs={cfg.trainer.get('max_epochs')}), and tested. Nothing "
-        "ran; its folder is as it was, and its summary.json holds its numbers.",
-        f"  train it longer: python train.py ckpt_path={run} trainer.max_epochs=<more than {trained['epochs']}>",
+        f"{trained['global_step']} {why}{', and tested' if summary.get('test') else ''}. Nothing ran; its folder "
+        "is as it was, and its summary.json holds its numbers.",
     ]
+    if raise_:
+        lines.append(f"  {'train it longer:':<17}python train.py ckpt_path={run} {' '.join(raise_)}")
     if tested:
-        lines.append(f"  test it again:   python eval.py ckpt_path={tested}")
-    print("\n".join(lines), flush=True)
+        label = "test it again:" if summary.get("test") else "test it:"
+        lines.append(f"  {label:<17}python eval.py ckpt_path={tested}")
+    return "\n".join(lines)
 
 
 # --- evaluation -------------------------------------------------------------------------------

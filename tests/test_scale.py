@@ -36,6 +36,25 @@ def _env(*extra: Path) -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
+def _shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> Path:
+    """The folder of a run that ``make(folder)`` makes once a test session and that several tests
+    compare with, also across pytest-xdist's processes (``make test`` runs the parametrized
+    cases of one test in parallel): the first test to ask makes it, under a lock file in the
+    session's temp folder that all of them share; the others wait for it and read it."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # (xdist: <session>/popen-gwN)
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 def _run_group(wandb_file: Path) -> str:
     """The W&B group of an offline run, from its run record."""
     from wandb.proto import wandb_internal_pb2 as pb
@@ -537,7 +556,8 @@ def test_random_streams_continue_from_a_checkpoint_or_are_seeded_afresh_with_a_w
 @pytest.mark.parametrize(("processes", "stop", "at"),
                          [("one", "error", 31), ("ddp_sim", "error", 31), ("one", "sigterm", 31), ("one", "sigterm", 19)])
 def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_runs_weights(tmp_path, processes,
-                                                                                             stop, at):
+                                                                                             stop, at,
+                                                                                             tmp_path_factory):
     """Stopped by an error at step 31 of 60 (20 a epoch, a step checkpoint every 7), resumed
     with ``ckpt_path=<run folder>`` from step 28: the rest of epoch 1 takes that epoch's order
     (the training loader's place) and every process draws what the uninterrupted run drew (its
@@ -561,8 +581,10 @@ def test_a_run_stopped_inside_an_epoch_and_resumed_ends_with_the_uninterrupted_r
     common = ["trainer.max_epochs=3", "callbacks.step_checkpoint.every_n_train_steps=7", "logger=csv", *FAST]
     if processes == "ddp_sim":
         common += ["trainer=ddp_sim", "data.batch_size=32"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    check(run_cli("train.py", *common, f"hydra.run.dir={whole}", cwd=tmp_path, env=_env(tmp_path)))
+    cut = tmp_path / "cut"
+    # the uninterrupted run, made once for the cases of each number of processes
+    whole = _shared_run(tmp_path_factory, f"whole-{processes}", lambda folder: check(run_cli(
+        "train.py", *common, f"hydra.run.dir={folder}", cwd=folder.parent, env=_env())))
     stopped = run_cli("train.py", *common, "allowed_targets=[stop.]", "+callbacks.stop._target_=stop.StopOnce",
                       f"+callbacks.stop.step={at}", f"+callbacks.stop.marker={tmp_path / 'stopped'}",
                       f"hydra.run.dir={cut}", cwd=tmp_path, env=_env(tmp_path))

@@ -716,21 +716,37 @@ def test_a_loader_state_it_cannot_continue_gives_a_whole_fresh_epoch():
     assert all(torch.equal(a, b) for a, b in zip([y for _, y in resumed], first[5:], strict=True))
 
 
-def test_an_evaluation_loader_with_persistent_workers_leaves_torchs_random_stream_alone():
+def test_an_evaluation_loader_leaves_torchs_random_stream_alone():
     """Its workers' base seed is drawn outside torch's stream: an uninterrupted run makes the
     iterator in its sanity check, a run resumed inside an epoch at its first validation, and
-    the training's draws after that must not depend on which (found by comparing the two)."""
-    from vaelab.datamodules import PersistentEvalLoader
+    the training's draws after that must not depend on which (found by comparing the two), nor
+    on data.num_workers (without workers every pass drew one)."""
+    from vaelab.datamodules import EvalLoader
 
-    dm = setup(Digits(batch_size=50, num_workers=1))
-    loader = dm.val_dataloader()
-    assert isinstance(loader, PersistentEvalLoader) and loader.persistent_workers
-    assert type(setup(Digits(batch_size=50)).val_dataloader()) is not PersistentEvalLoader  # no workers: as before
-    torch.manual_seed(0)
-    before = torch.get_rng_state()
-    for _ in range(2):
-        assert sum(len(x) for x, _ in loader) == 180
-    assert torch.equal(torch.get_rng_state(), before)
+    for workers in (1, 0):
+        loader = setup(Digits(batch_size=50, num_workers=workers)).val_dataloader()
+        assert isinstance(loader, EvalLoader) and loader.persistent_workers == (workers > 0)
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        for _ in range(2):
+            assert sum(len(x) for x, _ in loader) == 180
+        assert torch.equal(torch.get_rng_state(), before), workers
+
+
+def test_the_training_draws_the_same_numbers_whatever_data_num_workers():
+    """An epoch's one draw from torch's stream is its order: with loader workers (persistent,
+    listing batches ahead) and without (a new iterator each epoch, which drew its workers' base
+    seed from the stream every time), the same batches, and the same stream after each epoch."""
+    def epochs(workers):
+        loader = setup(Digits(batch_size=100, num_workers=workers)).train_dataloader()
+        torch.manual_seed(0)
+        seen = []
+        for _ in range(3):
+            seen.append((torch.cat([y for _, y in loader]), torch.get_rng_state()))
+        return seen
+
+    for (a, state_a), (b, state_b) in zip(epochs(0), epochs(2), strict=True):
+        assert torch.equal(a, b) and torch.equal(state_a, state_b)
 
 
 class _Trainer:

@@ -170,7 +170,11 @@ def test_model_compile_mode_reaches_torch_compile_and_a_wrong_one_names_the_choi
         VAEModule(*config("model.compile=true", "model.compile_mode=fastest"))
 
 
-def test_throughput_monitor_times_the_training_batches_and_not_the_validation(tmp_path):
+@pytest.mark.parametrize("val_check_interval", [1.0, 0.5])
+def test_throughput_monitor_times_the_training_batches_and_not_the_validation(tmp_path, val_check_interval):
+    """One figure an epoch, over its training batches: its validations (at its end, and within
+    it with val_check_interval < 1, where the clock went on through the first) left out; the
+    file holds each epoch as soon as it ends (a run killed later kept none)."""
     import json
     import time
 
@@ -194,16 +198,46 @@ def test_throughput_monitor_times_the_training_batches_and_not_the_validation(tm
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+    written: list[list[int]] = []
+
+    class Peek(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                written.append([e["epoch"] for e in json.loads((tmp_path / "throughput.json").read_text())["epochs"]])
+
     data = DataLoader(TensorDataset(torch.zeros(40, 1)), batch_size=4)  # 10 batches
     monitor = ThroughputMonitor(save_path=str(tmp_path / "throughput.json"))
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", callbacks=[monitor], num_sanity_val_steps=0)
+                         enable_model_summary=False, accelerator="cpu", callbacks=[monitor, Peek()],
+                         num_sanity_val_steps=0, val_check_interval=val_check_interval)
     trainer.fit(Slow(), data, data)
+    assert written == [[0]]
     epochs = json.loads((tmp_path / "throughput.json").read_text())["epochs"]
-    assert [e["images"] for e in epochs] == [40, 40]
+    assert [(e["epoch"], e["images"]) for e in epochs] == [(0, 40), (1, 40)]
     for e in epochs:
-        assert 0.1 <= e["seconds"] < 0.5, e  # 10 steps of 10 ms, not the 1 s of validation
+        assert 0.1 <= e["seconds"] < 0.5, e  # 10 steps of 10 ms, not the 1 s (or 2 s) of validation
         assert e["images_per_sec"] == pytest.approx(40 / e["seconds"])
+
+
+def test_the_epoch_line_shows_the_val_numbers_of_that_epochs_validation_only(capsys):
+    """The one line an epoch (output to a file or pipe): with validation every other epoch, an
+    epoch without one showed the last validation's val/elbo as its own."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vaelab.callbacks import ProgressBar
+
+    images = torch.bernoulli(torch.full((32, 1, 8, 8), 0.3))
+    data = DataLoader(TensorDataset(images, torch.zeros(32)), batch_size=8)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         accelerator="cpu", callbacks=[ProgressBar(interactive=False)], check_val_every_n_epoch=2,
+                         num_sanity_val_steps=0)
+    capsys.readouterr()
+    trainer.fit(_tiny_module(), data, data)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert ["val/elbo" in line for line in lines] == [False, True, False], lines
+    assert all("train/elbo_epoch" in line for line in lines)
 
 
 def test_sum_mean_is_the_exact_mean_over_all_examples_and_resets():

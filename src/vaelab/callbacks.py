@@ -310,6 +310,7 @@ class ProgressBar(TQDMProgressBar):
         self.interactive = sys.stdout.isatty() if interactive is None else bool(interactive)
         super().__init__(refresh_rate=refresh_rate if self.interactive else 0)
         self._epoch_started = 0.0
+        self._validated_epoch: int | None = None
         if not self.interactive:
             # no bar to move (refresh_rate 0): Lightning's loop skips a hook that is None
             self.on_train_batch_end = None  # type: ignore[assignment,method-assign]
@@ -330,30 +331,41 @@ class ProgressBar(TQDMProgressBar):
         self._epoch_started = time.time()
         super().on_train_epoch_start(trainer, pl_module)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self.interactive or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         parts = [epoch_label(trainer.current_epoch, trainer.max_epochs)]
-        parts += [f"{k} {float(metrics[k]):.2f}" for k in self.KEYS if k in metrics]
+        # val/* of this epoch's validation only (callback_metrics keeps an earlier one's where
+        # this epoch had none: check_val_every_n_epoch > 1, a stop by max_steps)
+        validated = self._validated_epoch == trainer.current_epoch
+        parts += [f"{k} {float(metrics[k]):.2f}" for k in self.KEYS
+                  if k in metrics and (validated or not k.startswith("val/"))]
         parts.append(f"({time.time() - self._epoch_started:.1f} s)")
         print("  ".join(parts), flush=True)
 
 
 class ThroughputMonitor(pl.Callback):
-    """Training throughput: images per second over each epoch's training batches (validation
-    excluded), logged as ``perf/train_images_per_sec``, and the peak resident memory. With
-    ``save_path`` the per-epoch figures are also written as JSON when training ends (the
-    benchmarks in ``benchmarks/`` read them); a resumed run keeps the epochs the file holds
-    from before the epoch it resumes in. An epoch resumed within it counts from the resume:
-    its images and seconds are those trained and spent in this process."""
+    """Training throughput: images per second over each epoch's training batches (its
+    validations excluded, those within the epoch too), logged as ``perf/train_images_per_sec``
+    at the epoch's end, and the peak resident memory. With ``save_path`` the per-epoch figures
+    are also written as JSON after each epoch (a run killed later keeps them) and when training
+    ends (the benchmarks in ``benchmarks/`` read them); a resumed run keeps the epochs the file
+    holds from before the epoch it resumes in. An epoch resumed within it counts from the
+    resume: its images and seconds are those trained and spent in this process."""
 
     def __init__(self, save_path: str | None = None):
         super().__init__()
         self.save_path = Path(save_path) if save_path else None
         self.epochs: list[dict[str, float]] = []
-        self._start = 0.0
+        self._start: float | None = None  # the clock runs from here (None: stopped, for a validation)
+        self._seconds = 0.0
         self._images = 0
 
     def _sync(self, pl_module: pl.LightningModule) -> None:
@@ -372,37 +384,53 @@ class ThroughputMonitor(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module)
-        self._start, self._images = time.perf_counter(), 0
+        self._start, self._seconds, self._images = time.perf_counter(), 0.0, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += int(batch[0].shape[0])
 
+    def _fitting(self, trainer: pl.Trainer) -> bool:
+        # (not `trainer.training`: that is False once the validation loop has begun, which made
+        # every epoch's figure include its validation)
+        return not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING
+
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # validation inside fit runs before on_train_epoch_end: stop the clock here. (Not
-        # `trainer.training`: that is False once the validation loop has begun, which made
-        # every epoch's figure include its validation.)
-        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
-            self._record(trainer, pl_module)
+        if self._fitting(trainer):
+            self._stop_clock(pl_module)  # validation, at the epoch's end or within it, is not training
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fitting(trainer):
+            self._sync(pl_module)
+            self._start = time.perf_counter()  # training goes on (within an epoch), or the epoch ends
+
+    def _stop_clock(self, pl_module: pl.LightningModule) -> None:
+        if self._start is not None:
+            self._sync(pl_module)
+            self._seconds += time.perf_counter() - self._start
+            self._start = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._record(trainer, pl_module)  # epochs without validation
-
-    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._images == 0:
+        self._stop_clock(pl_module)
+        if self._images == 0 or self._seconds <= 0:
             return
-        self._sync(pl_module)
-        seconds = time.perf_counter() - self._start
-        rate = self._images * trainer.world_size / seconds
+        rate = self._images * trainer.world_size / self._seconds
         self.epochs.append({"epoch": trainer.current_epoch, "images": self._images * trainer.world_size,
-                            "seconds": seconds, "images_per_sec": rate})
+                            "seconds": self._seconds, "images_per_sec": rate})
         pl_module.log("perf/train_images_per_sec", rate, rank_zero_only=True)
         self._images = 0
+        self._write(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_path is not None and trainer.is_global_zero:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-            out = {"epochs": self.epochs, "peak_rss_mib": peak}
-            if pl_module.device.type == "cuda":
-                out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-            self.save_path.parent.mkdir(parents=True, exist_ok=True)
-            self.save_path.write_text(json.dumps(out, indent=2))
+        self._write(trainer, pl_module)
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_path is None or not trainer.is_global_zero:
+            return
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+        out = {"epochs": self.epochs, "peak_rss_mib": peak}
+        if pl_module.device.type == "cuda":
+            out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        self.save_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.save_path.with_name(f".{self.save_path.name}.partial")
+        partial.write_text(json.dumps(out, indent=2))
+        partial.replace(self.save_path)  # (whole or not at all: a kill while writing keeps the last)

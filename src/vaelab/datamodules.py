@@ -207,9 +207,14 @@ class ShuffledOrder(RandomSampler):
         super().__init__(data_source, generator=generator)
         self.key: int | torch.Tensor | None = None
 
+    def draw_key(self) -> int | None:
+        """The next order's key, drawn from torch's global stream as ``order()`` would draw it
+        (None with a ``generator`` of one's own, whose state is the key)."""
+        return int(torch.empty((), dtype=torch.int64).random_().item()) if self.generator is None else None
+
     def order(self, key: int | torch.Tensor | None = None) -> torch.Tensor:
         if self.generator is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item()) if key is None else int(key)
+            seed = self.draw_key() if key is None else int(key)
             generator = torch.Generator()
             generator.manual_seed(seed)
             self.key = seed
@@ -248,6 +253,16 @@ class TensorBatchSampler(BatchSampler):
     def resume_at(self, key: int | torch.Tensor | None, batches_done: int) -> None:
         self.pending = (key, int(batches_done))
 
+    def draw_order(self) -> None:
+        """Draw the next pass's order now, from torch's stream (``ShuffledOrder``), rather than
+        at its first batch: a DataLoader's iterator lists batches ahead of the first when it
+        has workers, and at the first when it has none; drawn here, the same draw comes at the
+        same point of the stream either way (``ResumableLoader``)."""
+        if self.pending is None and isinstance(self.sampler, ShuffledOrder):
+            key = self.sampler.draw_key()
+            if key is not None:
+                self.pending = (key, 0)
+
     @property
     def key(self) -> int | torch.Tensor | None:
         """What the latest pass's order was drawn from (``None`` for a sampler without one)."""
@@ -273,20 +288,20 @@ class ResumableLoader(DataLoader):
     loader has handed to training so far: counted here, where Lightning takes them, not in the
     sampler, which DataLoader workers read ahead of training. So a run resumed from a
     checkpoint saved inside an epoch trains on the rest of that epoch's order, every example
-    once, as the uninterrupted run would have.
+    once (under DDP, as Lightning's DistributedSampler shards it: it repeats up to one example
+    a process so that the shards are even), as the uninterrupted run would have.
     """
 
     batch_sampler: TensorBatchSampler
     _handed_out = 0
 
     def __iter__(self):
-        pending = self.batch_sampler.pending
+        pending = self.batch_sampler.pending  # (a resumed epoch's order and place)
         self._handed_out = pending[1] if pending else 0
-        # a new iterator draws its workers' base seed from torch's generator; for a resumed
-        # epoch the uninterrupted run drew it at the epoch's start, before the state that the
-        # resumed run's random streams continue from (vaelab.distributed.RandomStreams)
-        with torch.random.fork_rng(devices=[]) if pending else contextlib.nullcontext():
-            batches = super().__iter__()
+        # the epoch's order is the one draw an epoch makes from torch's random stream; the new
+        # iterator's draw of its workers' base seed is kept out of the stream (_iterator_outside_the_stream)
+        self.batch_sampler.draw_order()
+        batches = _iterator_outside_the_stream(super().__iter__)
         for batch in batches:
             self._handed_out += 1
             yield batch
@@ -313,18 +328,25 @@ class ResumableLoader(DataLoader):
         self.batch_sampler.resume_at(state["order_key"], done)
 
 
-class PersistentEvalLoader(DataLoader):
-    """A validation or test loader whose worker processes persist from one pass to the next
-    (``data.num_workers > 0``). A DataLoader draws its workers' base seed from torch's random
-    stream when it makes its iterator; with persistent workers that is once, at the first
-    pass, which an uninterrupted run makes in its sanity check and a run resumed inside an
-    epoch (which Lightning runs without one) at its first validation, one draw after the
-    random state it continued from (``vaelab.distributed.RandomStreams``). Drawn outside the
-    stream, the training's draws do not depend on it."""
+def _iterator_outside_the_stream(make: Any) -> Any:
+    """A DataLoader's new iterator, made without a draw from torch's random stream. Making one
+    draws its workers' base seed from the stream: at every pass without workers or with
+    workers that do not persist, once with persistent workers (``data.num_workers > 0``), which
+    an uninterrupted run makes in its sanity check and a run resumed inside an epoch (which
+    Lightning runs without one) at its first validation. Drawn from the stream, the training's
+    later draws depended on ``data.num_workers`` and, after a resume, on where it resumed. The
+    base seed is still the stream's next number (the same in a resumed run), just not taken."""
+    with torch.random.fork_rng(devices=[]):
+        return make()
+
+
+class EvalLoader(DataLoader):
+    """A validation or test loader whose passes leave torch's random stream alone
+    (``_iterator_outside_the_stream``): the training draws the same numbers with or without
+    them, and whatever ``data.num_workers``."""
 
     def __iter__(self):
-        with torch.random.fork_rng(devices=[]):
-            return super().__iter__()
+        return _iterator_outside_the_stream(super().__iter__)
 
 
 def _batch_collate(batch: Any) -> Any:
@@ -525,7 +547,7 @@ class ImageDataModule(pl.LightningDataModule):
                                          device=dataset.device)
             return ResumableLoader(dataset, batch_sampler=batches, collate_fn=_batch_collate,
                                    pin_memory=self.pin_memory and on_host, **workers)
-        return (PersistentEvalLoader if workers.get("persistent_workers") else DataLoader)(
+        return EvalLoader(
             dataset,
             batch_size=self.eval_batch_size,
             # under DDP, validation and test shards without padded duplicates, so that val/elbo

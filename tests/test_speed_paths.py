@@ -205,6 +205,10 @@ def test_throughput_monitor_times_the_training_batches_and_not_the_validation(tm
             if trainer.current_epoch == 1:
                 written.append([e["epoch"] for e in json.loads((tmp_path / "throughput.json").read_text())["epochs"]])
 
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                time.sleep(0.5)  # (where the epoch's checkpoints are saved, after the monitor's hook): not training
+
     data = DataLoader(TensorDataset(torch.zeros(40, 1)), batch_size=4)  # 10 batches
     monitor = ThroughputMonitor(save_path=str(tmp_path / "throughput.json"))
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,

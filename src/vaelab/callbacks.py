@@ -399,9 +399,13 @@ class ThroughputMonitor(pl.Callback):
             self._stop_clock(pl_module)  # validation, at the epoch's end or within it, is not training
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._fitting(trainer):
+        # training goes on after a validation within the epoch; after the epoch's last (where
+        # the checkpoints are saved next) the clock stays stopped
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
+            trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps)
+        if self._fitting(trainer) and not last:
             self._sync(pl_module)
-            self._start = time.perf_counter()  # training goes on (within an epoch), or the epoch ends
+            self._start = time.perf_counter()
 
     def _stop_clock(self, pl_module: pl.LightningModule) -> None:
         if self._start is not None:

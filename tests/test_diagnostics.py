@@ -355,8 +355,8 @@ def test_the_test_pictures_show_examples_from_the_whole_of_a_split_stored_by_cla
 def _fake_trainer(epoch, **kwargs):
     from types import SimpleNamespace
 
-    defaults = dict(sanity_checking=False, current_epoch=epoch, max_epochs=3, val_check_batch=20,
-                    num_training_batches=20, loggers=[],
+    defaults = dict(sanity_checking=False, current_epoch=epoch, max_epochs=3, max_steps=-1, global_step=20 * epoch + 20,
+                    check_val_every_n_epoch=1, val_check_batch=20, num_training_batches=20, loggers=[],
                     fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=20 * epoch + 19)))
     return SimpleNamespace(**{**defaults, **kwargs})
 
@@ -376,6 +376,20 @@ def test_the_last_epoch_has_its_pictures_and_each_validation_its_own_file(tmp_pa
     mid = _fake_trainer(1, val_check_batch=10, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=29)))
     images.on_validation_epoch_end(mid, None)
     assert (tmp_path / "samples" / "epoch=0001-step=29.png").is_file()
+    # a validation every few seconds (trainer.val_check_interval a time: val_check_batch None)
+    timed = _fake_trainer(1, val_check_batch=None)
+    images.on_validation_epoch_end(timed, None)
+    assert (tmp_path / "samples" / "epoch=0001-step=39.png").is_file()
+    # the last validation that the limits allow: trainer.max_steps reached; the last validating
+    # epoch of trainer.max_epochs (check_val_every_n_epoch=2 of 3 epochs: the second, and of 5
+    # epochs not the second)
+    images = ImageLogger(save_dir=str(tmp_path / "limits"), every_n_epochs=5)
+    images.pictures = lambda trainer, module: {"val/samples": (torch.rand(3, 8, 8), "caption")}
+    images.on_validation_epoch_end(_fake_trainer(0, max_steps=20, max_epochs=10), None)
+    images.on_validation_epoch_end(_fake_trainer(1, max_epochs=3, check_val_every_n_epoch=2), None)
+    images.on_validation_epoch_end(_fake_trainer(1, max_epochs=5, check_val_every_n_epoch=2), None)  # not yet
+    images.on_validation_epoch_end(_fake_trainer(0, max_steps=40, max_epochs=10), None)  # not yet
+    assert sorted(p.name for p in (tmp_path / "limits" / "samples").iterdir()) == ["epoch=0000.png", "epoch=0001.png"]
 
 
 def test_a_picture_sent_to_wandb_without_a_file_has_the_files_pixels_at_the_scalars_step(tmp_path):

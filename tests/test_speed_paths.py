@@ -206,8 +206,7 @@ def test_throughput_monitor_times_the_training_batches_and_not_the_validation(tm
                 written.append([e["epoch"] for e in json.loads((tmp_path / "throughput.json").read_text())["epochs"]])
 
         def on_validation_end(self, trainer, pl_module):
-            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-                time.sleep(0.5)  # (where the epoch's checkpoints are saved, after the monitor's hook): not training
+            time.sleep(0.5)  # (where the checkpoints are saved, after the monitor's hook): not training
 
     data = DataLoader(TensorDataset(torch.zeros(40, 1)), batch_size=4)  # 10 batches
     monitor = ThroughputMonitor(save_path=str(tmp_path / "throughput.json"))

@@ -109,17 +109,17 @@ class ImageLogger(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        last_epoch = trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1
-        if (trainer.current_epoch + 1) % self.every_n_epochs and not last_epoch:
-            return  # (training's last epoch has its pictures whatever every_n_epochs)
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not _last_validation(trainer):
+            return  # (training's last validation has its pictures whatever every_n_epochs)
         self._log(trainer, pl_module)
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pictures = self.pictures(trainer, pl_module)
         name = f"epoch={trainer.current_epoch:04d}"
-        if trainer.val_check_batch < trainer.num_training_batches:
-            # more than one validation an epoch (trainer.val_check_interval < 1): one file each
+        if trainer.val_check_batch is None or trainer.val_check_batch < trainer.num_training_batches:
+            # more than one validation an epoch (trainer.val_check_interval < 1, or a time:
+            # val_check_batch None): one file each
             name += f"-step={_logged_step(trainer)}"
         for key, (grid, caption) in pictures.items():
             self._emit(trainer, key, grid, caption, Path(key.split("/")[-1]) / f"{name}.png")
@@ -279,6 +279,16 @@ class ImageLogger(pl.Callback):
         return out
 
 
+def _last_validation(trainer: pl.Trainer) -> bool:
+    """Whether the limits leave no later validation: trainer.max_steps is reached, or no later
+    epoch of trainer.max_epochs validates (check_val_every_n_epoch). (An early stop or
+    trainer.max_time cannot be foreseen.)"""
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return True
+    every = trainer.check_val_every_n_epoch or 1
+    return trainer.max_epochs not in (None, -1) and trainer.current_epoch + every >= trainer.max_epochs
+
+
 def _logged_step(trainer: pl.Trainer) -> int:
     """The step on the loggers' axis of the scalars logged now: Lightning logs them at the
     number of optimizer steps taken before this batch's (``_batches_that_stepped``), so an
@@ -386,6 +396,11 @@ class ThroughputMonitor(pl.Callback):
         self._sync(pl_module)
         self._start, self._seconds, self._images = time.perf_counter(), 0.0, 0
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:  # training goes on after a validation within the epoch
+            self._sync(pl_module)
+            self._start = time.perf_counter()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._images += int(batch[0].shape[0])
 
@@ -396,16 +411,9 @@ class ThroughputMonitor(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._fitting(trainer):
-            self._stop_clock(pl_module)  # validation, at the epoch's end or within it, is not training
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # training goes on after a validation within the epoch; after the epoch's last (where
-        # the checkpoints are saved next) the clock stays stopped
-        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or (
-            trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps)
-        if self._fitting(trainer) and not last:
-            self._sync(pl_module)
-            self._start = time.perf_counter()
+            # validation, at the epoch's end or within it, is not training, nor are the checkpoint
+            # saves after it: the clock starts again at the next training batch
+            self._stop_clock(pl_module)
 
     def _stop_clock(self, pl_module: pl.LightningModule) -> None:
         if self._start is not None:

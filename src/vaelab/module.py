@@ -613,7 +613,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         plateau = issubclass(get_class(schedule["_target_"]), torch.optim.lr_scheduler.ReduceLROnPlateau)
         # ReduceLROnPlateau steps on the monitored validation number, in the checkpoint's
         # direction (its own default, mode=min, lowered the learning rate while val/elbo rose),
-        # after each validation (check_val_every_n_epoch; not where no validation ran)
+        # at the end of each epoch that validates (check_val_every_n_epoch; not where none ran)
         extra = {"mode": mode} if plateau and "mode" not in schedule else {}
         scheduler = instantiate(schedule, _partial_=True)(optimizer=optimizer, **extra)
         every = (trainer.check_val_every_n_epoch if trainer is not None else None) or 1

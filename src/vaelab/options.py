@@ -86,6 +86,7 @@ def under_prefix(name: str, prefix: str) -> bool:
     ``mylab`` (the same: a module name, not the text's start, so not ``mylab_evil.pwn``)."""
     return name.startswith(prefix) if prefix.endswith(".") else f"{name}.".startswith(f"{prefix}.")
 
+
 #: the learning-rate schedulers that step on a validation number (``optim.scheduler``), not on
 #: the clock: vaelab hands them the checkpoint callback's monitor and mode (``vaelab.module``)
 PLATEAU_SCHEDULERS = ("torch.optim.lr_scheduler.ReduceLROnPlateau",)

@@ -430,9 +430,17 @@ class VAEModule(PlainAttributes, pl.LightningModule):
 
     def _logging_step(self) -> bool:
         """Whether Lightning passes this step's values to the loggers (every
-        ``trainer.log_every_n_steps``): values logged on other steps are dropped anyway."""
-        connector = getattr(self._trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        ``trainer.log_every_n_steps``): values logged on other steps are dropped anyway. Under
+        gradient accumulation, only on the batch whose optimizer step runs (as Lightning's own
+        step logging): its flag stays up for every batch of that step, and each one logged a
+        point of its own, the first over the interval and the others one batch each."""
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if not getattr(connector, "should_update_logs", True):
+            return False
+        if getattr(trainer, "accumulate_grad_batches", 1) > 1:
+            return not trainer.fit_loop._should_accumulate()
+        return True
 
     def _log_step_values(self, scalars: dict[str, float], step: int | None = None) -> None:
         """The ``train/*`` step values, sent to the loggers the way Lightning's logger connector

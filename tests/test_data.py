@@ -797,3 +797,14 @@ def test_on_device_options_are_checked_and_name_the_fix():
         Digits(on_device="gpu")
     with pytest.raises(ValueError, match="num_workers=0"):
         Digits(on_device=True, num_workers=2)
+
+
+def test_a_batch_larger_than_the_training_split_with_drop_last_is_refused_naming_the_fix():
+    """data.drop_last=true with data.batch_size over the training images left no batch: the
+    run trained nothing, tested the untrained model and said it had finished."""
+    from vaelab.errors import SettingError
+
+    assert len(list(setup(Digits(batch_size=2000)).train_dataloader())) == 1  # without drop_last: one short batch
+    with pytest.raises(SettingError, match=r"data.batch_size=2000 with data.drop_last=true leaves no training batch "
+                                           r"\(1257 training images\): lower data.batch_size, or data.drop_last=false"):
+        setup(Digits(batch_size=2000, drop_last=True)).train_dataloader()

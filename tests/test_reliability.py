@@ -1660,3 +1660,26 @@ def test_a_finished_runs_message_names_the_limit_that_ended_it_and_whether_it_wa
            "trainer.max_epochs=<more than 1>" in both
     early = message({"max_epochs": 100}, {"epochs": 12, "global_step": 240})
     assert "(before its limits: an early stop, or trainer.max_time)" in early and "train it longer" not in early
+
+
+def test_a_run_that_would_do_nothing_or_an_out_of_range_seed_is_refused(tmp_path, capsys):
+    """train=false test=false ran nothing and said it had finished; trainer.limit_train_batches=0
+    tested the untrained model as if trained; seed=-1 stopped in numpy with a traceback. And
+    a run without a best checkpoint (no validation) names the checkpoint to evaluate."""
+    import re
+
+    from test_config import compose_train
+
+    from vaelab.jobs import _print_summary
+    from vaelab.validation import ConfigError, validate_train_config
+
+    for overrides, words in ((["train=false", "test=false"], "train=false with test=false: nothing would run"),
+                             (["+trainer.limit_train_batches=0"], "trainer.limit_train_batches=0 trains nothing"),
+                             (["seed=-1"], "seed must be an integer from 0 to 4294967295, got -1"),
+                             (["seed=4294967296"], "seed must be an integer from 0 to 4294967295")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            validate_train_config(compose_train(tmp_path, *overrides))
+    validate_train_config(compose_train(tmp_path, "seed=4294967295", "test=false"))
+    _print_summary({"output_dir": "R", "best_checkpoint": None, "last_checkpoint": "R/last.ckpt",
+                    "tested_checkpoint": "R/last.ckpt", "test": {"test/nll": 30.0}, "wall_time_s": 1.0}, {})
+    assert "evaluate again: python eval.py ckpt_path=R/last.ckpt" in capsys.readouterr().out

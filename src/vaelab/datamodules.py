@@ -541,6 +541,12 @@ class ImageDataModule(pl.LightningDataModule):
         on_host = dataset.device.type == "cpu"
         workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0) if on_host else {}
         if train:
+            processes = self.trainer.world_size if self.trainer is not None else 1
+            if self.drop_last and math.ceil(len(dataset) / processes) < self.batch_size:
+                over = f" over {processes} processes" if processes > 1 else ""
+                raise SettingError(f"data.batch_size={self.batch_size} with data.drop_last=true leaves no training "
+                                   f"batch ({len(dataset)} training images{over}): lower data.batch_size, or "
+                                   "data.drop_last=false")
             # an epoch's order as one index tensor; under DDP Lightning rebuilds the batch
             # sampler around its DistributedSampler
             batches = TensorBatchSampler(ShuffledOrder(dataset), self.batch_size, self.drop_last,

@@ -394,9 +394,11 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
                      f"{len(commands)} commands that trained this run)")
     else:
         lines.append(f"  wall time       {summary['wall_time_s']} s")
-    if summary.get("best_checkpoint"):
+    # (the last checkpoint where no validation picked a best one)
+    evaluated = summary.get("tested_checkpoint") or summary.get("best_checkpoint") or summary.get("last_checkpoint")
+    if evaluated:
         again = " again" if summary.get("test") else ""  # (test=false: it has not been evaluated)
-        lines.append(f"  evaluate{again}: python eval.py ckpt_path={summary['best_checkpoint']}")
+        lines.append(f"  evaluate{again}: python eval.py ckpt_path={evaluated}")
     print("\n".join(lines), flush=True)
 
 

@@ -138,7 +138,8 @@ def _devices(v: Any) -> bool:
 #: (config key, test, what it must be, an example of a fix); checked where the key exists
 RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("latent_dim", _int_at_least(1), "a positive integer", "latent_dim=16"),
-    ("seed", _is_int, "an integer", "seed=0"),
+    # (numpy's and so Lightning's seed_everything's range)
+    ("seed", lambda v: _is_int(v) and 0 <= v <= 2**32 - 1, "an integer from 0 to 4294967295", "seed=0"),
     # a string would be read letter by letter: allowed_targets=mylab. allowed every target under "m"
     ("allowed_targets", lambda v: isinstance(v, Sequence) and not isinstance(v, str)
      and all(isinstance(a, str) and a.strip() for a in v), "a list of module prefixes", "'allowed_targets=[mylab.]'"),
@@ -644,6 +645,13 @@ def validate_train_config(cfg: DictConfig) -> None:
         problems.append(f"train=false with ckpt_path={cfg.ckpt_path}: to test a checkpoint, python eval.py "
                         f"ckpt_path={cfg.ckpt_path} (it writes metrics.json in a folder of its own and leaves "
                         "the run's summary.json as it is)")
+    if cfg.get("train", True) is False and cfg.get("test", True) is False:
+        problems.append("train=false with test=false: nothing would run (train=false tests the model as built, "
+                        "untrained; drop test=false)")
+    limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
+    if cfg.get("train", True) is not False and _is_num(limit) and limit == 0:
+        problems.append("trainer.limit_train_batches=0 trains nothing: for the untrained model's test numbers, "
+                        "train=false")
     earlier = earlier_run_problem(cfg)
     if earlier:
         problems.append(earlier)

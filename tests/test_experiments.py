@@ -100,7 +100,20 @@ def test_a_plateau_scheduler_steps_on_the_checkpoints_number_in_its_direction_af
 
 @pytest.mark.slow
 def test_a_plateau_scheduler_trains_with_validation_every_other_epoch(tmp_path):
+    """And a user's subclass of it is checked as torch's class is, before the run starts (the
+    config check, which imports nothing, knows torch's by name)."""
+    import os
+
     from conftest import REPO, check, run_cli
 
     check(run_cli("train.py", PLATEAU, "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2", "logger=csv",
                   "test=false", "callbacks.images.every_n_epochs=1000", f"hydra.run.dir={tmp_path}/run", cwd=REPO))
+    (tmp_path / "myplateau.py").write_text("from torch.optim.lr_scheduler import ReduceLROnPlateau\n"
+                                           "class MyPlateau(ReduceLROnPlateau):\n    pass\n")
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = run_cli("train.py", "allowed_targets=[myplateau.]", "optim.scheduler={_target_:myplateau.MyPlateau,mode:min}",
+                   "optim.scheduler_interval=step", f"hydra.run.dir={tmp_path}/mine", cwd=REPO, env=env)
+    assert proc.returncode == 1 and "the config has 2 problems; nothing has run yet" in proc.stderr, proc.stderr[-2000:]
+    assert "optim.scheduler_interval=step: MyPlateau steps on val/elbo" in proc.stderr
+    assert "optim.scheduler.mode=min: MyPlateau would lower the learning rate" in proc.stderr
+    assert not (tmp_path / "mine" / "checkpoints").exists()

@@ -131,6 +131,16 @@ def env_prefixes() -> tuple[str, ...]:
     return tuple(p.strip() for p in os.environ.get(ALLOWED_TARGETS_ENV, "").split(",") if p.strip())
 
 
+def is_plateau_scheduler(schedule: Any) -> bool:
+    """Whether ``optim.scheduler`` names a ReduceLROnPlateau, torch's or a subclass: a scheduler
+    that steps on a validation number, not on the clock (``vaelab.module``)."""
+    target = schedule.get("_target_") if hasattr(schedule, "get") else None
+    try:
+        return isinstance(target, str) and issubclass(get_class(target), torch.optim.lr_scheduler.ReduceLROnPlateau)
+    except Exception:  # noqa: BLE001 - not a class: the targets' check names it
+        return False
+
+
 def allowed_prefixes(config: Mapping[str, Any]) -> tuple[str, ...]:
     """The ``_target_`` prefixes a config composed by this command may name: vaelab's, torch's and
     Lightning's (``ALLOWED_TARGET_PREFIXES``), ``$VAELAB_ALLOWED_TARGETS`` and its own

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vaelab import dashboard
-from vaelab.build import allowed_prefixes, check_targets, keep_freed_memory
+from vaelab.build import allowed_prefixes, check_targets, is_plateau_scheduler, keep_freed_memory
 from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RandomStreams, job_scope
@@ -54,6 +54,8 @@ from vaelab.validation import (
     checkpoint_folders,
     command_line_overrides,
     launched_rank,
+    plateau_problems,
+    raise_problems,
     redact_secrets,
     validate_eval_config,
     validate_train_config,
@@ -206,6 +208,8 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         _print_finished(done, cfg)
         return done
     resolve_data_options(cfg)
+    # (the config check knows torch's ReduceLROnPlateau by name; a subclass is known here)
+    raise_problems(plateau_problems(cfg, plateau=is_plateau_scheduler(cfg.optim.get("scheduler"))))
     ensure_wandb_id(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]

@@ -16,14 +16,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchmetrics import MeanMetric, SumMetric
 
 from vaelab.attributes import PlainAttributes
-from vaelab.build import allowed_prefixes, build_optimizer, build_vae, check_targets
+from vaelab.build import (
+    allowed_prefixes,
+    build_optimizer,
+    build_vae,
+    check_targets,
+    is_plateau_scheduler,
+)
 from vaelab.diagnostics import PosteriorStats, collapse_message, update_posterior_stats
 from vaelab.errors import SettingError
 from vaelab.graphs import StepGraph
@@ -618,7 +624,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             return optimizer
         schedule = optim["scheduler"]
         monitor, mode = checkpoint_monitor(self.config)
-        plateau = issubclass(get_class(schedule["_target_"]), torch.optim.lr_scheduler.ReduceLROnPlateau)
+        plateau = is_plateau_scheduler(schedule)
         # ReduceLROnPlateau steps on the monitored validation number, in the checkpoint's
         # direction (its own default, mode=min, lowered the learning rate while val/elbo rose),
         # at the end of each epoch that validates (check_val_every_n_epoch; not where none ran)

@@ -255,13 +255,17 @@ def value_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
     return problems + monitor_problems(cfg) + plateau_problems(cfg)
 
 
-def plateau_problems(cfg: DictConfig) -> list[str]:
+def plateau_problems(cfg: DictConfig, plateau: bool | None = None) -> list[str]:
     """A scheduler that steps on a validation number (ReduceLROnPlateau: the checkpoint
     callback's monitor, in its mode; ``vaelab.module``) where that number is not there when it
     steps, or with the opposite direction (Lightning stopped the run at the first step or
-    epoch's end, or the learning rate fell while val/elbo rose)."""
+    epoch's end, or the learning rate fell while val/elbo rose). Whether ``optim.scheduler`` is
+    one: ``plateau``, or by its name here, where nothing is imported (a subclass of a user's
+    own is checked by ``vaelab.jobs.train``, which imports it)."""
     schedule = _select(cfg, "optim.scheduler")
-    if not isinstance(schedule, Mapping) or schedule.get("_target_") not in PLATEAU_SCHEDULERS:
+    if not isinstance(schedule, Mapping):
+        return []
+    if not (schedule.get("_target_") in PLATEAU_SCHEDULERS if plateau is None else plateau):
         return []
     name = str(schedule["_target_"]).rsplit(".", 1)[-1]
     monitor, mode = checkpoint_monitor(cfg)

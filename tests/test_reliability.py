@@ -1636,8 +1636,9 @@ def test_long_error_text_is_cut_at_a_word_and_an_untested_run_is_not_evaluated_a
 
 def test_a_finished_runs_message_names_the_limit_that_ended_it_and_whether_it_was_tested():
     """Ended by trainer.max_steps, the fix is a larger max_steps (a larger max_epochs did
-    nothing); untested (test=false), it does not say "tested"; ended before its limits (an
-    early stop), it names no limit to raise."""
+    nothing), given with ++ (the trainer configs have none to override); untested (test=false),
+    it does not say "tested"; ended before its limits (an early stop, trainer.max_time), it
+    says so."""
     from omegaconf import OmegaConf
 
     from vaelab.jobs import finished_message
@@ -1648,7 +1649,7 @@ def test_a_finished_runs_message_names_the_limit_that_ended_it_and_whether_it_wa
 
     by_steps = message({"max_epochs": 2, "max_steps": 7}, {"epochs": 1, "global_step": 7})
     assert "trained to epoch 1, step 7 (trainer.max_steps=7). Nothing ran" in by_steps
-    assert "  train it longer: python train.py ckpt_path=R trainer.max_steps=<more than 7, or -1: no limit>\n" in by_steps
+    assert "  train it longer: python train.py ckpt_path=R ++trainer.max_steps=<more than 7, or -1: no limit>\n" in by_steps
     assert "max_epochs" not in by_steps and "  test it:         python eval.py ckpt_path=R/best.ckpt" in by_steps
     by_epochs = message({"max_epochs": 3}, {"epochs": 3, "global_step": 60}, test={"test/nll": 30.0},
                         tested_checkpoint="R/t.ckpt")
@@ -1656,10 +1657,13 @@ def test_a_finished_runs_message_names_the_limit_that_ended_it_and_whether_it_wa
     assert "python train.py ckpt_path=R trainer.max_epochs=<more than 3>\n  test it again:   python eval.py " \
            "ckpt_path=R/t.ckpt" in by_epochs
     both = message({"max_epochs": 1, "max_steps": 20}, {"epochs": 1, "global_step": 20})
-    assert "(trainer.max_steps=20 and trainer.max_epochs=1)" in both and "max_steps=<more than 20, or -1: no limit> " \
-           "trainer.max_epochs=<more than 1>" in both
+    assert "(trainer.max_steps=20 and trainer.max_epochs=1)" in both and "++trainer.max_steps=<more than 20, or -1: " \
+           "no limit> trainer.max_epochs=<more than 1>" in both
     early = message({"max_epochs": 100}, {"epochs": 12, "global_step": 240})
-    assert "(before its limits: an early stop, or trainer.max_time)" in early and "train it longer" not in early
+    assert "(before its limits: an early stop, or trainer.max_time)" in early
+    assert "train it longer: python train.py ckpt_path=R trainer.max_epochs=<more than 12>\n" in early
+    timed = message({"max_epochs": 100, "max_time": "00:00:10:00"}, {"epochs": 12, "global_step": 240})
+    assert "ckpt_path=R trainer.max_epochs=<more than 12> ++trainer.max_time=<longer>\n" in timed
 
 
 def test_a_run_that_would_do_nothing_or_an_out_of_range_seed_is_refused(tmp_path, capsys):

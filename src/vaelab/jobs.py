@@ -419,14 +419,19 @@ def finished_message(summary: dict[str, Any], cfg: DictConfig) -> str:
     max_epochs, max_steps = fit_limits(cfg.trainer)
     steps_done = max_steps != -1 and trained["global_step"] >= max_steps
     epochs_done = max_epochs != -1 and trained["epochs"] >= max_epochs
+    # (++: the trainer configs have no max_steps; a run given +trainer.max_steps has it stored)
     raise_ = []
     if steps_done:
-        raise_.append(f"trainer.max_steps=<more than {trained['global_step']}, or -1: no limit>")
+        raise_.append(f"++trainer.max_steps=<more than {trained['global_step']}, or -1: no limit>")
     if epochs_done:
         raise_.append(f"trainer.max_epochs=<more than {trained['epochs']}>")
     limits = " and ".join(f"trainer.{k}={v}" for k, v, done in (("max_steps", max_steps, steps_done),
                                                                  ("max_epochs", max_epochs, epochs_done)) if done)
     why = f"({limits})" if limits else "(before its limits: an early stop, or trainer.max_time)"
+    if not raise_:  # (a later limit: resumed, the run goes on until it stops again or reaches it)
+        raise_.append(f"trainer.max_epochs=<more than {trained['epochs']}>")
+        if cfg.trainer.get("max_time"):
+            raise_.append("++trainer.max_time=<longer>")
     tested = summary.get("tested_checkpoint") or summary.get("best_checkpoint")
     lines = [
         "", f"vaelab: the run in {run} has finished: trained to epoch {trained['epochs']}, step "

@@ -808,3 +808,39 @@ def test_a_batch_larger_than_the_training_split_with_drop_last_is_refused_naming
     with pytest.raises(SettingError, match=r"data.batch_size=2000 with data.drop_last=true leaves no training batch "
                                            r"\(1257 training images\): lower data.batch_size, or data.drop_last=false"):
         setup(Digits(batch_size=2000, drop_last=True)).train_dataloader()
+
+
+def test_limits_that_leave_an_epoch_no_batch_or_fewer_than_a_validation_interval_are_named():
+    """trainer.limit_train_batches=0.01 of 20 batches, and trainer.val_check_interval=30 steps
+    with 20 batches an epoch, stopped in Lightning's set-up with a traceback; named with the
+    fix before it (and under DDP, per process)."""
+    from types import SimpleNamespace
+
+    from vaelab.errors import SettingError
+
+    dm = setup(Digits(batch_size=64))  # 1257 training images: 20 batches
+
+    def loader(world_size=1, **limits):
+        dm.trainer = SimpleNamespace(world_size=world_size, **{"limit_train_batches": 1.0, "val_check_interval": 1.0,
+                                                               "check_val_every_n_epoch": 1, "limit_val_batches": 1.0,
+                                                               **limits})
+        try:
+            return dm.train_dataloader()
+        finally:
+            dm.trainer = None
+
+    for fine in ({}, {"limit_train_batches": 0.05}, {"val_check_interval": 20}, {"limit_train_batches": 3},
+                 {"val_check_interval": 30, "check_val_every_n_epoch": None}, {"val_check_interval": 0.5}):
+        loader(**fine)
+    with pytest.raises(SettingError, match=r"trainer.limit_train_batches=0.01 of an epoch's 20 training batches is "
+                                           r"none: at least trainer.limit_train_batches=0.05"):
+        loader(limit_train_batches=0.01)
+    with pytest.raises(SettingError, match=r"trainer.val_check_interval=30 steps is more than an epoch's 20 training "
+                                           r"batches: to validate every 30 steps across epochs, "
+                                           r"trainer.check_val_every_n_epoch=null"):
+        loader(val_check_interval=30)
+    with pytest.raises(SettingError, match=r"val_check_interval=12 steps is more than an epoch's 10 training batches "
+                                           r"over 2 processes"):
+        loader(world_size=2, val_check_interval=12)
+    with pytest.raises(SettingError, match=r"val_check_interval=4 steps is more than an epoch's 3 training batches"):
+        loader(limit_train_batches=3, val_check_interval=4)

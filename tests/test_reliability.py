@@ -85,7 +85,7 @@ def test_every_value_out_of_range_is_listed_with_its_key(tmp_path):
                 "trainer.precision must be one of", "bf16-mixed", "got 'bogus'",
                 "trainer.accumulate_grad_batches must be an integer >= 1 (batches per optimizer step), got 0",
                 "trainer.gradient_clip_val must be null or a norm >= 0, got -1",
-                "seed must be an integer, got 'abc'"):
+                "seed must be an integer from 0 to 4294967295, got 'abc'"):
         assert key in problems, (key, problems)
     assert "e.g. optim.optimizer.lr=1e-3" in problems
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):

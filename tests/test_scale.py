@@ -452,7 +452,8 @@ def test_the_optuna_search_space_is_checked_at_its_ends_and_choices():
             cfg.hydra.overrides.task = ["hparams_search=optuna", "latent_dim=range(0,40)", "seed=range(-2,5)",
                                         "data.batch_size=choice(32,0,64)", "optim.optimizer.lr=interval(0.001,0.01)"]
         problems = sweep_value_problems(cfg)
-    assert [p.split(" (")[0] for p in problems] == ["latent_dim=0", "data.batch_size=0"], problems
+    # (seeds are numpy's: 0 to 2^32-1)
+    assert [p.split(" (")[0] for p in problems] == ["latent_dim=0", "seed=-2", "data.batch_size=0"], problems
     assert "(of the search space latent_dim=range(0,40))" in problems[0]
 
 

@@ -298,9 +298,14 @@ class ResumableLoader(DataLoader):
     def __iter__(self):
         pending = self.batch_sampler.pending  # (a resumed epoch's order and place)
         self._handed_out = pending[1] if pending else 0
-        # the epoch's order is the one draw an epoch makes from torch's random stream; the new
-        # iterator's draw of its workers' base seed is kept out of the stream (_iterator_outside_the_stream)
-        self.batch_sampler.draw_order()
+        if pending is None:
+            # an epoch's draws from torch's random stream, made here whatever data.num_workers:
+            # the number a plain DataLoader draws for its workers' base seed, then the order (so
+            # a seed gives DataLoader(shuffle=True)'s order); the iterator's own base-seed draw
+            # is kept out of the stream (_iterator_outside_the_stream). A resumed epoch's were
+            # made before its checkpoint, and the resumed run's streams continue after them.
+            torch.empty((), dtype=torch.int64).random_()
+            self.batch_sampler.draw_order()
         batches = _iterator_outside_the_stream(super().__iter__)
         for batch in batches:
             self._handed_out += 1
@@ -535,18 +540,46 @@ class ImageDataModule(pl.LightningDataModule):
                                f"set a number of images from 1 to {n - 1} or a fraction, e.g. data.val_size=0.1")
         return n_val
 
+    def _check_training_batches(self, images: int) -> None:
+        """Settings that leave an epoch no training batch, or fewer than the steps between two
+        validations, named with the fix before Lightning meets them (it trained nothing and
+        tested the untrained model, or stopped with a traceback in its loop's set-up)."""
+        trainer = self.trainer
+        processes = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        per_process = math.ceil(images / processes)  # (DistributedSampler pads the shards even)
+        over = f" over {processes} processes" if processes > 1 else ""
+        if self.drop_last and per_process < self.batch_size:
+            raise SettingError(f"data.batch_size={self.batch_size} with data.drop_last=true leaves no training "
+                               f"batch ({images} training images{over}): lower data.batch_size, or "
+                               "data.drop_last=false")
+        if trainer is None:
+            return
+        batches = per_process // self.batch_size if self.drop_last else math.ceil(per_process / self.batch_size)
+        limit = getattr(trainer, "limit_train_batches", 1.0)
+        if isinstance(limit, float) and 0 < limit < 1 and int(batches * limit) == 0:
+            raise SettingError(f"trainer.limit_train_batches={limit} of an epoch's {batches} training batches "
+                               f"is none: at least trainer.limit_train_batches={1 / batches:.3g}, or a number of "
+                               "batches (e.g. trainer.limit_train_batches=1)")
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif isinstance(limit, float) and limit < 1:
+            batches = int(batches * limit)
+        every = getattr(trainer, "val_check_interval", 1.0)
+        if (isinstance(every, int) and not isinstance(every, bool) and every > batches
+                and getattr(trainer, "check_val_every_n_epoch", 1) is not None
+                and getattr(trainer, "limit_val_batches", 1.0) > 0):
+            raise SettingError(f"trainer.val_check_interval={every} steps is more than an epoch's {batches} training "
+                               f"batches{over}: to validate every {every} steps across epochs, "
+                               "trainer.check_val_every_n_epoch=null; to validate once an epoch, "
+                               "trainer.val_check_interval=1.0")
+
     def _loader(self, dataset: InMemoryImages | None, train: bool, split: str = "train") -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         on_host = dataset.device.type == "cpu"
         workers = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0) if on_host else {}
         if train:
-            processes = self.trainer.world_size if self.trainer is not None else 1
-            if self.drop_last and math.ceil(len(dataset) / processes) < self.batch_size:
-                over = f" over {processes} processes" if processes > 1 else ""
-                raise SettingError(f"data.batch_size={self.batch_size} with data.drop_last=true leaves no training "
-                                   f"batch ({len(dataset)} training images{over}): lower data.batch_size, or "
-                                   "data.drop_last=false")
+            self._check_training_batches(len(dataset))
             # an epoch's order as one index tensor; under DDP Lightning rebuilds the batch
             # sampler around its DistributedSampler
             batches = TensorBatchSampler(ShuffledOrder(dataset), self.batch_size, self.drop_last,

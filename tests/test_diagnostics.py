@@ -283,20 +283,13 @@ def test_the_pictured_examples_are_spread_over_a_split_stored_by_class():
 def _pictured_module(tmp_path, *overrides):
     from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
-    from test_config import compose_train
+    from test_likelihoods_more import _module
 
-    from vaelab.jobs import build_datamodule, resolve_data_options
-    from vaelab.module import VAEModule
-
-    cfg = compose_train(tmp_path, "latent_dim=4", *overrides)
-    resolve_data_options(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    dm = build_datamodule(cfg.data, config)
+    _, dm, build = _module(tmp_path, "latent_dim=4", *overrides)
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
-    return dm, VAEModule(config=config, data_info=dm.info), SimpleNamespace(datamodule=dm)
+    return dm, build(), SimpleNamespace(datamodule=dm)
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])  # dynamic binarization; dequantization

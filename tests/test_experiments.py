@@ -83,10 +83,9 @@ def test_a_plateau_scheduler_steps_on_the_checkpoints_number_in_its_direction_af
     callback's monitor and mode, and steps every check_val_every_n_epoch epochs."""
     from types import SimpleNamespace
 
-    cfg = compose_train(tmp_path, PLATEAU, f"objective={objective}", f"callbacks.model_checkpoint.monitor={monitor}")
-    resolve_data_options(cfg)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    module = VAEModule(config=config, data_info=build_datamodule(cfg.data, config).info)
+    from test_likelihoods_more import _module
+
+    module = _module(tmp_path, PLATEAU, f"objective={objective}", f"callbacks.model_checkpoint.monitor={monitor}")[2]()
     module._trainer = SimpleNamespace(precision_plugin=None, gradient_clip_val=None, check_val_every_n_epoch=2)
     schedule = module.configure_optimizers()["lr_scheduler"]
     assert (schedule["monitor"], schedule["frequency"], schedule["interval"]) == (monitor, 2, "epoch")

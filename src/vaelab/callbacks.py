@@ -41,6 +41,7 @@ from vaelab import pictures as pics
 from vaelab.diagnostics import most_active_dims, posterior_mean
 from vaelab.errors import epoch_label
 from vaelab.precision import upcast
+from vaelab.report import write_json
 
 
 @contextlib.contextmanager
@@ -442,7 +443,4 @@ class ThroughputMonitor(pl.Callback):
         out = {"epochs": self.epochs, "peak_rss_mib": peak}
         if pl_module.device.type == "cuda":
             out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-        self.save_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.save_path.with_name(f".{self.save_path.name}.partial")
-        partial.write_text(json.dumps(out, indent=2))
-        partial.replace(self.save_path)  # (whole or not at all: a kill while writing keeps the last)
+        write_json(self.save_path, out)  # (whole or not at all: a kill while writing keeps the last)

@@ -190,6 +190,12 @@ class InMemoryImages(Dataset):
         return self.images.index_select(0, idx), self.labels.index_select(0, idx)
 
 
+def _stream_number() -> int:
+    """The next number of torch's global random stream, drawn as a DataLoader draws its workers'
+    base seed and ``RandomSampler`` its seed."""
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
 class ShuffledOrder(RandomSampler):
     """``RandomSampler(data)``: every example once an epoch, in a random order drawn the same
     way (a generator seeded from torch's global one, then ``randperm``), so a seed gives the
@@ -210,7 +216,7 @@ class ShuffledOrder(RandomSampler):
     def draw_key(self) -> int | None:
         """The next order's key, drawn from torch's global stream as ``order()`` would draw it
         (None with a ``generator`` of one's own, whose state is the key)."""
-        return int(torch.empty((), dtype=torch.int64).random_().item()) if self.generator is None else None
+        return _stream_number() if self.generator is None else None
 
     def order(self, key: int | torch.Tensor | None = None) -> torch.Tensor:
         if self.generator is None:
@@ -304,7 +310,7 @@ class ResumableLoader(DataLoader):
             # a seed gives DataLoader(shuffle=True)'s order); the iterator's own base-seed draw
             # is kept out of the stream (_iterator_outside_the_stream). A resumed epoch's were
             # made before its checkpoint, and the resumed run's streams continue after them.
-            torch.empty((), dtype=torch.int64).random_()
+            _stream_number()
             self.batch_sampler.draw_order()
         batches = _iterator_outside_the_stream(super().__iter__)
         for batch in batches:

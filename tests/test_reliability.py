@@ -1664,6 +1664,10 @@ def test_a_finished_runs_message_names_the_limit_that_ended_it_and_whether_it_wa
     assert "train it longer: python train.py ckpt_path=R trainer.max_epochs=<more than 12>\n" in early
     timed = message({"max_epochs": 100, "max_time": "00:00:10:00"}, {"epochs": 12, "global_step": 240})
     assert "ckpt_path=R trainer.max_epochs=<more than 12> ++trainer.max_time=<longer>\n" in timed
+    # no validation picked a best checkpoint: the last one is named, as the run's summary names it
+    unvalidated = message({"max_epochs": 1}, {"epochs": 1, "global_step": 20}, best_checkpoint=None,
+                          last_checkpoint="R/last.ckpt")
+    assert unvalidated.endswith("  test it:         python eval.py ckpt_path=R/last.ckpt")
 
 
 def test_a_run_that_would_do_nothing_or_an_out_of_range_seed_is_refused(tmp_path, capsys):

@@ -373,6 +373,12 @@ def _unit(key: str) -> str:
     return "examples" if key.endswith("num_examples") else "nats/example"
 
 
+def checkpoint_to_evaluate(summary: dict[str, Any]) -> str | None:
+    """The checkpoint a run's closing lines tell eval.py to evaluate: the one its test used,
+    else its best one, else (no validation picked a best one) its last one."""
+    return summary.get("tested_checkpoint") or summary.get("best_checkpoint") or summary.get("last_checkpoint")
+
+
 @rank_zero_only
 def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     lines = ["", "vaelab: run finished", f"  output folder   {summary['output_dir']}"]
@@ -398,8 +404,7 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
                      f"{len(commands)} commands that trained this run)")
     else:
         lines.append(f"  wall time       {summary['wall_time_s']} s")
-    # (the last checkpoint where no validation picked a best one)
-    evaluated = summary.get("tested_checkpoint") or summary.get("best_checkpoint") or summary.get("last_checkpoint")
+    evaluated = checkpoint_to_evaluate(summary)
     if evaluated:
         again = " again" if summary.get("test") else ""  # (test=false: it has not been evaluated)
         lines.append(f"  evaluate{again}: python eval.py ckpt_path={evaluated}")
@@ -432,7 +437,7 @@ def finished_message(summary: dict[str, Any], cfg: DictConfig) -> str:
         raise_.append(f"trainer.max_epochs=<more than {trained['epochs']}>")
         if cfg.trainer.get("max_time"):
             raise_.append("++trainer.max_time=<longer>")
-    tested = summary.get("tested_checkpoint") or summary.get("best_checkpoint")
+    tested = checkpoint_to_evaluate(summary)
     lines = [
         "", f"vaelab: the run in {run} has finished: trained to epoch {trained['epochs']}, step "
         f"{trained['global_step']} {why}{', and tested' if summary.get('test') else ''}. Nothing ran; its folder "

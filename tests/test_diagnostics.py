@@ -356,7 +356,8 @@ def _fake_trainer(epoch, **kwargs):
 
 def test_the_last_epoch_has_its_pictures_and_each_validation_its_own_file(tmp_path):
     """every_n_epochs=2 of 3 epochs: pictures after the second and the last; several
-    validations an epoch (trainer.val_check_interval < 1): one file each, named by its step."""
+    validations an epoch (trainer.val_check_interval < 1): one file each, named by its step, the
+    global step that a checkpoint saved then is named by (the loggers' step is one below)."""
     from types import SimpleNamespace
 
     from vaelab.callbacks import ImageLogger
@@ -366,13 +367,14 @@ def test_the_last_epoch_has_its_pictures_and_each_validation_its_own_file(tmp_pa
     for epoch in range(3):
         images.on_validation_epoch_end(_fake_trainer(epoch), None)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch=0001.png", "epoch=0002.png"]
-    mid = _fake_trainer(1, val_check_batch=10, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=29)))
+    mid = _fake_trainer(1, val_check_batch=10, global_step=30,
+                        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=29)))
     images.on_validation_epoch_end(mid, None)
-    assert (tmp_path / "samples" / "epoch=0001-step=29.png").is_file()
+    assert (tmp_path / "samples" / "epoch=0001-step=30.png").is_file()
     # a validation every few seconds (trainer.val_check_interval a time: val_check_batch None)
     timed = _fake_trainer(1, val_check_batch=None)
     images.on_validation_epoch_end(timed, None)
-    assert (tmp_path / "samples" / "epoch=0001-step=39.png").is_file()
+    assert (tmp_path / "samples" / "epoch=0001-step=40.png").is_file()
     # the last validation that the limits allow: trainer.max_steps reached; the last validating
     # epoch of trainer.max_epochs (check_val_every_n_epoch=2 of 3 epochs: the second, and of 5
     # epochs not the second)

@@ -120,8 +120,9 @@ class ImageLogger(pl.Callback):
         name = f"epoch={trainer.current_epoch:04d}"
         if trainer.val_check_batch is None or trainer.val_check_batch < trainer.num_training_batches:
             # more than one validation an epoch (trainer.val_check_interval < 1, or a time:
-            # val_check_batch None): one file each
-            name += f"-step={_logged_step(trainer)}"
+            # val_check_batch None): one file each, named by the optimizer steps taken, as the
+            # step checkpoints are (the loggers' axis is one below: _logged_step)
+            name += f"-step={trainer.global_step}"
         for key, (grid, caption) in pictures.items():
             self._emit(trainer, key, grid, caption, Path(key.split("/")[-1]) / f"{name}.png")
 

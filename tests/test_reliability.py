@@ -1149,6 +1149,27 @@ def test_a_resumed_run_keeps_what_the_run_wrote_before(good_run, tmp_path):
     assert last["global_step"] == 3 * STEPS_PER_EPOCH
     assert Path(summary["best_checkpoint"]).parent == run / "checkpoints"
 
+    # a fourth command, stopped by Ctrl-C: it says where it got and how to go on (Lightning's
+    # shutdown said no more and exited 1, recorded as "SystemExit: 1"), and the run's summary
+    # keeps its test numbers and checkpoints (a failed continuation's had lost them: helper 30)
+    write_plugin(tmp_path, "interrupt", "import lightning.pytorch as pl\n"
+                 "class Interrupt(pl.Callback):\n"
+                 "    def on_train_batch_start(self, trainer, *args):\n"
+                 f"        if trainer.global_step == {3 * STEPS_PER_EPOCH + 2}:\n"
+                 "            raise KeyboardInterrupt\n")
+    proc = run_cli("train.py", f"ckpt_path={run}", "trainer.max_epochs=4", "allowed_targets=[interrupt.]",
+                   "+callbacks.stop._target_=interrupt.Interrupt", *QUICK[1:], f"hydra.run.dir={here}", cwd=REPO,
+                   env=user_env(tmp_path))
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert (f"stopped by Ctrl-C (SIGINT) at step {3 * STEPS_PER_EPOCH + 2} (epoch 4/4) of its training. Continue it "
+            f"from its latest checkpoint") in proc.stdout + proc.stderr
+    assert f"python train.py ckpt_path={run} " in proc.stdout + proc.stderr
+    failed = json.loads((run / "summary.json").read_text())
+    assert failed["failed"] and failed["error"].startswith("SIGINT: stopped by Ctrl-C (SIGINT) at step 62")
+    assert failed["commands"][-1]["failed"] and len(failed["commands"]) == 4
+    for key in ("test", "tested_checkpoint", "best_checkpoint", "best_score", "last_checkpoint", "diagnostics"):
+        assert failed[key] == summary[key], key
+
 
 def test_a_group_given_again_on_resume_names_the_stored_settings_it_replaces(caplog):
     """trainer=ddp_sim on a resumed run's command line composes the trainer group afresh from its

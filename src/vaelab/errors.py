@@ -24,11 +24,11 @@ class Terminated(SystemExit):
     """The process was told to stop (SIGTERM: a job's time limit, ``timeout``, ``kill``): it
     ends with status 143 (128 + SIGTERM), as a process the signal ended would, not with the
     0 of Lightning's ``SIGTERMException`` (a ``SystemExit`` without a code), which told a job
-    script or a requeue that the run had finished. The message says where training got to and
-    how to continue it."""
+    script or a requeue that the run had finished. Stopped by Ctrl-C, ``code`` is 130 (128 +
+    SIGINT). The message says where training got to and how to continue it."""
 
-    def __init__(self, message: str):
-        super().__init__(143)
+    def __init__(self, message: str, code: int = 143):
+        super().__init__(code)
         self.message = message
 
     def __str__(self) -> str:

@@ -39,10 +39,11 @@ from vaelab.runs import (
     CommandRecords,
     LatestCheckpoint,
     command_record,
-    earlier_commands,
+    commands_of,
     ensure_wandb_id,
     finished_run,
     fit_limits,
+    read_earlier_summary,
     resolve_resume,
     trained_so_far,
     utc_time,
@@ -253,7 +254,8 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
 
     failed = True
     # the commands that ran in this folder before (a resume's run), each with its own record
-    earlier, summary_read = earlier_commands(output_dir) if resume_ckpt else ([], True)
+    earlier_summary, summary_read = read_earlier_summary(output_dir) if resume_ckpt else (None, True)
+    earlier = commands_of(earlier_summary)
     # the records a checkpoint of this run folder carries are this run's; another folder's are not
     own = resume_ckpt is not None and resume_ckpt.resolve().is_relative_to(output_dir.resolve())
     summary: dict[str, Any] = {"output_dir": str(output_dir), "resumed_from": str(resume_ckpt) if resume_ckpt else None,
@@ -280,19 +282,8 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
             # where training ended, under which limits: a later resume of the finished run with
             # these has nothing to do (vaelab.runs.finished_run)
             summary["trained"] = trained_so_far(trainer)
-        ckpt_cb = trainer.checkpoint_callback
-        best_path = getattr(ckpt_cb, "best_model_path", "") or None
-        best_score = getattr(ckpt_cb, "best_model_score", None)
-        score = _as_float(best_score) if best_score is not None else None
-        monitor = getattr(ckpt_cb, "monitor", None) if score is not None else None
-        summary.update(
-            # what "best" means: the checkpoint callback's monitor (val/elbo; val/iwae for IWAE)
-            best_score=score,
-            best_monitor=monitor,
-            best_val_elbo=score if monitor == "val/elbo" else None,
-            best_checkpoint=best_path,
-            last_checkpoint=getattr(ckpt_cb, "last_model_path", "") or None,
-        )
+        summary.update(_checkpoint_facts(trainer))
+        best_path = summary["best_checkpoint"]
         if cfg.get("test", True):
             # the best checkpoint's path, which is what Lightning's "best" means here, given as
             # such: "best" warned on every run that the step checkpoint is a second callback
@@ -312,10 +303,19 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
             summary["error"] = f"SIGTERM: {message}"
             log.error("vaelab: %s", message)
             raise Terminated(message) from error
+        if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):
+            # Ctrl-C: Lightning's "graceful shutdown" ends in sys.exit(1), which said nothing
+            # more, and summary.json recorded "SystemExit: 1"
+            message = _stopped_by_sigterm(trainer, output_dir, cfg, by=SIGINT_STOP)
+            summary["error"] = f"SIGINT: {message}"
+            log.error("vaelab: %s", message)
+            raise Terminated(message, code=130) from error
         raise
     finally:
         if "trained" not in summary and trainer.global_step > 0:  # where a failed or stopped training got
             summary["trained"] = trained_so_far(trainer)
+        if failed:
+            _keep_earlier_results(summary, trainer, earlier_summary)
         summary["wandb_dir"] = wandb_run_dir(loggers)
         summary["wall_time_s"] = round(time.time() - started, 1)
         summary["failed"] = failed
@@ -330,13 +330,46 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
     return summary
 
 
+def _checkpoint_facts(trainer: pl.Trainer) -> dict[str, Any]:
+    """The run's best and last checkpoints, as its checkpoint callback knows them (restored
+    with its state on a resume), and what "best" means: the callback's monitor (val/elbo;
+    val/iwae for IWAE)."""
+    ckpt_cb = trainer.checkpoint_callback
+    best_score = getattr(ckpt_cb, "best_model_score", None)
+    score = _as_float(best_score) if best_score is not None else None
+    monitor = getattr(ckpt_cb, "monitor", None) if score is not None else None
+    return {"best_score": score, "best_monitor": monitor, "best_val_elbo": score if monitor == "val/elbo" else None,
+            "best_checkpoint": getattr(ckpt_cb, "best_model_path", "") or None,
+            "last_checkpoint": getattr(ckpt_cb, "last_model_path", "") or None}
+
+
+#: what a command that failed keeps of the run's summary before it: the test numbers, the
+#: checkpoint they are of (still in the run's folder) and how they were obtained
+EARLIER_RESULTS = ("test", "tested_checkpoint", "evaluation", "data", "diagnostics")
+
+
+def _keep_earlier_results(summary: dict[str, Any], trainer: pl.Trainer, earlier: dict[str, Any] | None) -> None:
+    """A failed command's summary names the run's checkpoints and keeps the results the run had
+    before it: a continued run that failed (NaN, Ctrl-C, an error) replaced summary.json with
+    one that had lost the finished run's test numbers and its best checkpoint."""
+    for key, value in _checkpoint_facts(trainer).items():
+        if summary.get(key) is None:
+            summary[key] = value if value is not None else (earlier or {}).get(key)
+    for key in EARLIER_RESULTS:
+        if key not in summary and (earlier or {}).get(key) is not None:
+            summary[key] = earlier[key]  # type: ignore[index]
+
+
 #: how a run stopped by SIGTERM begins its message
 SIGTERM_STOP = "stopped by SIGTERM (a job's time limit, timeout, kill)"
+#: how a run stopped by Ctrl-C begins its message
+SIGINT_STOP = "stopped by Ctrl-C (SIGINT)"
 
 
-def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) -> str:
-    """What a run stopped by SIGTERM says: where it got, and the command that continues it (or,
-    before its first checkpoint, that there is nothing to continue)."""
+def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig, by: str = SIGTERM_STOP) -> str:
+    """What a run stopped by SIGTERM (or ``by`` another signal) says: where it got, and the
+    command that continues it (or, before its first checkpoint, that there is nothing to
+    continue)."""
     if trainer.state.fn == "test" or trainer.state.stage == "test":
         where = "during its test, after its training had finished"
     else:
@@ -346,7 +379,7 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig) 
                      f"{epoch_label(trainer.current_epoch - 1, trainer.max_epochs)} of its training")
         else:
             where = f"at step {trainer.global_step} ({epoch_label(trainer.current_epoch, trainer.max_epochs)}) of its training"
-    said = f"{SIGTERM_STOP} {where}."
+    said = f"{by} {where}."
     if not any(Path(d).is_dir() and any(Path(d).glob("*.ckpt")) for d in checkpoint_folders(cfg)):
         return (f"{said} No checkpoint had been saved yet (the first comes at the first epoch's end, or after "
                 "callbacks.step_checkpoint.every_n_minutes): run the command again, from the start")

@@ -468,12 +468,10 @@ def command_record(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in COMMAND_KEYS if summary.get(k) is not None}
 
 
-def earlier_commands(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
-    """The records of the commands that trained the run in ``run_dir`` before this one, from its
-    ``summary.json`` (a summary written before summaries kept the list is its one command),
-    and whether that file could be read (a missing one can: no command wrote one). A resume
-    writes a new ``summary.json``; without this, each replaced the one before, and the earlier
-    commands' wall time, overrides and errors were lost."""
+def read_earlier_summary(run_dir: Path) -> tuple[dict[str, Any] | None, bool]:
+    """The ``summary.json`` in ``run_dir`` that a resume's command will replace (None where no
+    command wrote one), its paths under the run's folder where the folder has moved since, and
+    whether that file could be read (a missing one can)."""
     from vaelab.report import read_summary
 
     try:
@@ -481,13 +479,32 @@ def earlier_commands(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
     except (OSError, ValueError) as err:
         log.warning("vaelab: %s cannot be read (%s), so the summary this run writes lists the earlier commands "
                     "only as its checkpoint recorded them", run_dir / "summary.json", type(err).__name__)
-        return [], False
+        return None, False
     if summary is None:
-        return [], True  # killed before its first summary
+        return None, True  # killed before its first summary
+    old = summary.get("output_dir")
+    if isinstance(old, str) and old and old != str(run_dir):  # (the command records keep what they named)
+        summary = {k: v if k == "commands" else _rebase(v, old, str(run_dir)) for k, v in summary.items()}
+    return summary, True
+
+
+def commands_of(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The records of the commands that trained a run before this one, from its earlier
+    ``summary.json`` (one written before summaries kept the list is its one command). A resume
+    writes a new ``summary.json``; without this, each replaced the one before, and the earlier
+    commands' wall time, overrides and errors were lost."""
+    if summary is None:
+        return []
     commands = summary.get("commands")
     if isinstance(commands, list):
-        return [c for c in commands if isinstance(c, dict)], True
-    return [command_record(summary)], True
+        return [c for c in commands if isinstance(c, dict)]
+    return [command_record(summary)]
+
+
+def earlier_commands(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
+    """``commands_of`` the summary in ``run_dir``, and whether it could be read."""
+    summary, readable = read_earlier_summary(run_dir)
+    return commands_of(summary), readable
 
 
 KILLED = ("stopped without writing its summary (killed: SIGKILL, out of memory, a lost node?); its record is "

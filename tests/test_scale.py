@@ -416,6 +416,49 @@ def test_a_requeued_sweep_continues_its_jobs_in_its_folder(tmp_path):
     assert "ckpt_path=last" in summary["resumed_with"]
     fresh = json.loads((sweep / "1" / "summary.json").read_text())  # from scratch: with its own Hydra files
     assert not fresh["resumed_from"] and (sweep / "1" / ".hydra" / "overrides.yaml").is_file()
+    # requeued with the values swapped: each job's resume is refused, its run left as it was, and
+    # the sweep lists both and exits non-zero (it exited 0: each job's folder kept a finished
+    # run's summary.json, where the sweep's end looked for failures; helper 27)
+    kept = {p: p.read_bytes() for p in sweep.glob("*/summary.json")}
+    swapped = [a if a != "latent_dim=4,8" else "latent_dim=8,4" for a in args]
+    proc = run_cli("train.py", *swapped, "trainer.max_epochs=2", cwd=tmp_path, env=_env(), timeout=400)
+    assert proc.returncode != 0 and "2 of 2 sweep jobs failed" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("ResumeConfigError") >= 2 and f"{sweep / '0'}: ResumeConfigError" in proc.stderr
+    assert {p: p.read_bytes() for p in kept} == kept and len(kept) == 2
+
+
+def test_a_requeued_search_whose_trials_were_refused_keeps_its_results(tmp_path, capsys):
+    """A requeued Optuna search whose sampler proposed other values (another seed or search
+    space) has each trial's resume refused: the sweep's end lists them from the sweep's record
+    (each folder keeps its finished run's summary.json), puts the search's
+    optimization_results.yaml back (it was replaced by one with best_value -inf) and keeps this
+    command's beside it; a record from an earlier command is not this one's (helper 27)."""
+    import time
+
+    from omegaconf import OmegaConf
+
+    from vaelab.folders import RunFolders, record_sweep_failure
+
+    sweep = tmp_path / "sweep"
+    for job in ("0", "1"):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / "summary.json").write_text(json.dumps({"failed": False, "best_score": -20.0}))
+    record_sweep_failure(sweep, sweep / "1", "ResumeConfigError: an older command's")
+    folders = RunFolders()
+    folders._started = time.time() + 1e-3
+    time.sleep(0.01)
+    folders._optuna_results = b"best_value: -20.0\n"
+    (sweep / "optimization_results.yaml").write_text("best_value: -.inf\n")
+    record_sweep_failure(sweep, sweep / "0", "ResumeConfigError: latent_dim: 8 -> 16")
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    with pytest.raises(SystemExit):
+        folders.on_multirun_end(config)
+    said = capsys.readouterr().err
+    assert "1 of 2 sweep jobs failed" in said and f"{sweep / '0'}: ResumeConfigError: latent_dim: 8 -> 16" in said
+    assert "an older command's" not in said
+    assert (sweep / "optimization_results.yaml").read_text() == "best_value: -20.0\n"
+    assert (sweep / "optimization_results.refused.yaml").read_text() == "best_value: -.inf\n"
+    assert "optimization_results.refused.yaml" in said
 
 
 def test_a_single_run_that_fails_still_exits_nonzero(tmp_path):

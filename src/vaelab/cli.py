@@ -23,6 +23,8 @@ from vaelab.errors import ExplainedError
 from vaelab.exits import exit_when_done
 from vaelab.folders import (
     in_multirun,  # (importing it registers the ${vaelab.sweep_group:} resolver)
+    job_failure,
+    record_sweep_failure,
 )
 from vaelab.report import error_text, write_json
 from vaelab.validation import launched_rank, validate_eval_config, validate_train_config
@@ -97,10 +99,13 @@ def _write_failed_job_summary(cfg: DictConfig, error: BaseException) -> None:
     existing one (the job's own, or an earlier run's that the job refused to overwrite) stays."""
     from hydra.core.hydra_config import HydraConfig
 
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
     if not (output_dir / "summary.json").exists():
         write_json(output_dir / "summary.json", {
             "output_dir": str(output_dir), "failed": True, "error": error_text(error)})
+    elif job_failure(output_dir) is None:  # (an earlier run's, kept: the sweep's end must still list this job)
+        record_sweep_failure(Path(hydra_cfg.sweep.dir), output_dir, error_text(error))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

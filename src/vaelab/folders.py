@@ -11,6 +11,7 @@ process is writing) ends in about a second (``vaelab.cli``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -178,6 +179,41 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+#: a sweep's record of its jobs that failed while their folder kept an earlier command's
+#: summary.json (a requeued job whose resume was refused: the run in it is as it was), one JSON
+#: line each; the sweep's end lists those of its own command with the other failures
+SWEEP_FAILURES = "failed_jobs.jsonl"
+
+
+#: what Hydra's Optuna sweeper writes at a search's end
+OPTUNA_RESULTS = "optimization_results.yaml"
+
+
+def record_sweep_failure(sweep: Path, job: Path, why: str) -> None:
+    """Add a failed job of a sweep to ``SWEEP_FAILURES`` in its folder (one short append: the
+    jobs of a parallel launcher can each add theirs)."""
+    line = json.dumps({"job": str(job), "error": why, "at": time.time()}) + "\n"
+    with contextlib.suppress(OSError), open(sweep / SWEEP_FAILURES, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
+def sweep_failures(sweep: Path, since: float) -> list[tuple[Path, str]]:
+    """The jobs ``record_sweep_failure`` added since ``since`` (the command's start), in order."""
+    try:
+        lines = (sweep / SWEEP_FAILURES).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            if float(record["at"]) >= since:
+                found.append((Path(record["job"]), str(record["error"])))
+        except (ValueError, KeyError, TypeError):
+            continue  # (a line cut short by a killed job)
+    return found
+
+
 def job_failure(job: Path) -> str | None:
     """Why a sweep job failed (None if it did not): its ``summary.json`` says ``failed``, or it
     never wrote one (it stopped before training: a config the job alone could check)."""
@@ -292,6 +328,8 @@ class RunFolders(Callback):
         self.task = task
         self._held: Path | None = None  # the folder this process claimed (claim_folder)
         self._multirun_yaml: bytes | None = None  # a continued sweep's multirun.yaml, as it started
+        self._started = time.time()  # (the sweep command's start: its own record_sweep_failure lines)
+        self._optuna_results: bytes | None = None  # a requeued search's optimization_results.yaml, as it was
 
     @staticmethod
     def _stop(message: str) -> None:
@@ -385,6 +423,7 @@ class RunFolders(Callback):
             release_folder(sweep)  # a refused sweep leaves no lock file behind
             self._held = None
             raise
+        self._started = time.time()
         # a sweep continued in its folder (-m ckpt_path=last ...): Hydra's sweeper saves its
         # multirun.yaml again, with this command; the one of the command that started the sweep
         # is put back (at the first job's start, and at the sweep's end for launchers whose jobs
@@ -392,6 +431,9 @@ class RunFolders(Callback):
         started = sweep / "multirun.yaml"
         resumes = self.task == "train" and config.get("ckpt_path") not in (None, "")
         self._multirun_yaml = started.read_bytes() if resumes and started.is_file() else None
+        # a requeued Optuna search's results, kept where this command's trials were refused
+        results = sweep / OPTUNA_RESULTS
+        self._optuna_results = results.read_bytes() if resumes and results.is_file() else None
 
     def _keep_multirun_yaml(self) -> None:
         if self._multirun_yaml is not None and self._held is not None:
@@ -430,7 +472,32 @@ class RunFolders(Callback):
         jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                       key=lambda p: run_order(p, sweep)) if sweep.is_dir() else []
         failed = [(job, why) for job in jobs if (why := job_failure(job))]
+        # (a requeued job refused before it ran: its folder's summary.json is the earlier run's)
+        named = {job.resolve() for job, _ in failed}
+        refused = sweep_failures(sweep, since=self._started)
+        for job, why in refused:
+            if job.resolve() not in named:
+                failed.append((job, why))
+                named.add(job.resolve())
+        kept = self._keep_optuna_results(sweep) if refused else ""
         if failed:
             lines = "\n  ".join(f"{job}: {why[:300]}" for job, why in failed)
             self._stop(f"{len(failed)} of {len(jobs)} sweep jobs failed (each folder's summary.json and log say "
-                       f"more; vaelab-report {sweep} lists every job):\n  {lines}")
+                       f"more; vaelab-report {sweep} lists every job):\n  {lines}{kept}")
+
+    def _keep_optuna_results(self, sweep: Path) -> str:
+        """A requeued Optuna search whose trials were refused (the sampler proposed other values
+        than the trials in their folders: another seed or search space) wrote results that
+        count them as -inf, over the search's own: those are put back, and this command's kept
+        beside them. Returns what the sweep's end says of it."""
+        path = sweep / OPTUNA_RESULTS
+        if self._optuna_results is None or not path.is_file() or path.read_bytes() == self._optuna_results:
+            return ""
+        aside = sweep / OPTUNA_RESULTS.replace(".yaml", ".refused.yaml")
+        try:
+            os.replace(path, aside)
+            path.write_bytes(self._optuna_results)
+        except OSError:
+            return ""
+        return (f"\n{path} is the search's as it was before this command; this command's, which counts its refused "
+                f"trials as -inf, is {aside.name}")

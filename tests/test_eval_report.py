@@ -328,7 +328,8 @@ def test_report_shows_the_settings_the_numbers_came_from_and_an_optuna_searchs_k
 
     run = tmp_path / "runs" / "longer"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text("- trainer.max_epochs=2\n- seed=4\n- +note=x\n")
+    # (started by a requeued sweep's ckpt_path=last, before it had a checkpoint: a fresh run)
+    (run / ".hydra" / "overrides.yaml").write_text("- ckpt_path=last\n- trainer.max_epochs=2\n- seed=4\n- +note=x\n")
     write_json(run / "summary.json", {"failed": False, "best_val_elbo": -20.0, "commands": [
         {"started_at": "a"},
         {"resumed_with": [f"ckpt_path={run}", "trainer.max_epochs=3", "experiment=mnist_vae", "~note"]},

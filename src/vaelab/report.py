@@ -59,8 +59,11 @@ def read_settings(run: Path, summary: dict[str, Any] | None) -> dict[str, str]:
     """The run's settings as its numbers came from them: its task overrides (``read_overrides``)
     with each resume's on top (``summary``, its ``summary.json``: the commands' overrides; a run
     continued with ``trainer.max_epochs=3`` trained 3 epochs, not the 2 it started with). A
-    resume's ``experiment=`` and ``hparams_search=`` are not applied (``vaelab.runs``), nor shown."""
+    resume's ``experiment=`` and ``hparams_search=`` are not applied (``vaelab.runs``), nor shown;
+    nor is ``ckpt_path``, also where it started the run (a job that a requeued sweep's
+    ``ckpt_path=last`` started afresh was a group of its own in ``--over``)."""
     out = read_overrides(run)
+    out.pop("ckpt_path", None)
     summary = summary or {}
     commands = summary.get("commands") or [{"resumed_with": summary.get("resumed_with")}]
     for command in commands:

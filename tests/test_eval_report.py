@@ -526,3 +526,15 @@ def test_report_marks_a_damaged_summary_and_still_lists_every_other_run(sweep, t
     assert math.isinf(float(rows[0]["best val/elbo"])) and math.isnan(float(rows[0]["test/nll"]))
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("failed")
     assert rows[1]["test/nll"] == "" and rows[1]["wall time (s)"] == ""
+    # JSON of the wrong shape is that row's too (report.py stopped with an AttributeError), and an
+    # evaluation's cut-short metrics.json is named as such, not as a job stopped before training
+    from vaelab.report import collect
+
+    (copy / "2").mkdir()
+    (copy / "2" / "summary.json").write_text('{"test": "oops", "best_val_elbo": 1}')
+    (copy / "ev").mkdir()
+    (copy / "ev" / "metrics.json").write_text('{"metrics": {"test/nll": 3')
+    status = {r["run"]: r["status"] for r in collect(copy)[1]}
+    assert status["2"] == "failed: 2/summary.json cannot be read (ValueError: its 'test' is a JSON str, not an object)"
+    assert status["ev"] == "failed: metrics.json cannot be read (JSONDecodeError): cut short, or not JSON; evaluate again"
+    assert status["0"].startswith("ok")

@@ -113,7 +113,14 @@ def read_summary(run: Path) -> dict[str, Any] | None:
     summary = json.loads(path.read_text())
     if not isinstance(summary, dict):
         raise ValueError(f"it holds a JSON {type(summary).__name__}, not an object")
+    for key in SUMMARY_OBJECTS:  # (report.py's columns and a resume read into these)
+        if summary.get(key) is not None and not isinstance(summary[key], dict):
+            raise ValueError(f"its {key!r} is a JSON {type(summary[key]).__name__}, not an object")
     return summary
+
+
+#: the keys of a summary.json that hold an object
+SUMMARY_OBJECTS = ("test", "diagnostics", "trained", "evaluation", "data")
 
 
 def failure(summary: dict[str, Any] | None) -> str | None:
@@ -133,12 +140,17 @@ def without_summary(run: Path) -> tuple[str, dict[str, Any] | None]:
     busy = writer(run)
     if busy:
         return f"running ({busy})", None
-    try:
-        metrics = json.loads((run / "metrics.json").read_text())
-    except (OSError, ValueError):
-        metrics = None
-    if isinstance(metrics, dict) and isinstance(metrics.get("metrics"), dict):
-        return "ok (eval.py)", {"test": metrics["metrics"], "diagnostics": metrics.get("diagnostics")}
+    path = run / "metrics.json"
+    if path.is_file():  # an evaluation's folder
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            return f"failed: metrics.json cannot be read ({type(err).__name__}): cut short, or not JSON; evaluate again", None
+        if isinstance(metrics, dict) and isinstance(metrics.get("metrics"), dict):
+            diagnostics = metrics.get("diagnostics")
+            return "ok (eval.py)", {"test": metrics["metrics"],
+                                    "diagnostics": diagnostics if isinstance(diagnostics, dict) else None}
+        return "failed: metrics.json holds no metrics object; evaluate again", None
     if any((run / "checkpoints").glob("*.ckpt")):
         return (f"failed: stopped after its training began, without a summary.json (killed?); continue it: "
                 f"python train.py ckpt_path={run}"), None

@@ -70,7 +70,8 @@ def test_every_value_out_of_range_is_listed_with_its_key(tmp_path):
             "objective.num_samples=0", "objective.beta=-1", "data.batch_size=0", "optim.optimizer.lr=0",
             "nan_policy=ignore", "malloc=jemalloc", "checkpoint_io.background=later", "posterior.min_scale=0",
             "data.binarize=dinamic", "data.dequantize=maybe", "objective.warmup_unit=epoch", "trainer.precision=bogus",
-            "trainer.accumulate_grad_batches=0", "trainer.gradient_clip_val=-1", "seed=abc"])
+            "trainer.accumulate_grad_batches=0", "trainer.gradient_clip_val=-1", "seed=abc", "data.num_workers=-1",
+            "data.split_seed=abc", "data.download=maybe", "train=0", "test=maybe"])
     problems = "\n".join(value_problems(cfg))
     for key in ("latent_dim must be a positive integer, got 0", "likelihood.sigma must be a σ > 0",
                 "objective.num_samples must be an integer K >= 1, got 0", "objective.beta must be a KL weight >= 0, got -1",
@@ -85,7 +86,13 @@ def test_every_value_out_of_range_is_listed_with_its_key(tmp_path):
                 "trainer.precision must be one of", "bf16-mixed", "got 'bogus'",
                 "trainer.accumulate_grad_batches must be an integer >= 1 (batches per optimizer step), got 0",
                 "trainer.gradient_clip_val must be null or a norm >= 0, got -1",
-                "seed must be an integer from 0 to 4294967295, got 'abc'"):
+                "seed must be an integer from 0 to 4294967295, got 'abc'",
+                # (a traceback from the DataLoader after the run had begun; a raw ValueError from
+                # the data module; 0 read as false ran nothing and exited 0: helper 30)
+                "data.num_workers must be an integer >= 0 (loader processes; 0: the main process), got -1",
+                "data.split_seed must be an integer >= 0 (the seed that draws the data splits), got 'abc'",
+                "data.download must be true or false, got 'maybe'", "train must be true or false, got 0",
+                "test must be true or false, got 'maybe'"):
         assert key in problems, (key, problems)
     assert "e.g. optim.optimizer.lr=1e-3" in problems
     with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):

@@ -163,6 +163,13 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str, str], ...] = (
     ("trainer.devices", _devices, "auto, a number of devices >= 1, -1 (all) or a list of device indices",
      "trainer.devices=1"),
     ("data.batch_size", _int_at_least(1), "a positive integer", "data.batch_size=64"),
+    ("data.num_workers", _int_at_least(0), "an integer >= 0 (loader processes; 0: the main process)",
+     "data.num_workers=0"),
+    ("data.split_seed", _int_at_least(0), "an integer >= 0 (the seed that draws the data splits)", "data.split_seed=0"),
+    ("data.download", lambda v: isinstance(v, bool), "true or false", "data.download=true"),
+    # (0 or 1 read as true or false let train=0 test=0 run nothing and exit 0; "maybe" trained)
+    ("train", lambda v: isinstance(v, bool), "true or false", "train=true"),
+    ("test", lambda v: isinstance(v, bool), "true or false", "test=true"),
     ("data.val_size", lambda v: _int_at_least(1)(v) or (_is_num(v) and 0 < v < 1),
      "a number of images >= 1 or a fraction of the training files between 0 and 1", "data.val_size=0.1"),
     ("data.eval_batch_size", lambda v: v is None or _int_at_least(1)(v), "null or a positive integer",
@@ -671,6 +678,8 @@ def validate_eval_config(cfg: DictConfig) -> None:
     for key in RUN_OWN_EVALUATION:  # null: the run's own (vaelab.jobs.evaluate)
         if OmegaConf.select(checked, f"evaluation.{key}", default=0) is None:
             del checked.evaluation[key]
+    for key in [k for k, v in (checked.get("data") or {}).items() if v is None]:  # null: as the run stored it
+        del checked.data[key]
     problems = value_problems(checked) + interpolation_problems(cfg)
     problems += eval_data_problems(cfg.get("data"))
     problems += folder_problems({"paths.output_dir": str(cfg.paths.output_dir)})

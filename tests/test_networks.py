@@ -57,3 +57,61 @@ def test_mlp_decoder_runs_samples_through_its_layers_as_one_matrix():
 
     flat = operations(torch.randn(15, 4))
     assert operations(torch.randn(3, 5, 4)) <= flat + 2  # the two reshapes; folding each layer cost 16
+
+
+# --- plugin contracts, checked when the model is built ------------------------------------------
+class FlatDecoder(torch.nn.Module):
+    """Maps [N, Z] to [N, C, H, W] but folds K samples of each example into N (a decoder
+    written to the 2-d case: the objectives decode [K, N, Z], and validation's IWAE crashed)."""
+
+    def __init__(self, latent_dim, data_shape, out_channels):
+        super().__init__()
+        self.shape = (out_channels, *data_shape[1:])
+        self.net = torch.nn.Linear(latent_dim, out_channels * data_shape[1] * data_shape[2])
+
+    def forward(self, z):
+        return self.net(z).view(-1, *self.shape)
+
+
+def _vae_config(tmp_path, **parts):
+    from omegaconf import OmegaConf
+    from test_config import compose_train
+
+    from vaelab.jobs import resolve_data_options
+
+    cfg = compose_train(tmp_path, "likelihood=laplace")
+    resolve_data_options(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["allowed_targets"] = ["test_networks."]
+    config.update({group: {"_target_": f"test_networks.{name}"} for group, name in parts.items()})
+    return config
+
+
+def test_a_plugin_that_breaks_its_contract_is_named_when_the_model_is_built(tmp_path, monkeypatch):
+    """Each failed deep inside the first validation or the build (helper 31): a decoder that
+    folds z's leading sample dimension into the batch; a likelihood whose distribution is not
+    one number an example, or not a distribution; a prior that is not a vaelab Prior."""
+    from torch.distributions import Laplace
+
+    from vaelab.build import ModelConfigError, build_vae
+    from vaelab.likelihoods import Laplace as VaelabLaplace
+
+    shape = (1, 8, 8)
+    build_vae(_vae_config(tmp_path), shape)  # (the config's own parts pass)
+    with pytest.raises(ModelConfigError, match=r"the decoder FlatDecoder maps z of shape \(3, 2, latent_dim\) to "
+                                                r"\(6, 1, 8, 8\), not \(3, 2, 1, 8, 8\): a decoder keeps z's leading"):
+        build_vae(_vae_config(tmp_path, decoder="FlatDecoder"), shape)
+    for returned, said in ((lambda loc: Laplace(loc, 1.0), r"gives event shape \(\) and batch shape \(2, 1, 8, 8\)"),
+                           (lambda loc: loc, r"gives a Tensor, not a torch.distributions.Distribution")):
+        monkeypatch.setattr(VaelabLaplace, "forward", lambda self, params, r=returned: r(params))
+        with pytest.raises(ModelConfigError, match=rf"the likelihood Laplace {said} for 2 examples of shape "
+                                                   r"\(1, 8, 8\): it must give a distribution whose event shape is "
+                                                   r"the data's \(e.g. Independent\(Laplace\(loc, scale\), 3\)\)"):
+            build_vae(_vae_config(tmp_path), shape)
+    monkeypatch.undo()
+    config = _vae_config(tmp_path)
+    config["prior"] = {"_target_": "torch.nn.Identity"}
+    config["allowed_targets"] = ["torch.nn."]
+    with pytest.raises(ModelConfigError, match=r"the prior torch.nn.modules.linear.Identity is not a "
+                                               r"vaelab.priors.Prior: subclass it"):
+        build_vae(config, shape)

@@ -1660,6 +1660,9 @@ def test_long_error_text_is_cut_at_a_word_and_an_untested_run_is_not_evaluated_a
     assert "  evaluate: python eval.py ckpt_path=/r/checkpoints/best.ckpt" in capsys.readouterr().out
     _print_summary({**base, "test": {"test/nll": 90.0}}, evaluation={})
     assert "  evaluate again: python eval.py ckpt_path=/r/checkpoints/best.ckpt" in capsys.readouterr().out
+    _print_summary(base, evaluation={}, also=" 'allowed_targets=[mylab.]'")  # (a plugin of the user's own)
+    assert "  evaluate: python eval.py ckpt_path=/r/checkpoints/best.ckpt 'allowed_targets=[mylab.]'\n" in \
+        capsys.readouterr().out
 
 
 def test_a_finished_runs_message_names_the_limit_that_ended_it_and_whether_it_was_tested():
@@ -1696,6 +1699,11 @@ def test_a_finished_runs_message_names_the_limit_that_ended_it_and_whether_it_wa
     unvalidated = message({"max_epochs": 1}, {"epochs": 1, "global_step": 20}, best_checkpoint=None,
                           last_checkpoint="R/last.ckpt")
     assert unvalidated.endswith("  test it:         python eval.py ckpt_path=R/last.ckpt")
+    # a run of a plugin of the user's own: its commands are asked for allowed_targets again (helper 31)
+    cfg = OmegaConf.create({"paths": {"output_dir": "R"}, "trainer": {"max_epochs": 1}, "allowed_targets": ["mylab."]})
+    mine = finished_message({"trained": {"epochs": 1, "global_step": 20}, "best_checkpoint": "R/b.ckpt"}, cfg)
+    assert "ckpt_path=R trainer.max_epochs=<more than 1> 'allowed_targets=[mylab.]'\n" in mine
+    assert mine.endswith("python eval.py ckpt_path=R/b.ckpt 'allowed_targets=[mylab.]'")
 
 
 def test_a_run_that_would_do_nothing_or_an_out_of_range_seed_is_refused(tmp_path, capsys):

@@ -283,10 +283,10 @@ def build_vae(config: Mapping[str, Any], data_shape: Sequence[int], num_levels: 
     if latent_dim <= 0:
         raise ModelConfigError(f"latent_dim must be a positive integer, got {latent_dim}")
 
-    likelihood = instantiate(parts["likelihood"])
+    likelihood = _of_base("likelihood", instantiate(parts["likelihood"]), "vaelab.likelihoods", "Likelihood")
     likelihood.set_num_levels(num_levels)
-    posterior = instantiate(parts["posterior"])
-    prior = instantiate(parts["prior"])
+    posterior = _of_base("posterior", instantiate(parts["posterior"]), "vaelab.posteriors", "Posterior")
+    prior = _of_base("prior", instantiate(parts["prior"]), "vaelab.priors", "Prior")
     if prior.latent_dim != latent_dim:
         raise ModelConfigError(f"prior.latent_dim={prior.latent_dim} differs from latent_dim={latent_dim}")
     encoder = instantiate(parts["encoder"], _partial_=True)(
@@ -327,8 +327,23 @@ def _unknown_settings(group: str, part: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _of_base(group: str, part: Any, module: str, name: str) -> Any:
+    """``part`` if it is a ``module.name`` (the base class whose methods the model calls: a
+    plugin that only returned the right distribution failed with an AttributeError)."""
+    base = getattr(importlib.import_module(module), name)
+    if not isinstance(part, base):
+        raise ModelConfigError(f"the {group} {type(part).__module__}.{type(part).__qualname__} is not a {module}.{name}: "
+                               f"subclass it (class {type(part).__name__}({name}), from {module} import {name}); the "
+                               "README's 'Adding a plugin' gives the contract")
+    return part
+
+
 def _check_shapes(vae: VAE, data_shape: tuple[int, ...], out_channels: int) -> None:
-    """Push one example through, so a mismatch is an error now, not at step 1 of a sweep."""
+    """Push one example through, so a mismatch is an error now, not at step 1 of a sweep: the
+    encoder's features, the decoder's output for z with leading sample dimensions (the
+    objectives decode [S, N, latent_dim]), the likelihood's and the prior's event shapes."""
+    from torch.distributions import Distribution
+
     with torch.no_grad():
         x = torch.zeros(2, *data_shape)
         try:
@@ -336,13 +351,31 @@ def _check_shapes(vae: VAE, data_shape: tuple[int, ...], out_channels: int) -> N
         except RuntimeError as err:
             raise ModelConfigError(f"the encoder cannot take data of shape {data_shape}: {err}") from err
         params = vae.decoder(torch.zeros(2, vae.latent_dim))
-    want = (2, out_channels, *data_shape[1:])
-    if tuple(params.shape) != want:
-        raise ModelConfigError(
-            f"the decoder produces {tuple(params.shape[1:])} per example but the likelihood "
-            f"needs {want[1:]} for data of shape {data_shape}: choose a decoder for this "
-            "image size (decoder=mlp works for any size)"
-        )
+        want = (2, out_channels, *data_shape[1:])
+        if tuple(params.shape) != want:
+            raise ModelConfigError(
+                f"the decoder produces {tuple(params.shape[1:])} per example but the likelihood "
+                f"needs {want[1:]} for data of shape {data_shape}: choose a decoder for this "
+                "image size (decoder=mlp works for any size)"
+            )
+        try:
+            sampled = tuple(vae.decoder(torch.zeros(3, 2, vae.latent_dim)).shape)
+        except RuntimeError as err:
+            sampled = f"an error ({err})"  # type: ignore[assignment]
+        if sampled != (3, *want):
+            raise ModelConfigError(
+                f"the decoder {type(vae.decoder).__name__} maps z of shape (3, 2, latent_dim) to {sampled}, not "
+                f"{(3, *want)}: a decoder keeps z's leading dimensions (the objectives decode K samples of each "
+                "example at once), e.g. flatten them and view the output as (*z.shape[:-1], C, H, W)")
+        px = vae.likelihood(params)
+        if not isinstance(px, Distribution) or tuple(px.event_shape) != tuple(data_shape) or \
+                tuple(px.batch_shape) != (2,):
+            got = (f"event shape {tuple(px.event_shape)} and batch shape {tuple(px.batch_shape)}"
+                   if isinstance(px, Distribution) else f"a {type(px).__name__}, not a torch.distributions.Distribution")
+            raise ModelConfigError(
+                f"the likelihood {type(vae.likelihood).__name__} gives {got} for 2 examples of shape {data_shape}: "
+                f"it must give a distribution whose event shape is the data's (e.g. Independent(Laplace(loc, "
+                f"scale), {len(data_shape)})), so that log p(x|z) is one number an example, summed over its values")
     with torch.no_grad():
         event_shape = tuple(vae.prior_distribution().event_shape)
     if event_shape != (vae.latent_dim,):

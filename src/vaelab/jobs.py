@@ -326,7 +326,7 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         finish_wandb(loggers, failed)
         if trainer.is_global_zero:
             write_json(output_dir / "summary.json", summary)
-    _print_summary(summary, evaluation=config.get("evaluation", {}))
+    _print_summary(summary, evaluation=config.get("evaluation", {}), also=_allowed_override(cfg))
     return summary
 
 
@@ -383,8 +383,7 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig, 
     if not any(Path(d).is_dir() and any(Path(d).glob("*.ckpt")) for d in checkpoint_folders(cfg)):
         return (f"{said} No checkpoint had been saved yet (the first comes at the first epoch's end, or after "
                 "callbacks.step_checkpoint.every_n_minutes): run the command again, from the start")
-    allowed = allowed_targets_of(cfg)  # (a resume is asked for them again)
-    also = f" 'allowed_targets=[{','.join(allowed)}]'" if allowed else ""
+    also = _allowed_override(cfg)
     latest = next((cb for cb in trainer.callbacks if isinstance(cb, LatestCheckpoint)), None)
     # (Lightning has cleared trainer.state.stage by now; its fn is kept)
     saved = latest.saved_at(trainer.global_step) if latest is not None and trainer.state.fn == "fit" else None
@@ -396,6 +395,13 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig, 
         whence = ("Continue it from its latest checkpoint (saved at each epoch's end and every "
                   "callbacks.step_checkpoint.every_n_minutes)")
     return f"{said} {whence}: python train.py ckpt_path={output_dir}{also}"
+
+
+def _allowed_override(cfg: DictConfig) -> str:
+    """`` 'allowed_targets=[...]'`` where the run allowed plugins of its own: a command that
+    reads its checkpoints (eval.py, a resume) is asked for them again."""
+    allowed = allowed_targets_of(cfg)
+    return f" 'allowed_targets=[{','.join(allowed)}]'" if allowed else ""
 
 
 def _unit(key: str) -> str:
@@ -413,7 +419,7 @@ def checkpoint_to_evaluate(summary: dict[str, Any]) -> str | None:
 
 
 @rank_zero_only
-def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any], also: str = "") -> None:
     lines = ["", "vaelab: run finished", f"  output folder   {summary['output_dir']}"]
     if summary.get("best_checkpoint"):
         score, monitor = summary.get("best_score"), summary.get("best_monitor")
@@ -440,7 +446,7 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any]) -> None:
     evaluated = checkpoint_to_evaluate(summary)
     if evaluated:
         again = " again" if summary.get("test") else ""  # (test=false: it has not been evaluated)
-        lines.append(f"  evaluate{again}: python eval.py ckpt_path={evaluated}")
+        lines.append(f"  evaluate{again}: python eval.py ckpt_path={evaluated}{also}")
     print("\n".join(lines), flush=True)
 
 
@@ -476,11 +482,12 @@ def finished_message(summary: dict[str, Any], cfg: DictConfig) -> str:
         f"{trained['global_step']} {why}{', and tested' if summary.get('test') else ''}. Nothing ran; its folder "
         "is as it was, and its summary.json holds its numbers.",
     ]
+    also = _allowed_override(cfg)
     if raise_:
-        lines.append(f"  {'train it longer:':<17}python train.py ckpt_path={run} {' '.join(raise_)}")
+        lines.append(f"  {'train it longer:':<17}python train.py ckpt_path={run} {' '.join(raise_)}{also}")
     if tested:
         label = "test it again:" if summary.get("test") else "test it:"
-        lines.append(f"  {label:<17}python eval.py ckpt_path={tested}")
+        lines.append(f"  {label:<17}python eval.py ckpt_path={tested}{also}")
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
 """Encoder and decoder networks (plain torch).
 
 Encoders map x ``[N, C, H, W]`` to a feature vector ``[N, out_features]``, which the posterior
-turns into q(z|x). Decoders map z ``[N, latent_dim]`` to distribution parameters
-``[N, out_channels, H, W]``, which the likelihood turns into p(x|z). ``out_features`` and
+turns into q(z|x). Decoders map z ``[*S, N, latent_dim]`` to distribution parameters
+``[*S, N, out_channels, H, W]``, which the likelihood turns into p(x|z), keeping z's leading
+sample dimensions ``S`` (the objectives decode K samples of each example at once; the build
+checks it: ``vaelab.build._check_shapes``). ``out_features`` and
 ``out_channels`` are filled in by ``vaelab.build`` from the posterior and the likelihood, so a
 network config never repeats them (the YAML files are ``_partial_``).
 """

@@ -353,6 +353,12 @@ def test_nan_guard_reads_the_term_sums_and_still_names_the_bad_term():
     with pytest.raises(NonFiniteLossError, match=r"train/elbo is NaN for 1 of 2 examples"):
         NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), out, sums)
     good = {k: torch.ones(2) for k in terms}
+    # a data batch's values are counted by example: 2 of 3 examples, not 3 of 12 pixels (helper 30)
+    x = torch.zeros(3, 1, 2, 2)
+    x[0, 0, 0, 0] = x[2, 0, 1, 1] = x[2, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"the data batch x is NaN for 2 of 3 examples \(3 values\)"):
+        NaNGuard("stop").bad_step(module, x, SimpleNamespace(loss=torch.tensor(float("nan")), terms=good),
+                                  torch.stack(list(good.values())).sum(-1))
     ok = SimpleNamespace(loss=torch.tensor(2.0), terms=good)
     assert not NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), ok, torch.stack(list(good.values())).sum(-1))
     # an infinite loss with finite terms (a β-weighted or free-bits loss) is caught too

@@ -55,8 +55,12 @@ def _describe(name: str, value: torch.Tensor) -> str | None:
     if bool(torch.isfinite(value).all()):
         return None
     kinds = [k for k, bad in (("NaN", torch.isnan(value).any()), ("Inf", torch.isinf(value).any())) if bool(bad)]
-    return f"{name} is {'/'.join(kinds)}" + (f" for {int((~torch.isfinite(value)).sum())} of {value.numel()} examples"
-                                              if value.numel() > 1 else "")
+    if value.dim() == 0 or value.numel() == 1:
+        return f"{name} is {'/'.join(kinds)}"
+    # examples along the first dimension (a data batch's values are counted by example, not by pixel)
+    bad = (~torch.isfinite(value)).reshape(value.shape[0], -1).any(dim=1)
+    values = f" ({int((~torch.isfinite(value)).sum())} values)" if value.dim() > 1 else ""
+    return f"{name} is {'/'.join(kinds)} for {int(bad.sum())} of {value.shape[0]} examples{values}"
 
 
 class NaNGuard:

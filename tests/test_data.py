@@ -125,6 +125,13 @@ def test_missing_files_without_download_say_where_to_put_them(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in msg
     assert "train-images-idx3-ubyte.gz" in msg and "data.download=true" in msg
+    # a data.root that cannot be made is named as such, not as a failed download (helper 30)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataNotFoundError) as err:
+        MNIST(root=tmp_path / "a_file" / "data", download=True).prepare_data()
+    assert f"mnist: the folder {tmp_path / 'a_file' / 'data' / 'MNIST' / 'raw'} cannot be made (NotADirectoryError" \
+        in str(err.value) and "point data.root at a folder that can be written" in str(err.value)
+    assert "no network" not in str(err.value)
 
 
 @pytest.mark.data

@@ -37,6 +37,7 @@ import zlib
 from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
+from urllib.error import URLError
 
 import lightning.pytorch as pl
 import numpy as np
@@ -733,6 +734,13 @@ class TorchvisionImages(ImageDataModule):
                     "there (the .gz or .tar.gz as downloaded) is unpacked again without network, "
                     "whatever data.download says; else with data.download=true and network access "
                     "it is fetched afresh, or copy a good file there."
+                ) from err
+            if isinstance(err, OSError) and not isinstance(err, URLError) and not where.is_dir():
+                # (os.makedirs of the folder failed: nothing was tried on the network)
+                raise DataNotFoundError(
+                    f"{self.name}: the folder {where} cannot be made ({type(err).__name__}: {err.strerror or err}): "
+                    f"point data.root at a folder that can be written, or that holds {self.folder} "
+                    f"(data.root={self.root} now)."
                 ) from err
             how = (
                 "the download failed (no network access?)" if self.download

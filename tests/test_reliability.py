@@ -116,6 +116,21 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_fix(tmp_path, monkeypa
         assert value_problems(compose("train", overrides=[f"paths.output_dir={tmp_path}", "trainer=gpu"])) == []
 
 
+def test_several_devices_that_turn_out_cpu_processes_are_named(tmp_path):
+    """trainer.devices=3 where accelerator=auto finds no GPU started 3 CPU processes, a batch
+    three times as large, without a word (helper 30); trainer=ddp_sim asks for them by name."""
+    from vaelab.jobs import cpu_processes_note
+
+    with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+        three = compose("train", overrides=[f"paths.output_dir={tmp_path}", "trainer.devices=3"])
+        sim = compose("train", overrides=[f"paths.output_dir={tmp_path}", "trainer=ddp_sim"])
+    assert cpu_processes_note(three, 3, "CPUAccelerator") == (
+        "trainer.devices=3 and no GPU: 3 CPU processes (DDP over gloo), each with data.batch_size=64, a batch of 192 "
+        "an optimizer step; trainer.devices=1 for one process (trainer=ddp_sim says this on purpose)")
+    assert cpu_processes_note(three, 3, "CUDAAccelerator") is None and cpu_processes_note(three, 1, "CPUAccelerator") is None
+    assert cpu_processes_note(sim, 2, "CPUAccelerator") is None
+
+
 def test_a_misspelled_setting_added_with_plus_is_refused_with_the_right_name(good_run, tmp_path):
     # Hydra answers latent_dimm=8 with "use +latent_dimm=8", which would train with latent_dim=16
     proc = run_cli("train.py", *QUICK, "+latent_dimm=8", "+note=kept", "+experiment_name=mine", "++likelihod.sigma=1",

@@ -269,6 +269,9 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
                              note=(KILLED if summary_read else UNKNOWN) if own else None)
     trainer.callbacks.append(records)
     skip_empty_batch_hooks([records])  # (it has none: Lightning's loop need not call them)
+    note = cpu_processes_note(cfg, trainer.world_size, type(trainer.accelerator).__name__)
+    if note and trainer.is_global_zero:
+        log.warning("vaelab: %s", note)
     asked = str(cfg.trainer.get("precision", trainer.precision))
     if str(trainer.precision) != LEGACY_PRECISIONS.get(asked, asked):  # (64 is 64-true's old name, not a swap)
         # Lightning swaps what a device lacks (16-mixed on a CPU runs as bf16-mixed): the stored
@@ -358,6 +361,18 @@ def _keep_earlier_results(summary: dict[str, Any], trainer: pl.Trainer, earlier:
     for key in EARLIER_RESULTS:
         if key not in summary and (earlier or {}).get(key) is not None:
             summary[key] = earlier[key]  # type: ignore[index]
+
+
+def cpu_processes_note(cfg: DictConfig, world_size: int, accelerator: str) -> str | None:
+    """What a run says where ``trainer.accelerator=auto`` found no GPU and ``trainer.devices``
+    asked for several: Lightning then starts that many CPU processes (DDP over gloo), each with
+    its own batch, and said nothing (``trainer=ddp_sim`` asks for it by name)."""
+    if world_size <= 1 or accelerator != "CPUAccelerator" or str(cfg.trainer.get("accelerator")) != "auto":
+        return None
+    batch = cfg.data.get("batch_size")
+    return (f"trainer.devices={cfg.trainer.get('devices')} and no GPU: {world_size} CPU processes (DDP over gloo), "
+            f"each with data.batch_size={batch}, a batch of {world_size * int(batch)} an optimizer step; "
+            "trainer.devices=1 for one process (trainer=ddp_sim says this on purpose)")
 
 
 #: how a run stopped by SIGTERM begins its message

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import BATCH, LATENT, REPO, add_child_arguments, prepare_root, run_child  # noqa: E402
+from throughput import BATCH, LATENT, REPO, add_child_arguments, available, prepare_root, run_child  # noqa: E402
 
 
 def run_vaelab(args: argparse.Namespace, root: Path, out: Path) -> dict:
@@ -130,7 +130,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         root = prepare_root(tmp)
-        for contender in args.contenders.split(","):
+        for contender in available(args.contenders.split(","), args.pythae_dir):
             out = tmp / contender
             out.mkdir()
             print(f"[{time.time() - started:6.0f} s] {contender}: {args.epochs} epochs, then the test NLL "

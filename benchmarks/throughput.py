@@ -453,6 +453,18 @@ def add_child_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help=argparse.SUPPRESS)
 
 
+def available(contenders: list[str], pythae_dir: str) -> list[str]:
+    """``contenders`` without pythae where its folder does not hold it, said once with the fix
+    (each of its runs printed an import traceback, and the table had no pythae row)."""
+    if "pythae" in contenders and not (Path(pythae_dir) / "pythae" / "__init__.py").is_file():
+        others = ",".join(c for c in contenders if c != "pythae")
+        print(f"pythae is not installed in {pythae_dir} (--pythae-dir): install it there with "
+              "bash benchmarks/setup_pythae.sh (needs network), or leave it out "
+              f"(--contenders {others}); going on without it", file=sys.stderr, flush=True)
+        return [c for c in contenders if c != "pythae"]
+    return contenders
+
+
 def run_child(cmd: list[str], contender: str, pythae_dir: str) -> subprocess.CompletedProcess:
     """One contender in its own process; pythae's folder on the path for pythae only."""
     env = dict(os.environ)
@@ -491,7 +503,7 @@ def main() -> None:
 
     os.environ["VAELAB_BENCH_OVERRIDES"] = f"malloc={args.malloc} {args.vaelab_overrides}".strip()
     models = ["mlp", "conv"] if args.model == "both" else [args.model]
-    contenders = args.contenders.split(",")
+    contenders = available(args.contenders.split(","), args.pythae_dir)
     runs: dict[tuple[str, str], list[dict]] = {}
     load_before = os.getloadavg()
     started = time.time()

@@ -461,6 +461,25 @@ def test_a_requeued_search_whose_trials_were_refused_keeps_its_results(tmp_path,
     assert "optimization_results.refused.yaml" in said
 
 
+def test_an_optuna_storage_the_installed_optuna_cannot_open_is_refused_with_the_fix():
+    """hydra.sweeper.storage=sqlite:///... with Optuna 2 (hydra-optuna-sweeper 1.3's) and
+    SQLAlchemy 2 stopped in an AssertionError deep in Optuna (helper 27)."""
+    from omegaconf import OmegaConf
+
+    from vaelab.folders import optuna_storage_problem
+
+    config = OmegaConf.create({"hydra": {"sweeper": {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper."
+                                                                 "OptunaSweeper", "storage": "sqlite:///optuna.db"}}})
+    said = optuna_storage_problem(config, {"optuna": "2.10.1", "sqlalchemy": "2.1.9"})
+    assert said.startswith("hydra.sweeper.storage=sqlite:///optuna.db: Optuna 2.10.1 (hydra-optuna-sweeper needs "
+                           "Optuna 2) cannot open a database with SQLAlchemy 2.1.9: pip install 'sqlalchemy<2' "
+                           "'alembic<1.14'")
+    assert optuna_storage_problem(config, {"optuna": "2.10.1", "sqlalchemy": "1.4.54"}) is None
+    assert optuna_storage_problem(config, {"optuna": "4.1.0", "sqlalchemy": "2.1.9"}) is None
+    config.hydra.sweeper.storage = None
+    assert optuna_storage_problem(config, {"optuna": "2.10.1", "sqlalchemy": "2.1.9"}) is None
+
+
 def test_a_single_run_that_fails_still_exits_nonzero(tmp_path):
     proc = run_cli("train.py", "objective.beta=-1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=_env())
     assert proc.returncode != 0 and "beta" in proc.stderr

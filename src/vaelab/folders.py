@@ -185,6 +185,30 @@ register_resolvers()
 SWEEP_FAILURES = "failed_jobs.jsonl"
 
 
+def optuna_storage_problem(config: DictConfig, versions: dict[str, str] | None = None) -> str | None:
+    """An Optuna search with a database storage (``hydra.sweeper.storage=sqlite:///optuna.db``)
+    where the installed Optuna cannot open one: hydra-optuna-sweeper 1.3 needs Optuna 2, whose
+    storages fail with SQLAlchemy 2 (an AssertionError from deep in Optuna, after the sweep had
+    begun). ``versions``: the packages' versions (else read from the installed distributions)."""
+    storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+    if not storage or not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("OptunaSweeper"):
+        return None
+    if versions is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        versions = {}
+        for name in ("optuna", "sqlalchemy"):
+            with contextlib.suppress(PackageNotFoundError):
+                versions[name] = version(name)
+    major = {k: int(str(v).split(".")[0]) for k, v in versions.items() if str(v).split(".")[0].isdigit()}
+    if major.get("optuna", 3) < 3 and major.get("sqlalchemy", 1) >= 2:
+        return (f"hydra.sweeper.storage={storage}: Optuna {versions['optuna']} (hydra-optuna-sweeper needs Optuna 2) "
+                f"cannot open a database with SQLAlchemy {versions['sqlalchemy']}: pip install 'sqlalchemy<2' "
+                "'alembic<1.14' into this environment, or leave hydra.sweeper.storage=null (the study in memory; a "
+                "requeue with -m ckpt_path=last and the same seed and search space continues it); nothing has run yet")
+    return None
+
+
 #: what Hydra's Optuna sweeper writes at a search's end
 OPTUNA_RESULTS = "optimization_results.yaml"
 
@@ -446,6 +470,9 @@ class RunFolders(Callback):
         self._keep_multirun_yaml()
 
     def _check_sweep(self, config: DictConfig, sweep: Path) -> None:
+        storage = optuna_storage_problem(config)
+        if storage:
+            self._stop(storage)
         # e.g. -m ckpt_path=last ...: a requeued training sweep
         resumes = self.task == "train" and config.get("ckpt_path") not in (None, "")
         jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() and not resumes else []

@@ -409,8 +409,12 @@ def test_a_requeued_sweep_continues_its_jobs_in_its_folder(tmp_path):
     shutil.rmtree(sweep / "1")  # a job that never ran before the requeue
     # the same command after a requeue (one more epoch): each job continues its own run, and the
     # files of the command that started the sweep stay as they were (Hydra rewrote them)
-    check(run_cli("train.py", *args, "trainer.max_epochs=2", cwd=tmp_path, env=_env(), timeout=400))
+    proc = check(run_cli("train.py", *args, "trainer.max_epochs=2", cwd=tmp_path, env=_env(), timeout=400))
     assert {p: p.read_bytes() for p in started} == started
+    # the job that had not started starts afresh, as ckpt_path=last in a sweep means: no warning (helper 27)
+    assert "has no checkpoints/last.ckpt yet" not in proc.stdout + proc.stderr
+    assert f"ckpt_path=last: {sweep / '1'} has no checkpoint yet, so this job starts from scratch" in \
+        (sweep / "1" / "cli.log").read_text()
     summary = json.loads((sweep / "0" / "summary.json").read_text())
     assert summary["resumed_from"] and not summary["failed"] and summary["trained"]["epochs"] == 2
     assert "ckpt_path=last" in summary["resumed_with"]

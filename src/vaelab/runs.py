@@ -385,6 +385,12 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
                 f"latest-step*.ckpt there can be read (damaged or cut short; see the warnings above). {way}. "
                 "Nothing has run yet.")
         if ckpt is None:
+            from vaelab.folders import in_multirun
+
+            if in_multirun():  # a requeued sweep's job that had not started: what ckpt_path=last is for
+                log.info("vaelab: ckpt_path=last: %s has no checkpoint yet, so this job starts from scratch",
+                         output_dir)
+                return cfg, None
             log.warning(
                 "ckpt_path=last: %s has no checkpoints/last.ckpt yet, so training starts from scratch "
                 "here. To continue an earlier run, name its folder: ckpt_path=<run folder>, or "
@@ -620,6 +626,8 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
     under this command's own folder (``command_dir``: ``logger=csv`` given again puts its
     files under ``${paths.output_dir}``) are moved to ``run_dir`` too: the run's files stay
     in the run's folder."""
+    from vaelab.folders import in_multirun
+
     old_dir = (stored.get("paths") or {}).get("output_dir")
     config = _rebase(stored, str(old_dir), str(run_dir)) if old_dir else dict(stored)
     new = OmegaConf.create(config)
@@ -642,6 +650,8 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
             continue
         value = OmegaConf.select(cfg, key, default=None)
         if key in ("experiment", "hparams_search"):
+            if key == "hparams_search" and in_multirun():
+                continue  # (a requeued search: it sets up the sweeper, which proposes this job's values)
             log.warning("vaelab: %s=... is not applied when a run is resumed: the run continues with the config "
                         "stored in its checkpoint (give the settings you may change, e.g. trainer.max_epochs, "
                         "on the command line)", key)

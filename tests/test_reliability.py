@@ -1239,6 +1239,25 @@ def test_a_data_group_given_again_on_resume_replaces_nothing(caplog, monkeypatch
     assert caplog.text == ""
 
 
+def test_a_requeued_search_does_not_warn_that_hparams_search_is_not_applied(caplog, monkeypatch, tmp_path):
+    """In a requeued Optuna search (-m hparams_search=optuna ckpt_path=last) hparams_search sets
+    up the sweeper, which proposes the job's values: each job warned it was not applied (helper
+    27). A single resume with it still warns."""
+    from omegaconf import OmegaConf
+
+    import vaelab.folders
+    import vaelab.runs as runs
+
+    stored = {"latent_dim": 8, "paths": {"output_dir": str(tmp_path)}}
+    monkeypatch.setattr(runs, "_command_line_keys", lambda: [("hparams_search", False)])
+    for multirun, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(vaelab.folders, "in_multirun", lambda m=multirun: m)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            runs.continue_config(stored, OmegaConf.create({"latent_dim": 8}), tmp_path, tmp_path / "last.ckpt")
+        assert ("hparams_search=... is not applied when a run is resumed" in caplog.text) is warned, caplog.text
+
+
 def test_the_commands_before_a_resume_are_read_from_any_summary(tmp_path, caplog):
     """The list a resume extends: a summary's own ``commands``; a summary written before the list
     was kept, as its one command (its own keys only, the test numbers not); none from a run

@@ -343,6 +343,13 @@ def test_report_shows_the_settings_the_numbers_came_from_and_an_optuna_searchs_k
         (search / job / ".hydra" / "overrides.yaml").write_text(f"- latent_dim={8 + int(job)}\n")
         (search / job / ".hydra" / "hydra.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
     write_json(search / "0" / "summary.json", {"failed": False, "best_val_elbo": -21.0})
+    # an evaluation sweep's rows differ by their ckpt_path: shown (helper 32)
+    for job in "01":
+        (tmp_path / "evals" / job / ".hydra").mkdir(parents=True)
+        (tmp_path / "evals" / job / ".hydra" / "overrides.yaml").write_text(f"- ckpt_path=/runs/{job}\n")
+        write_json(tmp_path / "evals" / job / "metrics.json", {"metrics": {"test/nll": 20.0 + int(job)}})
+    columns, rows = collect(tmp_path / "evals")
+    assert "ckpt_path" in columns and [r["ckpt_path"] for r in rows] == ["/runs/0", "/runs/1"]
     _, rows = collect(search)
     assert [(r["run"], r["status"]) for r in rows] == [
         ("0", "ok"), ("1", "failed: no summary.json: it stopped before training (see its log)")]

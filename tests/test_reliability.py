@@ -125,8 +125,10 @@ def test_several_devices_that_turn_out_cpu_processes_are_named(tmp_path):
         three = compose("train", overrides=[f"paths.output_dir={tmp_path}", "trainer.devices=3"])
         sim = compose("train", overrides=[f"paths.output_dir={tmp_path}", "trainer=ddp_sim"])
     assert cpu_processes_note(three, 3, "CPUAccelerator") == (
-        "trainer.devices=3 and no GPU: 3 CPU processes (DDP over gloo), each with data.batch_size=64, a batch of 192 "
+        "trainer.devices=3 and no GPU: 3 CPU processes (DDP over gloo), each with data.batch_size=64, 192 examples "
         "an optimizer step; trainer.devices=1 for one process (trainer=ddp_sim says this on purpose)")
+    three.trainer.accumulate_grad_batches = 4  # (helper 32)
+    assert "each with data.batch_size=64, 768 examples an optimizer step" in cpu_processes_note(three, 3, "CPUAccelerator")
     assert cpu_processes_note(three, 3, "CUDAAccelerator") is None and cpu_processes_note(three, 1, "CPUAccelerator") is None
     assert cpu_processes_note(sim, 2, "CPUAccelerator") is None
 
@@ -1239,30 +1241,126 @@ def test_a_data_group_given_again_on_resume_replaces_nothing(caplog, monkeypatch
     assert caplog.text == ""
 
 
-def test_a_requeued_search_does_not_warn_that_hparams_search_is_not_applied(caplog, monkeypatch, tmp_path):
-    """In a requeued Optuna search (-m hparams_search=optuna ckpt_path=last) hparams_search sets
-    up the sweeper, which proposes the job's values: each job warned it was not applied (helper
-    27). A single resume with it still warns."""
+def test_an_evaluation_stopped_by_ctrl_c_says_so_and_exits_130(good_run, tmp_path, monkeypatch):
+    """eval.py stopped by Ctrl-C exited 1 with Lightning's "Detected KeyboardInterrupt" only; it
+    now says what a stopped training says (helper 32). SIGTERM and Ctrl-C are told apart from
+    other exits by stop_signal."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from vaelab.errors import Terminated
+    from vaelab.jobs import SIGINT_STOP, SIGTERM_STOP, evaluate, stop_signal
+
+    def interrupted(*args, **kwargs):  # (what Lightning's _call_and_handle_interrupt does with Ctrl-C)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemExit(1) from None
+
+    monkeypatch.setattr(pl.Trainer, "test", interrupted)
+    with initialize_config_module(config_module="vaelab.conf", version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt_path={good_run}", f"paths.output_dir={tmp_path / 'eval'}",
+                                         f"paths.data_dir={tmp_path / 'data'}",
+                                         "logger=none"])
+    with pytest.raises(Terminated) as stopped:
+        evaluate(cfg)
+    assert stopped.value.code == 130
+    assert str(stopped.value).startswith("stopped by Ctrl-C (SIGINT) during the evaluation of ")
+    assert str(stopped.value).endswith(": no metrics.json was written; run the command again")
+    assert stop_signal(SIGTERMException()) == ("SIGTERM", SIGTERM_STOP, 143)
+    assert stop_signal(SystemExit(1)) is None and stop_signal(RuntimeError()) is None
+    assert stop_signal(stopped.value.__context__) == ("SIGINT", SIGINT_STOP, 130)
+
+
+def test_a_stopped_sweep_job_names_the_command_that_continues_the_sweep(tmp_path, monkeypatch):
+    """A sweep's job stopped by SIGTERM or Ctrl-C gave the command that continues that job
+    alone (python train.py ckpt_path=<sweep>/0), and the sweep's later jobs never ran: it
+    gives the sweep's requeue (helper 32)."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     import vaelab.folders
+    from vaelab.jobs import SIGINT_STOP, _stopped_message
+
+    checkpoints = tmp_path / "sweep" / "0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"x")
+    cfg = OmegaConf.create({"callbacks": {"checkpoint": {"dirpath": str(checkpoints)}}})
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit", stage="train"), global_step=25, current_epoch=1,
+                              max_epochs=3, callbacks=[], fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(
+                                  current=SimpleNamespace(ready=2, completed=1))))
+    monkeypatch.setattr(vaelab.folders, "in_multirun", lambda: True)
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(sweep=SimpleNamespace(dir="S"))))
+    said = _stopped_message(trainer, tmp_path / "sweep" / "0", cfg, SIGINT_STOP)
+    assert said == ("stopped by Ctrl-C (SIGINT) at step 25 (epoch 2/3) of its training. Continue it from its latest "
+                    "checkpoint (saved at each epoch's end and every callbacks.step_checkpoint.every_n_minutes): the "
+                    "sweep's command again with -m hydra.sweep.dir=S ckpt_path=last (its finished jobs are left as "
+                    "they are)")
+    monkeypatch.setattr(vaelab.folders, "in_multirun", lambda: False)
+    assert _stopped_message(trainer, tmp_path / "run", cfg, SIGINT_STOP).endswith(
+        f"python train.py ckpt_path={tmp_path / 'run'}")
+
+
+def test_a_failed_continuation_keeps_the_test_numbers_only_of_the_run_s_best_checkpoint(tmp_path):
+    """The earlier test numbers stay in a failed command's summary while the checkpoint they are
+    of is still the run's best; after a new best (save_top_k=1 deleted the tested file) they
+    would stand beside another checkpoint's val/elbo, and go (helper 32)."""
+    from types import SimpleNamespace
+
+    from vaelab.jobs import _keep_earlier_results
+
+    old = tmp_path / "best-epoch000-step20.ckpt"
+    old.write_bytes(b"x")
+    earlier = {"test": {"test/nll": 27.3}, "tested_checkpoint": str(old), "diagnostics": {"active_units": 2}}
+
+    def trainer(best):
+        return SimpleNamespace(checkpoint_callback=SimpleNamespace(
+            best_model_path=str(best), best_model_score=torch.tensor(-27.0), monitor="val/elbo",
+            last_model_path=str(tmp_path / "last.ckpt")))
+
+    same: dict = {"failed": True}
+    _keep_earlier_results(same, trainer(old), earlier)
+    assert same["test"] == earlier["test"] and same["tested_checkpoint"] == str(old) and same["diagnostics"]
+    assert same["best_checkpoint"] == str(old) and same["best_val_elbo"] == -27.0
+    new = tmp_path / "best-epoch001-step40.ckpt"
+    new.write_bytes(b"y")
+    old.unlink()
+    moved: dict = {"failed": True}
+    _keep_earlier_results(moved, trainer(new), earlier)
+    assert moved["best_checkpoint"] == str(new) and "test" not in moved and "tested_checkpoint" not in moved
+
+
+def test_a_requeued_search_does_not_warn_that_hparams_search_is_not_applied(caplog, monkeypatch, tmp_path):
+    """In a requeued Optuna search (-m hparams_search=optuna ckpt_path=last) hparams_search sets
+    up the sweeper, which proposes the job's values: each job warned it was not applied (helper
+    27); so did a requeued sweep's experiment=, the one it started with. A single resume with
+    either still warns."""
+    from omegaconf import OmegaConf
+
     import vaelab.runs as runs
 
     stored = {"latent_dim": 8, "paths": {"output_dir": str(tmp_path)}}
-    monkeypatch.setattr(runs, "_command_line_keys", lambda: [("hparams_search", False)])
-    for multirun, warned in ((True, False), (False, True)):
-        monkeypatch.setattr(vaelab.folders, "in_multirun", lambda m=multirun: m)
+    for multirun, warned, key in ((True, False, "hparams_search"), (False, True, "hparams_search"),
+                                  (True, False, "experiment"), (False, True, "experiment")):
+        monkeypatch.setattr(runs, "_command_line_keys", lambda k=key: [(k, False)])
+        monkeypatch.setattr(runs, "in_multirun", lambda m=multirun: m)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             runs.continue_config(stored, OmegaConf.create({"latent_dim": 8}), tmp_path, tmp_path / "last.ckpt")
-        assert ("hparams_search=... is not applied when a run is resumed" in caplog.text) is warned, caplog.text
+        assert (f"{key}=... is not applied when a run is resumed" in caplog.text) is warned, caplog.text
 
 
 def test_the_commands_before_a_resume_are_read_from_any_summary(tmp_path, caplog):
     """The list a resume extends: a summary's own ``commands``; a summary written before the list
     was kept, as its one command (its own keys only, the test numbers not); none from a run
     killed before its summary; and none, with a warning naming the file, from one cut short."""
-    from vaelab.runs import earlier_commands
+    from vaelab.runs import commands_of, read_earlier_summary
+
+    def earlier_commands(run_dir):
+        summary, readable = read_earlier_summary(run_dir)
+        return commands_of(summary), readable
 
     assert earlier_commands(tmp_path) == ([], True)
     old = {"output_dir": str(tmp_path), "resumed_from": None, "wall_time_s": 12.5, "failed": True,

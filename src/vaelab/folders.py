@@ -193,6 +193,8 @@ def optuna_storage_problem(config: DictConfig, versions: dict[str, str] | None =
     storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
     if not storage or not str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("OptunaSweeper"):
         return None
+    if str(storage).startswith("redis"):  # (Optuna's RedisStorage: no SQLAlchemy)
+        return None
     if versions is None:
         from importlib.metadata import PackageNotFoundError, version
 
@@ -454,6 +456,11 @@ class RunFolders(Callback):
         # run elsewhere). Each job's .hydra/ files are kept by job_output_subdir
         started = sweep / "multirun.yaml"
         resumes = self.task == "train" and config.get("ckpt_path") not in (None, "")
+        if resumes and not any((p / ".hydra").is_dir() for p in sweep.iterdir()):
+            # (each job then says so in its log only: a requeue's job that had not started does too)
+            print(f"vaelab: ckpt_path={config.get('ckpt_path')} in {sweep}, which holds no jobs of an earlier sweep: "
+                  "each job starts from scratch. To continue a sweep, give its folder: hydra.sweep.dir=<sweep folder>",
+                  file=sys.stderr, flush=True)
         self._multirun_yaml = started.read_bytes() if resumes and started.is_file() else None
         # a requeued Optuna search's results, kept where this command's trials were refused
         results = sweep / OPTUNA_RESULTS

@@ -301,18 +301,13 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
         failed = False
     except BaseException as error:
         summary["error"] = error_text(error)  # for report.py and the sweep's end
-        if isinstance(error, SIGTERMException):
-            message = _stopped_by_sigterm(trainer, output_dir, cfg)
-            summary["error"] = f"SIGTERM: {message}"
+        stop = stop_signal(error)
+        if stop is not None:
+            signal_name, by, code = stop
+            message = _stopped_message(trainer, output_dir, cfg, by)
+            summary["error"] = f"{signal_name}: {message}"
             log.error("vaelab: %s", message)
-            raise Terminated(message) from error
-        if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):
-            # Ctrl-C: Lightning's "graceful shutdown" ends in sys.exit(1), which said nothing
-            # more, and summary.json recorded "SystemExit: 1"
-            message = _stopped_by_sigterm(trainer, output_dir, cfg, by=SIGINT_STOP)
-            summary["error"] = f"SIGINT: {message}"
-            log.error("vaelab: %s", message)
-            raise Terminated(message, code=130) from error
+            raise Terminated(message, code=code) from error
         raise
     finally:
         if "trained" not in summary and trainer.global_step > 0:  # where a failed or stopped training got
@@ -352,15 +347,23 @@ EARLIER_RESULTS = ("test", "tested_checkpoint", "evaluation", "data", "diagnosti
 
 
 def _keep_earlier_results(summary: dict[str, Any], trainer: pl.Trainer, earlier: dict[str, Any] | None) -> None:
-    """A failed command's summary names the run's checkpoints and keeps the results the run had
-    before it: a continued run that failed (NaN, Ctrl-C, an error) replaced summary.json with
-    one that had lost the finished run's test numbers and its best checkpoint."""
+    """A failed command's summary names the run's checkpoints and keeps the test results the run
+    had before it, where the checkpoint they are of is still its best: a continued run that
+    failed (NaN, Ctrl-C, an error) replaced summary.json with one that had lost the finished
+    run's test numbers and its best checkpoint."""
+    earlier = earlier or {}
     for key, value in _checkpoint_facts(trainer).items():
         if summary.get(key) is None:
-            summary[key] = value if value is not None else (earlier or {}).get(key)
+            summary[key] = value if value is not None else earlier.get(key)
+    tested = earlier.get("tested_checkpoint")
+    # the test numbers of the checkpoint that is still the run's best (a later best replaced it,
+    # and save_top_k=1 deleted it: the numbers would stand beside another checkpoint's val/elbo)
+    if "test" in summary or not tested or not Path(tested).is_file() or \
+            summary.get("best_checkpoint") not in (None, tested):
+        return
     for key in EARLIER_RESULTS:
-        if key not in summary and (earlier or {}).get(key) is not None:
-            summary[key] = earlier[key]  # type: ignore[index]
+        if earlier.get(key) is not None:
+            summary[key] = earlier[key]
 
 
 def cpu_processes_note(cfg: DictConfig, world_size: int, accelerator: str) -> str | None:
@@ -369,9 +372,9 @@ def cpu_processes_note(cfg: DictConfig, world_size: int, accelerator: str) -> st
     its own batch, and said nothing (``trainer=ddp_sim`` asks for it by name)."""
     if world_size <= 1 or accelerator != "CPUAccelerator" or str(cfg.trainer.get("accelerator")) != "auto":
         return None
-    batch = cfg.data.get("batch_size")
+    batch, accumulate = int(cfg.data.get("batch_size")), int(cfg.trainer.get("accumulate_grad_batches") or 1)
     return (f"trainer.devices={cfg.trainer.get('devices')} and no GPU: {world_size} CPU processes (DDP over gloo), "
-            f"each with data.batch_size={batch}, a batch of {world_size * int(batch)} an optimizer step; "
+            f"each with data.batch_size={batch}, {world_size * batch * accumulate} examples an optimizer step; "
             "trainer.devices=1 for one process (trainer=ddp_sim says this on purpose)")
 
 
@@ -381,10 +384,27 @@ SIGTERM_STOP = "stopped by SIGTERM (a job's time limit, timeout, kill)"
 SIGINT_STOP = "stopped by Ctrl-C (SIGINT)"
 
 
-def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig, by: str = SIGTERM_STOP) -> str:
+def stop_signal(error: BaseException) -> tuple[str, str, int] | None:
+    """(the signal, how its message begins, the exit status) where ``error`` is how Lightning
+    ends a process that was told to stop, else None: SIGTERM (its ``SIGTERMException``, a
+    ``SystemExit`` without a code: status 0, as if it had finished), or Ctrl-C (its "graceful
+    shutdown" ends in ``sys.exit(1)``, which said no more, and summary.json recorded
+    "SystemExit: 1")."""
+    if isinstance(error, SIGTERMException):
+        return "SIGTERM", SIGTERM_STOP, 143
+    if isinstance(error, SystemExit) and isinstance(error.__context__, KeyboardInterrupt):
+        return "SIGINT", SIGINT_STOP, 130
+    return None
+
+
+def _stopped_message(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig, by: str = SIGTERM_STOP) -> str:
     """What a run stopped by SIGTERM (or ``by`` another signal) says: where it got, and the
     command that continues it (or, before its first checkpoint, that there is nothing to
-    continue)."""
+    continue); a sweep's job, the command that continues the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from vaelab.folders import in_multirun
+
     if trainer.state.fn == "test" or trainer.state.stage == "test":
         where = "during its test, after its training had finished"
     else:
@@ -395,10 +415,13 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig, 
         else:
             where = f"at step {trainer.global_step} ({epoch_label(trainer.current_epoch, trainer.max_epochs)}) of its training"
     said = f"{by} {where}."
+    also = _allowed_override(cfg)
+    sweep = (f"the sweep's command again with -m hydra.sweep.dir={HydraConfig.get().sweep.dir} ckpt_path=last{also} "
+             "(its finished jobs are left as they are)") if in_multirun() else None
     if not any(Path(d).is_dir() and any(Path(d).glob("*.ckpt")) for d in checkpoint_folders(cfg)):
         return (f"{said} No checkpoint had been saved yet (the first comes at the first epoch's end, or after "
-                "callbacks.step_checkpoint.every_n_minutes): run the command again, from the start")
-    also = _allowed_override(cfg)
+                "callbacks.step_checkpoint.every_n_minutes): " + (
+                    f"continue the sweep with {sweep}" if sweep else "run the command again, from the start"))
     latest = next((cb for cb in trainer.callbacks if isinstance(cb, LatestCheckpoint)), None)
     # (Lightning has cleared trainer.state.stage by now; its fn is kept)
     saved = latest.saved_at(trainer.global_step) if latest is not None and trainer.state.fn == "fit" else None
@@ -409,7 +432,7 @@ def _stopped_by_sigterm(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig, 
     else:  # (during a validation, inside a gradient accumulation, a step nan_policy=skip skipped, or under DDP)
         whence = ("Continue it from its latest checkpoint (saved at each epoch's end and every "
                   "callbacks.step_checkpoint.every_n_minutes)")
-    return f"{said} {whence}: python train.py ckpt_path={output_dir}{also}"
+    return f"{said} {whence}: " + (f"{sweep}" if sweep else f"python train.py ckpt_path={output_dir}{also}")
 
 
 def _allowed_override(cfg: DictConfig) -> str:
@@ -555,10 +578,13 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
         facts = dashboard.run_facts(module, datamodule.info)
         dashboard.update_wandb_summary(loggers, facts)
         failed = False
-    except SIGTERMException as error:  # (a SystemExit without a code: status 0, as if it had finished)
-        message = f"{SIGTERM_STOP} during the evaluation of {ckpt}: no metrics.json was written; run the command again"
+    except BaseException as error:
+        stop = stop_signal(error)
+        if stop is None:
+            raise
+        message = f"{stop[1]} during the evaluation of {ckpt}: no metrics.json was written; run the command again"
         log.error("vaelab: %s", message)
-        raise Terminated(message) from error
+        raise Terminated(message, code=stop[2]) from error
     finally:
         finish_wandb(loggers, failed)
     metrics = {k: _as_float(v) for k, v in results[0].items()}

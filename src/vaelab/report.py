@@ -60,10 +60,11 @@ def read_settings(run: Path, summary: dict[str, Any] | None) -> dict[str, str]:
     with each resume's on top (``summary``, its ``summary.json``: the commands' overrides; a run
     continued with ``trainer.max_epochs=3`` trained 3 epochs, not the 2 it started with). A
     resume's ``experiment=`` and ``hparams_search=`` are not applied (``vaelab.runs``), nor shown;
-    nor is ``ckpt_path``, also where it started the run (a job that a requeued sweep's
-    ``ckpt_path=last`` started afresh was a group of its own in ``--over``)."""
+    nor is the ``ckpt_path=last`` of a job that a requeued sweep started afresh (a group of its
+    own in ``--over``). An evaluation's ``ckpt_path`` (``eval.py -m ckpt_path=a,b``) is shown."""
     out = read_overrides(run)
-    out.pop("ckpt_path", None)
+    if out.get("ckpt_path") == "last":
+        del out["ckpt_path"]
     summary = summary or {}
     commands = summary.get("commands") or [{"resumed_with": summary.get("resumed_with")}]
     for command in commands:

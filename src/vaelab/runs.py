@@ -38,6 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from vaelab.checkpoint_io import AtomicCheckpointIO, link_file
 from vaelab.checkpoints import load_checkpoint, resolve_checkpoint
 from vaelab.errors import ExplainedError
+from vaelab.folders import in_multirun
 from vaelab.options import DATA_READ_KEYS
 from vaelab.validation import allowed_targets_of
 
@@ -385,8 +386,6 @@ def resolve_resume(cfg: DictConfig) -> tuple[DictConfig, Path | None]:
                 f"latest-step*.ckpt there can be read (damaged or cut short; see the warnings above). {way}. "
                 "Nothing has run yet.")
         if ckpt is None:
-            from vaelab.folders import in_multirun
-
             if in_multirun():  # a requeued sweep's job that had not started: what ckpt_path=last is for
                 log.info("vaelab: ckpt_path=last: %s has no checkpoint yet, so this job starts from scratch",
                          output_dir)
@@ -507,12 +506,6 @@ def commands_of(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [command_record(summary)]
 
 
-def earlier_commands(run_dir: Path) -> tuple[list[dict[str, Any]], bool]:
-    """``commands_of`` the summary in ``run_dir``, and whether it could be read."""
-    summary, readable = read_earlier_summary(run_dir)
-    return commands_of(summary), readable
-
-
 KILLED = ("stopped without writing its summary (killed: SIGKILL, out of memory, a lost node?); its record is "
           "as of its last checkpoint")
 #: a record only a checkpoint holds where the run's summary.json could not be read
@@ -626,8 +619,6 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
     under this command's own folder (``command_dir``: ``logger=csv`` given again puts its
     files under ``${paths.output_dir}``) are moved to ``run_dir`` too: the run's files stay
     in the run's folder."""
-    from vaelab.folders import in_multirun
-
     old_dir = (stored.get("paths") or {}).get("output_dir")
     config = _rebase(stored, str(old_dir), str(run_dir)) if old_dir else dict(stored)
     new = OmegaConf.create(config)
@@ -650,8 +641,8 @@ def continue_config(stored: dict[str, Any], cfg: DictConfig, run_dir: Path, ckpt
             continue
         value = OmegaConf.select(cfg, key, default=None)
         if key in ("experiment", "hparams_search"):
-            if key == "hparams_search" and in_multirun():
-                continue  # (a requeued search: it sets up the sweeper, which proposes this job's values)
+            if in_multirun():
+                continue  # (a requeued sweep repeats its command; a search's sets up the sweeper)
             log.warning("vaelab: %s=... is not applied when a run is resumed: the run continues with the config "
                         "stored in its checkpoint (give the settings you may change, e.g. trainer.max_epochs, "
                         "on the command line)", key)

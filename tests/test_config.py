@@ -144,6 +144,51 @@ def test_a_decoder_that_cannot_make_the_data_shape_is_refused(tmp_path):
         VAEModule(config=config, data_info=info)
 
 
+class FlatDecoder(torch.nn.Module):
+    """Maps [N, Z] to [N, C, H, W] but folds K samples of each example into N (a decoder
+    written to the 2-d case: the objectives decode [K, N, Z], and validation's IWAE crashed)."""
+
+    def __init__(self, latent_dim, data_shape, out_channels):
+        super().__init__()
+        self.shape = (out_channels, *data_shape[1:])
+        self.net = torch.nn.Linear(latent_dim, out_channels * data_shape[1] * data_shape[2])
+
+    def forward(self, z):
+        return self.net(z).view(-1, *self.shape)
+
+
+def test_a_plugin_that_breaks_its_contract_is_named_when_the_model_is_built(tmp_path, monkeypatch):
+    """Each failed deep inside the first validation or the build (helper 31): a decoder that
+    folds z's leading sample dimension into the batch; a likelihood whose distribution is not
+    one number an example, or not a distribution; a prior that is not a vaelab Prior."""
+    from torch.distributions import Laplace
+
+    from vaelab.build import ModelConfigError, build_vae
+    from vaelab.likelihoods import Laplace as VaelabLaplace
+
+    cfg = compose_train(tmp_path, "likelihood=laplace")
+    resolve_data_options(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    shape = (1, 8, 8)
+    build_vae(config, shape)  # (the config's own parts pass)
+    flat = {**config, "decoder": {"_target_": f"{__name__}.FlatDecoder"}, "allowed_targets": [f"{__name__}."]}
+    with pytest.raises(ModelConfigError, match=r"the decoder FlatDecoder maps z of shape \(3, 2, latent_dim\) to "
+                                                r"\(6, 1, 8, 8\), not \(3, 2, 1, 8, 8\): a decoder keeps z's leading"):
+        build_vae(flat, shape)
+    for returned, said in ((lambda loc: Laplace(loc, 1.0), r"gives event shape \(\) and batch shape \(2, 1, 8, 8\)"),
+                           (lambda loc: loc, r"gives a Tensor, not a torch.distributions.Distribution")):
+        monkeypatch.setattr(VaelabLaplace, "forward", lambda self, params, r=returned: r(params))
+        with pytest.raises(ModelConfigError, match=rf"the likelihood Laplace {said} for 2 examples of shape "
+                                                   r"\(1, 8, 8\): it must give a distribution whose event shape is "
+                                                   r"the data's \(e.g. Independent\(Laplace\(loc, scale\), 3\)\)"):
+            build_vae(config, shape)
+    monkeypatch.undo()
+    identity = {**config, "prior": {"_target_": "torch.nn.Identity"}, "allowed_targets": ["torch.nn."]}
+    with pytest.raises(ModelConfigError, match=r"the prior torch.nn.modules.linear.Identity is not a "
+                                               r"vaelab.priors.Prior: subclass it"):
+        build_vae(identity, shape)
+
+
 def test_a_likelihood_plugin_that_is_not_there_or_not_allowed_is_named_before_it_is_imported(tmp_path):
     """data.binarize=auto and dequantize=auto read the likelihood's class: a plugin's module that
     is not on the path, or a misspelt class, was a ModuleNotFoundError traceback from there, before

@@ -104,6 +104,10 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error)[:2000]}"
 
 
+#: the keys of a summary.json that hold an object
+SUMMARY_OBJECTS = ("test", "diagnostics", "trained", "evaluation", "data")
+
+
 def read_summary(run: Path) -> dict[str, Any] | None:
     """The run's ``summary.json``; None where it wrote none. A file that cannot be read raises
     ``OSError``, or ``ValueError`` (``json.JSONDecodeError``: cut short, not JSON, or JSON but no
@@ -118,10 +122,6 @@ def read_summary(run: Path) -> dict[str, Any] | None:
         if summary.get(key) is not None and not isinstance(summary[key], dict):
             raise ValueError(f"its {key!r} is a JSON {type(summary[key]).__name__}, not an object")
     return summary
-
-
-#: the keys of a summary.json that hold an object
-SUMMARY_OBJECTS = ("test", "diagnostics", "trained", "evaluation", "data")
 
 
 def failure(summary: dict[str, Any] | None) -> str | None:

@@ -147,6 +147,9 @@ def test_wandb_run_names_summary_and_checkpoint_artifact(sweep):
         # define_metric: the summary holds the best val/elbo, the final test numbers
         assert run.summary["val/elbo"]["max"] == pytest.approx(s["best_val_elbo"], abs=1e-4)
         assert run.summary["val/elbo"]["max"] == pytest.approx(max(run.values("val/elbo")), abs=1e-6)
+        # and is plotted against the trainer's step as every other value (it had W&B's _step)
+        assert run.metrics["val/elbo"] == {"step_metric": "trainer/global_step", "summary": ["max"]}
+        assert run.metrics["*"]["step_metric"] == "trainer/global_step"
         assert run.summary["test/nll"] == pytest.approx(s["test"]["test/nll"], abs=1e-4)
         assert run.summary["test/gap"] == pytest.approx(s["test"]["test/gap"], abs=1e-4)
         assert run.summary["evaluation/test_num_samples"] == K and run.summary["evaluation/chunk_size"] == 100

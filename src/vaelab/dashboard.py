@@ -107,9 +107,12 @@ def _wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:
 @rank_zero_only
 def define_metrics(loggers: list[Logger]) -> None:
     """The summary of ``val/elbo`` is its best (max) value, not the last epoch's; the test
-    numbers (``test/nll``, ...) are logged once, so their summary is that final value."""
+    numbers (``test/nll``, ...) are logged once, so their summary is that final value.
+    ``val/elbo`` is plotted against the trainer's step as every other value is (Lightning's
+    ``define_metric("*", step_metric=...)``): W&B applies a glob only to a name not defined on
+    its own, so it is given here too (else its chart's x-axis was W&B's count of log calls)."""
     for lg in _wandb_loggers(loggers):
-        lg.experiment.define_metric("val/elbo", summary="max")
+        lg.experiment.define_metric("val/elbo", summary="max", step_metric="trainer/global_step", step_sync=True)
 
 
 def run_facts(module: Any, data_info: dict[str, Any]) -> dict[str, Any]:

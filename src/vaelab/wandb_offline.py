@@ -80,6 +80,9 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
+    #: each ``define_metric``, by its name (or glob): its ``step_metric`` and ``summary`` (the
+    #: names of the summaries set true, e.g. ``["max"]``)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def values(self, key: str) -> list[Any]:
         """Every logged value of ``key``, in order."""
@@ -119,6 +122,11 @@ def read_run(path: str | Path) -> OfflineRun:
             run.run_id = record.run.run_id
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+        elif kind == "metric":
+            metric = record.metric
+            run.metrics[metric.name or metric.glob_name] = {
+                "step_metric": metric.step_metric,
+                "summary": [f.name for f, value in metric.summary.ListFields() if value is True]}
     return run
 
 

@@ -386,7 +386,8 @@ def test_nan_in_the_data_is_named_as_the_data(tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-def test_nan_policy_skip_skips_and_counts(tmp_path):
+def test_nan_policy_skip_skips_and_counts(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))  # load_checkpoint rebuilds the user's objective
     write_plugin(tmp_path, "nanobj", NAN_OBJECTIVE)
     out = tmp_path / "run"
     check(run_cli("train.py", "trainer.max_epochs=2", "evaluation.test_num_samples=5", "logger=csv",

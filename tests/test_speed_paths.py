@@ -1070,3 +1070,83 @@ def test_under_gradient_accumulation_the_step_values_are_one_point_a_step_over_i
     (epoch,) = [m["train/elbo_epoch"] for _, m in record.rows if "train/elbo_epoch" in m]
     # each point is over the same number of examples: their mean is the epoch's
     assert sum(v for _, v in points) / len(points) == pytest.approx(epoch, abs=1e-4)
+
+
+class _Points:
+    """A logger that keeps what it is sent, and ``points(key)``: the steps it had ``key`` at."""
+
+    def __new__(cls):
+        from lightning.pytorch.loggers import Logger
+
+        class Record(Logger):
+            name, version = "record", 0
+
+            def __init__(self):
+                super().__init__()
+                self.rows: list[tuple[int, dict]] = []
+
+            def log_hyperparams(self, *args, **kwargs):
+                pass
+
+            def log_metrics(self, metrics, step=None):
+                self.rows.append((step, dict(metrics)))
+
+            def points(self, key):
+                return [step for step, m in self.rows if key in m]
+
+        return Record()
+
+
+def _nan_at(module, calls):
+    """The objective's KL is NaN at these training calls (counted from 1): a diverging step."""
+    seen = {"n": 0}
+
+    def hook(objective, args, kwargs, out):
+        if kwargs.get("step") is not None:
+            seen["n"] += 1
+            if seen["n"] in calls:
+                out.terms["kl"] = out.terms["kl"] * float("nan")
+                out.terms["elbo"] = out.terms["recon"] - out.terms["kl"]
+                out.loss = -out.terms["elbo"].mean()
+        return out
+
+    module.objective.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_steps_before_a_stop_and_skipped_logging_steps_have_their_points():
+    """Every step is in a curve: training stopped by an error logs the steps since its last point
+    as a point of their own (they were in none, and a resumed run does not log them either); with
+    nan_policy=skip, a logging step that is skipped still has its point (the interval's good
+    steps, and the count of skipped ones), where it had none."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images = torch.bernoulli(torch.full((64, 1, 8, 8), 0.3))
+    data = DataLoader(TensorDataset(images, torch.zeros(64)), batch_size=4)  # 16 steps an epoch
+
+    class StopAt(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 8:
+                raise RuntimeError("stopped on purpose")
+
+    record = _Points()
+    trainer = pl.Trainer(max_epochs=1, logger=record, log_every_n_steps=5, callbacks=[StopAt()],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="stopped on purpose"):
+        trainer.fit(_tiny_module(), data)
+    assert record.points("train/elbo") == [4, 7]  # steps 0-4, then 5-7 at the stop
+
+    module = _tiny_module()
+    module.nan_guard.policy = "skip"
+    _nan_at(module, {5, 7})  # steps 4 (a logging step) and 6
+    record = _Points()
+    trainer = pl.Trainer(max_epochs=1, logger=record, log_every_n_steps=5, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         limit_val_batches=0)
+    trainer.fit(module, data)
+    assert record.points("train/skipped_steps") == [4, 9, 14, 15]
+    skipped = [m["train/skipped_steps"] for _, m in record.rows if "train/skipped_steps" in m]
+    assert skipped == [1.0, 2.0, 2.0, 2.0]
+    assert record.points("train/elbo") == [4, 9, 14, 15]  # step 4's point: the mean of steps 0-3
+

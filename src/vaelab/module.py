@@ -37,6 +37,7 @@ from vaelab.guards import NaNGuard
 from vaelab.metrics import PendingSumMean, PendingSums, SumMean, bits_per_dim
 from vaelab.objectives import Objective, ObjectiveOutput
 from vaelab.options import TERMS, checkpoint_monitor, is_cuda_graph_choice
+from vaelab.profiling import skip_empty_batch_hooks
 from vaelab.vae import largest_pass, pass_plan
 from vaelab.validation import value_problems
 
@@ -93,6 +94,21 @@ def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+class PendingStepValues(pl.Callback):
+    """A training stopped by an error, a NaN, SIGTERM or Ctrl-C logs the steps since its last
+    point as a point of their own before Lightning finalizes the loggers (they were in no curve,
+    neither in the stopped part nor in a resumed one)."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != "fit" or not isinstance(pl_module, VAEModule):
+            return
+        try:
+            pl_module.log_pending_step_values()
+        except Exception as error:  # never in the way of the error that stopped the run
+            log.warning("vaelab: the steps since the last logged point could not be logged (%s: %s)",
+                        type(error).__name__, error)
 
 
 class VAEModule(PlainAttributes, pl.LightningModule):
@@ -319,7 +335,11 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             self._report_kl(out.analytic_kl)
         # the NaN guard reads the terms' batch sums, the same numbers on either path
         if self.nan_guard.bad_step(self, x, out, sums, sums_include_loss=True):
-            return None  # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step)
+            # nan_policy=skip: no backward, no optimizer step (a NaN stops in bad_step); a logging
+            # step still has its point: the interval's good steps and the count of skipped ones
+            if self._logging_step():
+                self._log_step_values(out.scalars)
+            return None
         self.train_sums.add(sums, x.shape[0])
         if not self._epoch_means_logged:
             # the epoch means are torchmetrics objects that accumulate every example (see
@@ -340,9 +360,21 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         self._epoch_means_logged = False  # (registered again at the next epoch's first step)
         # the steps since the epoch's last point, in a point of their own: no step is left out of
         # the curves (an epoch's last steps, training's last ones), and no point mixes two epochs
-        if self.train_sums.pending() and self._trainer is not None and self._trainer.loggers:
-            # at the step of the epoch's last batch, as a point logged in its training_step would be
-            self._log_step_values(self._step_scalars, step=self._trainer.fit_loop.epoch_loop._batches_that_stepped - 1)
+        self.log_pending_step_values()
+
+    def log_pending_step_values(self) -> None:
+        """The step values of the steps since the last logged point, as a point of their own at
+        the step of the latest batch (as a point logged in its training_step would be): at an
+        epoch's end, and where training stops on an error, a NaN or a signal
+        (``PendingStepValues``), so that those steps are in the curves too."""
+        trainer = self._trainer
+        if self.train_sums.pending() and trainer is not None and trainer.loggers:
+            self._log_step_values(self._step_scalars, step=trainer.fit_loop.epoch_loop._batches_that_stepped - 1)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        callbacks = [PendingStepValues()]
+        skip_empty_batch_hooks(callbacks)  # (Lightning's loop need not call their no-op batch hooks)
+        return callbacks
 
     def on_train_start(self) -> None:
         """Step values at least once an epoch: where an epoch has fewer optimizer steps than

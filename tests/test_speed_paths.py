@@ -1150,3 +1150,27 @@ def test_steps_before_a_stop_and_skipped_logging_steps_have_their_points():
     assert skipped == [1.0, 2.0, 2.0, 2.0]
     assert record.points("train/elbo") == [4, 9, 14, 15]  # step 4's point: the mean of steps 0-3
 
+
+
+def test_a_max_steps_limit_within_an_epoch_validates_its_last_step(tmp_path):
+    """trainer.max_steps that ends training inside an epoch: a validation follows its last step,
+    so the final weights are validated and can be the best checkpoint (Lightning's loop ended
+    without one: the test took an earlier epoch's best, or, stopped before the first
+    validation, found no val/elbo to choose by)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images = torch.bernoulli(torch.full((64, 1, 8, 8), 0.3))
+    data = DataLoader(TensorDataset(images, torch.zeros(64)), batch_size=4)  # 16 steps an epoch
+    val = DataLoader(TensorDataset(images[:8], torch.zeros(8)), batch_size=4)
+    for max_steps, validated in ((6, [5]), (22, [15, 21]), (16, [15])):
+        record = _Points()
+        best = ModelCheckpoint(dirpath=tmp_path / str(max_steps), monitor="val/elbo", mode="max", save_last=True)
+        trainer = pl.Trainer(max_steps=max_steps, logger=record, callbacks=[best], enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", log_every_n_steps=50)
+        trainer.fit(_tiny_module(), data, val)
+        assert trainer.global_step == max_steps and record.points("val/elbo") == validated
+        assert best.best_model_score is not None and best.best_model_path
+        saved = torch.load(best.last_model_path, map_location="cpu", weights_only=True)
+        assert saved["global_step"] == max_steps

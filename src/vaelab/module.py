@@ -111,6 +111,27 @@ class PendingStepValues(pl.Callback):
                         type(error).__name__, error)
 
 
+class ValidateAtMaxSteps(pl.Callback):
+    """``trainer.max_steps`` that ends training within an epoch: a validation runs after its
+    last step, as after an epoch's last, so that the final weights are validated, can be the
+    best checkpoint and so be tested. Lightning's loop ended without one: the test took the best
+    of the earlier validations (with nothing said of the steps after it), or, before the first,
+    found no val/elbo to choose a checkpoint by. Its own test for a validation after a step
+    runs one where training is told to stop, which this does at the last step; an epoch that
+    does not validate (``check_val_every_n_epoch``) still does not."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.max_steps in (None, -1):
+            self.on_train_batch_end = None  # no step limit: Lightning's loop skips the hook
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # (before the checkpoint callbacks' hooks, which Lightning runs last: they see the
+        # validation that follows)
+        if trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+
 class VAEModule(PlainAttributes, pl.LightningModule):
     """Logs, per step and per epoch, in nats per example:
 
@@ -372,7 +393,7 @@ class VAEModule(PlainAttributes, pl.LightningModule):
             self._log_step_values(self._step_scalars, step=trainer.fit_loop.epoch_loop._batches_that_stepped - 1)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        callbacks = [PendingStepValues()]
+        callbacks = [PendingStepValues(), ValidateAtMaxSteps()]
         skip_empty_batch_hooks(callbacks)  # (Lightning's loop need not call their no-op batch hooks)
         return callbacks
 

@@ -742,11 +742,14 @@ def test_a_run_killed_mid_epoch_resumes_in_the_same_wandb_run(tmp_path):
 
     (first_file,) = find_runs(run_dir)
     first = read_run(first_file)
-    check(run_cli("train.py", f"ckpt_path={run_dir}", "allowed_targets=[slow.]", f"hydra.run.dir={tmp_path}/resume",
-                  cwd=tmp_path, env=_env(tmp_path)))
+    resumed = check(run_cli("train.py", f"ckpt_path={run_dir}", "allowed_targets=[slow.]",
+                            f"hydra.run.dir={tmp_path}/resume", cwd=tmp_path, env=_env(tmp_path)))
 
     files = find_runs(run_dir)
     assert len(files) == 2
+    # the upload command covers both parts (it named this command's part alone)
+    assert (f"W&B run (offline) {files[1].parent} and 1 earlier part beside it   upload with: wandb sync "
+            f"{run_dir / 'wandb'}\n") in resumed.stdout + resumed.stderr
     second = read_run(next(f for f in files if f != first_file))
     # W&B's offline writer fills 32 KiB blocks before they reach the disk: a SIGKILL can take the
     # last rows of the killed part (here, a short run, all of them: the file may be its header

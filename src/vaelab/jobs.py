@@ -179,6 +179,18 @@ def wandb_run_dir(loggers: list[Logger]) -> str | None:
     return None
 
 
+def _wandb_line(run_dir: Path) -> str:
+    """Where the offline W&B run is and the command that uploads it: a resumed run has a part
+    (an ``offline-run-*-<id>`` folder) for each command, and uploading this command's alone
+    left out the earlier parts' steps; ``wandb sync`` of the folder that holds them uploads all."""
+    run_id = run_dir.name.rsplit("-", 1)[-1]
+    parts = sorted(run_dir.parent.glob(f"offline-run-*-{run_id}")) if run_dir.name.startswith("offline-run-") else []
+    if len(parts) > 1:
+        return (f"  W&B run (offline) {run_dir} and {len(parts) - 1} earlier part{'s' if len(parts) > 2 else ''} "
+                f"beside it   upload with: wandb sync {run_dir.parent}")
+    return f"  W&B run (offline) {run_dir}   upload with: wandb sync {run_dir}"
+
+
 def _as_float(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
@@ -474,7 +486,7 @@ def _print_summary(summary: dict[str, Any], evaluation: dict[str, Any], also: st
     if "test/nll" in summary.get("test", {}):
         lines.append(f"                  (test/nll: importance sampling with K={evaluation.get('test_num_samples')})")
     if summary.get("wandb_dir"):
-        lines.append(f"  W&B run (offline) {summary['wandb_dir']}   upload with: wandb sync {summary['wandb_dir']}")
+        lines.append(_wandb_line(Path(summary["wandb_dir"])))
     commands = summary.get("commands") or []
     if len(commands) > 1:
         lines.append(f"  wall time       {commands[-1]['wall_time_s']} s ({summary['wall_time_s']} s over the "

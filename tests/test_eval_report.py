@@ -77,14 +77,30 @@ def test_eval_of_each_run_of_a_sweep_goes_under_outputs_eval(sweep, tmp_path):
     writes one folder per evaluation under outputs/eval/multirun/<date>/<time>/<n>, as train.py's
     sweeps do under outputs/train/; it wrote to Hydra's default ./multirun/ in the working
     directory (inside the repository when run from there)."""
+    from vaelab.report import collect
+
     folder, _ = sweep
-    proc = check(run_cli("eval.py", "-m", f"ckpt_path={folder}/0,{folder}/1", "evaluation.test_num_samples=5",
-                         "logger=none", cwd=tmp_path))
+    cut = tmp_path / "cut.ckpt"  # a checkpoint cut short, and one that is not there, between them
+    cut.write_bytes((folder / "0" / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    proc = run_cli("eval.py", "-m", f"ckpt_path={folder}/0,{cut},{tmp_path}/nowhere.ckpt,{folder}/1",
+                   "evaluation.test_num_samples=5", "logger=none", cwd=tmp_path)
     assert not (tmp_path / "multirun").exists()
     written = sorted(tmp_path.glob("outputs/eval/multirun/*/*/*/metrics.json"))
-    assert [p.parent.name for p in written] == ["0", "1"], proc.stdout[-2000:]
+    assert [p.parent.name for p in written] == ["0", "3"], proc.stdout[-2000:]
     assert [json.loads(p.read_text())["checkpoint"] for p in written] == [
         summary_of(folder / run)["tested_checkpoint"] for run in ("0", "1")]
+    # the failed jobs go on to the next, each said in its log, and the sweep's end lists them all
+    # and exits non-zero (only the first one's error was shown, at the end; the others' nowhere)
+    sweep_dir = written[0].parent.parent
+    assert proc.returncode == 1 and "2 of 4 evaluation jobs failed" in proc.stderr, proc.stderr[-3000:]
+    for job, said in (("1", f"CheckpointError: {cut}"), ("2", f"CheckpointError: no checkpoint at {tmp_path}/nowhere.ckpt")):
+        assert f"{sweep_dir / job}: {said}" in proc.stderr
+        assert "this evaluation job failed; the sweep continues with the next job" in (sweep_dir / job / "cli.log").read_text()
+    assert "Traceback" not in proc.stderr
+    _, rows = collect(sweep_dir)
+    assert [r["status"] for r in rows][0::3] == ["ok (eval.py)", "ok (eval.py)"]
+    assert rows[1]["status"].startswith(f"failed: CheckpointError: {cut}")
+    assert rows[2]["status"].startswith(f"failed: CheckpointError: no checkpoint at {tmp_path}/nowhere.ckpt: ")
 
 
 def test_eval_on_a_run_folder_reproduces_its_numbers(sweep, tmp_path):
@@ -319,6 +335,13 @@ def test_report_tells_a_running_an_evaluated_and_a_killed_job_from_one_that_fail
     assert [rows[1][k] for k in ("test/nll", "test/bpd", "active units")] == [25.5, 0.57, 7]
     assert status["2"].startswith("failed: stopped after its training began") and f"ckpt_path={sweep / '2'}" in status["2"]
     assert status["3"] == status["4"] == "failed: no summary.json: it stopped before training (see its log)"
+    # an evaluation job without metrics.json: not "before training"; one the sweep recorded as failed: its error
+    (sweep / "3" / ".hydra" / "config.yaml").write_text("task_name: eval\nseed: 3\n")
+    (sweep / "failed_jobs.jsonl").write_text(json.dumps({"job": str(sweep / "4"), "error": "CheckpointError: cut\n short",
+                                                         "at": 1.0}) + "\n")
+    status = {r["run"]: r["status"] for r in collect(sweep)[1]}
+    assert status["3"] == "failed: no metrics.json: the evaluation stopped before writing it (killed? see its log)"
+    assert status["4"] == "failed: CheckpointError: cut short"
 
 
 def test_report_shows_the_settings_the_numbers_came_from_and_an_optuna_searchs_killed_job(tmp_path):

@@ -117,9 +117,25 @@ def eval_main(cfg: DictConfig) -> None:
         evaluate(cfg, checked=True)
     except Exception as error:
         explained = explained_in(error)
-        if explained is None:
-            raise
-        raise _explained(explained) from error
+        if not in_multirun():
+            if explained is None:
+                raise
+            raise _explained(explained) from error
+        # one job of an evaluation sweep, as a training sweep's: said in its log when it fails,
+        # recorded in the sweep folder's failed_jobs.jsonl (an evaluation has no summary.json;
+        # nothing is written into the job's folder, which a rerun of the sweep may then use),
+        # and the sweep goes on; its end lists the failures and exits non-zero (RunFolders).
+        # Hydra's own end raised the first job's error alone, and the others' were nowhere
+        from hydra.core.hydra_config import HydraConfig
+
+        if explained is not None:
+            log.error("vaelab: this evaluation job failed; the sweep continues with the next job\n%s: %s",
+                      type(explained).__name__, explained)
+        else:
+            log.exception("vaelab: this evaluation job failed; the sweep continues with the next job")
+        hydra_cfg = HydraConfig.get()
+        record_sweep_failure(Path(hydra_cfg.sweep.dir), Path(hydra_cfg.runtime.output_dir),
+                             error_text(explained or error))
 
 
 def train_script() -> None:

@@ -500,9 +500,15 @@ class RunFolders(Callback):
         if self._held is not None:
             release_folder(self._held)
             self._held = None
-        if self.task == "eval":  # an evaluation writes no summary.json; a failed one stops the sweep
-            return
         sweep = Path(str(config.hydra.sweep.dir))
+        if self.task == "eval":  # (an evaluation writes no summary.json: its failures are in SWEEP_FAILURES)
+            failed = sweep_failures(sweep, since=self._started)
+            if failed:
+                jobs = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()] if sweep.is_dir() else []
+                lines = "\n  ".join(f"{job}: {why[:300]}" for job, why in failed)
+                self._stop(f"{len(failed)} of {len(jobs)} evaluation jobs failed (each job's log says more; "
+                           f"vaelab-report {sweep} lists every job):\n  {lines}")
+            return
         jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                       key=lambda p: run_order(p, sweep)) if sweep.is_dir() else []
         failed = [(job, why) for job in jobs if (why := job_failure(job))]

@@ -152,10 +152,34 @@ def without_summary(run: Path) -> tuple[str, dict[str, Any] | None]:
             return "ok (eval.py)", {"test": metrics["metrics"],
                                     "diagnostics": diagnostics if isinstance(diagnostics, dict) else None}
         return "failed: metrics.json holds no metrics object; evaluate again", None
+    recorded = _recorded_failure(run)
+    if recorded:  # (an evaluation sweep's job that failed: its error, as the sweep's end listed it)
+        return f"failed: {' '.join(recorded.split())}", None
     if any((run / "checkpoints").glob("*.ckpt")):
         return (f"failed: stopped after its training began, without a summary.json (killed?); continue it: "
                 f"python train.py ckpt_path={run}"), None
+    if _task_name(run) == "eval":
+        return "failed: no metrics.json: the evaluation stopped before writing it (killed? see its log)", None
     return f"failed: {failure(None)}", None
+
+
+def _recorded_failure(run: Path) -> str | None:
+    """The latest error that the sweep ``run`` is a job of recorded for it
+    (``vaelab.folders.SWEEP_FAILURES`` in the sweep's folder), if any."""
+    from vaelab.folders import sweep_failures
+
+    errors = [why for job, why in sweep_failures(run.parent, since=0.0) if job.name == run.name]
+    return errors[-1] if errors else None
+
+
+def _task_name(run: Path) -> str | None:
+    """The stored config's ``task_name`` (train, eval; a user's own name for a run), read as a
+    line: the whole config need not be parsed for it."""
+    try:
+        lines = (run / ".hydra" / "config.yaml").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("task_name:")), None)
 
 
 def run_order(run: Path, root: Path) -> tuple:

@@ -188,6 +188,10 @@ def test_an_explained_error_prints_its_message_alone_and_a_bug_its_traceback(tmp
         # "InstantiationException: Error in call to target ...: SettingError('...')")
         ("train.py", ["likelihood=bernoulli", "data.dequantize=true"],
          "SettingError: data.dequantize=true adds uniform noise"),
+        # found once the trainer knows its processes, before it starts the others (their first
+        # skipped step ended the run in Lightning's traceback)
+        ("train.py", ["trainer=ddp_sim", "nan_policy=skip"],
+         "SettingError: nan_policy=skip cannot run in 2 processes (DDP): Lightning cannot skip a training step"),
     ]
     for i, (script, overrides, message) in enumerate(cases):
         proc = run_cli(script, *overrides, f"hydra.run.dir={tmp_path}/{i}", cwd=REPO, env=env)

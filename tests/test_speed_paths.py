@@ -1174,3 +1174,33 @@ def test_a_max_steps_limit_within_an_epoch_validates_its_last_step(tmp_path):
         assert best.best_model_score is not None and best.best_model_path
         saved = torch.load(best.last_model_path, map_location="cpu", weights_only=True)
         assert saved["global_step"] == max_steps
+
+
+def test_under_ddp_every_process_stops_at_a_nan_on_any_one():
+    """A NaN on one process alone (its shard, its noise): every process decides from every
+    process's number, so all stop at that step with the NaN named. The process whose numbers
+    were finite went on into the gradients' all-reduce, which failed with a gloo "connection
+    closed" that the run's summary.json recorded instead (helper 35)."""
+    from types import SimpleNamespace
+
+    from vaelab.guards import NaNGuard, NonFiniteLossError
+
+    good = {k: torch.ones(2) for k in ("elbo", "recon", "kl")}
+    out = SimpleNamespace(loss=torch.tensor(2.0), terms=good)
+    sums = torch.stack(list(good.values())).sum(-1)
+    gathered = []
+
+    def trainer(other):
+        def all_gather(t):
+            gathered.append(t.clone())
+            return torch.stack([t, torch.full_like(t, other)])
+        return SimpleNamespace(world_size=2, global_rank=0, strategy=SimpleNamespace(all_gather=all_gather),
+                               max_epochs=3, checkpoint_callback=None)
+
+    module = SimpleNamespace(global_step=7, current_epoch=0, _trainer=trainer(float("nan")))
+    with pytest.raises(NonFiniteLossError, match=r"at step 7 \(epoch 1/3\): the loss is not finite on process 1 of 2 "
+                                                 r"\(its own message names its term\)\. Stopped.*objective.warmup>0\.$"):
+        NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), out, sums)
+    module._trainer = trainer(3.0)  # all finite: on, and each step gathers one number
+    assert not NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), out, sums)
+    assert [t.numel() for t in gathered] == [1, 1]

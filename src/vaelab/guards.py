@@ -93,18 +93,33 @@ class NaNGuard:
             # overflow, at ~3e38 nats), read as a Python float and tested on the host: one or
             # three operations and the read (torch.isfinite on one number is four more kernels on a GPU)
             total = term_sums.sum() if sums_include_loss else term_sums.sum() + out.loss.detach()
-            finite = math.isfinite(float(total))
         else:
             values = [out.loss.detach().reshape(-1).float()] + [t.detach().reshape(-1).float() for t in out.terms.values()]
-            finite = bool(torch.isfinite(torch.cat(values)).all())
+            total = torch.where(torch.isfinite(torch.cat(values)).all(), 0.0, float("nan"))
+        trainer = getattr(module, "_trainer", None)
+        others: list[int] = []
+        if int(getattr(trainer, "world_size", 1) or 1) > 1:
+            # under DDP every process decides alike, from every process's number (one gather of
+            # one number a step): a NaN on one process alone (its data shard, its noise) stopped
+            # that one while the others went on into the gradients' all-reduce, which failed with
+            # a gloo/NCCL "connection closed" that summary.json then recorded instead of the NaN
+            each = trainer.strategy.all_gather(total.reshape(1)).reshape(-1).tolist()
+            finite = all(math.isfinite(v) for v in each)
+            others = [rank for rank, v in enumerate(each) if not math.isfinite(v) and rank != trainer.global_rank]
+        else:
+            finite = math.isfinite(float(total))
         if finite:
             return False  # (VAEModule logs train/skipped_steps with the other step values)
         problems = [p for p in (_describe(f"train/{k}", v) for k, v in out.terms.items()) if p]
-        if not problems:
+        if not problems and not math.isfinite(float(total)):  # (this process's own loss)
             problems = [_describe("train/loss", out.loss) or "train/loss is not finite"]
         data = _describe("the data batch x", x)
         if data:
             problems.insert(0, data + " (your data set or its transform produces non-finite values)")
+        if others:
+            processes = ", ".join(map(str, others))
+            problems.append(f"the loss is not finite on process{'es' if len(others) > 1 else ''} {processes} of "
+                            f"{trainer.world_size} (its own message names its term)")
         where = f"step {module.global_step} ({_epoch(module)})"
         if self.policy == "skip":
             self.skipped += 1
@@ -118,9 +133,11 @@ class NaNGuard:
         skipping = ("a larger max_skipped_steps (or null: never stop) to skip more of them"
                     if self.policy == "skip" else "nan_policy=skip to skip such steps and count them "
                     "(train/skipped_steps)")
+        if int(getattr(trainer, "world_size", 1) or 1) > 1 and self.policy == "stop":
+            skipping = ""  # (nan_policy=skip cannot run under DDP: vaelab.jobs refuses it)
         raise NonFiniteLossError(
             f"non-finite training loss at {where}: {'; '.join(problems)}. Stopped ({why}). {kept} "
-            f"Fixes: {FIXES}; or {skipping}."
+            f"Fixes: {FIXES}" + (f"; or {skipping}." if skipping else ".")
         )
 
     def check_validation(self, module: Any, elbo: float) -> None:

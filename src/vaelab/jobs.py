@@ -26,7 +26,7 @@ from vaelab.build import allowed_prefixes, check_targets, is_plateau_scheduler, 
 from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RandomStreams, job_scope
-from vaelab.errors import Terminated, epoch_label
+from vaelab.errors import SettingError, Terminated, epoch_label
 from vaelab.folders import claim_folder, folder_claims
 from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
@@ -260,6 +260,13 @@ def _train(cfg: DictConfig, started: float) -> dict[str, Any]:
                                       plugins=[checkpoint_io] if checkpoint_io is not None else None,
                                       **default_profiler(cfg.trainer))
     skip_empty_batch_hooks(trainer.callbacks)  # Lightning's own callbacks included
+    if trainer.world_size > 1 and module.nan_guard.policy == "skip":
+        # (found here, in the process that launches the others: before any of them starts)
+        raise SettingError(f"nan_policy=skip cannot run in {trainer.world_size} processes (DDP): Lightning cannot "
+                           "skip a training step under DDP (every process's gradients join in each step), and the "
+                           "first skipped step ended the run in a traceback. Use nan_policy=stop (the default: it "
+                           "stops at the first non-finite step and names the last good checkpoint), or one process "
+                           "(trainer.devices=1); nothing has run yet")
     for lg in loggers:
         lg.log_hyperparams(config)
     dashboard.define_metrics(loggers)

@@ -101,6 +101,12 @@ def test_eval_of_each_run_of_a_sweep_goes_under_outputs_eval(sweep, tmp_path):
     assert [r["status"] for r in rows][0::3] == ["ok (eval.py)", "ok (eval.py)"]
     assert rows[1]["status"].startswith(f"failed: CheckpointError: {cut}")
     assert rows[2]["status"].startswith(f"failed: CheckpointError: no checkpoint at {tmp_path}/nowhere.ckpt: ")
+    # the sweep again into its folder: refused with advice for an evaluation (it gave training's
+    # "-m ckpt_path=last", which evaluates nothing and was refused the same way)
+    again = run_cli("eval.py", "-m", f"ckpt_path={folder}/0", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert again.returncode == 1 and (f"hydra.sweep.dir={sweep_dir} holds the evaluations of an earlier sweep (jobs 0, 3), "
+                                      "which this sweep would overwrite: give another hydra.sweep.dir") in again.stderr
+    assert "ckpt_path=last" not in again.stderr
 
 
 def test_eval_on_a_run_folder_reproduces_its_numbers(sweep, tmp_path):

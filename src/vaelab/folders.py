@@ -484,6 +484,10 @@ class RunFolders(Callback):
         resumes = self.task == "train" and config.get("ckpt_path") not in (None, "")
         jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() and not resumes else []
         held = [job.name for job in jobs if self._earlier(job)]
+        if held and self.task == "eval":  # (ckpt_path=last continues a training sweep; here it is the swept key)
+            self._stop(f"hydra.sweep.dir={sweep} holds the evaluations of an earlier sweep (jobs {', '.join(held)}), "
+                       "which this sweep would overwrite: give another hydra.sweep.dir (to finish a sweep that stopped "
+                       "part way, run there only what its jobs without a metrics.json evaluated); nothing has run yet")
         if held:
             self._stop(f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep (jobs {', '.join(held)}), which "
                        "this sweep would overwrite: give another hydra.sweep.dir, or continue that sweep with its "

@@ -27,7 +27,7 @@ from vaelab.callbacks import ImageLogger
 from vaelab.checkpoints import load_module
 from vaelab.distributed import RandomStreams, job_scope
 from vaelab.errors import SettingError, Terminated, epoch_label
-from vaelab.folders import claim_folder, folder_claims
+from vaelab.folders import claim_folder, folder_claims, in_multirun
 from vaelab.loggers import WandbLogger as BackgroundWandbLogger
 from vaelab.module import VAEModule, check_evaluation
 from vaelab.options import LEGACY_PRECISIONS, RUN_OWN_EVALUATION
@@ -422,8 +422,6 @@ def _stopped_message(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig, by:
     continue); a sweep's job, the command that continues the sweep."""
     from hydra.core.hydra_config import HydraConfig
 
-    from vaelab.folders import in_multirun
-
     if trainer.state.fn == "test" or trainer.state.stage == "test":
         where = "during its test, after its training had finished"
     else:
@@ -601,7 +599,10 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
         stop = stop_signal(error)
         if stop is None:
             raise
-        message = f"{stop[1]} during the evaluation of {ckpt}: no metrics.json was written; run the command again"
+        again = ("run the command again" if not in_multirun() else
+                 "run what this job and the sweep's later ones evaluate again, with another hydra.sweep.dir (this "
+                 "one keeps the finished jobs' metrics.json and refuses a sweep that would overwrite them)")
+        message = f"{stop[1]} during the evaluation of {ckpt}: no metrics.json was written; {again}"
         log.error("vaelab: %s", message)
         raise Terminated(message, code=stop[2]) from error
     finally:

@@ -122,6 +122,9 @@ def test_eval_on_a_run_folder_reproduces_its_numbers(sweep, tmp_path):
     assert config["ckpt_path"] == out["checkpoint"] and config["task_name"] == "eval"
     assert config["latent_dim"] == 16 and config["likelihood"]["_target_"].endswith("Bernoulli")
     assert config["evaluation"]["test_num_samples"] == K and config["data"]["binarize"] == "dynamic"
+    # the trainer's training settings are the run's (eval.yaml's max_epochs 100 was shown), its
+    # precision and devices the evaluation's own
+    assert config["trainer"]["max_epochs"] == EPOCHS and config["trainer"]["precision"] == "32-true"
     assert str(s["best_checkpoint"]) in proc.stdout
     assert "litmodels" not in proc.stdout + proc.stderr  # (Lightning's default checkpoint callback's advertisement)
     assert (proc.stdout + proc.stderr).count("GPU available") == 1

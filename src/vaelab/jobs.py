@@ -547,6 +547,12 @@ def finished_message(summary: dict[str, Any], cfg: DictConfig) -> str:
 
 
 # --- evaluation -------------------------------------------------------------------------------
+#: the Trainer settings that only training uses: an evaluation's W&B config shows the run's
+TRAINING_ONLY = frozenset({"max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "gradient_clip_val",
+                           "gradient_clip_algorithm", "accumulate_grad_batches", "check_val_every_n_epoch",
+                           "val_check_interval", "log_every_n_steps", "limit_train_batches", "limit_val_batches"})
+
+
 def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     """Evaluate a checkpoint on its data set's test split: test/elbo, test/nll, test/bpd.
     The config is checked first (``checked=True``: the caller has, as ``vaelab.cli`` does)."""
@@ -576,8 +582,12 @@ def evaluate(cfg: DictConfig, checked: bool = False) -> dict[str, float]:
     # the evaluation's W&B run (logger=wandb) says what it evaluated: the run's stored config
     # (the same keys as the training runs', to compare them), with this command's settings on top
     here = OmegaConf.to_container(cfg, resolve=True)
-    evaluated, _ = redact_secrets({**stored, **{k: here[k] for k in ("task_name", "seed", "trainer", "logger", "paths")
-                                                if k in here},
+    # the Trainer's settings of training itself are the run's (eval.yaml's defaults, max_epochs
+    # 100 and the rest, were logged as if the run had had them); how this one runs is its own
+    trainer_cfg = {**{k: v for k, v in here.get("trainer", {}).items() if k not in TRAINING_ONLY},
+                   **{k: v for k, v in (stored.get("trainer") or {}).items() if k in TRAINING_ONLY}}
+    evaluated, _ = redact_secrets({**stored, **{k: here[k] for k in ("task_name", "seed", "logger", "paths")
+                                                if k in here}, "trainer": trainer_cfg,
                                    "ckpt_path": str(ckpt), "evaluation": module.evaluation, "data": data_cfg})
     for lg in loggers:
         lg.log_hyperparams(evaluated)

@@ -1286,7 +1286,7 @@ def test_a_stopped_sweep_job_names_the_command_that_continues_the_sweep(tmp_path
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    import vaelab.folders
+    import vaelab.jobs
     from vaelab.jobs import SIGINT_STOP, _stopped_message
 
     checkpoints = tmp_path / "sweep" / "0" / "checkpoints"
@@ -1296,14 +1296,23 @@ def test_a_stopped_sweep_job_names_the_command_that_continues_the_sweep(tmp_path
     trainer = SimpleNamespace(state=SimpleNamespace(fn="fit", stage="train"), global_step=25, current_epoch=1,
                               max_epochs=3, callbacks=[], fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(
                                   current=SimpleNamespace(ready=2, completed=1))))
-    monkeypatch.setattr(vaelab.folders, "in_multirun", lambda: True)
+    monkeypatch.setattr(vaelab.jobs, "in_multirun", lambda: True)
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(sweep=SimpleNamespace(dir="S"))))
     said = _stopped_message(trainer, tmp_path / "sweep" / "0", cfg, SIGINT_STOP)
     assert said == ("stopped by Ctrl-C (SIGINT) at step 25 (epoch 2/3) of its training. Continue it from its latest "
-                    "checkpoint (saved at each epoch's end and every callbacks.step_checkpoint.every_n_minutes): the "
+                    "checkpoint (saved at each epoch's end): the "
                     "sweep's command again with -m hydra.sweep.dir=S ckpt_path=last (its finished jobs are left as "
                     "they are)")
-    monkeypatch.setattr(vaelab.folders, "in_multirun", lambda: False)
+    # the step checkpoint's triggers as they are set (it named every_n_minutes where every_n_train_steps saved)
+    from vaelab.runs import LatestCheckpoint
+
+    for steps, minutes, saves in ((20, None, "every 20 steps (callbacks.step_checkpoint.every_n_train_steps)"),
+                                  (None, 5.0, "every 5 minutes (callbacks.step_checkpoint.every_n_minutes)")):
+        trainer.callbacks = [LatestCheckpoint(str(checkpoints), every_n_minutes=minutes, every_n_train_steps=steps)]
+        assert f"Continue it from its latest checkpoint (saved at each epoch's end and {saves}): " in _stopped_message(
+            trainer, tmp_path / "sweep" / "0", cfg, SIGINT_STOP)
+    trainer.callbacks = []
+    monkeypatch.setattr(vaelab.jobs, "in_multirun", lambda: False)
     assert _stopped_message(trainer, tmp_path / "run", cfg, SIGINT_STOP).endswith(
         f"python train.py ckpt_path={tmp_path / 'run'}")
 

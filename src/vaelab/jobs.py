@@ -447,9 +447,20 @@ def _stopped_message(trainer: pl.Trainer, output_dir: Path, cfg: DictConfig, by:
             latest.saved_before_validation) else ""
         whence = f"Its state at that step is saved ({Path(saved).name}{skips}); continue it"
     else:  # (during a validation, inside a gradient accumulation, a step nan_policy=skip skipped, or under DDP)
-        whence = ("Continue it from its latest checkpoint (saved at each epoch's end and every "
-                  "callbacks.step_checkpoint.every_n_minutes)")
+        whence = f"Continue it from its latest checkpoint (saved at each epoch's end{_periodic_saves(latest)})"
     return f"{said} {whence}: " + (f"{sweep}" if sweep else f"python train.py ckpt_path={output_dir}{also}")
+
+
+def _periodic_saves(latest: LatestCheckpoint | None) -> str:
+    """``, and every N steps`` / ``every M minutes``: the step checkpoint's triggers, as set."""
+    if latest is None:
+        return ""
+    every = []
+    if latest.every_n_steps:
+        every.append(f"every {latest.every_n_steps} steps (callbacks.step_checkpoint.every_n_train_steps)")
+    if latest.interval_s is not None:
+        every.append(f"every {latest.interval_s / 60:g} minutes (callbacks.step_checkpoint.every_n_minutes)")
+    return f" and {' and '.join(every)}" if every else ""
 
 
 def _allowed_override(cfg: DictConfig) -> str:

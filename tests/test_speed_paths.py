@@ -1199,59 +1199,19 @@ def test_under_ddp_every_process_stops_at_a_nan_on_any_one():
         def all_gather(t):
             gathered.append(t.clone())
             return torch.stack([t, torch.full_like(t, other)])
-        return SimpleNamespace(world_size=2, global_rank=0, strategy=SimpleNamespace(all_gather=all_gather),
-                               max_epochs=3, checkpoint_callback=None)
+
+        def reduce(t, reduce_op):
+            assert reduce_op == "sum"
+            return t + other
+        return SimpleNamespace(world_size=2, global_rank=0, max_epochs=3, checkpoint_callback=None,
+                               strategy=SimpleNamespace(all_gather=all_gather, reduce=reduce))
 
     module = SimpleNamespace(global_step=7, current_epoch=0, _trainer=trainer(float("nan")))
     with pytest.raises(NonFiniteLossError, match=r"at step 7 \(epoch 1/3\): the loss is not finite on process 1 of 2 "
                                                  r"\(its own message names its term\)\. Stopped.*objective.warmup>0\.$"):
         NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), out, sums)
-    module._trainer = trainer(3.0)  # all finite: on, and each step gathers one number
+    assert [t.numel() for t in gathered] == [1]  # which process: gathered once one had it
+    module._trainer = trainer(3.0)  # all finite: on, with one sum over the processes and no gather
     assert not NaNGuard("stop").bad_step(module, torch.zeros(2, 1, 2, 2), out, sums)
-    assert [t.numel() for t in gathered] == [1, 1]
+    assert len(gathered) == 1
 
-
-def test_under_ddp_the_test_stops_at_the_next_batch_after_any_process_was_told_to():
-    """SIGTERM during the test under DDP: every process stops at the next test batch (one reduced
-    flag a batch), where the test ran to its end, past a job's time limit, and exited 0 (helper
-    35). On one process the stop comes between the forward passes (``_stop_if_told``)."""
-    from types import SimpleNamespace
-
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    module = _tiny_module()
-    module._distribution_checked = True
-    asked = []
-
-    def trainer(told_anywhere):
-        def reduce_boolean_decision(flag, all=True):
-            asked.append((flag, all))
-            return told_anywhere
-        return SimpleNamespace(world_size=2, received_sigterm=False,
-                               strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision))
-
-    batch = (torch.zeros(2, 1, 8, 8), torch.zeros(2))
-    module._trainer = trainer(False)
-    module.on_test_batch_start(batch, 0)
-    module._trainer = trainer(True)  # another process was told to stop
-    with pytest.raises(SIGTERMException):
-        module.on_test_batch_start(batch, 1)
-    assert asked == [(False, False), (False, False)]  # "any process", from this one's own flag
-    # the test's SIGTERM handler notes the signal and passes it on, with no collective inside it
-    # (Lightning 2.6's broadcasts from rank zero there: the processes hung at the test's end)
-    import signal
-
-    killed = []
-    connector = SimpleNamespace(received_sigterm=False)
-    module._trainer = SimpleNamespace(world_size=2, global_rank=0, _signal_connector=connector,
-                                      strategy=SimpleNamespace(launcher=SimpleNamespace(kill=killed.append)))
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        module._sigterm_without_a_collective()
-        handler = signal.getsignal(signal.SIGTERM)
-        assert handler is not before
-        handler(signal.SIGTERM, None)
-        handler(signal.SIGTERM, None)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert connector.received_sigterm and killed == [signal.SIGTERM]  # passed on once

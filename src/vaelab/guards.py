@@ -102,10 +102,13 @@ class NaNGuard:
             # under DDP every process decides alike, from every process's number (one gather of
             # one number a step): a NaN on one process alone (its data shard, its noise) stopped
             # that one while the others went on into the gradients' all-reduce, which failed with
-            # a gloo/NCCL "connection closed" that summary.json then recorded instead of the NaN
-            each = trainer.strategy.all_gather(total.reshape(1)).reshape(-1).tolist()
-            finite = all(math.isfinite(v) for v in each)
-            others = [rank for rank, v in enumerate(each) if not math.isfinite(v) and rank != trainer.global_rank]
+            # a gloo/NCCL "connection closed" that summary.json then recorded instead of the NaN.
+            # A NaN or infinity carries through a sum: one all-reduce of one number a batch, and
+            # which process had it is gathered only when one did (all of them are there then)
+            finite = math.isfinite(float(_sum_over_processes(trainer, total)))
+            if not finite:
+                each = trainer.strategy.all_gather(total.reshape(1)).reshape(-1).tolist()
+                others = [rank for rank, v in enumerate(each) if not math.isfinite(v) and rank != trainer.global_rank]
         else:
             finite = math.isfinite(float(total))
         if finite:
@@ -176,6 +179,16 @@ class NaNGuard:
             f"more than twice as low as a model that gives every pixel the uniform distribution over its values "
             f"scores ({uniform:.4g}): the model has diverged, though its numbers are finite. Fixes: {FIXES}."
         )
+
+
+def _sum_over_processes(trainer: Any, value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the processes: ``torch.distributed.all_reduce`` itself (Lightning's
+    ``strategy.reduce`` adds a barrier before it), else the strategy's reduce."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.detach().reshape(1).clone()
+        torch.distributed.all_reduce(value)
+        return value
+    return trainer.strategy.reduce(value, reduce_op="sum")
 
 
 def _epoch(module: Any) -> str:

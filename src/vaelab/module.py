@@ -11,8 +11,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import signal
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -312,13 +310,6 @@ class VAEModule(PlainAttributes, pl.LightningModule):
     def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self._distribution_checked:
             self._check_distribution_fits_data(batch[0])
-        trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
-            # under DDP the processes stop together, at the next test batch after any of them
-            # was told to (one reduced flag a batch; every process has as many test batches).
-            # The test ran to its end, past a job's time limit, and the run exited 0 (helper 35)
-            if trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
-                raise SIGTERMException
 
     # --- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -611,8 +602,9 @@ class VAEModule(PlainAttributes, pl.LightningModule):
         the last one, so a split of one batch (or its last batch) with K = 1000 ran to its end,
         minutes past a job's time limit, and the run exited 0. On one process only: under DDP
         the ranks learn of the signal at different moments, and one that stops in the middle
-        leaves the others waiting for it (there they stop together at the next test batch:
-        ``on_test_batch_start``)."""
+        leaves the others waiting for it; nor can they stop together at a test batch, as their
+        shards may differ by one example (``eval_sampler``) and so by one batch: there the test
+        runs to its end."""
         trainer = self._trainer
         if trainer is not None and trainer.world_size == 1 and trainer.received_sigterm:
             raise SIGTERMException
@@ -645,7 +637,6 @@ class VAEModule(PlainAttributes, pl.LightningModule):
 
     def on_test_start(self) -> None:
         self._metrics_in_model_dtype()
-        self._sigterm_without_a_collective()
         lik, info = self.vae.likelihood, self.data_info
         if not lik.discrete and not info.get("dequantize"):
             rank_zero_warn(
@@ -655,26 +646,6 @@ class VAEModule(PlainAttributes, pl.LightningModule):
                 "papers' tables (a density can grow without bound there). "
                 + ("data.dequantize=true (or auto) makes it one." if not info.get("binary") else
                    "A discrete likelihood (bernoulli) gives the bits/dim of binary data."))
-
-    def _sigterm_without_a_collective(self) -> None:
-        """Under DDP, for the test: a SIGTERM handler that only notes the signal (and passes it
-        on to the processes this one started, as Lightning's does), which ``on_test_batch_start``
-        then reads on every process together. Lightning 2.6's own handler broadcasts from rank
-        zero inside the handler itself, a collective that the other processes match only between
-        training steps: in a test, rank zero waited in it while the others waited in the test's
-        metric sync, and the run hung. Lightning restores the handler it replaced at its teardown."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1 or threading.current_thread() is not threading.main_thread():
-            return
-        connector = trainer._signal_connector
-
-        def note(signum: int, frame: Any) -> None:
-            log.info("vaelab: [rank %d] received SIGTERM: the test stops at its next batch", trainer.global_rank)
-            if not connector.received_sigterm and trainer.strategy.launcher is not None:
-                trainer.strategy.launcher.kill(signum)
-            connector.received_sigterm = True
-
-        signal.signal(signal.SIGTERM, note)
 
     def on_test_epoch_end(self) -> None:
         nll = self.metrics["test_nll"].compute()

@@ -81,16 +81,22 @@ def train_main(cfg: DictConfig) -> float:
         # one job of a sweep: its W&B run is finished with exit code 1 and its summary.json says
         # failed (written here if the job stopped before training); the sweep goes on, Optuna
         # records a trial as bad as can be, and the sweep's end lists the failures (RunFolders)
-        if explained is not None:  # its message names the fix: no traceback before it
-            log.error("vaelab: this sweep job failed; the sweep continues with the next job\n%s: %s",
-                      type(explained).__name__, explained)
-        else:
-            log.exception("vaelab: this sweep job failed; the sweep continues with the next job")
+        _say_the_job_failed("sweep job", explained)
         _write_failed_job_summary(cfg, explained or error)
         return float("-inf")
     best = summary.get("best_score", summary.get("best_val_elbo"))  # (a finished run's older summary)
     # returned to Hydra's sweepers: Optuna maximizes the checkpoint callback's monitor (val/elbo)
     return float(best) if best is not None and math.isfinite(best) else float("-inf")
+
+
+def _say_the_job_failed(job: str, explained: ExplainedError | None) -> None:
+    """A sweep's failed job, in its log (called while its error is handled): an explained
+    error's message names the fix, with no traceback before it; any other error, its traceback."""
+    if explained is not None:
+        log.error("vaelab: this %s failed; the sweep continues with the next job\n%s: %s", job,
+                  type(explained).__name__, explained)
+    else:
+        log.exception("vaelab: this %s failed; the sweep continues with the next job", job)
 
 
 def _write_failed_job_summary(cfg: DictConfig, error: BaseException) -> None:
@@ -128,11 +134,7 @@ def eval_main(cfg: DictConfig) -> None:
         # Hydra's own end raised the first job's error alone, and the others' were nowhere
         from hydra.core.hydra_config import HydraConfig
 
-        if explained is not None:
-            log.error("vaelab: this evaluation job failed; the sweep continues with the next job\n%s: %s",
-                      type(explained).__name__, explained)
-        else:
-            log.exception("vaelab: this evaluation job failed; the sweep continues with the next job")
+        _say_the_job_failed("evaluation job", explained)
         hydra_cfg = HydraConfig.get()
         record_sweep_failure(Path(hydra_cfg.sweep.dir), Path(hydra_cfg.runtime.output_dir),
                              error_text(explained or error))

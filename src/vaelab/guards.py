@@ -99,8 +99,7 @@ class NaNGuard:
         trainer = getattr(module, "_trainer", None)
         others: list[int] = []
         if int(getattr(trainer, "world_size", 1) or 1) > 1:
-            # under DDP every process decides alike, from every process's number (one gather of
-            # one number a step): a NaN on one process alone (its data shard, its noise) stopped
+            # under DDP every process decides alike, from every process's number: a NaN on one process alone (its data shard, its noise) stopped
             # that one while the others went on into the gradients' all-reduce, which failed with
             # a gloo/NCCL "connection closed" that summary.json then recorded instead of the NaN.
             # A NaN or infinity carries through a sum: one all-reduce of one number a batch, and

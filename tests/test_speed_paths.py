@@ -1036,42 +1036,6 @@ def test_pictures_have_the_pixels_of_torchvisions_path(tmp_path, shape):
     assert np.array_equal(np.asarray(fast.convert("RGB")), np.asarray(reference))
 
 
-@pytest.mark.parametrize("every", [1, 2])
-def test_under_gradient_accumulation_the_step_values_are_one_point_a_step_over_its_batches(every):
-    """accumulate_grad_batches=4: Lightning's 'log now' flag stays up for all four batches of a
-    logged step, and each logged a point (the first the interval's mean, the rest one batch
-    each, at one step). One point a logged step, the mean over every batch since the last."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.loggers import Logger
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Record(Logger):
-        name, version = "record", 0
-
-        def __init__(self):
-            super().__init__()
-            self.rows: list[tuple[int, dict]] = []
-
-        def log_hyperparams(self, *args, **kwargs):
-            pass
-
-        def log_metrics(self, metrics, step=None):
-            self.rows.append((step, dict(metrics)))
-
-    record = Record()
-    images = torch.bernoulli(torch.full((64, 1, 8, 8), 0.3))
-    data = DataLoader(TensorDataset(images, torch.zeros(64)), batch_size=4)  # 16 batches: 4 optimizer steps
-    trainer = pl.Trainer(max_epochs=1, logger=record, accumulate_grad_batches=4, log_every_n_steps=every,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu", limit_val_batches=0)
-    trainer.fit(_tiny_module(), data)
-    points = [(step, m["train/elbo"]) for step, m in record.rows if "train/elbo" in m]
-    assert [step for step, _ in points] == ([0, 1, 2, 3] if every == 1 else [1, 3])
-    (epoch,) = [m["train/elbo_epoch"] for _, m in record.rows if "train/elbo_epoch" in m]
-    # each point is over the same number of examples: their mean is the epoch's
-    assert sum(v for _, v in points) / len(points) == pytest.approx(epoch, abs=1e-4)
-
-
 class _Points:
     """A logger that keeps what it is sent, and ``points(key)``: the steps it had ``key`` at."""
 
@@ -1095,6 +1059,29 @@ class _Points:
                 return [step for step, m in self.rows if key in m]
 
         return Record()
+
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_under_gradient_accumulation_the_step_values_are_one_point_a_step_over_its_batches(every):
+    """accumulate_grad_batches=4: Lightning's 'log now' flag stays up for all four batches of a
+    logged step, and each logged a point (the first the interval's mean, the rest one batch
+    each, at one step). One point a logged step, the mean over every batch since the last."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    record = _Points()
+    images = torch.bernoulli(torch.full((64, 1, 8, 8), 0.3))
+    data = DataLoader(TensorDataset(images, torch.zeros(64)), batch_size=4)  # 16 batches: 4 optimizer steps
+    trainer = pl.Trainer(max_epochs=1, logger=record, accumulate_grad_batches=4, log_every_n_steps=every,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", limit_val_batches=0)
+    trainer.fit(_tiny_module(), data)
+    points = [(step, m["train/elbo"]) for step, m in record.rows if "train/elbo" in m]
+    assert [step for step, _ in points] == ([0, 1, 2, 3] if every == 1 else [1, 3])
+    (epoch,) = [m["train/elbo_epoch"] for _, m in record.rows if "train/elbo_epoch" in m]
+    # each point is over the same number of examples: their mean is the epoch's
+    assert sum(v for _, v in points) / len(points) == pytest.approx(epoch, abs=1e-4)
 
 
 def _nan_at(module, calls):

@@ -484,14 +484,13 @@ class RunFolders(Callback):
         resumes = self.task == "train" and config.get("ckpt_path") not in (None, "")
         jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() and not resumes else []
         held = [job.name for job in jobs if self._earlier(job)]
-        if held and self.task == "eval":  # (ckpt_path=last continues a training sweep; here it is the swept key)
-            self._stop(f"hydra.sweep.dir={sweep} holds the evaluations of an earlier sweep (jobs {', '.join(held)}), "
-                       "which this sweep would overwrite: give another hydra.sweep.dir (to finish a sweep that stopped "
-                       "part way, run there only what its jobs without a metrics.json evaluated); nothing has run yet")
         if held:
-            self._stop(f"hydra.sweep.dir={sweep} holds the runs of an earlier sweep (jobs {', '.join(held)}), which "
-                       "this sweep would overwrite: give another hydra.sweep.dir, or continue that sweep with its "
-                       "command and -m ckpt_path=last; nothing has run yet")
+            # (ckpt_path=last continues a training sweep; an evaluation sweep's swept key is ckpt_path)
+            what, way = (("evaluations", " (to finish a sweep that stopped part way, run there only what its jobs "
+                                         "without a metrics.json evaluated)") if self.task == "eval" else
+                         ("runs", ", or continue that sweep with its command and -m ckpt_path=last"))
+            self._stop(f"hydra.sweep.dir={sweep} holds the {what} of an earlier sweep (jobs {', '.join(held)}), which "
+                       f"this sweep would overwrite: give another hydra.sweep.dir{way}; nothing has run yet")
         bad = sweep_value_problems(config) if self.task == "train" else []
         if bad:
             lines = "\n  ".join(bad)
@@ -505,18 +504,12 @@ class RunFolders(Callback):
             release_folder(self._held)
             self._held = None
         sweep = Path(str(config.hydra.sweep.dir))
-        if self.task == "eval":  # (an evaluation writes no summary.json: its failures are in SWEEP_FAILURES)
-            failed = sweep_failures(sweep, since=self._started)
-            if failed:
-                jobs = [p for p in sweep.iterdir() if (p / ".hydra").is_dir()] if sweep.is_dir() else []
-                lines = "\n  ".join(f"{job}: {why[:300]}" for job, why in failed)
-                self._stop(f"{len(failed)} of {len(jobs)} evaluation jobs failed (each job's log says more; "
-                           f"vaelab-report {sweep} lists every job):\n  {lines}")
-            return
         jobs = sorted((p for p in sweep.iterdir() if (p / ".hydra").is_dir()),
                       key=lambda p: run_order(p, sweep)) if sweep.is_dir() else []
-        failed = [(job, why) for job in jobs if (why := job_failure(job))]
-        # (a requeued job refused before it ran: its folder's summary.json is the earlier run's)
+        # a training job's summary.json says whether it failed; an evaluation writes none (its
+        # failures, and a requeued training job refused before it ran, are in SWEEP_FAILURES)
+        evaluations = self.task == "eval"
+        failed = [] if evaluations else [(job, why) for job in jobs if (why := job_failure(job))]
         named = {job.resolve() for job, _ in failed}
         refused = sweep_failures(sweep, since=self._started)
         for job, why in refused:
@@ -526,8 +519,10 @@ class RunFolders(Callback):
         kept = self._keep_optuna_results(sweep) if refused else ""
         if failed:
             lines = "\n  ".join(f"{job}: {why[:300]}" for job, why in failed)
-            self._stop(f"{len(failed)} of {len(jobs)} sweep jobs failed (each folder's summary.json and log say "
-                       f"more; vaelab-report {sweep} lists every job):\n  {lines}{kept}")
+            what, more = (("evaluation jobs", "each job's log says more") if evaluations else
+                          ("sweep jobs", "each folder's summary.json and log say more"))
+            self._stop(f"{len(failed)} of {len(jobs)} {what} failed ({more}; vaelab-report {sweep} lists every "
+                       f"job):\n  {lines}{kept}")
 
     def _keep_optuna_results(self, sweep: Path) -> str:
         """A requeued Optuna search whose trials were refused (the sampler proposed other values

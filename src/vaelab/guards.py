@@ -97,8 +97,9 @@ class NaNGuard:
             values = [out.loss.detach().reshape(-1).float()] + [t.detach().reshape(-1).float() for t in out.terms.values()]
             total = torch.where(torch.isfinite(torch.cat(values)).all(), 0.0, float("nan"))
         trainer = getattr(module, "_trainer", None)
+        processes = int(getattr(trainer, "world_size", 1) or 1)
         others: list[int] = []
-        if int(getattr(trainer, "world_size", 1) or 1) > 1:
+        if processes > 1:
             # under DDP every process decides alike, from every process's number: a NaN on one process alone (its data shard, its noise) stopped
             # that one while the others went on into the gradients' all-reduce, which failed with
             # a gloo/NCCL "connection closed" that summary.json then recorded instead of the NaN.
@@ -119,9 +120,8 @@ class NaNGuard:
         if data:
             problems.insert(0, data + " (your data set or its transform produces non-finite values)")
         if others:
-            processes = ", ".join(map(str, others))
-            problems.append(f"the loss is not finite on process{'es' if len(others) > 1 else ''} {processes} of "
-                            f"{trainer.world_size} (its own message names its term)")
+            problems.append(f"the loss is not finite on process{'es' if len(others) > 1 else ''} "
+                            f"{', '.join(map(str, others))} of {processes} (its own message names its term)")
         where = f"step {module.global_step} ({_epoch(module)})"
         if self.policy == "skip":
             self.skipped += 1
@@ -135,7 +135,7 @@ class NaNGuard:
         skipping = ("a larger max_skipped_steps (or null: never stop) to skip more of them"
                     if self.policy == "skip" else "nan_policy=skip to skip such steps and count them "
                     "(train/skipped_steps)")
-        if int(getattr(trainer, "world_size", 1) or 1) > 1 and self.policy == "stop":
+        if processes > 1 and self.policy == "stop":
             skipping = ""  # (nan_policy=skip cannot run under DDP: vaelab.jobs refuses it)
         raise NonFiniteLossError(
             f"non-finite training loss at {where}: {'; '.join(problems)}. Stopped ({why}). {kept} "
